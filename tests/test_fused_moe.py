@@ -1,0 +1,173 @@
+"""jax_moe.fused_moe against the float32 reference, and its argument checks.
+
+The suite runs the default implementation of the machine it is on: the pure
+JAX path on a CPU, the GPU kernels on a CUDA machine with the extension.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+
+import jax_moe
+from jax_moe import models, reference
+
+
+def _layer(name: str, num_tokens: int, ep: int = 1, rank: int = 0, seed: int = 0):
+    cfg = models.get_preset(name)
+    num_local, offset = models.expert_slice(cfg, ep, rank)
+    kw, kx, kr = jax.random.split(jax.random.key(seed), 3)
+    weights = models.random_moe_weights(kw, cfg, num_local, offset)
+    x = jax.random.normal(kx, (num_tokens, cfg.hidden), jnp.float32).astype(jnp.bfloat16)
+    ids, wts = models.route(cfg, x, models.random_router(kr, cfg))
+    return cfg, weights, x, ids, wts, num_local, offset
+
+
+def _check(cfg, weights, x, ids, wts, num_local, offset):
+    kwargs = dict(
+        num_local_experts=num_local, local_expert_offset=offset, num_experts=cfg.num_experts
+    )
+    got = jax.jit(lambda *a: jax_moe.fused_moe(*a, **kwargs))(x, weights, ids, wts)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    want = reference.fused_moe(
+        x, weights, ids, wts, num_local_experts=num_local, local_expert_offset=offset
+    )
+    assert_close(got, want, jnp.bfloat16)
+    return got, want
+
+
+@pytest.mark.parametrize(
+    "name,num_tokens,ep,rank",
+    [
+        ("tiny", 1, 1, 0),
+        ("tiny", 37, 1, 0),
+        ("tiny", 64, 4, 2),
+        ("qwen3_30b_a3b", 5, 16, 3),  # 8 local experts of 128
+        ("mixtral_8x7b", 3, 8, 5),  # 1 local expert of 8
+        ("deepseek_v3", 2, 128, 7),  # 2 local experts of 256
+    ],
+)
+def test_matches_reference(name, num_tokens, ep, rank):
+    _check(*_layer(name, num_tokens, ep, rank))
+
+
+def test_single_token():
+    _check(*_layer("tiny", 1, seed=3))
+
+
+def test_all_tokens_on_one_expert_and_empty_experts():
+    cfg, weights, x, _, wts, num_local, offset = _layer("tiny", 24)
+    ids = jnp.stack(
+        [jnp.full((24,), 5, jnp.int32), jnp.full((24,), 2, jnp.int32)], axis=1
+    )  # experts 0, 1, 3, 4, 6, 7 get nothing
+    _check(cfg, weights, x, ids, wts, num_local, offset)
+
+
+def test_tokens_without_local_experts_give_zero():
+    cfg, weights, x, ids, wts, _, _ = _layer("tiny", 16)
+    sliced = jax.tree.map(lambda a: a[4:6], weights)
+    ids = ids.at[:8].set(jnp.array([0, 7], jnp.int32))  # tokens 0..7: no local expert
+    got, want = _check(cfg, sliced, x, ids, wts, 2, 4)
+    np.testing.assert_array_equal(np.asarray(got[:8], np.float32), 0.0)
+    assert float(jnp.max(jnp.abs(want[8:]))) > 0
+
+
+def test_ep_slices_sum_to_whole_layer():
+    cfg, weights, x, ids, wts, _, _ = _layer("tiny", 33)
+    whole = jax_moe.fused_moe(x.astype(jnp.float32), weights, ids, wts)
+    parts = sum(
+        jax_moe.fused_moe(
+            x.astype(jnp.float32),
+            jax.tree.map(lambda a, lo=lo: a[lo : lo + 2], weights),
+            ids,
+            wts,
+            num_local_experts=2,
+            local_expert_offset=lo,
+            num_experts=cfg.num_experts,
+        )
+        for lo in range(0, cfg.num_experts, 2)
+    )
+    assert_close(parts, whole, jnp.float32, rtol=1e-5)
+
+
+def test_float32_hidden_states_close_to_reference():
+    cfg, weights, x, ids, wts, num_local, offset = _layer("tiny", 9)
+    x = x.astype(jnp.float32)
+    got = jax_moe.fused_moe(x, weights, ids, wts)
+    assert got.dtype == jnp.float32
+    assert_close(got, reference.fused_moe(x, weights, ids, wts), jnp.float32, rtol=1e-4)
+
+
+def test_bitwise_deterministic():
+    _, weights, x, ids, wts, _, _ = _layer("tiny", 50)
+    f = jax.jit(jax_moe.fused_moe)
+    first = np.asarray(f(x, weights, ids, wts))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(f(x, weights, ids, wts)), first)
+
+
+# --- bad inputs -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _layer("tiny", 4)
+
+
+def _call(tiny, **overrides):
+    _, weights, x, ids, wts, _, _ = tiny
+    args = dict(hidden_states=x, weights=weights, topk_ids=ids, topk_weights=wts)
+    args.update(overrides)
+    kwargs = {k: args.pop(k) for k in list(args) if k not in (
+        "hidden_states", "weights", "topk_ids", "topk_weights")}
+    return jax_moe.fused_moe(
+        args["hidden_states"], args["weights"], args["topk_ids"], args["topk_weights"], **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (dict(hidden_states=jnp.zeros((4, 256, 1), jnp.bfloat16)), ValueError, "hidden_states"),
+        (dict(hidden_states=jnp.zeros((4, 128), jnp.bfloat16)), ValueError, "hidden size"),
+        (dict(hidden_states=jnp.zeros((4, 256), jnp.int32)), TypeError, "hidden_states"),
+        (dict(hidden_states=[[1.0]]), TypeError, "hidden_states"),
+        (dict(weights=object()), TypeError, "weights"),
+        (dict(topk_ids=jnp.zeros((5, 2), jnp.int32)), ValueError, "topk_ids"),
+        (dict(topk_ids=jnp.zeros((4, 2), jnp.float32)), TypeError, "topk_ids"),
+        (dict(topk_ids=jnp.full((4, 2), 8, jnp.int32)), ValueError, "topk_ids must lie"),
+        (dict(topk_ids=jnp.full((4, 2), -1, jnp.int32)), ValueError, "topk_ids must lie"),
+        (dict(topk_weights=jnp.zeros((4, 3), jnp.float32)), ValueError, "topk_weights"),
+        (dict(topk_weights=jnp.zeros((4, 2), jnp.int32)), TypeError, "topk_weights"),
+        (dict(num_local_experts=4), ValueError, "num_local_experts"),
+        (dict(num_local_experts=0), ValueError, "num_local_experts"),
+        (dict(local_expert_offset=-1), ValueError, "local_expert_offset"),
+        (dict(local_expert_offset=4, num_experts=8), ValueError, "exceed num_experts"),
+        (dict(num_experts=1), ValueError, "num_experts"),
+        (dict(implementation="triton"), ValueError, "implementation"),
+        (dict(tactics=3), TypeError, "tactics"),
+    ],
+)
+def test_bad_inputs(tiny, overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(tiny, **overrides)
+
+
+def test_bad_weights_shapes(tiny):
+    _, weights, *_ = tiny
+    w2 = weights.w2
+    short = jax_moe.nvfp4.Nvfp4Tensor(w2.packed[:, :128], w2.scale[:, :128], w2.global_scale)
+    bad = jax_moe.MoEWeights(w13=weights.w13, w2=short)
+    with pytest.raises(ValueError, match="weights.w2"):
+        _call(tiny, weights=bad)
+
+
+def test_out_of_range_ids_cannot_be_checked_under_jit_but_contribute_nothing(tiny):
+    _, weights, x, ids, wts, _, _ = tiny
+    bad = ids.at[0, 0].set(99)
+    got = jax.jit(jax_moe.fused_moe)(x, weights, bad, wts)
+    want = reference.fused_moe(x, weights, bad, wts)
+    assert_close(got, want, jnp.bfloat16)
