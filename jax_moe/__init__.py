@@ -12,7 +12,7 @@ Public entry points:
 Importing the package compiles nothing and queries no device.
 """
 
-from jax_moe import nvfp4
+from jax_moe import models, nvfp4, reference, routing, tuning
 from jax_moe.moe import fused_moe
 from jax_moe.weights import MoEWeights, quantize_moe_weights
 
@@ -21,7 +21,11 @@ __version__ = "0.1.0"
 __all__ = [
     "MoEWeights",
     "fused_moe",
+    "models",
+    "reference",
+    "routing",
     "__version__",
     "nvfp4",
+    "tuning",
     "quantize_moe_weights",
 ]

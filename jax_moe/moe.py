@@ -220,10 +220,14 @@ def fused_moe(
         local_expert_offset=local_expert_offset,
         num_experts=num_experts,
     )
-    if tactics is not None and not isinstance(tactics, (str, os.PathLike)):
-        from jax_moe.tuning import TacticTable
+    if tactics is not None:
+        from jax_moe import tuning
 
-        if not isinstance(tactics, TacticTable):
+        if isinstance(tactics, (str, os.PathLike)):
+            # Loaded (once, cached) on every platform, so a corrupt file is an
+            # error everywhere, not only where its tactics would be used.
+            tactics = tuning.load_tactic_table(tactics)
+        elif not isinstance(tactics, tuning.TacticTable):
             raise TypeError(
                 f"tactics must be a TacticTable, a path or None, got {type(tactics).__name__}"
             )

@@ -171,3 +171,14 @@ def test_out_of_range_ids_cannot_be_checked_under_jit_but_contribute_nothing(tin
     got = jax.jit(jax_moe.fused_moe)(x, weights, bad, wts)
     want = reference.fused_moe(x, weights, bad, wts)
     assert_close(got, want, jnp.bfloat16)
+
+
+def test_corrupt_tactic_file_is_an_error(tiny, tmp_path):
+    from jax_moe import tuning
+
+    path = tmp_path / "tactics.json"
+    path.write_text('{"format": "jax_moe')
+    with pytest.raises(tuning.TacticFileError):
+        _call(tiny, tactics=str(path))
+    with pytest.raises(tuning.TacticFileError):
+        _call(tiny, tactics=tmp_path / "missing.json")

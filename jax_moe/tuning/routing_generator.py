@@ -1,0 +1,484 @@
+"""Deterministic synthetic routings and inputs for profiling MoE kernels.
+
+Kernels are tuned under a routing in which this rank's local experts carry a
+balanced but realistic load, so a tuning run is reproducible and reflects
+serving. Everything is drawn from a `jax.random` key.
+
+The balanced plan (`balanced_expert_loads`)
+-------------------------------------------
+With N tokens, E experts, top_k = k and L local experts (EP size ep = E / L):
+
+    avg = N*k / ep                                   mean load of a rank
+    T   = min(N*k, ceil(avg + sqrt(avg * ln(ep))))   load of the busiest rank
+    T   = N*k                                        when ep == 1
+    plan[j] = T // L + (1 if j < T % L else 0)       for j = 0..L-1
+
+`avg + sqrt(avg*ln ep)` is a common estimate of the largest of ep loads with
+mean `avg`, so the local experts see the load of the busiest rank of a
+uniformly routed batch, spread as evenly as the total allows. The plan is
+computed on the host in Python; it is static under `jax.jit`.
+
+The plan is feasible when every `plan[j] <= N` (an expert can take a token at
+most once); otherwise the arguments are rejected. That happens only when the
+rank's share exceeds what its L experts can hold at all (T > L*N), for example
+when L < top_k with few tokens.
+
+The balanced generator (`balanced_routing`), correct by construction
+--------------------------------------------------------------------
+1. Draw a random order of the L local experts and list expert `e` `plan[e]`
+   times in that order: a sequence `s[0..T)` whose entries for one expert are
+   consecutive ("runs").
+2. Wrap the sequence onto a `(N, k)` grid column by column: entry `i` goes to
+   row `i mod N`, column `i div N` (McNaughton's wrap-around rule).
+   - A run has length `plan[e] <= N`, so its entries land in distinct rows:
+     no token gets the same expert twice.
+   - Row `p` receives the entries `i = p, p+N, p+2N, ... < T`, i.e.
+     `c_p = T div N + (p < T mod N)` of them in columns `0..c_p-1`, and
+     `c_p <= ceil(T/N) <= k` because `T <= N*k`. Rows differ by at most one.
+   - Expert `e` is used exactly `plan[e]` times, and an expert planned for 0
+     tokens does not occur at all.
+3. Permute the rows with a random permutation of the tokens.
+4. Fill the remaining `k - c_p` slots of each token with distinct non-local
+   experts: the first `k - c_p` of a random ordering of the `E - L` experts
+   outside `[offset, offset + L)`, drawn per token. This is possible because
+   `k - c_p <= E - L`: from `T >= avg = N*k/ep` we get
+   `c_p >= T div N >= floor(k/ep)`, and `k - (E - L) = k - L*(ep-1) <= k/ep`
+   (as `k <= E = L*ep`), so `k - (E - L) <= floor(k/ep) <= c_p`. When ep == 1
+   every slot is local (`T = N*k`, `c_p = k`).
+5. Shuffle the k slots of each token, so the position of an expert in a row
+   does not reveal the construction.
+
+The result is a valid routing (k distinct ids per token, all in `[0, E)`) with
+local loads equal to the plan. Only integer work decides the assignment:
+threefry random words, stable argsorts of them (the random permutations), an
+integer scatter-add and cumulative sums. So a key gives the same routing bit
+for bit on CPU and GPU (for a given JAX version and `jax_threefry_partitionable`
+setting); a different key gives a different assignment.
+
+Other distributions (`profile_routing`)
+---------------------------------------
+For users whose routing is known to be skewed, `RoutingDistribution` selects
+one of:
+- `balanced` (default): the generator above.
+- `uniform`: each token takes k distinct experts uniformly at random.
+- `zipf:S`: expert popularity follows Zipf's law with exponent S over a random
+  ranking of the experts (the expert of rank r has weight `1/(r+1)**S`); each
+  token draws k distinct experts in proportion to the weights (successive
+  draws without replacement, from integer weights). `zipf:0` is uniform.
+Local loads are whatever the draw gives for these two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "ProfileInputs",
+    "RoutingDistribution",
+    "balanced_expert_loads",
+    "balanced_routing",
+    "profile_inputs",
+    "profile_routing",
+]
+
+_KINDS = ("balanced", "uniform", "zipf")
+# Fixed fold_in tags that derive each profile input's key from the user's key,
+# so that e.g. the routing does not change with the hidden size.
+_ROUTING_STREAM = 0
+_HIDDEN_STREAM = 1
+_WEIGHTS_STREAM = 2
+# Integer Zipf weights sum to at most 2**24 (see _uniform_below).
+_ZIPF_WEIGHT_TOTAL = 1 << 24
+_ZIPF_MAX_EXPERTS = 1 << 20
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}={value!r}; expected an int")
+    if value < minimum:
+        raise ValueError(f"{name}={value}; expected >= {minimum}")
+
+
+def _check_shape_args(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    num_local_experts: int,
+    local_expert_offset: int,
+) -> None:
+    _check_int("num_tokens", num_tokens, 1)
+    _check_int("num_experts", num_experts, 1)
+    _check_int("top_k", top_k, 1)
+    _check_int("num_local_experts", num_local_experts, 1)
+    _check_int("local_expert_offset", local_expert_offset, 0)
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k}; expected <= num_experts={num_experts}")
+    if num_local_experts > num_experts or num_experts % num_local_experts:
+        raise ValueError(
+            f"num_local_experts={num_local_experts}; expected a divisor of "
+            f"num_experts={num_experts}"
+        )
+    if local_expert_offset > num_experts - num_local_experts:
+        raise ValueError(
+            f"local_expert_offset={local_expert_offset}; expected 0 <= offset <= "
+            f"num_experts - num_local_experts = {num_experts - num_local_experts}"
+        )
+
+
+def _plan(num_tokens: int, num_experts: int, top_k: int, num_local_experts: int) -> np.ndarray:
+    num_tokens, num_experts, top_k = int(num_tokens), int(num_experts), int(top_k)
+    num_local_experts = int(num_local_experts)
+    total = num_tokens * top_k
+    ep = num_experts // num_local_experts
+    if ep == 1:
+        busiest = total
+    else:
+        avg = total / ep
+        busiest = min(total, math.ceil(avg + math.sqrt(avg * math.log(ep))))
+    base, rem = divmod(busiest, num_local_experts)
+    plan = np.full(num_local_experts, base, dtype=np.int32)
+    plan[:rem] += 1
+    if base + (rem > 0) > num_tokens:
+        raise ValueError(
+            f"infeasible balanced plan: num_tokens={num_tokens}, num_experts={num_experts}, "
+            f"top_k={top_k}, num_local_experts={num_local_experts} (EP {ep}) put {busiest} "
+            f"slots on this rank, so a local expert would need {base + (rem > 0)} tokens but "
+            f"there are only {num_tokens}; use more tokens or more local experts"
+        )
+    return plan
+
+
+def balanced_expert_loads(
+    num_tokens: int, num_experts: int, top_k: int, num_local_experts: int
+) -> np.ndarray:
+    """The balanced plan: how many tokens each local expert receives.
+
+    Returns an int32 numpy array of shape `(num_local_experts,)` (see the module
+    docstring for the formula). Raises ValueError for invalid arguments or an
+    infeasible plan (a local expert would need more than `num_tokens` tokens).
+    """
+    _check_shape_args(num_tokens, num_experts, top_k, num_local_experts, 0)
+    return _plan(num_tokens, num_experts, top_k, num_local_experts)
+
+
+def _random_orders(bits: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Random permutations of `range(shape[-1])` along the last axis, from uint32 bits.
+
+    A stable argsort of random words: exact integer work, identical on every
+    backend (ties, of probability ~n**2 / 2**33, resolve to index order).
+    """
+    return jnp.argsort(bits.reshape(shape), axis=-1, stable=True).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("num_tokens", "num_experts", "top_k", "local_expert_offset", "plan")
+)
+def _balanced_routing(
+    key: jax.Array,
+    *,
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    local_expert_offset: int,
+    plan: tuple[int, ...],
+) -> jax.Array:
+    n, k, num_local = num_tokens, top_k, len(plan)
+    num_remote = num_experts - num_local
+    # One flat draw of random words, cut into the four uses below (one draw
+    # compiles much faster than several).
+    sizes = (num_local, n, n * num_remote, n * k)
+    bits = jax.random.bits(key, (sum(sizes),), jnp.uint32)
+    order_bits, token_bits, remote_bits, slot_bits = jnp.split(bits, np.cumsum(sizes)[:-1])
+
+    # Steps 1-2: the run sequence wrapped column by column onto an (n, k) grid.
+    order = _random_orders(order_bits, (num_local,))
+    run_ends = jnp.cumsum(jnp.asarray(plan, dtype=jnp.int32)[order])  # run_ends[-1] == T
+    column = jnp.arange(k, dtype=jnp.int32)
+    seq_index = column[None, :] * n + jnp.arange(n, dtype=jnp.int32)[:, None]  # (n, k)
+    # run_of[i] = number of runs ending at or before i = the run holding entry i
+    # (a scatter-add of integers: exact in any order).
+    run_ends_marks = jnp.zeros(n * k + 1, jnp.int32).at[run_ends].add(1)
+    run = jnp.cumsum(run_ends_marks)[seq_index]
+    is_local = seq_index < run_ends[-1]
+    local = order[jnp.minimum(run, num_local - 1)] + local_expert_offset
+
+    # Step 3: random tokens take the rows.
+    token_perm = _random_orders(token_bits, (n,))
+    local, is_local = local[token_perm], is_local[token_perm]
+
+    # Step 4: distinct non-local experts after the c local slots of each row.
+    if num_remote > 0:
+        remote_ids = np.concatenate(
+            [
+                np.arange(local_expert_offset),
+                np.arange(local_expert_offset + num_local, num_experts),
+            ]
+        ).astype(np.int32)
+        width = min(k, num_remote)
+        remote_order = _random_orders(remote_bits, (n, num_remote))[:, :width]
+        remote = jnp.asarray(remote_ids)[remote_order]
+        count = jnp.sum(is_local, axis=1, dtype=jnp.int32)
+        pick = jnp.clip(column[None, :] - count[:, None], 0, width - 1)
+        ids = jnp.where(is_local, local, jnp.take_along_axis(remote, pick, axis=1))
+    else:
+        ids = local
+
+    # Step 5: shuffle the slots of each token.
+    slot_perm = _random_orders(slot_bits, (n, k))
+    return jnp.take_along_axis(ids, slot_perm, axis=1).astype(jnp.int32)
+
+
+def balanced_routing(
+    key: jax.Array,
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    num_local_experts: int | None = None,
+    local_expert_offset: int = 0,
+) -> jax.Array:
+    """A routing whose local experts' loads follow the balanced plan.
+
+    Args:
+      key: a `jax.random` key (typed or raw uint32); may be traced.
+      num_tokens, num_experts, top_k: static sizes N, E, k.
+      num_local_experts: L, the experts of this rank; default E (no EP).
+      local_expert_offset: this rank owns experts `[offset, offset + L)`.
+
+    Returns:
+      int32 `(num_tokens, top_k)` expert ids: each token has k distinct ids in
+      `[0, E)`; local expert `offset + j` occurs in exactly
+      `balanced_expert_loads(...)[j]` rows; the other slots hold distinct
+      non-local experts. Bit-identical for a key on every backend.
+
+    Raises ValueError for invalid arguments or an infeasible plan. Under
+    `jax.jit` the sizes must be static.
+    """
+    if num_local_experts is None:
+        num_local_experts = num_experts
+    _check_shape_args(num_tokens, num_experts, top_k, num_local_experts, local_expert_offset)
+    plan = _plan(num_tokens, num_experts, top_k, num_local_experts)
+    return _balanced_routing(
+        key,
+        num_tokens=int(num_tokens),
+        num_experts=int(num_experts),
+        top_k=int(top_k),
+        local_expert_offset=int(local_expert_offset),
+        plan=tuple(int(x) for x in plan),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingDistribution:
+    """How profiling routings are drawn: `balanced`, `uniform` or `zipf:S`.
+
+    `zipf_exponent` (S >= 0) is used by `zipf` only and must keep its default
+    for the other kinds. `str()` and `parse()` are inverses.
+    """
+
+    kind: str = "balanced"
+    zipf_exponent: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"RoutingDistribution.kind={self.kind!r}; expected one of {_KINDS}")
+        exponent = self.zipf_exponent
+        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)):
+            raise TypeError(f"RoutingDistribution.zipf_exponent={exponent!r}; expected a float")
+        if not (math.isfinite(exponent) and exponent >= 0):
+            raise ValueError(
+                f"RoutingDistribution.zipf_exponent={exponent}; expected a finite value >= 0"
+            )
+        if self.kind != "zipf" and exponent != 1.0:
+            raise ValueError(
+                f"RoutingDistribution.zipf_exponent={exponent} is only meaningful for kind 'zipf'"
+            )
+        object.__setattr__(self, "zipf_exponent", float(exponent))
+
+    @classmethod
+    def parse(cls, text: str | RoutingDistribution) -> RoutingDistribution:
+        """`'balanced'`, `'uniform'`, `'zipf'` (exponent 1) or `'zipf:1.2'`."""
+        if isinstance(text, RoutingDistribution):
+            return text
+        if not isinstance(text, str):
+            raise TypeError(f"distribution={text!r}; expected a str or RoutingDistribution")
+        match = re.fullmatch(r"(balanced|uniform|zipf)(?::([0-9.eE+-]+))?", text.strip())
+        if match is None or (match.group(2) is not None and match.group(1) != "zipf"):
+            raise ValueError(
+                f"distribution={text!r}; expected 'balanced', 'uniform', 'zipf' or "
+                "'zipf:<exponent>'"
+            )
+        if match.group(2) is None:
+            return cls(match.group(1))
+        try:
+            exponent = float(match.group(2))
+        except ValueError:
+            raise ValueError(f"distribution={text!r}: bad Zipf exponent") from None
+        return cls("zipf", exponent)
+
+    def __str__(self) -> str:
+        if self.kind != "zipf":
+            return self.kind
+        exponent = repr(self.zipf_exponent)  # Shortest text that reads back exactly.
+        return f"zipf:{exponent.removesuffix('.0')}"
+
+
+@functools.partial(jax.jit, static_argnames=("num_tokens", "num_experts", "top_k"))
+def _uniform_routing(key: jax.Array, *, num_tokens: int, num_experts: int, top_k: int):
+    bits = jax.random.bits(key, (num_tokens * num_experts,), jnp.uint32)
+    return _random_orders(bits, (num_tokens, num_experts))[:, :top_k]
+
+
+def _zipf_weights(num_experts: int, exponent: float) -> tuple[int, ...]:
+    """Integer weights of ranks 0..E-1, each >= 1, summing to at most 2**24.
+
+    Computed on the host (static under jit): `floor(share * (2**24 - E)) + 1`.
+    """
+    if num_experts > _ZIPF_MAX_EXPERTS:
+        raise NotImplementedError(
+            f"num_experts={num_experts}; the zipf distribution supports up to "
+            f"{_ZIPF_MAX_EXPERTS} experts"
+        )
+    relative = np.arange(1, num_experts + 1, dtype=np.float64) ** -exponent
+    scaled = np.floor(relative / relative.sum() * (_ZIPF_WEIGHT_TOTAL - num_experts)) + 1
+    return tuple(int(w) for w in scaled)
+
+
+def _uniform_below(high: jax.Array, low: jax.Array, bound: jax.Array) -> jax.Array:
+    """`(high * 2**32 + low) mod bound` for uint32 words and `1 <= bound <= 2**24`.
+
+    Horner's rule over the eight bytes keeps every intermediate below 2**32, so
+    this is exact integer math; the result is uniform in `[0, bound)` up to a
+    bias below 2**-40.
+    """
+    remainder = jnp.zeros_like(high)
+    for word in (high, low):
+        for shift in (24, 16, 8, 0):
+            byte = (word >> shift) & 0xFF
+            remainder = ((remainder << 8) | byte) % bound
+    return remainder
+
+
+@functools.partial(jax.jit, static_argnames=("num_tokens", "top_k", "rank_weights"))
+def _zipf_routing(
+    key: jax.Array, *, num_tokens: int, top_k: int, rank_weights: tuple[int, ...]
+) -> jax.Array:
+    num_experts = len(rank_weights)
+    bits = jax.random.bits(key, (num_experts + top_k * num_tokens * 2,), jnp.uint32)
+    # Expert e has the weight of rank rank_of[e]: the hot experts are random.
+    rank_of = _random_orders(bits[:num_experts], (num_experts,))
+    draws = bits[num_experts:].reshape(top_k, 2, num_tokens)
+    weights = jnp.asarray(rank_weights, dtype=jnp.uint32)[rank_of]
+    available = jnp.ones((num_tokens, num_experts), dtype=jnp.uint32)
+    experts = jnp.arange(num_experts, dtype=jnp.int32)
+    chosen = []
+    for draw in range(top_k):
+        # Draw expert e with probability weight[e] / (sum of available weights).
+        cumulative = jnp.cumsum(weights[None, :] * available, axis=1, dtype=jnp.uint32)
+        target = _uniform_below(draws[draw, 0], draws[draw, 1], cumulative[:, -1])
+        pick = jnp.argmax(cumulative > target[:, None], axis=1).astype(jnp.int32)
+        available = available * (experts[None, :] != pick[:, None]).astype(jnp.uint32)
+        chosen.append(pick)
+    return jnp.stack(chosen, axis=1)
+
+
+def profile_routing(
+    key: jax.Array,
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    distribution: str | RoutingDistribution = "balanced",
+    num_local_experts: int | None = None,
+    local_expert_offset: int = 0,
+) -> jax.Array:
+    """int32 `(num_tokens, top_k)` expert ids drawn from `key` under `distribution`.
+
+    `balanced` is `balanced_routing`; `uniform` and `zipf:S` ignore the local
+    range apart from validating it. Every token has top_k distinct ids in
+    `[0, num_experts)`; the output is bit-identical for a key on every backend.
+    """
+    distribution = RoutingDistribution.parse(distribution)
+    if num_local_experts is None:
+        num_local_experts = num_experts
+    _check_shape_args(num_tokens, num_experts, top_k, num_local_experts, local_expert_offset)
+    if distribution.kind == "balanced":
+        return balanced_routing(
+            key,
+            num_tokens,
+            num_experts,
+            top_k,
+            num_local_experts=num_local_experts,
+            local_expert_offset=local_expert_offset,
+        )
+    if distribution.kind == "uniform":
+        return _uniform_routing(
+            key, num_tokens=int(num_tokens), num_experts=int(num_experts), top_k=int(top_k)
+        )
+    return _zipf_routing(
+        key,
+        num_tokens=int(num_tokens),
+        top_k=int(top_k),
+        rank_weights=_zipf_weights(int(num_experts), distribution.zipf_exponent),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileInputs:
+    """Seeded inputs of one profiling problem.
+
+    Attributes:
+      hidden_states: `(num_tokens, hidden)` in the activation dtype, standard normal.
+      topk_ids: int32 `(num_tokens, top_k)` from `profile_routing`.
+      topk_weights: float32 `(num_tokens, top_k)`, positive, each row sums to 1.
+    """
+
+    hidden_states: jax.Array
+    topk_ids: jax.Array
+    topk_weights: jax.Array
+
+
+def profile_inputs(
+    key: jax.Array,
+    num_tokens: int,
+    hidden: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    dtype: Any = jnp.bfloat16,
+    distribution: str | RoutingDistribution = "balanced",
+    num_local_experts: int | None = None,
+    local_expert_offset: int = 0,
+) -> ProfileInputs:
+    """Hidden states, routing and router weights drawn from fixed keys derived from `key`.
+
+    Each input uses its own `jax.random.fold_in(key, tag)` with a fixed tag, so
+    the routing depends only on the routing arguments (not on `hidden` or
+    `dtype`). The routing is bit-identical across backends; the floating-point
+    inputs are reproducible on a given backend.
+    """
+    _check_int("hidden", hidden, 1)
+    topk_ids = profile_routing(
+        jax.random.fold_in(key, _ROUTING_STREAM),
+        num_tokens,
+        num_experts,
+        top_k,
+        distribution=distribution,
+        num_local_experts=num_local_experts,
+        local_expert_offset=local_expert_offset,
+    )
+    hidden_states = jax.random.normal(
+        jax.random.fold_in(key, _HIDDEN_STREAM), (num_tokens, hidden), jnp.float32
+    ).astype(dtype)
+    logits = jax.random.normal(
+        jax.random.fold_in(key, _WEIGHTS_STREAM), (num_tokens, top_k), jnp.float32
+    )
+    return ProfileInputs(hidden_states, topk_ids, jax.nn.softmax(logits, axis=-1))
