@@ -1,0 +1,325 @@
+// XLA FFI handlers of the grouped NVFP4 GEMMs (targets `jax_moe_moe_gemm1`,
+// `jax_moe_moe_gemm2`). The routing contract (sorted_slots, tile_expert) and
+// the math are documented in jax_moe/kernels/moe_gemm{1,2}_sm90.py.
+//
+// jax_moe_moe_gemm1: act[r] = bf16(silu(x W13_gate^T gs) * (x W13_up^T gs)), x = hidden[s / top_k]
+//   Operands:
+//     hidden        bfloat16 (num_tokens, hidden)               hidden % 64 == 0, 16-byte aligned
+//     sorted_slots  int32    (m_pad,)                           m_pad % block_m == 0
+//     tile_expert   int32    (m_pad / block_m,)
+//     w13_packed    uint8    (experts, 2 * inter, hidden / 2)   prepared order, 16-byte aligned
+//     w13_scale     uint8 or float8_e4m3fn (experts, 2 * inter, hidden / 16)
+//     w13_global    float32  (experts,)
+//   Result:
+//     act           bfloat16 (m_pad, inter)                     inter % 64 == 0, 16-byte aligned
+//   Attributes: top_k int32 (>= 1), variant int32.
+//
+// jax_moe_moe_gemm2: y[r] = topk_weights[s] * (act[r] W2^T) * gs
+//   Operands:
+//     act           bfloat16 (m_pad, inter)                     inter % 64 == 0, 16-byte aligned
+//     sorted_slots  int32    (m_pad,)                           m_pad % block_m == 0
+//     tile_expert   int32    (m_pad / block_m,)
+//     w2_packed     uint8    (experts, hidden, inter / 2)       16-byte aligned
+//     w2_scale      uint8 or float8_e4m3fn (experts, hidden, inter / 16)
+//     w2_global     float32  (experts,)
+//     topk_weights  float32  (num_tokens * top_k,)
+//   Result:
+//     y             float32  (m_pad, hidden)                    hidden % 128 == 0, 16-byte aligned
+//   Attributes: variant int32.
+//
+// Values inside sorted_slots / tile_expert are trusted (they come from
+// jax_moe.routing_metadata); everything about shapes, dtypes and alignment is
+// checked here.
+#include <string>
+
+#include "jax_moe_ffi.h"
+
+#if defined(JAX_MOE_HAS_MOE_GEMM1) || defined(JAX_MOE_HAS_MOE_GEMM2)
+
+namespace jax_moe {
+namespace {
+
+constexpr uintptr_t kVectorAlignment = 16;
+constexpr uintptr_t kScalarAlignment = 4;
+
+std::string Dims(const ffi::AnyBuffer& buffer) {
+  return ShapeString(buffer.dimensions());
+}
+
+ffi::Error CheckScale(std::string_view op, std::string_view what,
+                      const ffi::AnyBuffer& scale) {
+  if ((scale.element_type() != ffi::DataType::U8 &&
+       scale.element_type() != ffi::DataType::F8E4M3FN) ||
+      scale.dimensions().size() != 3) {
+    return Invalid(op, std::string(what) +
+                           " must be a rank-3 uint8 or float8_e4m3fn array, got " +
+                           std::string(DataTypeName(scale.element_type())) +
+                           " of shape " + Dims(scale));
+  }
+  return ffi::Error::Success();
+}
+
+// Checks the weight triple (packed, scale, global) of `experts` experts whose
+// matrices are (rows, cols) NVFP4.
+ffi::Error CheckWeights(std::string_view op, std::string_view name,
+                        const ffi::AnyBuffer& packed,
+                        const ffi::AnyBuffer& scale,
+                        const ffi::AnyBuffer& global, int64_t rows,
+                        int64_t cols) {
+  const std::string n(name);
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckBuffer(op, n + "_packed", packed, ffi::DataType::U8, 3));
+  JAX_MOE_RETURN_IF_ERROR(CheckScale(op, n + "_scale", scale));
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckBuffer(op, n + "_global", global, ffi::DataType::F32, 1));
+  const int64_t experts = packed.dimensions()[0];
+  auto p = packed.dimensions();
+  auto s = scale.dimensions();
+  if (p[1] != rows || p[2] != cols / 2) {
+    return Invalid(op, n + "_packed has shape " + Dims(packed) + "; expected (" +
+                           std::to_string(experts) + ", " + std::to_string(rows) +
+                           ", " + std::to_string(cols / 2) + ")");
+  }
+  if (s[0] != experts || s[1] != rows || s[2] != cols / 16) {
+    return Invalid(op, n + "_scale has shape " + Dims(scale) + "; expected (" +
+                           std::to_string(experts) + ", " + std::to_string(rows) +
+                           ", " + std::to_string(cols / 16) + ")");
+  }
+  if (global.dimensions()[0] != experts) {
+    return Invalid(op, n + "_global has shape " + Dims(global) + "; expected (" +
+                           std::to_string(experts) + ",)");
+  }
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(op, n + "_packed", packed));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(op, n + "_scale", scale));
+  if (experts > 0 && rows > 0 && cols > 0) {
+    JAX_MOE_RETURN_IF_ERROR(
+        CheckAligned(op, n + "_packed", packed.untyped_data(), kVectorAlignment));
+    JAX_MOE_RETURN_IF_ERROR(
+        CheckAligned(op, n + "_scale", scale.untyped_data(), kScalarAlignment));
+    JAX_MOE_RETURN_IF_ERROR(
+        CheckAligned(op, n + "_global", global.untyped_data(), kScalarAlignment));
+  }
+  return ffi::Error::Success();
+}
+
+// Checks the routing metadata against the variant's block_m.
+template <typename Variant>
+ffi::Error CheckRouting(std::string_view op, const Variant& kernel,
+                        const ffi::AnyBuffer& sorted_slots,
+                        const ffi::AnyBuffer& tile_expert) {
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckBuffer(op, "sorted_slots", sorted_slots, ffi::DataType::S32, 1));
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckBuffer(op, "tile_expert", tile_expert, ffi::DataType::S32, 1));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(op, "sorted_slots", sorted_slots));
+  std::optional<int64_t> block_m = VariantParam(kernel, "block_m");
+  if (!block_m.has_value() || *block_m <= 0) {
+    return ffi::Error::Internal(std::string(op) + ": variant " + kernel.name +
+                                " has no block_m parameter");
+  }
+  const int64_t m_pad = sorted_slots.dimensions()[0];
+  if (m_pad % *block_m != 0 || tile_expert.dimensions()[0] != m_pad / *block_m) {
+    return Invalid(op, "sorted_slots has " + std::to_string(m_pad) +
+                           " rows and tile_expert " +
+                           std::to_string(tile_expert.dimensions()[0]) +
+                           " tiles; variant " + kernel.name +
+                           " needs m_pad % block_m == 0 and m_pad / block_m tiles, block_m = " +
+                           std::to_string(*block_m));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckMultiple(std::string_view op, std::string_view what,
+                         int64_t value, int64_t multiple) {
+  if (value % multiple != 0) {
+    return Invalid(op, std::string(what) + " = " + std::to_string(value) +
+                           " must be a multiple of " + std::to_string(multiple));
+  }
+  return ffi::Error::Success();
+}
+
+#if defined(JAX_MOE_HAS_MOE_GEMM1)
+constexpr std::string_view kGemm1 = "jax_moe_moe_gemm1";
+
+ffi::Error MoeGemm1Instantiate(ffi::Dictionary attrs) {
+  return InstantiateVariant(kGemm1, attrs, jax_moe_moe_gemm1_variants,
+                            JAX_MOE_MOE_GEMM1_NUM_VARIANTS);
+}
+
+ffi::Error MoeGemm1Execute(cudaStream_t stream, ffi::AnyBuffer hidden,
+                           ffi::AnyBuffer sorted_slots,
+                           ffi::AnyBuffer tile_expert,
+                           ffi::AnyBuffer w13_packed, ffi::AnyBuffer w13_scale,
+                           ffi::AnyBuffer w13_global,
+                           ffi::Result<ffi::AnyBuffer> act, int32_t top_k,
+                           int32_t variant) {
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckVariant(kGemm1, variant, JAX_MOE_MOE_GEMM1_NUM_VARIANTS));
+  const jax_moe_moe_gemm1_variant_t& kernel = jax_moe_moe_gemm1_variants[variant];
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckBuffer(kGemm1, "hidden", hidden, ffi::DataType::BF16, 2));
+  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm1, "act", *act, ffi::DataType::BF16, 2));
+  JAX_MOE_RETURN_IF_ERROR(CheckRouting(kGemm1, kernel, sorted_slots, tile_expert));
+  if (top_k < 1) {
+    return Invalid(kGemm1, "top_k = " + std::to_string(top_k) + "; expected >= 1");
+  }
+  const int64_t h = hidden.dimensions()[1];
+  const int64_t m_pad = sorted_slots.dimensions()[0];
+  const int64_t inter = act->dimensions()[1];
+  if (act->dimensions()[0] != m_pad) {
+    return Invalid(kGemm1, "act has shape " + Dims(*act) + "; expected m_pad = " +
+                               std::to_string(m_pad) + " rows");
+  }
+  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm1, "hidden", h, 64));
+  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm1, "intermediate", inter, 64));
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckWeights(kGemm1, "w13", w13_packed, w13_scale, w13_global, 2 * inter, h));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm1, "hidden", hidden));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm1, "act", *act));
+  if (hidden.dimensions()[0] * top_k > std::numeric_limits<int32_t>::max()) {
+    return Invalid(kGemm1, "num_tokens * top_k must be < 2^31");
+  }
+  if (m_pad == 0 || inter == 0) return ffi::Error::Success();
+  if (hidden.dimensions()[0] > 0 && h > 0) {
+    JAX_MOE_RETURN_IF_ERROR(
+        CheckAligned(kGemm1, "hidden", hidden.untyped_data(), kVectorAlignment));
+  }
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckAligned(kGemm1, "act", act->untyped_data(), kVectorAlignment));
+  JAX_MOE_RETURN_IF_ERROR(LoadVariant(kGemm1, kernel));
+
+  jax_moe_moe_gemm1_hidden_t hidden_arg{};
+  jax_moe_moe_gemm1_sorted_slots_t sorted_slots_arg{};
+  jax_moe_moe_gemm1_tile_expert_t tile_expert_arg{};
+  jax_moe_moe_gemm1_w13_packed_t packed_arg{};
+  jax_moe_moe_gemm1_w13_scale_t scale_arg{};
+  jax_moe_moe_gemm1_w13_global_t global_arg{};
+  jax_moe_moe_gemm1_act_t act_arg{};
+  FillDescriptor<2>(hidden_arg, hidden);
+  FillDescriptor<1>(sorted_slots_arg, sorted_slots);
+  FillDescriptor<1>(tile_expert_arg, tile_expert);
+  FillDescriptor<3>(packed_arg, w13_packed);
+  FillDescriptor<3>(scale_arg, w13_scale);
+  FillDescriptor<1>(global_arg, w13_global);
+  FillDescriptor<2>(act_arg, *act);
+  const int32_t status =
+      kernel.launch(&hidden_arg, &sorted_slots_arg, &tile_expert_arg, &packed_arg,
+                    &scale_arg, &global_arg, &act_arg, top_k, stream);
+  return CheckLaunch(kGemm1, kernel.name, status);
+}
+#endif  // JAX_MOE_HAS_MOE_GEMM1
+
+#if defined(JAX_MOE_HAS_MOE_GEMM2)
+constexpr std::string_view kGemm2 = "jax_moe_moe_gemm2";
+
+ffi::Error MoeGemm2Instantiate(ffi::Dictionary attrs) {
+  return InstantiateVariant(kGemm2, attrs, jax_moe_moe_gemm2_variants,
+                            JAX_MOE_MOE_GEMM2_NUM_VARIANTS);
+}
+
+ffi::Error MoeGemm2Execute(cudaStream_t stream, ffi::AnyBuffer act,
+                           ffi::AnyBuffer sorted_slots,
+                           ffi::AnyBuffer tile_expert, ffi::AnyBuffer w2_packed,
+                           ffi::AnyBuffer w2_scale, ffi::AnyBuffer w2_global,
+                           ffi::AnyBuffer topk_weights,
+                           ffi::Result<ffi::AnyBuffer> y, int32_t variant) {
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckVariant(kGemm2, variant, JAX_MOE_MOE_GEMM2_NUM_VARIANTS));
+  const jax_moe_moe_gemm2_variant_t& kernel = jax_moe_moe_gemm2_variants[variant];
+  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm2, "act", act, ffi::DataType::BF16, 2));
+  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm2, "y", *y, ffi::DataType::F32, 2));
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckBuffer(kGemm2, "topk_weights", topk_weights, ffi::DataType::F32, 1));
+  JAX_MOE_RETURN_IF_ERROR(CheckRouting(kGemm2, kernel, sorted_slots, tile_expert));
+  const int64_t m_pad = sorted_slots.dimensions()[0];
+  const int64_t inter = act.dimensions()[1];
+  const int64_t h = y->dimensions()[1];
+  if (act.dimensions()[0] != m_pad || y->dimensions()[0] != m_pad) {
+    return Invalid(kGemm2, "act has shape " + Dims(act) + " and y " + Dims(*y) +
+                               "; both need m_pad = " + std::to_string(m_pad) + " rows");
+  }
+  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm2, "intermediate", inter, 64));
+  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm2, "hidden", h, 128));
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckWeights(kGemm2, "w2", w2_packed, w2_scale, w2_global, h, inter));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm2, "act", act));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm2, "y", *y));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm2, "topk_weights", topk_weights));
+  if (m_pad == 0 || h == 0) return ffi::Error::Success();
+  if (inter > 0) {
+    JAX_MOE_RETURN_IF_ERROR(
+        CheckAligned(kGemm2, "act", act.untyped_data(), kVectorAlignment));
+  }
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckAligned(kGemm2, "y", y->untyped_data(), kVectorAlignment));
+  JAX_MOE_RETURN_IF_ERROR(LoadVariant(kGemm2, kernel));
+
+  jax_moe_moe_gemm2_act_t act_arg{};
+  jax_moe_moe_gemm2_sorted_slots_t sorted_slots_arg{};
+  jax_moe_moe_gemm2_tile_expert_t tile_expert_arg{};
+  jax_moe_moe_gemm2_w2_packed_t packed_arg{};
+  jax_moe_moe_gemm2_w2_scale_t scale_arg{};
+  jax_moe_moe_gemm2_w2_global_t global_arg{};
+  jax_moe_moe_gemm2_topk_weights_t weights_arg{};
+  jax_moe_moe_gemm2_y_t y_arg{};
+  FillDescriptor<2>(act_arg, act);
+  FillDescriptor<1>(sorted_slots_arg, sorted_slots);
+  FillDescriptor<1>(tile_expert_arg, tile_expert);
+  FillDescriptor<3>(packed_arg, w2_packed);
+  FillDescriptor<3>(scale_arg, w2_scale);
+  FillDescriptor<1>(global_arg, w2_global);
+  FillDescriptor<1>(weights_arg, topk_weights);
+  FillDescriptor<2>(y_arg, *y);
+  const int32_t status =
+      kernel.launch(&act_arg, &sorted_slots_arg, &tile_expert_arg, &packed_arg,
+                    &scale_arg, &global_arg, &weights_arg, &y_arg, stream);
+  return CheckLaunch(kGemm2, kernel.name, status);
+}
+#endif  // JAX_MOE_HAS_MOE_GEMM2
+
+}  // namespace
+}  // namespace jax_moe
+
+#if defined(JAX_MOE_HAS_MOE_GEMM1)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMoeMoeGemm1Instantiate,
+                              jax_moe::MoeGemm1Instantiate,
+                              xla::ffi::Ffi::BindInstantiate().Attrs());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxMoeMoeGemm1Execute, jax_moe::MoeGemm1Execute,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Arg<xla::ffi::AnyBuffer>()  // hidden: bfloat16 (num_tokens, hidden)
+        .Arg<xla::ffi::AnyBuffer>()  // sorted_slots: int32 (m_pad,)
+        .Arg<xla::ffi::AnyBuffer>()  // tile_expert: int32 (m_pad / block_m,)
+        .Arg<xla::ffi::AnyBuffer>()  // w13_packed: uint8 (experts, 2 * inter, hidden / 2)
+        .Arg<xla::ffi::AnyBuffer>()  // w13_scale: uint8/e4m3 (experts, 2 * inter, hidden / 16)
+        .Arg<xla::ffi::AnyBuffer>()  // w13_global: float32 (experts,)
+        .Ret<xla::ffi::AnyBuffer>()  // act: bfloat16 (m_pad, inter)
+        .Attr<int32_t>("top_k")      // experts per token
+        .Attr<int32_t>("variant"),   // index into jax_moe_moe_gemm1_variants
+    {xla::ffi::Traits::kCmdBufferCompatible});
+#endif
+
+#if defined(JAX_MOE_HAS_MOE_GEMM2)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMoeMoeGemm2Instantiate,
+                              jax_moe::MoeGemm2Instantiate,
+                              xla::ffi::Ffi::BindInstantiate().Attrs());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxMoeMoeGemm2Execute, jax_moe::MoeGemm2Execute,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Arg<xla::ffi::AnyBuffer>()  // act: bfloat16 (m_pad, inter)
+        .Arg<xla::ffi::AnyBuffer>()  // sorted_slots: int32 (m_pad,)
+        .Arg<xla::ffi::AnyBuffer>()  // tile_expert: int32 (m_pad / block_m,)
+        .Arg<xla::ffi::AnyBuffer>()  // w2_packed: uint8 (experts, hidden, inter / 2)
+        .Arg<xla::ffi::AnyBuffer>()  // w2_scale: uint8/e4m3 (experts, hidden, inter / 16)
+        .Arg<xla::ffi::AnyBuffer>()  // w2_global: float32 (experts,)
+        .Arg<xla::ffi::AnyBuffer>()  // topk_weights: float32 (num_tokens * top_k,)
+        .Ret<xla::ffi::AnyBuffer>()  // y: float32 (m_pad, hidden)
+        .Attr<int32_t>("variant"),   // index into jax_moe_moe_gemm2_variants
+    {xla::ffi::Traits::kCmdBufferCompatible});
+#endif
+
+#endif  // JAX_MOE_HAS_MOE_GEMM1 || JAX_MOE_HAS_MOE_GEMM2

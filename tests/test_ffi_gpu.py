@@ -1,0 +1,493 @@
+"""GPU tests of the FFI pipeline: exported CuTe DSL kernels called from jax.jit.
+
+The GPU tests need a CUDA GPU visible to JAX and the built extension
+(`jax_moe._jax_moe_ffi`); they are skipped otherwise. The argument checks of
+the Python wrapper run everywhere.
+
+Run with `-s` to see the timing table of `test_combine_timing`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_moe import _ffi
+from jax_moe.kernels.combine_config import COMBINE_SM90_TACTICS
+from jax_moe.routing_metadata import routing_metadata
+
+
+@functools.cache
+def _gpu_skip_reason() -> str | None:
+    try:
+        if jax.default_backend() != "gpu":
+            return "no CUDA GPU visible to JAX"
+    except RuntimeError as error:
+        return f"no JAX backend: {error}"
+    if not _ffi.is_available():
+        return "the jax_moe CUDA extension (jax_moe._jax_moe_ffi) is not built"
+    return None
+
+
+requires_ffi_gpu = pytest.mark.skipif(
+    _gpu_skip_reason() is not None, reason=str(_gpu_skip_reason())
+)
+TACTIC_IDS = [str(t) for t in COMBINE_SM90_TACTICS]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _combine_numpy(y: np.ndarray, slot_row: np.ndarray, top_k: int) -> np.ndarray:
+    """float32 sum of each token's rows in slot order, one rounding to bf16."""
+    rows = slot_row.reshape(-1, top_k)
+    acc = np.zeros((rows.shape[0], y.shape[1]), np.float32)
+    for j in range(top_k):
+        r = rows[:, j]
+        valid = (r >= 0) & (r < y.shape[0])
+        acc += np.where(valid[:, None], y[np.clip(r, 0, max(y.shape[0] - 1, 0))], np.float32(0))
+    return acc.astype(ml_dtypes.bfloat16)
+
+
+def _problem(
+    seed: int,
+    num_tokens: int,
+    top_k: int,
+    hidden: int,
+    num_experts: int,
+    num_local: int,
+    offset: int,
+    block_m: int,
+):
+    rng = np.random.default_rng(seed)
+    topk_ids = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(num_tokens)])
+    meta = routing_metadata(
+        jnp.asarray(topk_ids, jnp.int32),
+        num_local_experts=num_local,
+        block_m=block_m,
+        local_expert_offset=offset,
+    )
+    m_pad = meta.sorted_slots.shape[0]
+    y = rng.standard_normal((m_pad, hidden), dtype=np.float32)
+    return y, np.asarray(meta.slot_row)
+
+
+def _combine_jit(top_k: int, variant: str):
+    return jax.jit(
+        lambda y, slot_row, out: _ffi.combine(y, slot_row, top_k, variant=variant, out=out),
+        donate_argnums=2,
+    )
+
+
+def _poison(num_tokens: int, hidden: int) -> jax.Array:
+    return jnp.full((num_tokens, hidden), jnp.nan, jnp.bfloat16)
+
+
+CASES = [
+    # (num_tokens, top_k, hidden, num_experts, num_local, offset, block_m)
+    (1, 1, 64, 4, 4, 0, 8),
+    (7, 8, 7168, 64, 16, 16, 16),
+    (33, 4, 1032, 32, 8, 8, 64),
+    (300, 2, 512, 8, 8, 0, 128),
+    (64, 6, 2048, 24, 24, 0, 32),
+]
+
+
+@pytest.mark.gpu
+@requires_ffi_gpu
+@pytest.mark.parametrize("variant", TACTIC_IDS)
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_combine_matches_reference(case, variant):
+    num_tokens, top_k, hidden = case[:3]
+    y, slot_row = _problem(sum(case), *case)
+    want = _combine_numpy(y, slot_row, top_k)
+    got = _combine_jit(top_k, variant)(
+        jnp.asarray(y), jnp.asarray(slot_row), _poison(num_tokens, hidden)
+    )
+    got = np.asarray(got)
+    assert got.dtype == jnp.bfloat16 and got.shape == (num_tokens, hidden)
+    assert np.all(np.isfinite(got.astype(np.float32))), "unwritten (poisoned) output"
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.gpu
+@requires_ffi_gpu
+def test_combine_out_of_range_rows_count_as_missing():
+    rng = np.random.default_rng(11)
+    num_tokens, top_k, hidden, m_pad = 40, 4, 256, 96
+    y = rng.standard_normal((m_pad, hidden), dtype=np.float32)
+    slot_row = rng.integers(-3, m_pad + 50, num_tokens * top_k).astype(np.int32)
+    got = _ffi.combine(jnp.asarray(y), jnp.asarray(slot_row), top_k)
+    want = _combine_numpy(y, slot_row, top_k)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.gpu
+@requires_ffi_gpu
+def test_combine_is_bitwise_deterministic():
+    case = (512, 8, 7168, 64, 32, 0, 64)
+    y, slot_row = _problem(5, *case)
+    y, slot_row = jnp.asarray(y), jnp.asarray(slot_row)
+    fn = jax.jit(lambda y, s: _ffi.combine(y, s, 8))
+    first = np.asarray(fn(y, slot_row)).view(np.uint16)
+    for _ in range(9):
+        np.testing.assert_array_equal(np.asarray(fn(y, slot_row)).view(np.uint16), first)
+
+
+def _raw_combine(target, y, slot_row, out_shape, top_k, variant, out_dtype=jnp.bfloat16):
+    """Calls an FFI target directly, bypassing the wrapper's Python checks."""
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, out_dtype))
+    return jax.jit(lambda a, b: call(a, b, top_k=np.int32(top_k), variant=np.int32(variant)))(
+        y, slot_row
+    )
+
+
+# name: (y shape, y dtype, slot_row size, out shape, top_k, variant, out dtype, message)
+BAD_CALLS = {
+    "hidden_not_multiple_of_8": (
+        (16, 12),
+        "float32",
+        8,
+        (4, 12),
+        2,
+        0,
+        "bfloat16",
+        "multiple of 8",
+    ),
+    "y_float16": ((16, 64), "float16", 8, (4, 64), 2, 0, "bfloat16", "float32"),
+    "slot_row_size": ((16, 64), "float32", 9, (4, 64), 2, 0, "bfloat16", "num_tokens"),
+    "hidden_mismatch": ((16, 64), "float32", 8, (4, 72), 2, 0, "bfloat16", "hidden"),
+    "out_float32": ((16, 64), "float32", 8, (4, 64), 2, 0, "float32", "bfloat16"),
+    "top_k_zero": ((16, 64), "float32", 0, (4, 64), 0, 0, "bfloat16", "top_k"),
+    "variant_out_of_range": ((16, 64), "float32", 8, (4, 64), 2, 99, "bfloat16", "variant"),
+}
+
+
+def _bad_call(target: str, name: str, device=None) -> str:
+    """Runs one bad call; returns the error message (AssertionError if none is raised)."""
+    y_shape, y_dtype, slots, out_shape, top_k, variant, out_dtype, _ = BAD_CALLS[name]
+    y = jax.device_put(jnp.ones(y_shape, y_dtype), device)
+    slot_row = jax.device_put(jnp.zeros((slots,), jnp.int32), device)
+    try:
+        jax.block_until_ready(
+            _raw_combine(target, y, slot_row, out_shape, top_k, variant, out_dtype)
+        )
+    except Exception as error:  # the runtime's error type differs between jax versions
+        return str(error)
+    raise AssertionError(f"{target} accepted the bad call {name!r}")
+
+
+def _median_seconds(fn, *args, iters: int = 50, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            result = fn(*args)
+        jax.block_until_ready(result)
+        times.append((time.perf_counter() - start) / iters)
+    return float(np.median(times))
+
+
+@pytest.mark.gpu
+@requires_ffi_gpu
+def test_combine_timing():
+    """Prints kernel vs XLA reference time (back-to-back dispatches, median)."""
+    top_k, hidden, num_experts = 8, 7168, 256
+    rows = ["  tokens variant                               us    GB/s   xla_us"]
+
+    def xla_combine(y, slot_row):
+        r = slot_row.reshape(-1, top_k)
+        acc = jnp.zeros((r.shape[0], y.shape[1]), jnp.float32)
+        for j in range(top_k):
+            valid = (r[:, j] >= 0)[:, None]
+            acc = acc + jnp.where(valid, y[jnp.maximum(r[:, j], 0)], 0.0)
+        return acc.astype(jnp.bfloat16)
+
+    xla = jax.jit(xla_combine)
+    mismatches = []
+    for num_tokens in (1, 32, 512, 4096):
+        y, slot_row = _problem(num_tokens, num_tokens, top_k, hidden, num_experts, 32, 0, 64)
+        y, slot_row = jnp.asarray(y), jnp.asarray(slot_row)
+        local = int(np.count_nonzero(np.asarray(slot_row) >= 0))
+        moved = local * hidden * 4 + num_tokens * hidden * 2 + slot_row.size * 4
+        xla_time = _median_seconds(xla, y, slot_row)
+        for variant in TACTIC_IDS:
+            fn = jax.jit(functools.partial(_ffi.combine, top_k=top_k, variant=variant))
+            seconds = _median_seconds(fn, y, slot_row)
+            rows.append(
+                f"  {num_tokens:6d} {variant:36s} {seconds * 1e6:7.1f} "
+                f"{moved / seconds / 1e9:7.1f} {xla_time * 1e6:8.1f}"
+            )
+            if not np.array_equal(
+                np.asarray(fn(y, slot_row)).view(np.uint16),
+                np.asarray(xla(y, slot_row)).view(np.uint16),
+            ):
+                mismatches.append((num_tokens, variant))
+    print("\ncombine timing (wall clock per call, includes dispatch):\n" + "\n".join(rows))
+    assert not mismatches, f"kernel and XLA results differ for {mismatches}"
+
+
+def test_wrapper_validates_arguments():
+    y = jnp.ones((16, 64), jnp.float32)
+    slot_row = jnp.zeros((8,), jnp.int32)
+    with pytest.raises(TypeError, match="y"):
+        _ffi.combine(y.astype(jnp.float16), slot_row, 2)
+    with pytest.raises(TypeError, match="slot_row"):
+        _ffi.combine(y, slot_row.astype(jnp.int64 if jax.config.x64_enabled else jnp.uint32), 2)
+    with pytest.raises(ValueError, match="top_k"):
+        _ffi.combine(y, slot_row, 0)
+    with pytest.raises(ValueError, match="multiple of top_k"):
+        _ffi.combine(y, slot_row, 3)
+    with pytest.raises(NotImplementedError, match="hidden"):
+        _ffi.combine(jnp.ones((16, 60), jnp.float32), slot_row, 2)
+    with pytest.raises(TypeError, match="out"):
+        _ffi.combine(y, slot_row, 2, out=jnp.zeros((4, 64), jnp.float32))
+
+
+# ---------------------------------------------------------------------------
+# Grouped NVFP4 GEMMs through the FFI (kernels jax_moe/kernels/moe_gemm{1,2}_sm90.py).
+
+
+def _gemm_variants(op: str) -> list[str]:
+    if _gpu_skip_reason() is not None:
+        return []
+    return list(_ffi.kernel_variants().get(op, ()))
+
+
+def _tactic(op: str, name: str):
+    from jax_moe.kernels import moe_gemm_config
+
+    family = (
+        moe_gemm_config.gemm1_variants()
+        if op == "moe_gemm1"
+        else (moe_gemm_config.gemm2_variants())
+    )
+    for tactic in family:
+        if str(tactic) == name:
+            return tactic
+    raise LookupError(name)
+
+
+@functools.cache
+def _moe_problem(num_tokens: int, top_k: int, hidden: int, inter: int, num_local: int):
+    """Random NVFP4 weights (logical + prepared + dequantized) and routing."""
+    from jax_moe import nvfp4
+    from jax_moe.prepare import prepare
+    from jax_moe.weights import quantize_moe_weights
+
+    rng = np.random.default_rng(num_tokens * 7 + hidden + inter)
+    w13 = rng.standard_normal((num_local, 2 * inter, hidden), dtype=np.float32) * 0.1
+    w2 = rng.standard_normal((num_local, hidden, inter), dtype=np.float32) * 0.1
+    weights = quantize_moe_weights(jnp.asarray(w13), jnp.asarray(w2))
+    prepared = prepare(weights)
+    w13_f = np.asarray(nvfp4.dequantize(weights.w13), np.float64)
+    w2_f = np.asarray(nvfp4.dequantize(weights.w2), np.float64)
+    num_experts = 2 * num_local  # half the slots go to experts of another rank
+    topk_ids = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(num_tokens)])
+    topk_weights = rng.random((num_tokens, top_k), dtype=np.float32)
+    x = rng.standard_normal((num_tokens, hidden), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    return prepared, w13_f, w2_f, topk_ids.astype(np.int32), topk_weights, x
+
+
+def _silu(v):
+    return v / (1.0 + np.exp(-v))
+
+
+GEMM_SHAPE = (48, 4, 256, 128, 4)  # num_tokens, top_k, hidden, intermediate, local experts
+
+
+@pytest.mark.gpu
+@requires_ffi_gpu
+@pytest.mark.parametrize("name", _gemm_variants("moe_gemm1") or ["none"])
+def test_moe_gemm1_matches_reference(name):
+    tactic = _tactic("moe_gemm1", name)
+    num_tokens, top_k, hidden, inter, num_local = GEMM_SHAPE
+    prepared, w13_f, _, topk_ids, _, x = _moe_problem(*GEMM_SHAPE)
+    meta = routing_metadata(
+        jnp.asarray(topk_ids), num_local_experts=num_local, block_m=tactic.block_m
+    )
+    fn = jax.jit(functools.partial(_ffi.moe_gemm1, top_k=top_k, variant=tactic))
+    act = fn(
+        jnp.asarray(x),
+        meta.sorted_slots,
+        meta.tile_expert,
+        prepared.w13_packed,
+        prepared.w13_scale,
+        prepared.w13_global,
+    )
+    act = np.asarray(act).astype(np.float32)
+    slots = np.asarray(meta.sorted_slots)
+    tiles = np.asarray(meta.tile_expert)
+    rows = np.flatnonzero(slots >= 0)
+    experts = tiles[rows // tactic.block_m]
+    xs = x.astype(np.float64)[slots[rows] // top_k]
+    gate = np.einsum("rh,rih->ri", xs, w13_f[experts, :inter])
+    up = np.einsum("rh,rih->ri", xs, w13_f[experts, inter:])
+    want = _silu(gate) * up
+    got = act[rows]
+    scale = np.max(np.abs(want))
+    assert np.all(np.isfinite(got))
+    assert np.max(np.abs(got - want)) <= 1e-2 * scale, np.max(np.abs(got - want)) / scale
+
+
+@pytest.mark.gpu
+@requires_ffi_gpu
+@pytest.mark.parametrize("name", _gemm_variants("moe_gemm2") or ["none"])
+def test_moe_gemm2_matches_reference(name):
+    tactic = _tactic("moe_gemm2", name)
+    num_tokens, top_k, hidden, inter, num_local = GEMM_SHAPE
+    prepared, _, w2_f, topk_ids, topk_weights, _ = _moe_problem(*GEMM_SHAPE)
+    meta = routing_metadata(
+        jnp.asarray(topk_ids), num_local_experts=num_local, block_m=tactic.block_m
+    )
+    m_pad = meta.sorted_slots.shape[0]
+    rng = np.random.default_rng(5)
+    act = rng.standard_normal((m_pad, inter), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    fn = jax.jit(functools.partial(_ffi.moe_gemm2, variant=tactic))
+    y = fn(
+        jnp.asarray(act),
+        meta.sorted_slots,
+        meta.tile_expert,
+        prepared.w2_packed,
+        prepared.w2_scale,
+        prepared.w2_global,
+        jnp.asarray(topk_weights.reshape(-1)),
+    )
+    y = np.asarray(y)
+    slots = np.asarray(meta.sorted_slots)
+    rows = np.flatnonzero(slots >= 0)
+    experts = np.asarray(meta.tile_expert)[rows // tactic.block_m]
+    weight = topk_weights.reshape(-1)[slots[rows]].astype(np.float64)
+    want = weight[:, None] * np.einsum("ri,rhi->rh", act[rows].astype(np.float64), w2_f[experts])
+    got = y[rows]
+    scale = np.max(np.abs(want))
+    assert np.all(np.isfinite(got))
+    assert np.max(np.abs(got - want)) <= 1e-4 * scale, np.max(np.abs(got - want)) / scale
+
+
+@pytest.mark.gpu
+@requires_ffi_gpu
+def test_moe_chain_matches_reference():
+    """routing metadata -> GEMM1 -> GEMM2 -> combine under one jax.jit."""
+    from jax_moe.kernels.moe_gemm_config import gemm1_variants, gemm2_variants
+
+    num_tokens, top_k, hidden, inter, num_local = GEMM_SHAPE
+    prepared, w13_f, w2_f, topk_ids, topk_weights, x = _moe_problem(*GEMM_SHAPE)
+    t1, t2 = gemm1_variants()[0], gemm2_variants()[0]
+    assert t1.block_m == t2.block_m
+
+    @jax.jit
+    def moe(x, ids, weights, p):
+        meta = routing_metadata(ids, num_local_experts=num_local, block_m=t1.block_m)
+        act = _ffi.moe_gemm1(
+            x,
+            meta.sorted_slots,
+            meta.tile_expert,
+            p.w13_packed,
+            p.w13_scale,
+            p.w13_global,
+            top_k,
+            variant=t1,
+        )
+        y = _ffi.moe_gemm2(
+            act,
+            meta.sorted_slots,
+            meta.tile_expert,
+            p.w2_packed,
+            p.w2_scale,
+            p.w2_global,
+            weights.reshape(-1),
+            variant=t2,
+        )
+        return _ffi.combine(y, meta.slot_row, top_k)
+
+    got = np.asarray(
+        moe(jnp.asarray(x), jnp.asarray(topk_ids), jnp.asarray(topk_weights), prepared)
+    ).astype(np.float32)
+    want = np.zeros((num_tokens, hidden))
+    xs = x.astype(np.float64)
+    for n in range(num_tokens):
+        for j in range(top_k):
+            e = topk_ids[n, j]
+            if e >= num_local:
+                continue
+            act = _silu(w13_f[e, :inter] @ xs[n]) * (w13_f[e, inter:] @ xs[n])
+            want[n] += topk_weights[n, j] * (w2_f[e] @ act)
+    scale = np.max(np.abs(want))
+    assert np.max(np.abs(got - want)) <= 2e-2 * scale, np.max(np.abs(got - want)) / scale
+
+
+# Handler argument checks (kept last: a crash here cannot hide the results above).
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+@pytest.mark.skipif(not _ffi.is_available(), reason="the jax_moe CUDA extension is not built")
+def test_handler_checks_on_cpu(name):
+    """The execute handler's checks, run by the CPU check target (no GPU needed)."""
+    _ffi.register_cpu_checks()
+    message = _bad_call("jax_moe_combine_check", name, jax.devices("cpu")[0])
+    assert BAD_CALLS[name][-1] in message, message
+    assert "INVALID_ARGUMENT" in message, message
+
+
+@pytest.mark.skipif(not _ffi.is_available(), reason="the jax_moe CUDA extension is not built")
+def test_handler_rejects_wrongly_typed_attribute_on_cpu():
+    """XLA's own attribute decoding (an int64 where int32 is declared) fails cleanly."""
+    _ffi.register_cpu_checks()
+    cpu = jax.devices("cpu")[0]
+    call = jax.ffi.ffi_call("jax_moe_combine_check", jax.ShapeDtypeStruct((4, 64), jnp.bfloat16))
+    y = jax.device_put(jnp.ones((16, 64), jnp.float32), cpu)
+    slot_row = jax.device_put(jnp.zeros((8,), jnp.int32), cpu)
+    fn = jax.jit(lambda a, b: call(a, b, top_k=np.int64(2), variant=np.int32(0)))
+    with pytest.raises(Exception, match="S32"):
+        jax.block_until_ready(fn(y, slot_row))
+
+
+@pytest.mark.gpu
+@requires_ffi_gpu
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_handler_rejects_bad_input(name):
+    """A bad call raises a Python exception and leaves the process and GPU usable.
+
+    Each case runs in a fresh process (this file run as a script), so a crash is
+    reported as a failure of that case.
+    """
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
+    result = subprocess.run(
+        [sys.executable, __file__, name],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr[-3000:]
+    assert result.returncode == 0, f"exit code {result.returncode}:\n{output}"
+    assert "ERROR: " in result.stdout and BAD_CALLS[name][-1] in result.stdout, output
+    assert "VALID OK" in result.stdout, output
+
+
+def _child_bad_input(name: str) -> None:
+    """Script mode: one bad call on the GPU, then a valid call."""
+    _ffi.register()
+    print("ERROR:", _bad_call("jax_moe_combine", name).splitlines()[0], flush=True)
+    y, slot_row = _problem(1, 3, 2, 64, 4, 4, 0, 8)
+    got = _ffi.combine(jnp.asarray(y), jnp.asarray(slot_row), 2)
+    want = _combine_numpy(y, slot_row, 2)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
+    print("VALID OK", flush=True)
+
+
+if __name__ == "__main__":
+    _child_bad_input(sys.argv[1])
