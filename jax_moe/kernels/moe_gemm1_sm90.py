@@ -1,0 +1,208 @@
+"""MoE GEMM1 for Hopper (sm_90a): gathered tokens x NVFP4 W13 with fused SwiGLU.
+
+For every row ``r`` of row tile ``t`` with ``e = tile_expert[t] >= 0`` and
+``s = sorted_slots[r] >= 0`` (the routing metadata of the GPU data path: slots
+grouped by local expert, each expert's segment padded to ``block_m`` rows)::
+
+    x = hidden[s // top_k, :]                                   (bf16, hidden)
+    g = (x . W13[e, gate rows]^T) * gs13[e]                      (fp32)
+    u = (x . W13[e, up rows]^T) * gs13[e]                        (fp32)
+    act[r, :] = bf16(silu(g) * u)                                (one rounding)
+
+Rows of an active tile whose slot is -1 are written with unspecified finite
+values (never read by GEMM2's valid rows or the combine). Tiles with
+``tile_expert[t] < 0`` are not written.
+
+Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
+  hidden        bf16  (num_tokens, hidden), row-major, hidden % 64 == 0, 16-byte aligned
+  sorted_slots  int32 (m_pad,)
+  tile_expert   int32 (m_pad // block_m,)
+  w13_packed    uint8 (num_local_experts, 2 * intermediate, hidden // 2), prepared layout
+  w13_scale     uint8 (num_local_experts, 2 * intermediate, hidden // 16), e4m3 bits, same rows
+  w13_global    f32   (num_local_experts,)
+  act           bf16  (m_pad, intermediate), output
+  top_k         int32 scalar
+  stream        CUstream
+
+Prepared row order (see :mod:`jax_moe.prepare`): within each expert, prepared row
+``16 * g + i`` is gate row ``8 * g + i`` for ``i < 8`` and up row ``8 * g + i - 8``
+for ``i >= 8``, so every 16-row MMA tile holds matching gate and up rows and a CTA
+of ``block_w`` prepared rows produces ``block_w / 2`` activation columns.
+
+Requirements (promised by `export_spec`, checked by the caller): hidden % 64 == 0,
+intermediate % 64 == 0, 16-byte aligned `hidden`, `w13_packed` and `act`, 4-byte
+aligned `w13_scale`; `tile_expert` entries < num_local_experts and slots < num_tokens *
+top_k (not checked by the kernel).
+
+Grid: ``(2 * intermediate / block_w, m_pad / block_m)``, 128 threads.
+"""
+
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+from cutlass.cute.runtime import make_fake_compact_tensor
+from cutlass.memory import SmemAllocator
+
+from jax_moe.kernels.moe_gemm_config import MoeGemm1Sm90Tactic, gemm1_variants
+from jax_moe.kernels.nvfp4_decode_sm90 import (
+    DECODE_EXPONENT_SHIFT,
+    NUM_THREADS,
+    SwapAbNvfp4GemmSm90,
+)
+
+__all__ = ["OP", "MoeGemm1Sm90", "export_spec", "variants"]
+
+#: The FFI op of this module (target `jax_moe_moe_gemm1`).
+OP = "moe_gemm1"
+
+
+class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
+    """GEMM1 kernel for one tactic; `cute.compile(MoeGemm1Sm90(t), *args)`."""
+
+    def __init__(self, tactic: MoeGemm1Sm90Tactic):
+        super().__init__(
+            tactic.block_w,
+            tactic.block_m,
+            tactic.warps_m,
+            tactic.warps_n,
+            tactic.stages,
+            tactic.cp_async,
+        )
+        self.tactic = tactic
+
+    @cute.jit
+    def __call__(
+        self,
+        hidden: cute.Tensor,
+        sorted_slots: cute.Tensor,
+        tile_expert: cute.Tensor,
+        w13_packed: cute.Tensor,
+        w13_scale: cute.Tensor,
+        w13_global: cute.Tensor,
+        act: cute.Tensor,
+        top_k: cutlass.Int32,
+        stream: cuda.CUstream,
+    ):
+        tiled_mma = self._tiled_mma()
+        num_w_tiles = w13_packed.shape[1] // self.block_w
+        num_row_tiles = tile_expert.shape[0]
+        self.kernel(
+            hidden,
+            sorted_slots,
+            tile_expert,
+            w13_packed,
+            w13_scale,
+            w13_global,
+            act,
+            top_k,
+            tiled_mma,
+        ).launch(
+            grid=(num_w_tiles, num_row_tiles, 1),
+            block=(NUM_THREADS, 1, 1),
+            smem=self.smem_bytes(),
+            stream=stream,
+        )
+
+    @cute.kernel
+    def kernel(
+        self,
+        hidden: cute.Tensor,
+        sorted_slots: cute.Tensor,
+        tile_expert: cute.Tensor,
+        w13_packed: cute.Tensor,
+        w13_scale: cute.Tensor,
+        w13_global: cute.Tensor,
+        act: cute.Tensor,
+        top_k: cutlass.Int32,
+        tiled_mma: cute.TiledMma,
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        bid_w, bid_t, _ = cute.arch.block_idx()
+        expert = tile_expert[bid_t]
+        if expert >= 0:
+            smem = SmemAllocator()
+
+            row0 = bid_t * self.block_m
+            b_rows = cute.make_rmem_tensor((self.b_chunks,), cutlass.Int32)
+            for c in cutlass.range_constexpr(self.b_chunks):
+                local_row = (c * NUM_THREADS + tidx) // 8
+                slot = sorted_slots[row0 + local_row]
+                token = slot // top_k
+                if slot < 0:
+                    # Register path: -1 loads a zero row; cp.async path: any real row.
+                    token = cutlass.Int32(0 if self.cp_async else -1)
+                b_rows[c] = token
+
+            s_c = self.mainloop(
+                hidden,
+                b_rows,
+                w13_packed,
+                w13_scale,
+                expert,
+                bid_w * self.block_w,
+                tidx,
+                smem,
+                tiled_mma,
+            )
+
+            # Epilogue: SwiGLU on (gate, up) pairs 8 rows apart in each 16-row group.
+            global_scale = w13_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
+            half = self.block_w // 2
+            col0 = bid_w * half
+            for it in cutlass.range_constexpr(self.block_m * half // NUM_THREADS):
+                idx = it * NUM_THREADS + tidx
+                jj = idx % half
+                tok = idx // half
+                q_gate = (jj // 8) * 16 + jj % 8
+                gate = s_c[q_gate, tok] * global_scale
+                up = s_c[q_gate + 8, tok] * global_scale
+                value = gate / (cutlass.Float32(1.0) + cute.math.exp(-gate)) * up
+                act[row0 + tok, col0 + jj] = value.to(cutlass.BFloat16)
+
+
+def variants() -> list[MoeGemm1Sm90Tactic]:
+    """The GEMM1 tactics exported ahead of time."""
+    return gemm1_variants()
+
+
+def export_spec(tactic: MoeGemm1Sm90Tactic):
+    """`(jit_callable, fake_args)` such that `cute.compile(jit_callable, *fake_args)` works.
+
+    Every problem size is dynamic, and every variant has the same C signature.
+    The caller must check at run time what is promised here: hidden % 64 == 0,
+    intermediate % 64 == 0 (so 2*intermediate % block_w == 0), and 16-byte
+    aligned bases for `hidden`, `w13_packed` and `act`.
+    """
+    if not isinstance(tactic, MoeGemm1Sm90Tactic):
+        raise TypeError(f"tactic={tactic!r}; expected a MoeGemm1Sm90Tactic")
+    num_tokens = cute.sym_int()
+    hidden = cute.sym_int(divisibility=64)
+    m_pad = cute.sym_int()
+    num_tiles = cute.sym_int()
+    experts = cute.sym_int()
+    rows = cute.sym_int(divisibility=128)
+    packed_cols = cute.sym_int(divisibility=32)
+    scale_cols = cute.sym_int(divisibility=4)
+    inter = cute.sym_int(divisibility=64)
+    fake_args = (
+        make_fake_compact_tensor(
+            cutlass.BFloat16, (num_tokens, hidden), stride_order=(1, 0), assumed_align=16
+        ),
+        make_fake_compact_tensor(cutlass.Int32, (m_pad,), assumed_align=4),
+        make_fake_compact_tensor(cutlass.Int32, (num_tiles,), assumed_align=4),
+        make_fake_compact_tensor(
+            cutlass.Uint8, (experts, rows, packed_cols), stride_order=(2, 1, 0), assumed_align=16
+        ),
+        make_fake_compact_tensor(
+            cutlass.Uint8, (experts, rows, scale_cols), stride_order=(2, 1, 0), assumed_align=4
+        ),
+        make_fake_compact_tensor(cutlass.Float32, (experts,), assumed_align=4),
+        make_fake_compact_tensor(
+            cutlass.BFloat16, (m_pad, inter), stride_order=(1, 0), assumed_align=16
+        ),
+        cutlass.Int32(1),
+        cuda.CUstream(0),
+    )
+    return MoeGemm1Sm90(tactic), fake_args

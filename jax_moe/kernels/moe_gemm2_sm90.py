@@ -1,0 +1,194 @@
+"""MoE GEMM2 for Hopper (sm_90a): activations x NVFP4 W2, router weight in the epilogue.
+
+For every row ``r`` of row tile ``t`` with ``e = tile_expert[t] >= 0`` and
+``s = sorted_slots[r] >= 0``::
+
+    y[r, :] = topk_weights[s] * (act[r, :] . W2[e]^T) * gs2[e]      (fp32 math, fp32 out)
+
+Rows of an active tile whose slot is -1 are written with weight 0 (their value is
+unspecified if their activation row holds non-finite values). Tiles with
+``tile_expert[t] < 0`` are not written.
+
+Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
+  act           bf16  (m_pad, intermediate), row-major, intermediate % 64 == 0, 16-byte aligned
+  sorted_slots  int32 (m_pad,)
+  tile_expert   int32 (m_pad // block_m,)
+  w2_packed     uint8 (num_local_experts, hidden, intermediate // 2)
+  w2_scale      uint8 (num_local_experts, hidden, intermediate // 16), e4m3 bits
+  w2_global     f32   (num_local_experts,)
+  topk_weights  f32   (num_tokens * top_k,)
+  y             f32   (m_pad, hidden), output
+  stream        CUstream
+
+W2 keeps the logical row order; its code words are in the prepared layout (see
+:mod:`jax_moe.prepare`).
+
+Requirements (promised by `export_spec`, checked by the caller): intermediate % 64
+== 0, hidden % 128 == 0, 16-byte aligned `act`, `w2_packed` and `y`, 4-byte aligned
+`w2_scale`; `tile_expert` entries < num_local_experts and slots < len(topk_weights)
+(not checked by the kernel). Output is float32 only.
+
+Grid: ``(hidden / block_w, m_pad / block_m)``, 128 threads.
+"""
+
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+from cutlass.cute.runtime import make_fake_compact_tensor
+from cutlass.memory import SmemAllocator
+
+from jax_moe.kernels.moe_gemm_config import MoeGemm2Sm90Tactic, gemm2_variants
+from jax_moe.kernels.nvfp4_decode_sm90 import (
+    DECODE_EXPONENT_SHIFT,
+    NUM_THREADS,
+    SwapAbNvfp4GemmSm90,
+)
+
+__all__ = ["OP", "MoeGemm2Sm90", "export_spec", "variants"]
+
+#: The FFI op of this module (target `jax_moe_moe_gemm2`).
+OP = "moe_gemm2"
+
+
+class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
+    """GEMM2 kernel for one tactic; `cute.compile(MoeGemm2Sm90(t), *args)`."""
+
+    def __init__(self, tactic: MoeGemm2Sm90Tactic):
+        super().__init__(
+            tactic.block_w,
+            tactic.block_m,
+            tactic.warps_m,
+            tactic.warps_n,
+            tactic.stages,
+            tactic.cp_async,
+        )
+        self.tactic = tactic
+
+    @cute.jit
+    def __call__(
+        self,
+        act: cute.Tensor,
+        sorted_slots: cute.Tensor,
+        tile_expert: cute.Tensor,
+        w2_packed: cute.Tensor,
+        w2_scale: cute.Tensor,
+        w2_global: cute.Tensor,
+        topk_weights: cute.Tensor,
+        y: cute.Tensor,
+        stream: cuda.CUstream,
+    ):
+        tiled_mma = self._tiled_mma()
+        num_w_tiles = w2_packed.shape[1] // self.block_w
+        num_row_tiles = tile_expert.shape[0]
+        self.kernel(
+            act,
+            sorted_slots,
+            tile_expert,
+            w2_packed,
+            w2_scale,
+            w2_global,
+            topk_weights,
+            y,
+            tiled_mma,
+        ).launch(
+            grid=(num_w_tiles, num_row_tiles, 1),
+            block=(NUM_THREADS, 1, 1),
+            smem=self.smem_bytes(),
+            stream=stream,
+        )
+
+    @cute.kernel
+    def kernel(
+        self,
+        act: cute.Tensor,
+        sorted_slots: cute.Tensor,
+        tile_expert: cute.Tensor,
+        w2_packed: cute.Tensor,
+        w2_scale: cute.Tensor,
+        w2_global: cute.Tensor,
+        topk_weights: cute.Tensor,
+        y: cute.Tensor,
+        tiled_mma: cute.TiledMma,
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        bid_w, bid_t, _ = cute.arch.block_idx()
+        expert = tile_expert[bid_t]
+        if expert >= 0:
+            smem = SmemAllocator()
+
+            row0 = bid_t * self.block_m
+            b_rows = cute.make_rmem_tensor((self.b_chunks,), cutlass.Int32)
+            for c in cutlass.range_constexpr(self.b_chunks):
+                b_rows[c] = row0 + (c * NUM_THREADS + tidx) // 8
+
+            s_c = self.mainloop(
+                act,
+                b_rows,
+                w2_packed,
+                w2_scale,
+                expert,
+                bid_w * self.block_w,
+                tidx,
+                smem,
+                tiled_mma,
+            )
+
+            global_scale = w2_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
+            col0 = bid_w * self.block_w
+            for it in cutlass.range_constexpr(self.block_m * self.block_w // NUM_THREADS):
+                idx = it * NUM_THREADS + tidx
+                q = idx % self.block_w
+                tok = idx // self.block_w
+                slot = sorted_slots[row0 + tok]
+                weight = cutlass.Float32(0.0)
+                if slot >= 0:
+                    weight = topk_weights[slot] * global_scale
+                y[row0 + tok, col0 + q] = s_c[q, tok] * weight
+
+
+def variants() -> list[MoeGemm2Sm90Tactic]:
+    """The GEMM2 tactics exported ahead of time."""
+    return gemm2_variants()
+
+
+def export_spec(tactic: MoeGemm2Sm90Tactic):
+    """`(jit_callable, fake_args)` such that `cute.compile(jit_callable, *fake_args)` works.
+
+    Every problem size is dynamic, and every variant has the same C signature.
+    The caller must check at run time what is promised here: intermediate % 64 == 0,
+    hidden % 128 == 0 (so hidden % block_w == 0), and 16-byte aligned bases for
+    `act`, `w2_packed` and `y`.
+    """
+    if not isinstance(tactic, MoeGemm2Sm90Tactic):
+        raise TypeError(f"tactic={tactic!r}; expected a MoeGemm2Sm90Tactic")
+    m_pad = cute.sym_int()
+    inter = cute.sym_int(divisibility=64)
+    num_tiles = cute.sym_int()
+    experts = cute.sym_int()
+    rows = cute.sym_int(divisibility=128)
+    packed_cols = cute.sym_int(divisibility=32)
+    scale_cols = cute.sym_int(divisibility=4)
+    slots = cute.sym_int()
+    hidden = cute.sym_int(divisibility=128)
+    fake_args = (
+        make_fake_compact_tensor(
+            cutlass.BFloat16, (m_pad, inter), stride_order=(1, 0), assumed_align=16
+        ),
+        make_fake_compact_tensor(cutlass.Int32, (m_pad,), assumed_align=4),
+        make_fake_compact_tensor(cutlass.Int32, (num_tiles,), assumed_align=4),
+        make_fake_compact_tensor(
+            cutlass.Uint8, (experts, rows, packed_cols), stride_order=(2, 1, 0), assumed_align=16
+        ),
+        make_fake_compact_tensor(
+            cutlass.Uint8, (experts, rows, scale_cols), stride_order=(2, 1, 0), assumed_align=4
+        ),
+        make_fake_compact_tensor(cutlass.Float32, (experts,), assumed_align=4),
+        make_fake_compact_tensor(cutlass.Float32, (slots,), assumed_align=4),
+        make_fake_compact_tensor(
+            cutlass.Float32, (m_pad, hidden), stride_order=(1, 0), assumed_align=16
+        ),
+        cuda.CUstream(0),
+    )
+    return MoeGemm2Sm90(tactic), fake_args

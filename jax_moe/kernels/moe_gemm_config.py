@@ -1,0 +1,283 @@
+"""Tactics of the Hopper NVFP4 MoE GEMMs and their default heuristic.
+
+Both GEMMs are swap-AB: the expert's weight rows sit on the MMA M side
+(`block_w` rows per CTA) and the routed token rows on the N side (`block_m`
+rows per CTA, which is also the routing row tile: `sorted_slots` and
+`tile_expert` must be built with the same `block_m` for GEMM1 and GEMM2).
+The warps of a CTA (4) form a `warps_m x warps_n` grid over the tile.
+
+Families:
+  `moe_gemm1_sm90`: GEMM1 (gathered tokens x W13, fused SwiGLU), bf16 output.
+  `moe_gemm2_sm90`: GEMM2 (activations x W2, router weight), float32 output.
+
+Two regimes:
+  decode: `block_m` 16 or 32 with all four warps along the weight rows
+      (`warps_m=4, warps_n=1`), so few routed rows per expert waste little MMA work;
+  prefill: `block_m` 64 or 128 with a 2 x 2 warp grid.
+`block_w` is 128, or 64 to put more CTAs on the weights when few experts are active.
+
+`stages` is how many 64-wide K steps of weights and tokens are loaded ahead: in a
+register ring (`cp_async=False`, 1 to 4 deep, limited by a register estimate), or in
+a cp.async shared-memory ring of raw weight bytes (`cp_async=True`, 3 to 6 deep;
+correct but slower on the measured shapes, so not exported).
+
+Default heuristic (`default_tactic`): with the expected routed rows per expert
+`m = num_tokens * top_k / num_experts`,
+
+    m <= 8:       block_m=16, block_w=64,  stages=2  (decode: most CTAs over the weights)
+    8 < m <= 24:  block_m=32, block_w=128, stages=2
+    m > 24:       block_m=64, block_w=128, stages=1  (2 x 2 warps)
+
+the same for both GEMMs, so their defaults share routing metadata. This is the
+fastest GEMM1+GEMM2 pair (or within 2%) of all exported variants measured on an
+H100 for DeepSeek-V3 EP=8 (N = 1, 3, 64, 128, 1000), Qwen3-30B-A3B and
+Mixtral-8x7B (N = 1, 64, 1000) with `benchmarks/gemm_kernels_dsl.py`.
+
+Measured with these defaults on an H100 SXM (GEMM1 + GEMM2 kernel times, CUDA-graph
+replays, weights far larger than L2):
+
+    DeepSeek-V3 EP=8 (32 of 256 experts, H=7168, I=2048, k=8):
+        N=1: 75 + 31 us;  N=128: 358 + 199 us;  N=1000: 497 + 324 us
+    Qwen3-30B-A3B (128 experts, H=2048, I=768, k=8):
+        N=1: 24 + 11 us;  N=64: 160 + 85 us;    N=1000: 330 + 237 us
+    Mixtral-8x7B (8 experts, H=4096, I=14336, k=2):
+        N=1: 123 + 122 us; N=64: 389 + 252 us;  N=1000: 2223 + 1132 us
+
+Exported variants (`gemm1_variants` / `gemm2_variants`, identical tile lists):
+`block_m` in (16, 32, 64, 128) x `block_w` in (128, 64) x register `stages` in
+(1, 2, 4): 4 only for tiles up to 32 x 128, only 1 for block_m=128 (deeper
+prefetch spills registers there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from jax_moe.tactic import Tactic, register_tactic_family
+
+__all__ = [
+    "MoeGemm1Sm90Tactic",
+    "MoeGemm2Sm90Tactic",
+    "default_tactic",
+    "gemm1_variants",
+    "gemm2_variants",
+]
+
+_ARCHS = ("sm_90a",)
+_BLOCK_K = 64
+# K steps loaded ahead: register ring depths, cp.async shared-memory ring depths.
+_REGISTER_STAGES = (1, 2, 3, 4)
+_CP_ASYNC_STAGES = (3, 4, 6)
+# Prefetch + accumulator registers per thread above which the kernel spills (measured:
+# block 128 x 128 with 2 register stages, about 212, spills badly; 170 does not).
+_REGISTER_BUDGET = 180
+_SMEM_LIMIT = 227 * 1024
+
+
+def _check_common(tactic, problem) -> None:
+    if problem.arch not in _ARCHS:
+        raise NotImplementedError(
+            f"{tactic}: arch {problem.arch!r} is not supported; expected sm_90a"
+        )
+    if problem.activation_dtype != "bfloat16":
+        raise NotImplementedError(
+            f"{tactic}: activation dtype {problem.activation_dtype!r}; only bfloat16 is supported"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _SwapAbTactic(Tactic):
+    block_m: int
+    block_w: int
+    warps_m: int
+    warps_n: int
+    stages: int
+    cp_async: bool
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        allowed = _CP_ASYNC_STAGES if self.cp_async else _REGISTER_STAGES
+        if self.stages not in allowed:
+            raise ValueError(
+                f"{name}.stages={self.stages} with cp_async={self.cp_async}; expected one of "
+                f"{allowed}"
+            )
+        if not self.cp_async and self.register_estimate() > _REGISTER_BUDGET:
+            raise ValueError(
+                f"{name}: stages={self.stages} with a {self.block_w} x {self.block_m} tile needs "
+                f"about {self.register_estimate()} registers per thread for prefetch and "
+                f"accumulators (> {_REGISTER_BUDGET}, it would spill); use fewer stages"
+            )
+        if self.smem_bytes() > _SMEM_LIMIT:
+            raise ValueError(
+                f"{type(self).__name__}: {self.smem_bytes()} bytes of shared memory > {_SMEM_LIMIT}"
+            )
+        if self.block_m not in (16, 32, 64, 128):
+            raise ValueError(
+                f"{type(self).__name__}.block_m={self.block_m}; expected 16, 32, 64 or 128"
+            )
+        if self.block_w not in (64, 128):
+            raise ValueError(f"{type(self).__name__}.block_w={self.block_w}; expected 64 or 128")
+        if (self.warps_m, self.warps_n) not in ((4, 1), (2, 2)):
+            raise ValueError(
+                f"{type(self).__name__} warps=({self.warps_m}, {self.warps_n}); "
+                "expected (4, 1) or (2, 2)"
+            )
+        if self.block_m % (16 * self.warps_n) or self.block_w % (16 * self.warps_m):
+            raise ValueError(
+                f"{type(self).__name__}: tile ({self.block_w}, {self.block_m}) is not divisible "
+                f"by the warp grid ({self.warps_m}, {self.warps_n}) of 16 x 16 MMA tiles"
+            )
+
+    def register_estimate(self) -> int:
+        """32-bit registers per thread held by the prefetch ring and the accumulators."""
+        w_units = self.block_w * 2 // 128
+        b_chunks = max(1, self.block_m * 8 // 128)
+        ring = 0 if self.cp_async else self.stages * (5 * w_units + 4 * b_chunks)
+        return ring + self.block_m * self.block_w // 128
+
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory of one CTA (mirrors the kernel's allocation)."""
+        row = _BLOCK_K + 8
+        ring = self.stages if self.cp_async else 0
+        return (
+            2 * row * (self.block_w + max(ring, 1) * self.block_m)
+            + 4 * (self.block_w + 4) * self.block_m
+            + 36 * self.block_w * ring
+            + 6 * 128
+        )
+
+
+@register_tactic_family
+@dataclasses.dataclass(frozen=True)
+class MoeGemm1Sm90Tactic(_SwapAbTactic):
+    """GEMM1 tactic: `block_m` routed rows x `block_w` prepared W13 rows per CTA."""
+
+    family: ClassVar[str] = "moe_gemm1_sm90"
+
+    def check(self, problem) -> None:
+        _check_common(self, problem)
+        if problem.hidden % _BLOCK_K:
+            raise ValueError(f"{self}: hidden={problem.hidden} must be a multiple of {_BLOCK_K}")
+        if problem.intermediate % 64:
+            raise ValueError(
+                f"{self}: intermediate={problem.intermediate} must be a multiple of 64"
+            )
+
+
+@register_tactic_family
+@dataclasses.dataclass(frozen=True)
+class MoeGemm2Sm90Tactic(_SwapAbTactic):
+    """GEMM2 tactic: `block_m` routed rows x `block_w` W2 rows (hidden columns) per CTA."""
+
+    family: ClassVar[str] = "moe_gemm2_sm90"
+
+    def check(self, problem) -> None:
+        _check_common(self, problem)
+        if problem.intermediate % _BLOCK_K:
+            raise ValueError(
+                f"{self}: intermediate={problem.intermediate} must be a multiple of {_BLOCK_K}"
+            )
+        if problem.hidden % 128:
+            raise ValueError(f"{self}: hidden={problem.hidden} must be a multiple of 128")
+
+
+# (block_m, warps_m, warps_n). The cp.async ring (stages >= 3) is valid but not
+# exported: on an H100 it was slower than register prefetch for every measured shape.
+_REGIMES = ((16, 4, 1), (32, 4, 1), (64, 2, 2), (128, 2, 2))
+
+
+def _variants(cls):
+    out = []
+    for bm, wm, wn in _REGIMES:
+        for bw in (128, 64):
+            for st in (1, 2, 4):
+                if st == 4 and bm * bw > 32 * 128:
+                    continue
+                if st > 1 and bm == 128:  # 128-row tiles spill with deeper prefetch
+                    continue
+                try:
+                    out.append(
+                        cls(
+                            block_m=bm,
+                            block_w=bw,
+                            warps_m=wm,
+                            warps_n=wn,
+                            stages=st,
+                            cp_async=False,
+                        )
+                    )
+                except ValueError:
+                    continue
+    return out
+
+
+def gemm1_variants() -> list[MoeGemm1Sm90Tactic]:
+    """Every exported GEMM1 tactic, in a fixed order (the variant ids)."""
+    return _variants(MoeGemm1Sm90Tactic)
+
+
+def gemm2_variants() -> list[MoeGemm2Sm90Tactic]:
+    """Every exported GEMM2 tactic, in a fixed order (the variant ids)."""
+    return _variants(MoeGemm2Sm90Tactic)
+
+
+def _expected_rows_per_expert(num_tokens: int, top_k: int, num_experts: int) -> float:
+    return num_tokens * top_k / num_experts
+
+
+def default_tactic(
+    op: str,
+    num_tokens: int,
+    top_k: int,
+    num_local_experts: int,
+    hidden: int,
+    intermediate: int,
+    *,
+    num_experts: int | None = None,
+) -> MoeGemm1Sm90Tactic | MoeGemm2Sm90Tactic:
+    """The rule-based tactic for `op` ("moe_gemm1" or "moe_gemm2"); see the module docstring.
+
+    `num_experts` is the total number of experts (default: `num_local_experts`, no
+    expert parallelism); it sets the expected routed rows per expert.
+    """
+    if num_experts is None:
+        num_experts = num_local_experts
+    for name, value in (
+        ("num_tokens", num_tokens),
+        ("top_k", top_k),
+        ("num_local_experts", num_local_experts),
+        ("hidden", hidden),
+        ("intermediate", intermediate),
+        ("num_experts", num_experts),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}={value!r}; expected an int")
+        if value < (0 if name == "num_tokens" else 1):
+            raise ValueError(f"{name}={value}; expected a positive int")
+    if num_experts < num_local_experts:
+        raise ValueError(f"num_experts={num_experts} < num_local_experts={num_local_experts}")
+    rows = _expected_rows_per_expert(num_tokens, top_k, num_experts)
+    if op == "moe_gemm1":
+        cls = MoeGemm1Sm90Tactic
+    elif op == "moe_gemm2":
+        cls = MoeGemm2Sm90Tactic
+    else:
+        raise ValueError(f"op={op!r}; expected 'moe_gemm1' or 'moe_gemm2'")
+    if rows <= 8:
+        block_m, block_w, stages = 16, 64, 2
+    elif rows <= 24:
+        block_m, block_w, stages = 32, 128, 2
+    else:
+        block_m, block_w, stages = 64, 128, 1
+    warps_m, warps_n = (4, 1) if block_m <= 32 else (2, 2)
+    return cls(
+        block_m=block_m,
+        block_w=block_w,
+        warps_m=warps_m,
+        warps_n=warps_n,
+        stages=stages,
+        cp_async=False,
+    )

@@ -1,0 +1,608 @@
+"""Shared pieces of the Hopper (sm_90a) NVFP4 MoE grouped GEMMs.
+
+Both MoE GEMMs (:mod:`jax_moe.kernels.moe_gemm1_sm90`, :mod:`jax_moe.kernels.moe_gemm2_sm90`)
+compute, for one row tile ``t`` of the routed token rows and one tile of weight
+rows, the swap-AB product::
+
+    acc[q, j] = sum_k  W[e, w0 + q, k] * B[t * block_m + j, k]      (fp32)
+
+with the weight rows on the MMA M side (``block_w`` rows per CTA) and the token
+rows on the MMA N side (``block_m`` rows, the routing row tile). ``e`` is the
+local expert of the row tile (``tile_expert[t]``); tiles with ``e < 0`` exit at
+once. Only the source of the token rows (``B``) and the epilogue differ between
+the two GEMMs; this module holds everything else:
+
+* exact NVFP4 -> bf16 decode (:func:`decode_word_pair`, :func:`e4m3_scale_bf16x2`,
+  :func:`mul_bf16x2`),
+* the CTA main loop (:class:`SwapAbNvfp4GemmSm90`), 128 threads (4 warps). Per
+  64-wide K step every thread owns work units of 16 packed weight bytes (32 codes)
+  plus their two e4m3 scales, and 16-byte chunks of token rows. They are loaded
+  `stages` K steps ahead, either into a register ring (default) or through a
+  cp.async shared-memory ring (`cp_async`). Each step the threads decode their
+  weights exactly to bf16 into shared memory (one ``mul.rn.bf16x2`` per two
+  elements), copy the token rows to shared memory, and the four warps run
+  ``mma.sync.m16n8k16`` bf16 MMAs fed through ``ldmatrix``, accumulating in fp32.
+  The fp32 tile is then staged in shared memory (``s_c[q, j]``) for the epilogue,
+  which applies the global scale.
+
+Exactness of the decode. A prepared code word (layout in :mod:`jax_moe.prepare`)
+places the three magnitude bits ``e1 e0 m`` of an e2m1 code in bf16 bits 8..6 and
+its sign in bit 15, which reads as ``value * 2**-126`` for every code (codes
+``+-0.5`` are bf16 subnormals). The e4m3 block scale is converted exactly to the
+bf16 ``scale * 2**117`` (at most ``448 * 2**117 < 2**126``; e4m3 subnormals
+included). Their bf16 product is ``value * scale * 2**-9``: at most 4 + 2
+significant bits and a magnitude in ``[2**-19, 5.25]``, so it is exact and
+normal. The epilogue multiplies the global scale by ``2**9``
+(:data:`DECODE_EXPONENT_SHIFT`), again exactly.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import dsl_user_op
+
+__all__ = [
+    "BLOCK_K",
+    "DECODE_EXPONENT_SHIFT",
+    "NUM_THREADS",
+    "SMEM_PAD",
+    "SwapAbNvfp4GemmSm90",
+    "decode_e4m3_half",
+    "decode_word_pair",
+    "e4m3_scale_bf16x2",
+    "mul_bf16x2",
+]
+
+#: Reduction elements per main-loop step (4 e4m3 scales per weight row).
+BLOCK_K = 64
+#: Threads per CTA (4 warps).
+NUM_THREADS = 128
+#: bf16 elements of padding per shared-memory row (16 bytes: conflict-free ldmatrix).
+SMEM_PAD = 8
+#: The decoded bf16 weights are `value * 2**-DECODE_EXPONENT_SHIFT`; the epilogue
+#: multiplies the global scale by `2**DECODE_EXPONENT_SHIFT` (exact).
+DECODE_EXPONENT_SHIFT = 9
+# Bits of a bf16x2 word that hold the e2m1 magnitudes (bits 8..6 of each half) and signs.
+_MAGNITUDE_MASK = 0x01C001C0
+_SIGN_MASK = 0x80008000
+
+
+@dsl_user_op
+def mul_bf16x2(a: cutlass.Uint32, b: cutlass.Uint32, *, loc=None, ip=None) -> cutlass.Uint32:
+    """Packed bf16x2 product `a * b` (round to nearest even; subnormal inputs honoured)."""
+    result = llvm.inline_asm(
+        cutlass.Uint32.mlir_type,
+        [cutlass.Uint32(a).ir_value(loc=loc, ip=ip), cutlass.Uint32(b).ir_value(loc=loc, ip=ip)],
+        "mul.rn.bf16x2 $0, $1, $2;",
+        "=r,r,r",
+        loc=loc,
+        ip=ip,
+    )
+    return cutlass.Uint32(result)
+
+
+@dsl_user_op
+def float32_bits(x: cutlass.Float32, *, loc=None, ip=None) -> cutlass.Uint32:
+    """The IEEE bit pattern of a float32."""
+    return cutlass.Uint32(
+        llvm.bitcast(
+            cutlass.Uint32.mlir_type, cutlass.Float32(x).ir_value(loc=loc, ip=ip), loc=loc, ip=ip
+        )
+    )
+
+
+@cute.jit
+def decode_e4m3_half(byte: cutlass.Int32) -> cutlass.Float32:
+    """Half the value of an e4m3 byte (sign, 4 exponent bits, 3 mantissa bits), exactly."""
+    exponent = (byte >> 3) & 0xF
+    mantissa = byte & 0x7
+    is_normal = (exponent + 15) >> 4
+    exponent1 = exponent + 1 - is_normal
+    significand = mantissa + (is_normal << 3)
+    magnitude = cutlass.Float32(significand << (exponent1 + 10)) * cutlass.Float32(2.0**-21)
+    sign = cutlass.Float32(1 - ((byte >> 6) & 0x2))
+    return magnitude * sign
+
+
+@cute.jit
+def e4m3_scale_bf16x2(byte: cutlass.Int32) -> cutlass.Uint32:
+    """`scale * 2**117` of an e4m3 byte as bf16, in both halves of a bf16x2 word (exact)."""
+    value = decode_e4m3_half(byte) * cutlass.Float32(2.0**118)
+    bits = float32_bits(value) >> 16
+    return bits | (bits << 16)
+
+
+@cute.jit
+def decode_word_pair(word: cutlass.Uint32, pair: cutlass.Constexpr[int]) -> cutlass.Uint32:
+    """bf16x2 `value * 2**-126` of elements (2*pair, 2*pair+1) of a prepared code word.
+
+    Prepared word (layout version 2, see :mod:`jax_moe.prepare`): for pair p the
+    magnitude of the even element is in bits 3p..3p+2 and its sign in bit 15-p, the
+    odd element's magnitude in bits 16+3p..18+3p and its sign in bit 31-p. Magnitude
+    bits land in bf16 bits 8..6 (exponent low bits and top mantissa bit), which is the
+    e2m1 value times 2**-126 for every code, subnormal codes included.
+    """
+    shift = 6 - 3 * pair
+    magnitudes = word
+    if cutlass.const_expr(shift > 0):
+        magnitudes = word << shift
+    if cutlass.const_expr(shift < 0):
+        magnitudes = word >> (-shift)
+    signs = word
+    if cutlass.const_expr(pair > 0):
+        signs = word << pair
+    return (magnitudes & _MAGNITUDE_MASK) | (signs & _SIGN_MASK)
+
+
+class SwapAbNvfp4GemmSm90:
+    """Swap-AB NVFP4 x bf16 grouped GEMM main loop; subclasses add B loads and the epilogue.
+
+    Compile-time parameters:
+      block_w: weight rows per CTA (MMA M side), a multiple of 64.
+      block_m: token rows per CTA (MMA N side) = the routing row tile, a multiple of 16.
+      warps_m, warps_n: warp grid (warps_m * warps_n == 4) over (block_w, block_m).
+      stages: K steps loaded ahead (register ring depth, or cp.async ring depth).
+      cp_async: stage raw weights and token rows through a cp.async shared-memory ring
+        instead of registers.
+
+    Subclasses implement, as `@cute.jit` methods traced into the kernel:
+      `load_b_rows(...)`: per-thread source row bookkeeping of the token rows.
+      `epilogue(...)`: writes the output tile from the fp32 accumulators staged in
+      shared memory as `sC[q, j]` (`block_w x block_m`, weight row q, token row j).
+    """
+
+    def __init__(
+        self,
+        block_w: int,
+        block_m: int,
+        warps_m: int,
+        warps_n: int,
+        stages: int = 1,
+        cp_async: bool = False,
+    ):
+        if warps_m * warps_n * 32 != NUM_THREADS:
+            raise ValueError(f"warps_m * warps_n = {warps_m * warps_n}; expected 4")
+        if block_w % (16 * warps_m) or block_w % 64:
+            raise ValueError(f"block_w={block_w}; expected a multiple of 64 and of 16*warps_m")
+        if block_m % (16 * warps_n):
+            raise ValueError(f"block_m={block_m}; expected a multiple of 16*warps_n")
+        if stages < (3 if cp_async else 1):
+            raise ValueError(
+                f"stages={stages}; expected >= 1 (register prefetch depth) or >= 3 (cp.async ring)"
+            )
+        self.stages = stages
+        self.cp_async = cp_async
+        self.block_w = block_w
+        self.block_m = block_m
+        self.warps_m = warps_m
+        self.warps_n = warps_n
+        # Weight work units: (row, half of the 64-wide K step) = 16 packed bytes + 2 scales.
+        self.w_units = block_w * 2 // NUM_THREADS
+        # Token work units: 16-byte chunks (8 bf16) of a token row's 64-wide K step.
+        self.b_chunks = max(1, block_m * (BLOCK_K // 8) // NUM_THREADS)
+        if block_m * (BLOCK_K // 8) % NUM_THREADS:
+            raise ValueError(f"block_m={block_m}; expected block_m * 8 to be a multiple of 128")
+
+    # ------------------------------------------------------------------ layouts
+    def smem_bytes(self) -> int:
+        row = BLOCK_K + SMEM_PAD
+        ring = self.stages if self.cp_async else 0
+        return (
+            2 * row * (self.block_w + max(ring, 1) * self.block_m)
+            + 4 * (self.block_w + 4) * self.block_m
+            + 36 * self.block_w * ring
+            + 6 * 128
+        )
+
+    def _allocate_smem(self, smem):
+        """(s_a, s_b, s_c, s_raw, s_scale); s_b has a trailing stage mode, s_raw/s_scale are
+        None without the cp.async pipeline."""
+        row = BLOCK_K + SMEM_PAD
+        stages = self.stages if self.cp_async else 1
+        s_a = smem.allocate_tensor(
+            cutlass.BFloat16, cute.make_layout((self.block_w, BLOCK_K), stride=(row, 1)), 16
+        )
+        s_b = smem.allocate_tensor(
+            cutlass.BFloat16,
+            cute.make_layout((self.block_m, BLOCK_K, stages), stride=(row, 1, row * self.block_m)),
+            16,
+        )
+        s_c = smem.allocate_tensor(
+            cutlass.Float32,
+            cute.make_layout((self.block_w, self.block_m), stride=(1, self.block_w + 4)),
+            16,
+        )
+        s_raw = None
+        s_scale = None
+        if self.cp_async:
+            s_raw = smem.allocate_tensor(
+                cutlass.Uint8, cute.make_layout((self.block_w * 32, self.stages)), 16
+            )
+            s_scale = smem.allocate_tensor(
+                cutlass.Uint8, cute.make_layout((self.block_w * 4, self.stages)), 16
+            )
+        return s_a, s_b, s_c, s_raw, s_scale
+
+    def _tiled_mma(self):
+        op = cute.nvgpu.warp.MmaF16BF16Op(cutlass.BFloat16, cutlass.Float32, (16, 8, 16))
+        return cute.make_tiled_mma(
+            op,
+            cute.make_layout((self.warps_m, self.warps_n, 1)),
+            permutation_mnk=(self.warps_m * 16, self.warps_n * 16, 16),
+        )
+
+    # ------------------------------------------------------------------ main loop
+    @cute.jit
+    def load_w_step(
+        self,
+        m_packed: cute.Tensor,
+        m_scale: cute.Tensor,
+        expert: cutlass.Int32,
+        w_row0: cutlass.Int32,
+        k_step: cutlass.Int32,
+        tidx: cutlass.Int32,
+        r_packed: cute.Tensor,
+        r_scale: cute.Tensor,
+    ):
+        """Loads this thread's packed weight bytes and scale bytes of one K step into registers."""
+        for u in cutlass.range_constexpr(self.w_units):
+            unit = u * NUM_THREADS + tidx
+            row = w_row0 + unit // 2
+            half = unit % 2
+            src = cute.local_tile(m_packed[expert, row, None], (16,), (k_step * 2 + half,))
+            cute.autovec_copy(src, r_packed[None, u])
+            ssrc = cute.local_tile(m_scale[expert, row, None], (2,), (k_step * 2 + half,))
+            cute.autovec_copy(ssrc, r_scale[None, u])
+
+    @cute.jit
+    def store_w_step(
+        self,
+        tidx: cutlass.Int32,
+        r_packed: cute.Tensor,
+        r_scale: cute.Tensor,
+        s_a: cute.Tensor,
+        r_decoded: cute.Tensor,
+    ):
+        """Decodes the registers of `load_w_step` to bf16 and stores them into `s_a`.
+
+        Each decoded element is `e2m1 * e4m3 * 2**-DECODE_EXPONENT_SHIFT`, exact in bf16.
+        """
+        decoded_words = cute.recast_tensor(r_decoded, cutlass.Uint32)
+        for u in cutlass.range_constexpr(self.w_units):
+            unit = u * NUM_THREADS + tidx
+            row = unit // 2
+            half = unit % 2
+            words = cute.recast_tensor(r_packed[None, u], cutlass.Uint32)
+            for g in cutlass.range_constexpr(2):
+                scale2 = e4m3_scale_bf16x2(cutlass.Int32(r_scale[g, u]))
+                for w in cutlass.range_constexpr(2):
+                    word = words[g * 2 + w]
+                    for p in cutlass.range_constexpr(4):
+                        decoded_words[g * 8 + w * 4 + p] = mul_bf16x2(
+                            decode_word_pair(word, p), scale2
+                        )
+            dst = cute.local_tile(s_a[row, None], (32,), (half,))
+            cute.autovec_copy(r_decoded, dst)
+
+    @cute.jit
+    def load_b_step(
+        self,
+        m_b: cute.Tensor,
+        b_rows: cute.Tensor,
+        k_step: cutlass.Int32,
+        tidx: cutlass.Int32,
+        r_b: cute.Tensor,
+    ):
+        """Loads this thread's 16-byte chunks of the token rows of one K step into registers.
+
+        `b_rows[c]` is the source row of chunk `c` in `m_b`, or -1 for a zero row.
+        """
+        for c in cutlass.range_constexpr(self.b_chunks):
+            chunk = c * NUM_THREADS + tidx
+            col = chunk % (BLOCK_K // 8)
+            src_row = b_rows[c]
+            if src_row >= 0:
+                src = cute.local_tile(m_b[src_row, None], (8,), (k_step * (BLOCK_K // 8) + col,))
+                cute.autovec_copy(src, r_b[None, c])
+            else:
+                r_b[None, c].fill(0.0)
+
+    @cute.jit
+    def store_b_step(self, tidx: cutlass.Int32, r_b: cute.Tensor, s_b: cute.Tensor):
+        for c in cutlass.range_constexpr(self.b_chunks):
+            chunk = c * NUM_THREADS + tidx
+            if chunk < self.block_m * (BLOCK_K // 8):
+                row = chunk // (BLOCK_K // 8)
+                col = chunk % (BLOCK_K // 8)
+                dst = cute.local_tile(s_b[row, None], (8,), (col,))
+                cute.autovec_copy(r_b[None, c], dst)
+
+    @cute.jit
+    def mainloop_registers(
+        self,
+        m_b: cute.Tensor,
+        b_rows: cute.Tensor,
+        m_packed: cute.Tensor,
+        m_scale: cute.Tensor,
+        expert: cutlass.Int32,
+        w_row0: cutlass.Int32,
+        tidx: cutlass.Int32,
+        s_a: cute.Tensor,
+        s_b: cute.Tensor,
+        s_c: cute.Tensor,
+        tiled_mma: cute.TiledMma,
+    ):
+        """Runs the K loop and leaves the fp32 tile in `s_c` (synchronized)."""
+        num_k_steps = m_packed.shape[2] // (BLOCK_K // 2)
+
+        depth = self.stages
+        r_packed = cute.make_rmem_tensor((16, self.w_units, depth), cutlass.Uint8)
+        r_scale = cute.make_rmem_tensor((2, self.w_units, depth), cutlass.Uint8)
+        r_decoded = cute.make_rmem_tensor((32,), cutlass.BFloat16)
+        r_b = cute.make_rmem_tensor((8, self.b_chunks, depth), cutlass.BFloat16)
+
+        thr_mma = tiled_mma.get_slice(tidx)
+        t_sa = thr_mma.partition_A(s_a)
+        t_sb = thr_mma.partition_B(s_b)
+        t_ra = tiled_mma.make_fragment_A(t_sa)
+        t_rb = tiled_mma.make_fragment_B(t_sb)
+        t_sc = thr_mma.partition_C(s_c)
+        acc = tiled_mma.make_fragment_C(t_sc)
+        acc.fill(0.0)
+
+        s2r_a = cute.make_tiled_copy_A(
+            cute.make_copy_atom(cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16),
+            tiled_mma,
+        )
+        s2r_b = cute.make_tiled_copy_B(
+            cute.make_copy_atom(cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16),
+            tiled_mma,
+        )
+        thr_s2r_a = s2r_a.get_slice(tidx)
+        thr_s2r_b = s2r_b.get_slice(tidx)
+        t_sa_view = thr_s2r_a.partition_S(s_a)
+        t_ra_view = thr_s2r_a.retile(t_ra)
+        t_sb_view = thr_s2r_b.partition_S(s_b)
+        t_rb_view = thr_s2r_b.retile(t_rb)
+        num_k_blocks = cute.size(t_ra, mode=[2])
+
+        # Register ring of `depth` K steps: step k lives in buffer k % depth; the loop is
+        # unrolled by `depth` so every buffer index is a compile-time constant.
+        for d in cutlass.range_constexpr(depth):
+            first = cutlass.min(d, num_k_steps - 1)
+            self.load_w_step(
+                m_packed,
+                m_scale,
+                expert,
+                w_row0,
+                first,
+                tidx,
+                r_packed[None, None, d],
+                r_scale[None, None, d],
+            )
+            self.load_b_step(m_b, b_rows, first, tidx, r_b[None, None, d])
+        for k_group in cutlass.range(0, num_k_steps, depth, unroll=1):
+            for d in cutlass.range_constexpr(depth):
+                k_step = k_group + d
+                if k_step < num_k_steps:
+                    cute.arch.sync_threads()
+                    self.store_w_step(
+                        tidx, r_packed[None, None, d], r_scale[None, None, d], s_a, r_decoded
+                    )
+                    self.store_b_step(tidx, r_b[None, None, d], s_b)
+                    cute.arch.sync_threads()
+                    ahead = cutlass.min(k_step + depth, num_k_steps - 1)
+                    self.load_w_step(
+                        m_packed,
+                        m_scale,
+                        expert,
+                        w_row0,
+                        ahead,
+                        tidx,
+                        r_packed[None, None, d],
+                        r_scale[None, None, d],
+                    )
+                    self.load_b_step(m_b, b_rows, ahead, tidx, r_b[None, None, d])
+                    for kb in cutlass.range_constexpr(num_k_blocks):
+                        cute.copy(s2r_a, t_sa_view[None, None, kb], t_ra_view[None, None, kb])
+                        cute.copy(s2r_b, t_sb_view[None, None, kb], t_rb_view[None, None, kb])
+                        cute.gemm(tiled_mma, acc, t_ra[None, None, kb], t_rb[None, None, kb], acc)
+
+        cute.autovec_copy(acc, t_sc)
+        cute.arch.sync_threads()
+
+    @cute.jit
+    def mainloop(self, m_b, b_rows, m_packed, m_scale, expert, w_row0, tidx, smem, tiled_mma):
+        """Allocates shared memory, runs the K loop; returns `s_c` holding the fp32 tile."""
+        s_a, s_b, s_c, s_raw, s_scale = self._allocate_smem(smem)
+        if cutlass.const_expr(not self.cp_async):
+            self.mainloop_registers(
+                m_b,
+                b_rows,
+                m_packed,
+                m_scale,
+                expert,
+                w_row0,
+                tidx,
+                s_a,
+                s_b[None, None, 0],
+                s_c,
+                tiled_mma,
+            )
+        else:
+            self.mainloop_cp_async(
+                m_b,
+                b_rows,
+                m_packed,
+                m_scale,
+                expert,
+                w_row0,
+                tidx,
+                s_a,
+                s_b,
+                s_c,
+                s_raw,
+                s_scale,
+                tiled_mma,
+            )
+        return s_c
+
+    @cute.jit
+    def issue_step_cp_async(
+        self,
+        m_b,
+        b_rows,
+        m_packed,
+        m_scale,
+        expert,
+        w_row0,
+        k_step,
+        stage,
+        tidx,
+        s_b,
+        s_raw,
+        s_scale,
+    ):
+        """cp.async of one K step's raw weight bytes, scales and token rows into `stage`."""
+        atom_w = cute.make_copy_atom(
+            cute.nvgpu.cpasync.CopyG2SOp(cache_mode=cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
+            cutlass.Uint8,
+            num_bits_per_copy=128,
+        )
+        atom_s = cute.make_copy_atom(
+            cute.nvgpu.cpasync.CopyG2SOp(), cutlass.Uint8, num_bits_per_copy=32
+        )
+        atom_b = cute.make_copy_atom(
+            cute.nvgpu.cpasync.CopyG2SOp(cache_mode=cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
+            cutlass.BFloat16,
+            num_bits_per_copy=128,
+        )
+        for u in cutlass.range_constexpr(self.w_units):
+            unit = u * NUM_THREADS + tidx
+            row = unit // 2
+            half = unit % 2
+            src = cute.local_tile(m_packed[expert, w_row0 + row, None], (16,), (k_step * 2 + half,))
+            dst = cute.local_tile(s_raw[None, stage], (16,), (unit,))
+            cute.copy(atom_w, src, dst)
+        if tidx < self.block_w:
+            ssrc = cute.local_tile(m_scale[expert, w_row0 + tidx, None], (4,), (k_step,))
+            sdst = cute.local_tile(s_scale[None, stage], (4,), (tidx,))
+            cute.copy(atom_s, ssrc, sdst)
+        for c in cutlass.range_constexpr(self.b_chunks):
+            chunk = c * NUM_THREADS + tidx
+            row = chunk // (BLOCK_K // 8)
+            col = chunk % (BLOCK_K // 8)
+            bsrc = cute.local_tile(m_b[b_rows[c], None], (8,), (k_step * (BLOCK_K // 8) + col,))
+            bdst = cute.local_tile(s_b[row, None, stage], (8,), (col,))
+            cute.copy(atom_b, bsrc, bdst)
+
+    @cute.jit
+    def decode_step_smem(self, tidx, stage, s_raw, s_scale, s_a, r_packed, r_decoded):
+        """Decodes one staged K step of raw weights from shared memory into `s_a` (bf16)."""
+        decoded_words = cute.recast_tensor(r_decoded, cutlass.Uint32)
+        for u in cutlass.range_constexpr(self.w_units):
+            unit = u * NUM_THREADS + tidx
+            row = unit // 2
+            half = unit % 2
+            cute.autovec_copy(cute.local_tile(s_raw[None, stage], (16,), (unit,)), r_packed)
+            words = cute.recast_tensor(r_packed, cutlass.Uint32)
+            for g in cutlass.range_constexpr(2):
+                scale2 = e4m3_scale_bf16x2(cutlass.Int32(s_scale[row * 4 + half * 2 + g, stage]))
+                for w in cutlass.range_constexpr(2):
+                    word = words[g * 2 + w]
+                    for p in cutlass.range_constexpr(4):
+                        decoded_words[g * 8 + w * 4 + p] = mul_bf16x2(
+                            decode_word_pair(word, p), scale2
+                        )
+            dst = cute.local_tile(s_a[row, None], (32,), (half,))
+            cute.autovec_copy(r_decoded, dst)
+
+    @cute.jit
+    def mainloop_cp_async(
+        self,
+        m_b: cute.Tensor,
+        b_rows: cute.Tensor,
+        m_packed: cute.Tensor,
+        m_scale: cute.Tensor,
+        expert: cutlass.Int32,
+        w_row0: cutlass.Int32,
+        tidx: cutlass.Int32,
+        s_a: cute.Tensor,
+        s_b: cute.Tensor,
+        s_c: cute.Tensor,
+        s_raw: cute.Tensor,
+        s_scale: cute.Tensor,
+        tiled_mma: cute.TiledMma,
+    ):
+        """K loop with a `stages`-deep cp.async ring of raw weights, scales and token rows.
+
+        `b_rows[c]` must be a valid row of `m_b` for every chunk (callers clamp invalid
+        rows to a real one; their results are never read).
+        """
+        num_k_steps = m_packed.shape[2] // (BLOCK_K // 2)
+        r_packed = cute.make_rmem_tensor((16,), cutlass.Uint8)
+        r_decoded = cute.make_rmem_tensor((32,), cutlass.BFloat16)
+
+        thr_mma = tiled_mma.get_slice(tidx)
+        t_sa = thr_mma.partition_A(s_a)
+        t_sb = thr_mma.partition_B(s_b[None, None, 0])
+        t_ra = tiled_mma.make_fragment_A(t_sa)
+        t_rb = tiled_mma.make_fragment_B(t_sb)
+        t_sc = thr_mma.partition_C(s_c)
+        acc = tiled_mma.make_fragment_C(t_sc)
+        acc.fill(0.0)
+        s2r_a = cute.make_tiled_copy_A(
+            cute.make_copy_atom(cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16),
+            tiled_mma,
+        )
+        s2r_b = cute.make_tiled_copy_B(
+            cute.make_copy_atom(cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16),
+            tiled_mma,
+        )
+        thr_s2r_a = s2r_a.get_slice(tidx)
+        thr_s2r_b = s2r_b.get_slice(tidx)
+        t_sa_view = thr_s2r_a.partition_S(s_a)
+        t_ra_view = thr_s2r_a.retile(t_ra)
+        t_sb_view = thr_s2r_b.partition_S(s_b)
+        t_rb_view = thr_s2r_b.retile(t_rb)
+        num_k_blocks = cute.size(t_ra, mode=[2])
+
+        for st in cutlass.range_constexpr(self.stages - 1):
+            step = cutlass.min(st, num_k_steps - 1)
+            self.issue_step_cp_async(
+                m_b, b_rows, m_packed, m_scale, expert, w_row0, step, st, tidx, s_b, s_raw, s_scale
+            )
+            cute.arch.cp_async_commit_group()
+
+        for k_step in cutlass.range(num_k_steps, unroll=1):
+            stage = k_step % self.stages
+            cute.arch.cp_async_wait_group(self.stages - 2)
+            cute.arch.sync_threads()
+            next_step = cutlass.min(k_step + self.stages - 1, num_k_steps - 1)
+            self.issue_step_cp_async(
+                m_b,
+                b_rows,
+                m_packed,
+                m_scale,
+                expert,
+                w_row0,
+                next_step,
+                (k_step + self.stages - 1) % self.stages,
+                tidx,
+                s_b,
+                s_raw,
+                s_scale,
+            )
+            cute.arch.cp_async_commit_group()
+            self.decode_step_smem(tidx, stage, s_raw, s_scale, s_a, r_packed, r_decoded)
+            cute.arch.sync_threads()
+            for kb in cutlass.range_constexpr(num_k_blocks):
+                cute.copy(s2r_a, t_sa_view[None, None, kb], t_ra_view[None, None, kb])
+                cute.copy(s2r_b, t_sb_view[None, None, kb, stage], t_rb_view[None, None, kb])
+                cute.gemm(tiled_mma, acc, t_ra[None, None, kb], t_rb[None, None, kb], acc)
+
+        cute.arch.cp_async_wait_group(0)
+        cute.autovec_copy(acc, t_sc)
+        cute.arch.sync_threads()

@@ -1,0 +1,214 @@
+"""Offline repack of logical NVFP4 MoE weights into the Hopper kernels' layout.
+
+`prepare(weights)` turns :class:`jax_moe.weights.MoEWeights` (the checkpoint
+layout, see :mod:`jax_moe.nvfp4`) into :class:`PreparedMoEWeights`, the byte
+layout the sm_90a GEMM kernels (:mod:`jax_moe.kernels.moe_gemm1_sm90`,
+:mod:`jax_moe.kernels.moe_gemm2_sm90`) read. It runs once, offline or at load
+time, in plain JAX (jit-able) and is exactly invertible (`unprepare`).
+
+Byte layout, layout version 2 (`PreparedMoEWeights.layout_version == 2`):
+
+Code words (both matrices). Each row's packed bytes are read as little-endian
+32-bit words; word ``w`` holds the 8 elements ``8w .. 8w+7`` of the row, as in
+the logical layout, but with its bits rearranged for a two-instruction bf16
+decode. For pair ``p`` (0..3) of the word, elements ``8w+2p`` ("even") and
+``8w+2p+1`` ("odd") with e2m1 codes ``s e1 e0 m``:
+
+    even element: magnitude bits (e1 e0 m) at word bits 3p+2..3p, sign at bit 15-p
+    odd element:  magnitude bits at word bits 18+3p..16+3p,        sign at bit 31-p
+
+so ``((word << (6-3p)) & 0x01C001C0) | ((word << p) & 0x80008000)`` (a right
+shift by 3 for p = 3) is the bf16x2 pair ``(value_even, value_odd) * 2**-126``.
+
+``w13_packed``: ``uint8 (E, 2I, H/2)``; ``w13_scale``: ``uint8 (E, 2I, H/16)``
+    The rows of each expert's W13 are interleaved in groups of 16: prepared row
+    ``16*g + i`` holds logical gate row ``8*g + i`` for ``0 <= i < 8`` and logical
+    up row ``I + 8*g + (i - 8)`` for ``8 <= i < 16`` (so ``I % 8 == 0``). Rows hold
+    code words as above; scale byte ``j`` is the raw float8_e4m3fn bit pattern of
+    the block scale of elements ``16j .. 16j+15``. Each 16-row MMA tile of GEMM1
+    thus holds eight gate rows and the matching eight up rows, and the SwiGLU
+    epilogue pairs accumulator rows ``q`` and ``q + 8``.
+``w13_global``: ``float32 (E,)``, the logical global scales, unchanged.
+``w2_packed``: ``uint8 (E, H, I/2)``; ``w2_scale``: ``uint8 (E, H, I/16)``
+    Logical row order; code words as above; scales as raw e4m3 bits.
+``w2_global``: ``float32 (E,)``, unchanged.
+
+Shapes and dtypes are those of the logical format (uint8 for the scales); only
+the row order of W13 and the bit order inside each 32-bit code word change. The
+global scales are not adjusted (the kernels handle their internal power of two).
+The kernels need ``hidden % 128 == 0`` and ``intermediate % 64 == 0`` (checked by
+the tactics); `prepare` itself needs ``intermediate % 8 == 0`` and row lengths of
+whole 32-bit words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_moe import nvfp4
+from jax_moe.weights import MoEWeights
+
+__all__ = [
+    "LAYOUT_VERSION",
+    "PreparedMoEWeights",
+    "deinterleave_code_words",
+    "gate_up_row_order",
+    "interleave_code_words",
+    "prepare",
+    "unprepare",
+]
+
+#: Version of the byte layout documented above.
+LAYOUT_VERSION = 2
+#: Gate (and up) rows per 16-row group of prepared W13.
+_HALF_GROUP = 8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PreparedMoEWeights:
+    """NVFP4 MoE weights in the sm_90a kernel layout (see the module docstring).
+
+    Attributes:
+      w13_packed: ``uint8 (experts, 2 * intermediate, hidden // 2)``, gate/up rows interleaved.
+      w13_scale: ``uint8 (experts, 2 * intermediate, hidden // 16)``, e4m3 bits, same row order.
+      w13_global: ``float32 (experts,)``.
+      w2_packed: ``uint8 (experts, hidden, intermediate // 2)``.
+      w2_scale: ``uint8 (experts, hidden, intermediate // 16)``, e4m3 bits.
+      w2_global: ``float32 (experts,)``.
+      layout_version: static int, the byte layout version.
+    """
+
+    w13_packed: jax.Array
+    w13_scale: jax.Array
+    w13_global: jax.Array
+    w2_packed: jax.Array
+    w2_scale: jax.Array
+    w2_global: jax.Array
+    layout_version: int = dataclasses.field(default=LAYOUT_VERSION, metadata=dict(static=True))
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13_packed.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.w13_packed.shape[2] * 2
+
+    @property
+    def intermediate(self) -> int:
+        return self.w13_packed.shape[1] // 2
+
+
+def gate_up_row_order(intermediate: int) -> np.ndarray:
+    """``int64 (2 * intermediate,)``: logical W13 row of each prepared row.
+
+    Raises ValueError unless ``intermediate`` is a positive multiple of 8.
+    """
+    if isinstance(intermediate, bool) or not isinstance(intermediate, (int, np.integer)):
+        raise TypeError(f"intermediate={intermediate!r}; expected an int")
+    if intermediate <= 0 or intermediate % _HALF_GROUP:
+        raise ValueError(
+            f"intermediate={intermediate}; expected a positive multiple of {_HALF_GROUP}"
+        )
+    groups = np.arange(intermediate // _HALF_GROUP)[:, None] * _HALF_GROUP
+    lane = np.arange(_HALF_GROUP)[None, :]
+    order = np.concatenate([groups + lane, intermediate + groups + lane], axis=1)
+    return order.reshape(-1)
+
+
+def interleave_code_words(words):
+    """Logical code words -> prepared code words (see the module docstring).
+
+    `words` is an integer array (numpy, JAX or any array type with bit operators)
+    of non-negative 32-bit values: byte ``i`` of a word holds logical elements ``2i``
+    (low nibble) and ``2i+1``. The result has the same type and shape.
+    """
+    out = words & 0
+    for p in range(4):
+        even = (words >> (8 * p)) & 0xF
+        odd = (words >> (8 * p + 4)) & 0xF
+        out = out | ((even & 0x7) << (3 * p)) | ((even >> 3) << (15 - p))
+        out = out | ((odd & 0x7) << (16 + 3 * p)) | ((odd >> 3) << (31 - p))
+    return out
+
+
+def deinterleave_code_words(words):
+    """The inverse of `interleave_code_words`."""
+    out = words & 0
+    for p in range(4):
+        even = ((words >> (3 * p)) & 0x7) | (((words >> (15 - p)) & 0x1) << 3)
+        odd = ((words >> (16 + 3 * p)) & 0x7) | (((words >> (31 - p)) & 0x1) << 3)
+        out = out | (even << (8 * p)) | (odd << (8 * p + 4))
+    return out
+
+
+def _map_code_words(packed: jax.Array, fn) -> jax.Array:
+    """Applies `fn` to the little-endian uint32 words of a uint8 array's last axis."""
+    if packed.shape[-1] % 4:
+        raise ValueError(
+            f"packed rows of {packed.shape[-1]} bytes; expected a multiple of 4 (cols % 8 == 0)"
+        )
+    b = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 4, 4).astype(jnp.uint32)
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    words = fn(words)
+    out = jnp.stack([(words >> (8 * i)) & 0xFF for i in range(4)], axis=-1)
+    return out.astype(jnp.uint8).reshape(packed.shape)
+
+
+def _scale_bits(scale: jax.Array) -> jax.Array:
+    if scale.dtype == jnp.uint8:
+        return scale
+    if scale.dtype != jnp.float8_e4m3fn:
+        raise TypeError(f"scale dtype {scale.dtype}; expected float8_e4m3fn")
+    return jax.lax.bitcast_convert_type(scale, jnp.uint8)
+
+
+def prepare(weights: MoEWeights) -> PreparedMoEWeights:
+    """Repacks logical NVFP4 MoE weights into the sm_90a kernel layout (exact, invertible)."""
+    if not isinstance(weights, MoEWeights):
+        raise TypeError(f"weights must be a MoEWeights, got {type(weights).__name__}")
+    weights.check()
+    order = jnp.asarray(gate_up_row_order(weights.intermediate))
+    w13, w2 = weights.w13, weights.w2
+    return PreparedMoEWeights(
+        w13_packed=_map_code_words(jnp.take(w13.packed, order, axis=1), interleave_code_words),
+        w13_scale=jnp.take(_scale_bits(w13.scale), order, axis=1),
+        w13_global=jnp.asarray(w13.global_scale, jnp.float32),
+        w2_packed=_map_code_words(jnp.asarray(w2.packed, jnp.uint8), interleave_code_words),
+        w2_scale=_scale_bits(w2.scale),
+        w2_global=jnp.asarray(w2.global_scale, jnp.float32),
+    )
+
+
+def unprepare(prepared: PreparedMoEWeights) -> MoEWeights:
+    """The inverse of `prepare`: the logical `MoEWeights` of prepared weights."""
+    if not isinstance(prepared, PreparedMoEWeights):
+        raise TypeError(f"prepared must be a PreparedMoEWeights, got {type(prepared).__name__}")
+    if prepared.layout_version != LAYOUT_VERSION:
+        raise NotImplementedError(
+            f"layout_version={prepared.layout_version}; this build reads {LAYOUT_VERSION}"
+        )
+    inverse = jnp.asarray(np.argsort(gate_up_row_order(prepared.intermediate)))
+
+    def to_e4m3(bits: jax.Array) -> jax.Array:
+        return jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)
+
+    return MoEWeights(
+        w13=nvfp4.Nvfp4Tensor(
+            packed=_map_code_words(
+                jnp.take(prepared.w13_packed, inverse, axis=1), deinterleave_code_words
+            ),
+            scale=to_e4m3(jnp.take(prepared.w13_scale, inverse, axis=1)),
+            global_scale=prepared.w13_global,
+        ),
+        w2=nvfp4.Nvfp4Tensor(
+            packed=_map_code_words(prepared.w2_packed, deinterleave_code_words),
+            scale=to_e4m3(prepared.w2_scale),
+            global_scale=prepared.w2_global,
+        ),
+    )

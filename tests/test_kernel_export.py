@@ -1,0 +1,166 @@
+"""CPU tests: the MoE GEMM kernels compile for sm_90a and export to C on a machine without a GPU.
+
+The default tactics of both GEMMs compile and export in the fast suite; every
+exported variant is compiled in the test marked `slow` (about a minute on 2 cores).
+Skipped when the CuTe DSL is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import pytest
+
+from jax_moe.kernels import moe_gemm_config as cfg
+
+requires_dsl = pytest.mark.skipif(
+    importlib.util.find_spec("nvidia_cutlass_dsl") is None,
+    reason="the CuTe DSL (nvidia-cutlass-dsl) is not installed",
+)
+
+
+@pytest.fixture(scope="module")
+def dsl():
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+    import cutlass.cute as cute
+
+    from jax_moe.kernels import moe_gemm1_sm90, moe_gemm2_sm90
+
+    return cute, {"moe_gemm1": moe_gemm1_sm90, "moe_gemm2": moe_gemm2_sm90}
+
+
+def _compile_and_export(cute, module, tactic, out_dir) -> float:
+    fn, fake_args = module.export_spec(tactic)
+    start = time.perf_counter()
+    compiled = cute.compile(fn, *fake_args)
+    elapsed = time.perf_counter() - start
+    name = f"{module.OP}_{abs(hash(str(tactic))) % 10**8}"
+    compiled.export_to_c(file_path=str(out_dir), file_name=name, function_prefix=name)
+    header = (out_dir / f"{name}.h").read_text()
+    assert f"{name}" in header
+    assert (out_dir / f"{name}.o").stat().st_size > 1000
+    return elapsed
+
+
+def test_variants_are_unique_and_valid():
+    for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
+        names = [str(t) for t in variants]
+        assert len(names) == len(set(names))
+        assert all(t.smem_bytes() <= 227 * 1024 for t in variants)
+    # GEMM1 and GEMM2 list the same tile shapes in the same order.
+    assert [t.params() for t in cfg.gemm1_variants()] == [t.params() for t in cfg.gemm2_variants()]
+
+
+@requires_dsl
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_default_tactic_compiles_and_exports(dsl, op, tmp_path):
+    cute, modules = dsl
+    module = modules[op]
+    tactic = cfg.default_tactic(op, 128, 8, 32, 7168, 2048, num_experts=256)
+    assert tactic in module.variants()
+    assert module.OP == op
+    _compile_and_export(cute, module, tactic, tmp_path)
+
+
+@requires_dsl
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_every_variant_compiles_and_exports(dsl, op, tmp_path):
+    cute, modules = dsl
+    module = modules[op]
+    for tactic in module.variants():
+        elapsed = _compile_and_export(cute, module, tactic, tmp_path)
+        assert elapsed < 60, f"{tactic} took {elapsed:.1f} s to compile"
+
+
+@requires_dsl
+def test_export_spec_rejects_other_tactics(dsl):
+    _, modules = dsl
+    with pytest.raises(TypeError, match="MoeGemm1Sm90Tactic"):
+        modules["moe_gemm1"].export_spec(cfg.gemm2_variants()[0])
+
+
+def _problem(op: str, **overrides):
+    from jax_moe.tuning.problem import ProblemKey
+
+    fields = dict(
+        op=op,
+        arch="sm_90a",
+        hidden=7168,
+        intermediate=2048,
+        num_experts=256,
+        num_local_experts=32,
+        top_k=8,
+        activation_dtype="bfloat16",
+        token_bucket=128,
+    )
+    fields.update(overrides)
+    return ProblemKey(**fields)
+
+
+def test_tactics_round_trip_through_json():
+    from jax_moe.tactic import tactic_from_json
+
+    for tactic in cfg.gemm1_variants() + cfg.gemm2_variants():
+        assert tactic_from_json(tactic.to_json()) == tactic
+    assert str(cfg.gemm1_variants()[0]).startswith("moe_gemm1_sm90[block_m=16,block_w=128")
+
+
+def test_tactic_check_rejects_unsupported_problems():
+    t1 = cfg.default_tactic("moe_gemm1", 4, 8, 32, 7168, 2048, num_experts=256)
+    t2 = cfg.default_tactic("moe_gemm2", 4, 8, 32, 7168, 2048, num_experts=256)
+    t1.check(_problem("moe_gemm1"))
+    t2.check(_problem("moe_gemm2"))
+    with pytest.raises(NotImplementedError, match="arch"):
+        t1.check(_problem("moe_gemm1", arch="sm_100a"))
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        t2.check(_problem("moe_gemm2", activation_dtype="float16"))
+    with pytest.raises(ValueError, match="hidden"):
+        t1.check(_problem("moe_gemm1", hidden=7200))
+    with pytest.raises(ValueError, match="intermediate"):
+        t2.check(_problem("moe_gemm2", intermediate=2000))
+    with pytest.raises(ValueError, match="hidden"):
+        t2.check(_problem("moe_gemm2", hidden=7232))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(block_m=24), ValueError),
+        (dict(block_w=96), ValueError),
+        (dict(warps_m=1, warps_n=4), ValueError),
+        (dict(stages=5), ValueError),
+        (dict(block_m=128, block_w=128, warps_m=2, warps_n=2, stages=2), ValueError),
+        (dict(stages=2, cp_async=True), ValueError),
+        (dict(block_m=16.0), TypeError),
+    ],
+)
+def test_tactic_validation(kwargs, error):
+    fields = dict(block_m=16, block_w=64, warps_m=4, warps_n=1, stages=1, cp_async=False)
+    fields.update(kwargs)
+    with pytest.raises(error):
+        cfg.MoeGemm1Sm90Tactic(**fields)
+
+
+def test_default_tactic_regimes_and_errors():
+    decode = cfg.default_tactic("moe_gemm1", 1, 8, 32, 7168, 2048, num_experts=256)
+    assert (decode.block_m, decode.block_w, decode.stages) == (16, 64, 2)
+    middle = cfg.default_tactic("moe_gemm2", 64, 2, 8, 4096, 14336)
+    assert (middle.block_m, middle.block_w, middle.stages) == (32, 128, 2)
+    prefill = cfg.default_tactic("moe_gemm1", 1000, 8, 32, 7168, 2048, num_experts=256)
+    assert (prefill.block_m, prefill.block_w, prefill.stages) == (64, 128, 1)
+    for n in (1, 3, 64, 128, 1000, 16384):
+        pair = [
+            cfg.default_tactic(op, n, 8, 32, 7168, 2048, num_experts=256)
+            for op in ("moe_gemm1", "moe_gemm2")
+        ]
+        assert pair[0].block_m == pair[1].block_m
+        assert pair[0] in cfg.gemm1_variants() and pair[1] in cfg.gemm2_variants()
+    with pytest.raises(ValueError, match="op"):
+        cfg.default_tactic("moe_gemm3", 1, 8, 32, 7168, 2048)
+    with pytest.raises(TypeError, match="num_tokens"):
+        cfg.default_tactic("moe_gemm1", 1.5, 8, 32, 7168, 2048)
+    with pytest.raises(ValueError, match="num_experts"):
+        cfg.default_tactic("moe_gemm1", 1, 8, 32, 7168, 2048, num_experts=16)
