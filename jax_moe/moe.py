@@ -14,12 +14,21 @@ implementations:
     with tactics chosen at trace time.
 
 By default ``"cuda"`` is used when JAX's default backend is a CUDA GPU and the
-compiled extension is present, ``"xla"`` otherwise.
+compiled extension is present, ``"xla"`` otherwise; a problem the kernels do
+not support (e.g. float32 hidden states, unaligned sizes) also falls back to
+``"xla"``, with a warning logged once. Asking for ``implementation="cuda"``
+explicitly raises ``NotImplementedError`` instead.
+
+Expert ids are checked against ``[0, num_experts)`` when ``topk_ids`` is
+concrete; under ``jax.jit`` they cannot be, and ids outside the local range
+(including invalid ones) contribute nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
 from typing import Any
 
@@ -30,6 +39,8 @@ from jax_moe import nvfp4
 from jax_moe.weights import MoEWeights
 
 __all__ = ["MoEProblem", "fused_moe", "validate_moe_args"]
+
+logger = logging.getLogger("jax_moe")
 
 _IMPLEMENTATIONS = ("xla", "cuda")
 _HIDDEN_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -79,14 +90,7 @@ def validate_moe_args(
         raise TypeError(
             f"hidden_states must be bfloat16, float16 or float32, got {hidden_states.dtype}"
         )
-    if not isinstance(weights, MoEWeights):
-        prepared_cls = _prepared_weights_cls()
-        if prepared_cls is None or not isinstance(weights, prepared_cls):
-            raise TypeError(
-                "weights must be a jax_moe.MoEWeights (or prepared weights), got "
-                f"{type(weights).__name__}"
-            )
-    weights.check("weights")
+    _check_weights(weights)
     n, h = hidden_states.shape
     if weights.hidden != h:
         raise ValueError(
@@ -159,12 +163,37 @@ def validate_moe_args(
     )
 
 
-def _prepared_weights_cls() -> type | None:
-    try:
-        from jax_moe.prepare import PreparedMoEWeights
-    except ImportError:
-        return None
-    return PreparedMoEWeights
+def _check_weights(weights: Any) -> None:
+    """Type and shape checks of logical or prepared weights; names the bad field."""
+    from jax_moe.prepare import PreparedMoEWeights
+
+    if isinstance(weights, MoEWeights):
+        weights.check("weights")
+        return
+    if not isinstance(weights, PreparedMoEWeights):
+        raise TypeError(
+            "weights must be a jax_moe.MoEWeights or jax_moe.prepare.PreparedMoEWeights, got "
+            f"{type(weights).__name__}"
+        )
+    e, h, i = weights.num_experts, weights.hidden, weights.intermediate
+    block = nvfp4.BLOCK_SIZE
+    want = {
+        "w13_packed": ((e, 2 * i, h // 2), jnp.uint8),
+        "w13_scale": ((e, 2 * i, h // block), jnp.uint8),
+        "w13_global": ((e,), jnp.float32),
+        "w2_packed": ((e, h, i // 2), jnp.uint8),
+        "w2_scale": ((e, h, i // block), jnp.uint8),
+        "w2_global": ((e,), jnp.float32),
+    }
+    for field, (shape, dtype) in want.items():
+        arr = getattr(weights, field)
+        if arr.dtype != dtype:
+            raise TypeError(f"weights.{field} must be {jnp.dtype(dtype).name}, got {arr.dtype}")
+        if tuple(arr.shape) != shape:
+            raise ValueError(
+                f"weights.{field} must have shape {shape} (experts={e}, hidden={h}, "
+                f"intermediate={i}), got {arr.shape}"
+            )
 
 
 def _default_implementation() -> str:
@@ -196,7 +225,8 @@ def fused_moe(
     Args:
       hidden_states: ``(num_tokens, hidden)`` bfloat16, float16 or float32.
       weights: the local experts' :class:`MoEWeights` (``num_local_experts`` of
-        them), or weights prepared for the GPU kernels.
+        them), or the same prepared for the GPU kernels with
+        :func:`jax_moe.prepare.prepare` (do that once, at load time).
       topk_ids: ``(num_tokens, top_k)`` integer global expert ids.
       topk_weights: ``(num_tokens, top_k)`` float router weights.
       num_local_experts: experts held by this rank; defaults to
@@ -239,12 +269,24 @@ def fused_moe(
     if impl == "cuda":
         from jax_moe import gpu
 
-        return gpu.fused_moe_cuda(hidden_states, weights, topk_ids, topk_weights, problem, tactics)
+        try:
+            return gpu.fused_moe_cuda(
+                hidden_states, weights, topk_ids, topk_weights, problem, tactics
+            )
+        except NotImplementedError as error:
+            if implementation is not None:
+                raise
+            _log_fallback_once(str(error))
     if not isinstance(weights, MoEWeights):
-        raise NotImplementedError(
-            "the xla implementation takes MoEWeights; prepared weights run only on the GPU"
-        )
+        from jax_moe.prepare import unprepare
+
+        weights = unprepare(weights)
     return _fused_moe_xla(hidden_states, weights, topk_ids, topk_weights, problem)
+
+
+@functools.cache
+def _log_fallback_once(reason: str) -> None:
+    logger.warning("fused_moe: using the xla implementation: %s", reason)
 
 
 def _dequantize_unscaled(t: nvfp4.Nvfp4Tensor, dtype: Any) -> jax.Array:

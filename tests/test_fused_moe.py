@@ -182,3 +182,27 @@ def test_corrupt_tactic_file_is_an_error(tiny, tmp_path):
         _call(tiny, tactics=str(path))
     with pytest.raises(tuning.TacticFileError):
         _call(tiny, tactics=tmp_path / "missing.json")
+
+
+def test_prepared_weights_run_anywhere(tiny):
+    from jax_moe.prepare import prepare
+
+    _, weights, x, ids, wts, _, _ = tiny
+    got = jax_moe.fused_moe(x, prepare(weights), ids, wts, implementation="xla")
+    want = jax_moe.fused_moe(x, weights, ids, wts, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_bad_prepared_weights(tiny):
+    import dataclasses
+
+    from jax_moe.prepare import prepare
+
+    _, weights, *_ = tiny
+    prepared = prepare(weights)
+    bad = dataclasses.replace(prepared, w2_scale=prepared.w2_scale[:, :, :-1])
+    with pytest.raises(ValueError, match="weights.w2_scale"):
+        _call(tiny, weights=bad)
+    bad = dataclasses.replace(prepared, w13_global=prepared.w13_global.astype(jnp.bfloat16))
+    with pytest.raises(TypeError, match="weights.w13_global"):
+        _call(tiny, weights=bad)

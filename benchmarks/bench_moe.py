@@ -1,0 +1,184 @@
+"""Device time of one MoE layer: jax_moe.fused_moe against XLA peers and the hardware floors.
+
+For each token count N it times, on the default JAX device:
+
+* ``fused_moe``: ``jax_moe.fused_moe`` (the GPU kernels on CUDA), prepared NVFP4 weights;
+* ``xla_nvfp4``: ``fused_moe(..., implementation="xla")``, i.e. dequantize the
+  NVFP4 weights to bf16 inside the step, then ``ragged_dot``;
+* ``ragged_bf16``: ``jax.lax.ragged_dot`` with weights already in bf16.
+
+Timing: a jitted ``lax.scan`` runs the layer ``--reps`` times back to back on
+``--reps`` different inputs (so nothing is hoisted out of the loop); the time
+per layer is the wall time of the whole scan divided by ``--reps``, the median
+of ``--trials`` runs after a warm-up. Host dispatch is amortised over the scan.
+
+Floors printed beside each row, from rates measured in the same run:
+
+* weight bytes: (active local experts) x (NVFP4 bytes per expert) / (copy bandwidth,
+  counting bytes read and written);
+* bf16 FLOPs: 2 x (local slots) x (3 x H x I) / (bf16 dense matmul rate).
+
+Example::
+
+  python benchmarks/bench_moe.py --model=deepseek_v3 --ep=8 --num_tokens=1,32,128,2048
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import jax_moe
+from jax_moe import models, moe
+from jax_moe.prepare import prepare
+
+_MODEL = flags.DEFINE_string("model", "deepseek_v3", "Model preset.")
+_EP = flags.DEFINE_integer("ep", 8, "Expert-parallel ranks; the local slice of rank 0 is run.")
+_NUM_TOKENS = flags.DEFINE_list(
+    "num_tokens", ["1", "8", "32", "128", "512", "2048", "8192"], "Token counts."
+)
+_REPS = flags.DEFINE_integer("reps", 20, "Layers per timed scan.")
+_TRIALS = flags.DEFINE_integer("trials", 5, "Timed scans; the median is reported.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, inputs and routing.")
+_PEERS = flags.DEFINE_list(
+    "impls", ["fused_moe", "xla_nvfp4", "ragged_bf16"], "Implementations to time."
+)
+
+
+def _time_scan(step, xs, *args) -> float:
+    """Median seconds per step of ``step(x, *args)`` run back to back over ``xs``."""
+
+    @jax.jit
+    def run(xs, *args):
+        def body(acc, x):
+            return acc + step(x, *args).astype(jnp.float32), None
+
+        acc0 = jnp.zeros(xs.shape[1:], jnp.float32)
+        return jax.lax.scan(body, acc0, xs)[0]
+
+    run(xs, *args).block_until_ready()
+    times = []
+    for _ in range(_TRIALS.value):
+        t0 = time.perf_counter()
+        run(xs, *args).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / xs.shape[0]
+
+
+def measure_copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes per second of a device copy, counting bytes read and written."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(ts)
+
+
+def measure_bf16_rate(n: int = 8192) -> float:
+    """FLOP/s of a dense ``n x n x n`` bf16 matrix product on random data."""
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(ts)
+
+
+def _bf16_ragged_layer(x, w13_t, w2_t, topk_ids, topk_weights, *, offset, num_local):
+    """The MoE layer with bf16 weights (``w13_t (L, H, 2I)``, ``w2_t (L, I, H)``) and ragged_dot."""
+    n, k = topk_ids.shape
+    inter = w2_t.shape[1]
+    ids = topk_ids.reshape(-1) - offset
+    group = jnp.where((ids >= 0) & (ids < num_local), ids, num_local)
+    order = jnp.argsort(group, stable=True)
+    sizes = jnp.bincount(group, length=num_local + 1)[:num_local].astype(jnp.int32)
+    xs = x[order // k]
+    gu = jax.lax.ragged_dot(xs, w13_t, sizes, preferred_element_type=jnp.float32)
+    act = (jax.nn.silu(gu[:, :inter]) * gu[:, inter:]).astype(jnp.bfloat16)
+    down = jax.lax.ragged_dot(act, w2_t, sizes, preferred_element_type=jnp.float32)
+    w = jnp.where(group[order] < num_local, topk_weights.reshape(-1)[order], 0.0)
+    per_slot = jnp.zeros_like(down).at[order].set(down * w[:, None])
+    return per_slot.reshape(n, k, -1).sum(1).astype(x.dtype)
+
+
+def main(argv):
+    del argv
+    cfg = models.get_preset(_MODEL.value)
+    ep = _EP.value
+    num_local = cfg.num_experts // ep
+    key = jax.random.key(_SEED.value)
+    kw, kx, kr = jax.random.split(key, 3)
+    weights = models.random_moe_weights(kw, cfg, num_local_experts=num_local)
+    prepared = jax.jit(prepare)(weights) if jax.default_backend() == "gpu" else weights
+    router = models.random_router(kr, cfg)
+    need_bf16 = "ragged_bf16" in _PEERS.value
+    if need_bf16:
+        w13_t = jnp.swapaxes(jax_moe.nvfp4.dequantize(weights.w13, jnp.bfloat16), 1, 2)
+        w2_t = jnp.swapaxes(jax_moe.nvfp4.dequantize(weights.w2, jnp.bfloat16), 1, 2)
+
+    bw = measure_copy_bandwidth()
+    rate = measure_bf16_rate()
+    expert_bytes = (weights.w13.nbytes + weights.w2.nbytes) / num_local
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}  backend: {jax.default_backend()}  jax {jax.__version__}")
+    print(
+        f"model {cfg.name} EP={ep}: {num_local} local experts, H={cfg.hidden}, "
+        f"I={cfg.intermediate}, top_k={cfg.top_k} of {cfg.num_experts}; "
+        f"{expert_bytes / 1e6:.2f} MB NVFP4 per expert"
+    )
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    header = (
+        f"{'N':>6} {'active':>6} {'floor_bytes_ms':>14} {'floor_flops_ms':>14} "
+        + " ".join(f"{name + '_ms':>14}" for name in _PEERS.value)
+    )
+    print(header)
+    for n in (int(s) for s in _NUM_TOKENS.value):
+        reps = max(2, min(_REPS.value, (1 << 28) // max(1, n * cfg.hidden * 2)))
+        xs = jax.random.normal(kx, (reps, n, cfg.hidden), jnp.bfloat16)
+        ids, wts = models.route(cfg, xs[0], router)
+        local = np.asarray(ids).reshape(-1)
+        local = local[(local >= 0) & (local < num_local)]
+        active = len(np.unique(local))
+        floor_bytes = active * expert_bytes / bw
+        floor_flops = 2 * local.size * 3 * cfg.hidden * cfg.intermediate / rate
+        row = [f"{n:>6} {active:>6} {floor_bytes * 1e3:>14.4f} {floor_flops * 1e3:>14.4f}"]
+        for name in _PEERS.value:
+            if name == "fused_moe":
+                step = functools.partial(
+                    jax_moe.fused_moe, num_local_experts=num_local, num_experts=cfg.num_experts
+                )
+                t = _time_scan(step, xs, prepared, ids, wts)
+            elif name == "xla_nvfp4":
+                step = functools.partial(
+                    moe.fused_moe,
+                    num_local_experts=num_local,
+                    num_experts=cfg.num_experts,
+                    implementation="xla",
+                )
+                t = _time_scan(step, xs, weights, ids, wts)
+            elif name == "ragged_bf16":
+                step = functools.partial(_bf16_ragged_layer, offset=0, num_local=num_local)
+                t = _time_scan(step, xs, w13_t, w2_t, ids, wts)
+            else:
+                raise app.UsageError(f"unknown implementation {name!r}")
+            row.append(f"{t * 1e3:>14.4f}")
+        print(" ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
