@@ -327,13 +327,20 @@ def _fused_moe_xla(
     w13 = _dequantize_unscaled(weights.w13, compute)
     w2 = _dequantize_unscaled(weights.w2, compute)
 
+    # float32 inputs get float32 products (not TF32 on GPUs).
+    precision = jax.lax.Precision.HIGHEST if compute == jnp.float32 else None
     gate_up = jax.lax.ragged_dot_general(
-        x, w13, group_sizes, _RAGGED_NT, preferred_element_type=jnp.float32
+        x, w13, group_sizes, _RAGGED_NT, precision=precision, preferred_element_type=jnp.float32
     )
     gate_up = gate_up * weights.w13.global_scale[expert][:, None]
     act = jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     down = jax.lax.ragged_dot_general(
-        act.astype(compute), w2, group_sizes, _RAGGED_NT, preferred_element_type=jnp.float32
+        act.astype(compute),
+        w2,
+        group_sizes,
+        _RAGGED_NT,
+        precision=precision,
+        preferred_element_type=jnp.float32,
     )
     row_scale = jnp.where(
         sorted_local,
