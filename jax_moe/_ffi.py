@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import importlib
 import threading
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -153,6 +154,26 @@ def register_cpu_checks() -> None:
         _cpu_checks_registered = True
 
 
+def _call(
+    op: str,
+    variant: Any,
+    result: jax.ShapeDtypeStruct,
+    operands: Sequence[jax.Array],
+    aliases: dict[int, int] | None = None,
+    **attributes: np.int32,
+) -> jax.Array:
+    """Calls target `jax_moe_<op>` on `operands` with `attributes` and the variant id.
+
+    Registers the targets first; `aliases` maps operand positions to the result.
+    """
+    vid = variant_id(op, variant)
+    register()
+    call = jax.ffi.ffi_call(
+        f"jax_moe_{op}", result, input_output_aliases=aliases, vmap_method="sequential"
+    )
+    return call(*operands, **attributes, variant=np.int32(vid))
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}={value!r}; expected an int")
@@ -229,15 +250,9 @@ def combine(
             )
         operands.append(out)
         aliases = {2: 0}
-    vid = variant_id("combine", _default_combine_variant() if variant is None else variant)
-    register()
-    call = jax.ffi.ffi_call(
-        "jax_moe_combine",
-        out_type,
-        input_output_aliases=aliases,
-        vmap_method="sequential",
-    )
-    return call(*operands, top_k=np.int32(top_k), variant=np.int32(vid))
+    if variant is None:
+        variant = _default_combine_variant()
+    return _call("combine", variant, out_type, operands, aliases, top_k=np.int32(top_k))
 
 
 def _check_array(name: str, x: Any, dtype: Any, shape: tuple[int | None, ...]) -> None:
@@ -326,22 +341,12 @@ def moe_gemm1(
     m_pad = _check_routing(sorted_slots, tile_expert, variant)
     _check_multiple("hidden", h, 64)
     _check_multiple("intermediate", inter, 64)
-    vid = variant_id("moe_gemm1", variant)
-    register()
-    call = jax.ffi.ffi_call(
-        "jax_moe_moe_gemm1",
+    return _call(
+        "moe_gemm1",
+        variant,
         jax.ShapeDtypeStruct((m_pad, inter), jnp.bfloat16),
-        vmap_method="sequential",
-    )
-    return call(
-        hidden,
-        sorted_slots,
-        tile_expert,
-        w13_packed,
-        w13_scale,
-        w13_global,
+        (hidden, sorted_slots, tile_expert, w13_packed, w13_scale, w13_global),
         top_k=np.int32(top_k),
-        variant=np.int32(vid),
     )
 
 
@@ -387,20 +392,9 @@ def moe_gemm2(
         raise ValueError(f"act has {act.shape[0]} rows; expected m_pad={m_pad}")
     _check_multiple("intermediate", inter, 64)
     _check_multiple("hidden", h, 128)
-    vid = variant_id("moe_gemm2", variant)
-    register()
-    call = jax.ffi.ffi_call(
-        "jax_moe_moe_gemm2",
+    return _call(
+        "moe_gemm2",
+        variant,
         jax.ShapeDtypeStruct((m_pad, h), jnp.float32),
-        vmap_method="sequential",
-    )
-    return call(
-        act,
-        sorted_slots,
-        tile_expert,
-        w2_packed,
-        w2_scale,
-        w2_global,
-        topk_weights,
-        variant=np.int32(vid),
+        (act, sorted_slots, tile_expert, w2_packed, w2_scale, w2_global, topk_weights),
     )

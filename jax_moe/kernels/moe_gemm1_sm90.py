@@ -50,6 +50,7 @@ from jax_moe.kernels.nvfp4_decode_sm90 import (
     DECODE_EXPONENT_SHIFT,
     NUM_THREADS,
     SwapAbNvfp4GemmSm90,
+    fake_routed_weight_args,
 )
 
 __all__ = ["OP", "MoeGemm1Sm90", "export_spec", "variants"]
@@ -85,24 +86,11 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
         top_k: cutlass.Int32,
         stream: cuda.CUstream,
     ):
-        tiled_mma = self._tiled_mma()
-        num_w_tiles = w13_packed.shape[1] // self.block_w
-        num_row_tiles = tile_expert.shape[0]
-        self.kernel(
-            hidden,
-            sorted_slots,
-            tile_expert,
+        self.launch_kernel(
+            (hidden, sorted_slots, tile_expert, w13_packed, w13_scale, w13_global, act, top_k),
             w13_packed,
-            w13_scale,
-            w13_global,
-            act,
-            top_k,
-            tiled_mma,
-        ).launch(
-            grid=(num_w_tiles, num_row_tiles, 1),
-            block=(NUM_THREADS, 1, 1),
-            smem=self.smem_bytes(),
-            stream=stream,
+            tile_expert,
+            stream,
         )
 
     @cute.kernel
@@ -180,25 +168,13 @@ def export_spec(tactic: MoeGemm1Sm90Tactic):
     num_tokens = cute.sym_int()
     hidden = cute.sym_int(divisibility=64)
     m_pad = cute.sym_int()
-    num_tiles = cute.sym_int()
-    experts = cute.sym_int()
-    rows = cute.sym_int(divisibility=128)
-    packed_cols = cute.sym_int(divisibility=32)
-    scale_cols = cute.sym_int(divisibility=4)
+    routed_weights = fake_routed_weight_args(m_pad)
     inter = cute.sym_int(divisibility=64)
     fake_args = (
         make_fake_compact_tensor(
             cutlass.BFloat16, (num_tokens, hidden), stride_order=(1, 0), assumed_align=16
         ),
-        make_fake_compact_tensor(cutlass.Int32, (m_pad,), assumed_align=4),
-        make_fake_compact_tensor(cutlass.Int32, (num_tiles,), assumed_align=4),
-        make_fake_compact_tensor(
-            cutlass.Uint8, (experts, rows, packed_cols), stride_order=(2, 1, 0), assumed_align=16
-        ),
-        make_fake_compact_tensor(
-            cutlass.Uint8, (experts, rows, scale_cols), stride_order=(2, 1, 0), assumed_align=4
-        ),
-        make_fake_compact_tensor(cutlass.Float32, (experts,), assumed_align=4),
+        *routed_weights,
         make_fake_compact_tensor(
             cutlass.BFloat16, (m_pad, inter), stride_order=(1, 0), assumed_align=16
         ),

@@ -62,6 +62,7 @@ __all__ = [
     "default_tactic",
     "gemm1_variants",
     "gemm2_variants",
+    "swap_ab_smem_bytes",
 ]
 
 _ARCHS = ("sm_90a",)
@@ -84,6 +85,24 @@ def _check_common(tactic, problem) -> None:
         raise NotImplementedError(
             f"{tactic}: activation dtype {problem.activation_dtype!r}; only bfloat16 is supported"
         )
+
+
+def swap_ab_smem_bytes(block_w: int, block_m: int, stages: int, cp_async: bool) -> int:
+    """Dynamic shared memory of one CTA of the swap-AB GEMMs (their `_allocate_smem`).
+
+    bf16 tiles of weights `(block_w, 64)` and token rows `(block_m, 64)` (one per ring
+    stage with cp.async) with 8 elements of row padding, the fp32 output tile
+    `(block_m, block_w + 4)`, with cp.async the raw weight bytes and scales of every
+    stage (`36 * block_w` bytes each), and a fixed 768 bytes.
+    """
+    row = _BLOCK_K + 8
+    ring = stages if cp_async else 0
+    return (
+        2 * row * (block_w + max(ring, 1) * block_m)
+        + 4 * (block_w + 4) * block_m
+        + 36 * block_w * ring
+        + 6 * 128
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,15 +158,8 @@ class _SwapAbTactic(Tactic):
         return ring + self.block_m * self.block_w // 128
 
     def smem_bytes(self) -> int:
-        """Dynamic shared memory of one CTA (mirrors the kernel's allocation)."""
-        row = _BLOCK_K + 8
-        ring = self.stages if self.cp_async else 0
-        return (
-            2 * row * (self.block_w + max(ring, 1) * self.block_m)
-            + 4 * (self.block_w + 4) * self.block_m
-            + 36 * self.block_w * ring
-            + 6 * 128
-        )
+        """Dynamic shared memory of one CTA."""
+        return swap_ab_smem_bytes(self.block_w, self.block_m, self.stages, self.cp_async)
 
 
 @register_tactic_family

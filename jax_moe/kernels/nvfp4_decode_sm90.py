@@ -38,10 +38,16 @@ normal. The epilogue multiplies the global scale by ``2**9``
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
+import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 from cutlass._mlir.dialects import llvm
+from cutlass.cute.runtime import make_fake_compact_tensor
 from cutlass.cutlass_dsl import dsl_user_op
+
+from jax_moe.kernels.moe_gemm_config import swap_ab_smem_bytes
 
 __all__ = [
     "BLOCK_K",
@@ -52,6 +58,7 @@ __all__ = [
     "decode_e4m3_half",
     "decode_word_pair",
     "e4m3_scale_bf16x2",
+    "fake_routed_weight_args",
     "mul_bf16x2",
 ]
 
@@ -136,6 +143,21 @@ def decode_word_pair(word: cutlass.Uint32, pair: cutlass.Constexpr[int]) -> cutl
     return (magnitudes & _MAGNITUDE_MASK) | (signs & _SIGN_MASK)
 
 
+class _SmemMma(NamedTuple):
+    """One thread's view of the CTA's MMAs over the shared-memory tiles (`_smem_mma`)."""
+
+    acc: cute.Tensor  # fp32 accumulator fragment
+    t_sc: cute.Tensor  # this thread's partition of `s_c`
+    t_ra: cute.Tensor  # A (weight) and B (token) register fragments
+    t_rb: cute.Tensor
+    s2r_a: cute.TiledCopy  # ldmatrix copies into t_ra / t_rb
+    s2r_b: cute.TiledCopy
+    t_sa_view: cute.Tensor  # their source and destination views
+    t_ra_view: cute.Tensor
+    t_sb_view: cute.Tensor
+    t_rb_view: cute.Tensor
+
+
 class SwapAbNvfp4GemmSm90:
     """Swap-AB NVFP4 x bf16 grouped GEMM main loop; subclasses add B loads and the epilogue.
 
@@ -147,10 +169,10 @@ class SwapAbNvfp4GemmSm90:
       cp_async: stage raw weights and token rows through a cp.async shared-memory ring
         instead of registers.
 
-    Subclasses implement, as `@cute.jit` methods traced into the kernel:
-      `load_b_rows(...)`: per-thread source row bookkeeping of the token rows.
-      `epilogue(...)`: writes the output tile from the fp32 accumulators staged in
-      shared memory as `sC[q, j]` (`block_w x block_m`, weight row q, token row j).
+    Subclasses define a `@cute.kernel` method `kernel(*args, tiled_mma)`, launched by
+    `launch_kernel`; it sets up each token chunk's source row (`b_rows`), calls
+    `mainloop` and writes the output tile from the fp32 accumulators staged in
+    shared memory as `s_c[q, j]` (`block_w x block_m`, weight row q, token row j).
     """
 
     def __init__(
@@ -187,14 +209,8 @@ class SwapAbNvfp4GemmSm90:
 
     # ------------------------------------------------------------------ layouts
     def smem_bytes(self) -> int:
-        row = BLOCK_K + SMEM_PAD
-        ring = self.stages if self.cp_async else 0
-        return (
-            2 * row * (self.block_w + max(ring, 1) * self.block_m)
-            + 4 * (self.block_w + 4) * self.block_m
-            + 36 * self.block_w * ring
-            + 6 * 128
-        )
+        """Dynamic shared memory of one CTA (`_allocate_smem`)."""
+        return swap_ab_smem_bytes(self.block_w, self.block_m, self.stages, self.cp_async)
 
     def _allocate_smem(self, smem):
         """(s_a, s_b, s_c, s_raw, s_scale); s_b has a trailing stage mode, s_raw/s_scale are
@@ -233,6 +249,79 @@ class SwapAbNvfp4GemmSm90:
             permutation_mnk=(self.warps_m * 16, self.warps_n * 16, 16),
         )
 
+    def _smem_mma(self, tiled_mma, tidx, s_a, s_b, s_c) -> _SmemMma:
+        """This thread's MMA fragments, ldmatrix copies and zeroed fp32 accumulator.
+
+        `s_b` is the token tile of `_allocate_smem`: one stage for the register
+        path, all stages (trailing mode) with the cp.async ring.
+        """
+        thr_mma = tiled_mma.get_slice(tidx)
+        t_sa = thr_mma.partition_A(s_a)
+        t_sb = thr_mma.partition_B(s_b[None, None, 0] if self.cp_async else s_b)
+        t_ra = tiled_mma.make_fragment_A(t_sa)
+        t_rb = tiled_mma.make_fragment_B(t_sb)
+        t_sc = thr_mma.partition_C(s_c)
+        acc = tiled_mma.make_fragment_C(t_sc)
+        acc.fill(0.0)
+        ldmatrix = cute.make_copy_atom(
+            cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16
+        )
+        s2r_a = cute.make_tiled_copy_A(ldmatrix, tiled_mma)
+        s2r_b = cute.make_tiled_copy_B(ldmatrix, tiled_mma)
+        thr_s2r_a = s2r_a.get_slice(tidx)
+        thr_s2r_b = s2r_b.get_slice(tidx)
+        return _SmemMma(
+            acc=acc,
+            t_sc=t_sc,
+            t_ra=t_ra,
+            t_rb=t_rb,
+            s2r_a=s2r_a,
+            s2r_b=s2r_b,
+            t_sa_view=thr_s2r_a.partition_S(s_a),
+            t_ra_view=thr_s2r_a.retile(t_ra),
+            t_sb_view=thr_s2r_b.partition_S(s_b),
+            t_rb_view=thr_s2r_b.retile(t_rb),
+        )
+
+    @cute.jit
+    def mma_k_step(self, tiled_mma: cute.TiledMma, mma: _SmemMma, stage: Any):
+        """Accumulates one K step of `s_a` x `s_b` into `mma.acc` through ldmatrix and MMAs.
+
+        `stage` is the cp.async ring stage of `s_b` (None for the register path).
+        """
+        for kb in cutlass.range_constexpr(cute.size(mma.t_ra, mode=[2])):
+            cute.copy(mma.s2r_a, mma.t_sa_view[None, None, kb], mma.t_ra_view[None, None, kb])
+            if cutlass.const_expr(self.cp_async):
+                t_sb = mma.t_sb_view[None, None, kb, stage]
+            else:
+                t_sb = mma.t_sb_view[None, None, kb]
+            cute.copy(mma.s2r_b, t_sb, mma.t_rb_view[None, None, kb])
+            cute.gemm(
+                tiled_mma, mma.acc, mma.t_ra[None, None, kb], mma.t_rb[None, None, kb], mma.acc
+            )
+
+    def launch_kernel(
+        self,
+        kernel_args: tuple,
+        w_packed: cute.Tensor,
+        tile_expert: cute.Tensor,
+        stream: cuda.CUstream,
+    ) -> None:
+        """Launches `self.kernel(*kernel_args, tiled_mma)` on `stream`.
+
+        Grid: `(w_packed.shape[1] / block_w, len(tile_expert))` CTAs of `NUM_THREADS`
+        threads with `smem_bytes()` of dynamic shared memory.
+        """
+        tiled_mma = self._tiled_mma()
+        num_w_tiles = w_packed.shape[1] // self.block_w
+        num_row_tiles = tile_expert.shape[0]
+        self.kernel(*kernel_args, tiled_mma).launch(
+            grid=(num_w_tiles, num_row_tiles, 1),
+            block=(NUM_THREADS, 1, 1),
+            smem=self.smem_bytes(),
+            stream=stream,
+        )
+
     # ------------------------------------------------------------------ main loop
     @cute.jit
     def load_w_step(
@@ -257,6 +346,27 @@ class SwapAbNvfp4GemmSm90:
             cute.autovec_copy(ssrc, r_scale[None, u])
 
     @cute.jit
+    def decode_unit(
+        self,
+        words: cute.Tensor,
+        scales: cute.Tensor,
+        scale_row: cutlass.Int32 | int,
+        scale_col: cutlass.Int32 | int,
+        decoded_words: cute.Tensor,
+    ):
+        """Decodes one weight work unit to bf16x2 words, `e2m1 * e4m3 * 2**-DECODE_EXPONENT_SHIFT`.
+
+        `words` holds the unit's 4 prepared code words (32 codes); the e4m3 scales of
+        its two 16-code groups are `scales[scale_row + g, scale_col]`, g = 0, 1.
+        """
+        for g in cutlass.range_constexpr(2):
+            scale2 = e4m3_scale_bf16x2(cutlass.Int32(scales[scale_row + g, scale_col]))
+            for w in cutlass.range_constexpr(2):
+                word = words[g * 2 + w]
+                for p in cutlass.range_constexpr(4):
+                    decoded_words[g * 8 + w * 4 + p] = mul_bf16x2(decode_word_pair(word, p), scale2)
+
+    @cute.jit
     def store_w_step(
         self,
         tidx: cutlass.Int32,
@@ -275,14 +385,7 @@ class SwapAbNvfp4GemmSm90:
             row = unit // 2
             half = unit % 2
             words = cute.recast_tensor(r_packed[None, u], cutlass.Uint32)
-            for g in cutlass.range_constexpr(2):
-                scale2 = e4m3_scale_bf16x2(cutlass.Int32(r_scale[g, u]))
-                for w in cutlass.range_constexpr(2):
-                    word = words[g * 2 + w]
-                    for p in cutlass.range_constexpr(4):
-                        decoded_words[g * 8 + w * 4 + p] = mul_bf16x2(
-                            decode_word_pair(word, p), scale2
-                        )
+            self.decode_unit(words, r_scale, 0, u, decoded_words)
             dst = cute.local_tile(s_a[row, None], (32,), (half,))
             cute.autovec_copy(r_decoded, dst)
 
@@ -343,30 +446,7 @@ class SwapAbNvfp4GemmSm90:
         r_decoded = cute.make_rmem_tensor((32,), cutlass.BFloat16)
         r_b = cute.make_rmem_tensor((8, self.b_chunks, depth), cutlass.BFloat16)
 
-        thr_mma = tiled_mma.get_slice(tidx)
-        t_sa = thr_mma.partition_A(s_a)
-        t_sb = thr_mma.partition_B(s_b)
-        t_ra = tiled_mma.make_fragment_A(t_sa)
-        t_rb = tiled_mma.make_fragment_B(t_sb)
-        t_sc = thr_mma.partition_C(s_c)
-        acc = tiled_mma.make_fragment_C(t_sc)
-        acc.fill(0.0)
-
-        s2r_a = cute.make_tiled_copy_A(
-            cute.make_copy_atom(cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16),
-            tiled_mma,
-        )
-        s2r_b = cute.make_tiled_copy_B(
-            cute.make_copy_atom(cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16),
-            tiled_mma,
-        )
-        thr_s2r_a = s2r_a.get_slice(tidx)
-        thr_s2r_b = s2r_b.get_slice(tidx)
-        t_sa_view = thr_s2r_a.partition_S(s_a)
-        t_ra_view = thr_s2r_a.retile(t_ra)
-        t_sb_view = thr_s2r_b.partition_S(s_b)
-        t_rb_view = thr_s2r_b.retile(t_rb)
-        num_k_blocks = cute.size(t_ra, mode=[2])
+        mma = self._smem_mma(tiled_mma, tidx, s_a, s_b, s_c)
 
         # Register ring of `depth` K steps: step k lives in buffer k % depth; the loop is
         # unrolled by `depth` so every buffer index is a compile-time constant.
@@ -405,12 +485,9 @@ class SwapAbNvfp4GemmSm90:
                         r_scale[None, None, d],
                     )
                     self.load_b_step(m_b, b_rows, ahead, tidx, r_b[None, None, d])
-                    for kb in cutlass.range_constexpr(num_k_blocks):
-                        cute.copy(s2r_a, t_sa_view[None, None, kb], t_ra_view[None, None, kb])
-                        cute.copy(s2r_b, t_sb_view[None, None, kb], t_rb_view[None, None, kb])
-                        cute.gemm(tiled_mma, acc, t_ra[None, None, kb], t_rb[None, None, kb], acc)
+                    self.mma_k_step(tiled_mma, mma, None)
 
-        cute.autovec_copy(acc, t_sc)
+        cute.autovec_copy(mma.acc, mma.t_sc)
         cute.arch.sync_threads()
 
     @cute.jit
@@ -508,14 +585,7 @@ class SwapAbNvfp4GemmSm90:
             half = unit % 2
             cute.autovec_copy(cute.local_tile(s_raw[None, stage], (16,), (unit,)), r_packed)
             words = cute.recast_tensor(r_packed, cutlass.Uint32)
-            for g in cutlass.range_constexpr(2):
-                scale2 = e4m3_scale_bf16x2(cutlass.Int32(s_scale[row * 4 + half * 2 + g, stage]))
-                for w in cutlass.range_constexpr(2):
-                    word = words[g * 2 + w]
-                    for p in cutlass.range_constexpr(4):
-                        decoded_words[g * 8 + w * 4 + p] = mul_bf16x2(
-                            decode_word_pair(word, p), scale2
-                        )
+            self.decode_unit(words, s_scale, row * 4 + half * 2, stage, decoded_words)
             dst = cute.local_tile(s_a[row, None], (32,), (half,))
             cute.autovec_copy(r_decoded, dst)
 
@@ -545,29 +615,7 @@ class SwapAbNvfp4GemmSm90:
         r_packed = cute.make_rmem_tensor((16,), cutlass.Uint8)
         r_decoded = cute.make_rmem_tensor((32,), cutlass.BFloat16)
 
-        thr_mma = tiled_mma.get_slice(tidx)
-        t_sa = thr_mma.partition_A(s_a)
-        t_sb = thr_mma.partition_B(s_b[None, None, 0])
-        t_ra = tiled_mma.make_fragment_A(t_sa)
-        t_rb = tiled_mma.make_fragment_B(t_sb)
-        t_sc = thr_mma.partition_C(s_c)
-        acc = tiled_mma.make_fragment_C(t_sc)
-        acc.fill(0.0)
-        s2r_a = cute.make_tiled_copy_A(
-            cute.make_copy_atom(cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16),
-            tiled_mma,
-        )
-        s2r_b = cute.make_tiled_copy_B(
-            cute.make_copy_atom(cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16),
-            tiled_mma,
-        )
-        thr_s2r_a = s2r_a.get_slice(tidx)
-        thr_s2r_b = s2r_b.get_slice(tidx)
-        t_sa_view = thr_s2r_a.partition_S(s_a)
-        t_ra_view = thr_s2r_a.retile(t_ra)
-        t_sb_view = thr_s2r_b.partition_S(s_b)
-        t_rb_view = thr_s2r_b.retile(t_rb)
-        num_k_blocks = cute.size(t_ra, mode=[2])
+        mma = self._smem_mma(tiled_mma, tidx, s_a, s_b, s_c)
 
         for st in cutlass.range_constexpr(self.stages - 1):
             step = cutlass.min(st, num_k_steps - 1)
@@ -598,11 +646,34 @@ class SwapAbNvfp4GemmSm90:
             cute.arch.cp_async_commit_group()
             self.decode_step_smem(tidx, stage, s_raw, s_scale, s_a, r_packed, r_decoded)
             cute.arch.sync_threads()
-            for kb in cutlass.range_constexpr(num_k_blocks):
-                cute.copy(s2r_a, t_sa_view[None, None, kb], t_ra_view[None, None, kb])
-                cute.copy(s2r_b, t_sb_view[None, None, kb, stage], t_rb_view[None, None, kb])
-                cute.gemm(tiled_mma, acc, t_ra[None, None, kb], t_rb[None, None, kb], acc)
+            self.mma_k_step(tiled_mma, mma, stage)
 
         cute.arch.cp_async_wait_group(0)
-        cute.autovec_copy(acc, t_sc)
+        cute.autovec_copy(mma.acc, mma.t_sc)
         cute.arch.sync_threads()
+
+
+def fake_routed_weight_args(m_pad: Any) -> tuple:
+    """Fake `(sorted_slots, tile_expert, w_packed, w_scale, w_global)` for `export_spec`.
+
+    Shapes (all dynamic): sorted_slots int32 `(m_pad,)`, tile_expert int32
+    `(num_tiles,)`, w_packed uint8 `(experts, rows, k // 2)` and w_scale uint8
+    `(experts, rows, k // 16)` row-major, w_global float32 `(experts,)`; rows % 128 == 0,
+    k % 64 == 0, 16-byte aligned `w_packed`, 4-byte aligned `w_scale`.
+    """
+    num_tiles = cute.sym_int()
+    experts = cute.sym_int()
+    rows = cute.sym_int(divisibility=128)
+    packed_cols = cute.sym_int(divisibility=32)
+    scale_cols = cute.sym_int(divisibility=4)
+    return (
+        make_fake_compact_tensor(cutlass.Int32, (m_pad,), assumed_align=4),
+        make_fake_compact_tensor(cutlass.Int32, (num_tiles,), assumed_align=4),
+        make_fake_compact_tensor(
+            cutlass.Uint8, (experts, rows, packed_cols), stride_order=(2, 1, 0), assumed_align=16
+        ),
+        make_fake_compact_tensor(
+            cutlass.Uint8, (experts, rows, scale_cols), stride_order=(2, 1, 0), assumed_align=4
+        ),
+        make_fake_compact_tensor(cutlass.Float32, (experts,), assumed_align=4),
+    )
