@@ -19,25 +19,31 @@ which is correct but not fast. Fold a batch into the token axis instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jax_moe import _ffi
 from jax_moe.prepare import PreparedMoEWeights, prepare
-from jax_moe.routing_metadata import routing_metadata
+from jax_moe.routing_metadata import padded_rows, routing_metadata
 from jax_moe.tuning import ProblemKey, device_identity, lookup_tactic
 from jax_moe.weights import MoEWeights
 
-__all__ = ["fused_moe_cuda", "is_available", "select_tactics"]
+__all__ = ["check_supported", "fused_moe_cuda", "is_available", "select_tactics"]
 
 logger = logging.getLogger("jax_moe")
 
 GEMM1_OP = "moe_gemm1"
 GEMM2_OP = "moe_gemm2"
+#: Size multiples the sm_90a GEMMs need (GEMM2 reduces over `intermediate` in 64-wide
+#: steps and tiles `hidden` by up to 128 rows).
+HIDDEN_MULTIPLE = 128
+INTERMEDIATE_MULTIPLE = 64
+#: Row tiles are the second grid dimension of the GEMMs (a CUDA limit of 65535).
+MAX_ROW_TILES = 65535
 
 
 def is_available() -> bool:
@@ -50,20 +56,23 @@ def _log_once(message: str) -> None:
     logger.warning(message)
 
 
-def select_tactics(problem: Any, tactics: Any = None, *, arch: str | None = None,
-                   device_name: str | None = None) -> tuple[Any, Any]:
-    """The (GEMM1, GEMM2) tactics for a :class:`jax_moe.moe.MoEProblem`.
+def check_supported(problem: Any) -> None:
+    """Raises ``NotImplementedError`` for problems the sm_90a kernels cannot run."""
+    if problem.dtype != "bfloat16":
+        raise NotImplementedError(
+            f"the CUDA kernels take bfloat16 hidden_states, got {problem.dtype}"
+        )
+    if problem.hidden % HIDDEN_MULTIPLE or problem.intermediate % INTERMEDIATE_MULTIPLE:
+        raise NotImplementedError(
+            f"the CUDA kernels need hidden % {HIDDEN_MULTIPLE} == 0 and intermediate % "
+            f"{INTERMEDIATE_MULTIPLE} == 0, got hidden={problem.hidden}, "
+            f"intermediate={problem.intermediate}"
+        )
 
-    Raises ``NotImplementedError`` if the kernels do not support the problem
-    and ``ValueError`` if a tuned table holds an invalid or inconsistent pair.
-    """
-    from jax_moe.kernels import moe_gemm_config
 
-    if arch is None or device_name is None:
-        device_name, arch = device_identity()
-    chosen = []
-    for op in (GEMM1_OP, GEMM2_OP):
-        key = ProblemKey.for_call(
+def _problem_key(op: str, problem: Any, arch: str) -> ProblemKey | None:
+    try:
+        return ProblemKey.for_call(
             op,
             arch,
             problem.hidden,
@@ -74,26 +83,78 @@ def select_tactics(problem: Any, tactics: Any = None, *, arch: str | None = None
             problem.dtype,
             problem.num_tokens,
         )
+    except ValueError as error:  # e.g. local experts that do not divide num_experts
+        _log_once(f"no tuned tactics for this layout ({error}); using the default tactics")
+        return None
 
-        def default(p: ProblemKey, op: str = op) -> Any:
-            return moe_gemm_config.default_tactic(
-                op,
-                problem.num_tokens,
-                p.top_k,
-                p.num_local_experts,
-                p.hidden,
-                p.intermediate,
-                num_experts=p.num_experts,
-            )
 
-        chosen.append(lookup_tactic(tactics, key, default, device_name=device_name))
-    gemm1, gemm2 = chosen
-    if gemm1.block_m != gemm2.block_m:
-        raise ValueError(
-            f"GEMM1 tactic {gemm1} and GEMM2 tactic {gemm2} must share block_m "
-            "(they share the routing metadata)"
+def select_tactics(
+    problem: Any,
+    tactics: Any = None,
+    *,
+    arch: str | None = None,
+    device_name: str | None = None,
+) -> tuple[Any, Any]:
+    """The (GEMM1, GEMM2) tactics for a :class:`jax_moe.moe.MoEProblem`.
+
+    A tuned table's entries win; a miss takes the heuristic default. The two
+    GEMMs share the routing metadata, so they must agree on ``block_m``: when
+    only one of them is tuned, the other takes its exported variant with that
+    ``block_m`` closest to its default. Raises ``ValueError`` for a table
+    whose entries are of the wrong family or disagree on ``block_m``.
+    """
+    from jax_moe.kernels import moe_gemm_config
+
+    if arch is None or device_name is None:
+        device_name, arch = device_identity()
+    families = {
+        GEMM1_OP: (moe_gemm_config.MoeGemm1Sm90Tactic, moe_gemm_config.gemm1_variants),
+        GEMM2_OP: (moe_gemm_config.MoeGemm2Sm90Tactic, moe_gemm_config.gemm2_variants),
+    }
+    chosen, defaults = {}, {}
+    for op, (family, _) in families.items():
+        defaults[op] = moe_gemm_config.default_tactic(
+            op,
+            problem.num_tokens,
+            problem.top_k,
+            problem.num_local_experts,
+            problem.hidden,
+            problem.intermediate,
+            num_experts=problem.num_experts,
         )
+        key = _problem_key(op, problem, arch)
+        if key is None:
+            chosen[op] = defaults[op]
+            continue
+        tactic = lookup_tactic(
+            tactics, key, lambda _, op=op: defaults[op], device_name=device_name
+        )
+        if not isinstance(tactic, family):
+            raise ValueError(
+                f"the tactic table holds {tactic} for {key}; expected a {family.family} tactic"
+            )
+        chosen[op] = tactic
+    gemm1, gemm2 = chosen[GEMM1_OP], chosen[GEMM2_OP]
+    if gemm1.block_m != gemm2.block_m:
+        if gemm2 == defaults[GEMM2_OP] and gemm1 != defaults[GEMM1_OP]:
+            gemm2 = _closest_with_block_m(families[GEMM2_OP][1](), gemm2, gemm1.block_m)
+        elif gemm1 == defaults[GEMM1_OP] and gemm2 != defaults[GEMM2_OP]:
+            gemm1 = _closest_with_block_m(families[GEMM1_OP][1](), gemm1, gemm2.block_m)
+        if gemm1 is None or gemm2 is None or gemm1.block_m != gemm2.block_m:
+            raise ValueError(
+                f"GEMM1 tactic {chosen[GEMM1_OP]} and GEMM2 tactic {chosen[GEMM2_OP]} must "
+                "share block_m (they share the routing metadata)"
+            )
     return gemm1, gemm2
+
+
+def _closest_with_block_m(variants: list[Any], like: Any, block_m: int) -> Any:
+    """The exported variant with ``block_m`` that differs least from ``like``, or None."""
+    same = [t for t in variants if t.block_m == block_m]
+    if not same:
+        return None
+    fields = [f.name for f in dataclasses.fields(like) if f.name != "block_m"]
+    return min(same, key=lambda t: sum(getattr(t, f) != getattr(like, f) for f in fields))
 
 
 def fused_moe_cuda(
@@ -105,13 +166,18 @@ def fused_moe_cuda(
     tactics: Any = None,
 ) -> jax.Array:
     """The GPU data path; arguments already validated by :func:`jax_moe.moe.validate_moe_args`."""
-    if hidden_states.dtype != jnp.bfloat16:
-        raise NotImplementedError(
-            f"the CUDA kernels take bfloat16 hidden_states, got {hidden_states.dtype}"
-        )
+    check_supported(problem)
     if not is_available():
         raise NotImplementedError("the jax_moe CUDA extension is not built")
     gemm1, gemm2 = select_tactics(problem, tactics)
+    num_tiles = padded_rows(
+        problem.num_tokens * problem.top_k, problem.num_local_experts, gemm1.block_m
+    ) // gemm1.block_m
+    if num_tiles > MAX_ROW_TILES:
+        raise NotImplementedError(
+            f"{num_tiles} row tiles of {gemm1.block_m} rows exceed the kernels' grid limit "
+            f"of {MAX_ROW_TILES}; split the tokens into smaller calls"
+        )
     if isinstance(weights, MoEWeights):
         _log_once(
             "fused_moe got logical MoEWeights on the GPU and repacks them on every call; "

@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_moe import nvfp4
 from jax_moe.weights import MoEWeights
@@ -117,20 +118,24 @@ def validate_moe_args(
 
     if num_local_experts is None:
         num_local_experts = weights.num_experts
-    if not isinstance(num_local_experts, int) or num_local_experts < 1:
+    num_local_experts = _as_int("num_local_experts", num_local_experts)
+    local_expert_offset = _as_int("local_expert_offset", local_expert_offset)
+    if num_experts is not None:
+        num_experts = _as_int("num_experts", num_experts)
+    if num_local_experts < 1:
         raise ValueError(f"num_local_experts must be a positive int, got {num_local_experts!r}")
     if num_local_experts != weights.num_experts:
         raise ValueError(
             f"num_local_experts={num_local_experts} but weights hold {weights.num_experts} "
             "experts; pass only the local experts' weights"
         )
-    if not isinstance(local_expert_offset, int) or local_expert_offset < 0:
+    if local_expert_offset < 0:
         raise ValueError(
             f"local_expert_offset must be a non-negative int, got {local_expert_offset!r}"
         )
     if num_experts is None:
         num_experts = local_expert_offset + num_local_experts
-    if not isinstance(num_experts, int) or num_experts < 1:
+    if num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     if local_expert_offset + num_local_experts > num_experts:
         raise ValueError(
@@ -163,9 +168,16 @@ def validate_moe_args(
     )
 
 
+def _as_int(name: str, value: Any) -> int:
+    """``value`` as a Python int (numpy integers accepted); TypeError for bools and others."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
 def _check_weights(weights: Any) -> None:
     """Type and shape checks of logical or prepared weights; names the bad field."""
-    from jax_moe.prepare import PreparedMoEWeights
+    from jax_moe.prepare import LAYOUT_VERSION, PreparedMoEWeights
 
     if isinstance(weights, MoEWeights):
         weights.check("weights")
@@ -174,6 +186,11 @@ def _check_weights(weights: Any) -> None:
         raise TypeError(
             "weights must be a jax_moe.MoEWeights or jax_moe.prepare.PreparedMoEWeights, got "
             f"{type(weights).__name__}"
+        )
+    if weights.layout_version != LAYOUT_VERSION:
+        raise NotImplementedError(
+            f"weights have prepared layout version {weights.layout_version}; this build "
+            f"reads version {LAYOUT_VERSION} (prepare them again from MoEWeights)"
         )
     e, h, i = weights.num_experts, weights.hidden, weights.intermediate
     block = nvfp4.BLOCK_SIZE
@@ -264,7 +281,10 @@ def fused_moe(
     impl = implementation if implementation is not None else _default_implementation()
     if impl not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {impl!r}")
-    topk_ids = topk_ids.astype(jnp.int32)
+    # Ids outside [0, num_experts) (only possible under jit) become -1, "not local",
+    # before narrowing to int32 so that no 64-bit id can wrap onto a valid one.
+    valid = (topk_ids >= 0) & (topk_ids < problem.num_experts)
+    topk_ids = jnp.where(valid, topk_ids, -1).astype(jnp.int32)
     topk_weights = topk_weights.astype(jnp.float32)
     if impl == "cuda":
         from jax_moe import gpu
@@ -312,7 +332,8 @@ def _fused_moe_xla(
 ) -> jax.Array:
     n, k, num_local = problem.num_tokens, problem.top_k, problem.num_local_experts
     inter = problem.intermediate
-    compute = jnp.float32 if hidden_states.dtype == jnp.float32 else jnp.bfloat16
+    # e2m1 * e4m3 (at most 2688, at least 2**-10) is exact in bf16 and in float16.
+    compute = hidden_states.dtype
 
     ids = topk_ids.reshape(-1) - problem.local_expert_offset
     local = (ids >= 0) & (ids < num_local)

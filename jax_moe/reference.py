@@ -72,9 +72,11 @@ def local_slot_weights(
       for local slots, ``-1`` for the others; and ``weights`` float32
       ``(num_tokens, top_k)``: ``topk_weights`` for local slots, ``0`` for the others.
     """
-    local_ids = topk_ids.astype(jnp.int32) - jnp.int32(local_expert_offset)
+    # Decide locality in the ids' own dtype: narrowing first could wrap an invalid
+    # 64-bit id onto a local one.
+    local_ids = topk_ids - local_expert_offset
     is_local = (local_ids >= 0) & (local_ids < num_local_experts)
-    local_ids = jnp.where(is_local, local_ids, -1)
+    local_ids = jnp.where(is_local, local_ids, -1).astype(jnp.int32)
     weights = jnp.where(is_local, topk_weights.astype(jnp.float32), 0.0)
     return local_ids, weights
 

@@ -5,8 +5,9 @@ if `local_expert_offset <= topk_ids[n, j] < local_expert_offset + L` (`L` =
 number of local experts); its local expert is `topk_ids[n, j] -
 local_expert_offset`. For a static row tile `block_m`:
 
-* `sorted_slots`: int32 `(m_pad,)` with `m_pad = round_up(N*top_k + L*(block_m - 1),
-  block_m)`, a static upper bound. The local slots grouped by local expert
+* `sorted_slots`: int32 `(m_pad,)` with `m_pad = round_up(N*top_k + min(L, N*top_k) *
+  (block_m - 1), block_m)`,
+  a static upper bound. The local slots grouped by local expert
   (expert 0 first), ascending slot order inside an expert; each expert's
   segment is padded with -1 to a multiple of `block_m` (an expert with no slots
   has an empty segment); the entries after the last segment are -1.
@@ -50,11 +51,15 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 def padded_rows(num_slots: int, num_local_experts: int, block_m: int) -> int:
-    """`m_pad = round_up(num_slots + num_local_experts * (block_m - 1), block_m)`."""
+    """`m_pad = round_up(num_slots + min(num_local_experts, num_slots) * (block_m - 1), block_m)`.
+
+    At most `min(num_local_experts, num_slots)` experts receive a slot, and each pads
+    its segment by at most `block_m - 1` rows, so this bounds the used rows.
+    """
     num_slots = _check_int("num_slots", num_slots, 0)
     num_local_experts = _check_int("num_local_experts", num_local_experts, 1)
     block_m = _check_int("block_m", block_m, 1)
-    rows = num_slots + num_local_experts * (block_m - 1)
+    rows = num_slots + min(num_local_experts, num_slots) * (block_m - 1)
     return -(-rows // block_m) * block_m
 
 
@@ -99,9 +104,10 @@ def _routing_metadata(
     num_tiles = m_pad // block_m
 
     # Local expert of each slot; non-local slots go to the sentinel bucket `num_local`.
-    expert = topk_ids.reshape(-1).astype(jnp.int32) - np.int32(offset)
+    # Locality is decided in the ids' own dtype (narrowing first could wrap a 64-bit id).
+    expert = topk_ids.reshape(-1) - offset
     is_local = (expert >= 0) & (expert < num_local)
-    bucket = jnp.where(is_local, expert, num_local)
+    bucket = jnp.where(is_local, expert, num_local).astype(jnp.int32)
 
     counts = jnp.zeros((num_local + 1,), jnp.int32).at[bucket].add(1, mode="drop")
     padded = (counts[:num_local] + (block_m - 1)) // block_m * block_m

@@ -206,3 +206,43 @@ def test_bad_prepared_weights(tiny):
     bad = dataclasses.replace(prepared, w13_global=prepared.w13_global.astype(jnp.bfloat16))
     with pytest.raises(TypeError, match="weights.w13_global"):
         _call(tiny, weights=bad)
+
+
+def test_64_bit_ids_never_wrap_onto_local_experts(tiny):
+    _, weights, x, ids, wts, _, _ = tiny
+    with jax.enable_x64(True):
+        wide = ids.astype(jnp.int64).at[0, 1].set(2**32 + 1)  # would wrap to expert 1
+        got = jax.jit(jax_moe.fused_moe)(x, weights, wide, wts)
+        dropped = jax_moe.fused_moe(x, weights, ids.at[0, 1].set(0), wts.at[0, 1].set(0.0))
+        want = reference.fused_moe(x, weights, wide, wts)
+    assert_close(got, dropped, jnp.bfloat16)
+    assert_close(want, dropped.astype(jnp.float32), jnp.bfloat16)
+
+
+def test_numpy_ints_accepted_and_bools_rejected(tiny):
+    _, weights, x, ids, wts, _, _ = tiny
+    got = jax_moe.fused_moe(x, weights, ids, wts, num_local_experts=np.int64(8))
+    assert got.shape == x.shape
+    with pytest.raises(TypeError, match="local_expert_offset"):
+        _call(tiny, local_expert_offset=True)
+    with pytest.raises(TypeError, match="num_experts"):
+        _call(tiny, num_experts=8.0)
+
+
+def test_prepared_weights_of_another_layout_version(tiny):
+    import dataclasses
+
+    from jax_moe.prepare import prepare
+
+    _, weights, *_ = tiny
+    old = dataclasses.replace(prepare(weights), layout_version=1)
+    with pytest.raises(NotImplementedError, match="layout version"):
+        _call(tiny, weights=old)
+
+
+def test_float16_hidden_states_compute_in_float16(tiny):
+    _, weights, x, ids, wts, _, _ = tiny
+    x16 = x.astype(jnp.float16)
+    got = jax_moe.fused_moe(x16, weights, ids, wts)
+    assert got.dtype == jnp.float16
+    assert_close(got, reference.fused_moe(x16, weights, ids, wts), jnp.float16, rtol=2e-3)

@@ -118,3 +118,69 @@ def test_lowered_calls_carry_the_tuned_variants(layer, monkeypatch):
     variants = [int(v) for v in re.findall(r"variant\s*=\s*(\d+)\s*:\s*i32", text)]
     assert _ffi.variant_id("moe_gemm1", gemm1) in variants
     assert _ffi.variant_id("moe_gemm2", gemm2) in variants
+
+
+def _problem(**overrides):
+    from jax_moe.moe import MoEProblem
+
+    base = dict(
+        num_tokens=4,
+        hidden=256,
+        intermediate=128,
+        top_k=2,
+        num_experts=8,
+        num_local_experts=8,
+        local_expert_offset=0,
+        dtype="bfloat16",
+    )
+    base.update(overrides)
+    return MoEProblem(**base)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(hidden=2880, intermediate=2880), dict(hidden=192), dict(intermediate=80),
+     dict(dtype="float16"), dict(dtype="float32")],
+)
+def test_unsupported_problems_raise_not_implemented(overrides):
+    # NotImplementedError makes fused_moe fall back to the XLA path.
+    with pytest.raises(NotImplementedError):
+        gpu.check_supported(_problem(**overrides))
+
+
+def test_layouts_without_a_problem_key_use_defaults():
+    # 4 local experts of 6: the tuning key needs num_experts % num_local_experts == 0.
+    problem = _problem(num_experts=6, num_local_experts=4, local_expert_offset=2)
+    gemm1, gemm2 = _select(problem, None)
+    assert gemm1.block_m == gemm2.block_m
+
+
+def test_a_tactic_of_the_wrong_family_is_an_error(layer):
+    *_, problem = layer
+    meta = tuning.TableMetadata.create(
+        device_name=DEVICE, arch=ARCH, distribution="balanced", profile_key=0
+    )
+    wrong = moe_gemm_config.gemm2_variants()[0]
+    table = tuning.TacticTable(
+        meta, {_key("moe_gemm1", problem): tuning.TacticEntry(wrong, 1.0)}
+    )
+    with pytest.raises(ValueError, match="moe_gemm1_sm90 tactic"):
+        _select(problem, table)
+
+
+def test_one_tuned_gemm_pairs_with_a_matching_default(layer):
+    *_, problem = layer
+    default1, _ = _select(problem, None)
+    tuned = next(
+        t for t in moe_gemm_config.gemm1_variants() if t.block_m != default1.block_m
+    )
+    meta = tuning.TableMetadata.create(
+        device_name=DEVICE, arch=ARCH, distribution="balanced", profile_key=0
+    )
+    table = tuning.TacticTable(
+        meta, {_key("moe_gemm1", problem): tuning.TacticEntry(tuned, 1.0)}
+    )
+    gemm1, gemm2 = _select(problem, table)
+    assert gemm1 == tuned
+    assert gemm2.block_m == tuned.block_m
+    assert gemm2 in moe_gemm_config.gemm2_variants()
