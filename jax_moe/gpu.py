@@ -29,7 +29,7 @@ import jax
 from jax_moe import _ffi
 from jax_moe.prepare import PreparedMoEWeights, prepare
 from jax_moe.routing_metadata import padded_rows, routing_metadata
-from jax_moe.tuning import ProblemKey, device_identity, lookup_tactic
+from jax_moe.tuning import ProblemKey, device_identity, lookup_tactic, shipped_table
 from jax_moe.weights import MoEWeights
 
 __all__ = ["check_supported", "fused_moe_cuda", "is_available", "select_tactics"]
@@ -97,7 +97,8 @@ def select_tactics(
 ) -> tuple[Any, Any]:
     """The (GEMM1, GEMM2) tactics for a :class:`jax_moe.moe.MoEProblem`.
 
-    A tuned table's entries win; a miss takes the heuristic default. The two
+    A tuned table's entries win (``tactics=None``: the table shipped in the
+    package for this device, if any); a miss takes the heuristic default. The two
     GEMMs share the routing metadata, so they must agree on ``block_m``: when
     only one of them is tuned, the other takes its exported variant with that
     ``block_m`` closest to its default. Raises ``ValueError`` for a table
@@ -107,6 +108,8 @@ def select_tactics(
 
     if arch is None or device_name is None:
         device_name, arch = device_identity()
+    if tactics is None:  # the table shipped for this device, if any
+        tactics = shipped_table(device_name, arch)
     families = {
         GEMM1_OP: (moe_gemm_config.MoeGemm1Sm90Tactic, moe_gemm_config.gemm1_variants),
         GEMM2_OP: (moe_gemm_config.MoeGemm2Sm90Tactic, moe_gemm_config.gemm2_variants),

@@ -252,7 +252,8 @@ def fused_moe(
       num_experts: global number of experts (for id checks and tactic lookup);
         defaults to ``local_expert_offset + num_local_experts``.
       tactics: a :class:`jax_moe.tuning.TacticTable`, a path to a tactic file,
-        or ``None`` for the shipped table/heuristic defaults (GPU only).
+        or ``None``: the table shipped in the package for this GPU if there is one
+        (none ships yet), else the heuristic defaults (GPU only).
       implementation: ``"xla"``, ``"cuda"`` or ``None`` (automatic).
 
     Returns:

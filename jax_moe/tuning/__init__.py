@@ -23,6 +23,7 @@ from jax_moe.tuning.routing_generator import (
     profile_inputs,
     profile_routing,
 )
+from jax_moe.tuning.shipped import shipped_table
 from jax_moe.tuning.tactic_table import (
     FILE_FORMAT,
     SCHEMA_VERSION,
@@ -50,6 +51,7 @@ __all__ = [
     "lookup_tactic",
     "profile_inputs",
     "profile_routing",
+    "shipped_table",
     "token_bucket",
     "token_buckets",
 ]

@@ -1,0 +1,383 @@
+"""Ahead-of-time tuning of the MoE GEMM tactics: `python -m jax_moe.tune`.
+
+Times every valid exported tactic of `moe_gemm1` and `moe_gemm2` for each cell
+of the grid (model x EP size x token bucket `1, 2, 4, ..., --max_tokens`) on
+the GPU, chooses per cell the fastest GEMM1 + GEMM2 pair that shares a
+`block_m` (`jax_moe.tuning.tuner`) and writes a tactic file for
+`fused_moe(..., tactics=PATH)`. See docs/TUNING.md, "Running the tuner".
+
+    python -m jax_moe.tune --model=deepseek_v3 --ep=1,8,16 --out=tactics.json
+    python -m jax_moe.tune --hidden=4096 --intermediate=1408 --num_experts=64 \\
+        --top_k=6 --ep=8 --out=tactics.json --merge
+    python -m jax_moe.tune --evaluate=tactics.json          # regret + reproducibility
+    python -m jax_moe.tune --model=tiny --max_tokens=64 --plot=tiny.png
+
+Flags live in their own `flags.FlagValues` (`FLAGS`), so importing this module
+defines nothing on absl's global flags; `run(config, profiler=...)` is the
+whole tool without flags and `run_cli(argv, profiler=...)` parses `argv` first
+(both take an injectable `Profiler`, which tests use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from absl import app, flags
+
+from jax_moe import models
+from jax_moe.tuning.problem import DEFAULT_MAX_TOKENS
+from jax_moe.tuning.profiler import (
+    OPS,
+    Profiler,
+    TimingConfig,
+    key_data_of_seed,
+)
+from jax_moe.tuning.routing_generator import RoutingDistribution
+from jax_moe.tuning.tactic_table import TacticTable
+from jax_moe.tuning.tuner import (
+    CellResult,
+    SearchConfig,
+    build_table,
+    format_summary,
+    make_cells,
+    tune_cells,
+)
+
+__all__ = ["FLAGS", "TuneConfig", "TuneOutcome", "config_from_flags", "main", "plot_results",
+           "run", "run_cli"]
+
+FLAGS = flags.FlagValues()
+
+_MODEL = flags.DEFINE_list(
+    "model", [], f"Model presets to tune: {', '.join(models.PRESETS)}.", flag_values=FLAGS
+)
+_HIDDEN = flags.DEFINE_integer("hidden", None, "Explicit shape: hidden size.", flag_values=FLAGS)
+_INTERMEDIATE = flags.DEFINE_integer(
+    "intermediate", None, "Explicit shape: expert intermediate size.", flag_values=FLAGS
+)
+_NUM_EXPERTS = flags.DEFINE_integer(
+    "num_experts", None, "Explicit shape: number of experts.", flag_values=FLAGS
+)
+_TOP_K = flags.DEFINE_integer("top_k", None, "Explicit shape: experts per token.",
+                              flag_values=FLAGS)
+_EP = flags.DEFINE_list("ep", ["1"], "Expert-parallel sizes (rank 0's slice is tuned).",
+                        flag_values=FLAGS)
+_MAX_TOKENS = flags.DEFINE_integer(
+    "max_tokens", DEFAULT_MAX_TOKENS, "Largest token bucket (a power of two).", flag_values=FLAGS
+)
+_DISTRIBUTION = flags.DEFINE_string(
+    "distribution", "balanced", "Profiling routing: balanced, uniform or zipf:S.",
+    flag_values=FLAGS,
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the profiling inputs' jax.random key.",
+                             flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", "tactics.json", "Tactic file to write.", flag_values=FLAGS)
+_MERGE = flags.DEFINE_bool(
+    "merge", False, "Merge into an existing --out file (tuned cells replace theirs).",
+    flag_values=FLAGS,
+)
+_EVALUATE = flags.DEFINE_string(
+    "evaluate", None, "Evaluate this tactic file (regret, reproducibility) instead of tuning.",
+    flag_values=FLAGS,
+)
+_PLOT = flags.DEFINE_string(
+    "plot", None, "Write a PNG of latency vs num_tokens per tactic (needs matplotlib).",
+    flag_values=FLAGS,
+)
+_COLD_L2 = flags.DEFINE_bool("cold_l2", False, "Rotate weight copies larger than the L2.",
+                             flag_values=FLAGS)
+_REPS = flags.DEFINE_integer("reps", 20, "Launches per timed scan.", flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed scans per tactic (median).",
+                                flag_values=FLAGS)
+_TIE_TOLERANCE = flags.DEFINE_float(
+    "tie_tolerance", 0.005, "Relative time difference treated as a tie.", flag_values=FLAGS
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """One run of the tool.
+
+    Attributes:
+      models: layer shapes to tune.
+      eps: expert-parallel sizes.
+      max_tokens: largest token bucket (<= DEFAULT_MAX_TOKENS, which lookup caps at).
+      distribution: profiling routing, `str(RoutingDistribution)`.
+      seed: seed of the inputs' key.
+      out: the tactic file written.
+      merge: merge into an existing `out` instead of replacing it.
+      evaluate: evaluate this tactic file instead of tuning.
+      plot: PNG written after tuning.
+      timing: profiler settings.
+      search: choice settings.
+    """
+
+    models: tuple[models.MoEConfig, ...] = ()
+    eps: tuple[int, ...] = (1,)
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    distribution: str = "balanced"
+    seed: int = 0
+    out: str = "tactics.json"
+    merge: bool = False
+    evaluate: str | None = None
+    plot: str | None = None
+    timing: TimingConfig = TimingConfig()
+    search: SearchConfig = SearchConfig()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "distribution", str(RoutingDistribution.parse(self.distribution)))
+        if self.evaluate is None and not self.models:
+            raise ValueError("no model to tune: give --model or --hidden/--intermediate/"
+                             "--num_experts/--top_k")
+        if not self.eps or any(isinstance(e, bool) or not isinstance(e, int) or e < 1
+                               for e in self.eps):
+            raise ValueError(f"eps={self.eps!r}; expected positive ints")
+        for ep in self.eps:
+            if self.models and all(model.num_experts % ep for model in self.models):
+                experts = ", ".join(f"{m.num_experts} of {m.name}" for m in self.models)
+                raise ValueError(f"--ep={ep} does not divide num_experts ({experts})")
+        mt = self.max_tokens
+        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1 or mt & (mt - 1):
+            raise ValueError(f"max_tokens={mt!r}; expected a power of two >= 1")
+        if mt > DEFAULT_MAX_TOKENS:
+            raise ValueError(
+                f"max_tokens={mt}; at most {DEFAULT_MAX_TOKENS}, the largest bucket that "
+                "fused_moe looks up (larger batches use that bucket)"
+            )
+        key_data_of_seed(self.seed)  # Validates the seed.
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneOutcome:
+    """What `run` did: the cell results and the table written, or the evaluation."""
+
+    results: tuple[CellResult, ...] = ()
+    table: TacticTable | None = None
+    report: Any = None
+
+
+def _models_from_flags() -> tuple[models.MoEConfig, ...]:
+    chosen = [models.get_preset(name.strip()) for name in _MODEL.value if name.strip()]
+    explicit = {
+        "hidden": _HIDDEN.value,
+        "intermediate": _INTERMEDIATE.value,
+        "num_experts": _NUM_EXPERTS.value,
+        "top_k": _TOP_K.value,
+    }
+    given = [name for name, value in explicit.items() if value is not None]
+    if given and len(given) != len(explicit):
+        missing = sorted(set(explicit) - set(given))
+        raise app.UsageError(
+            f"explicit shape flags need all four; missing --{', --'.join(missing)}"
+        )
+    if given:
+        name = "E{num_experts}k{top_k}H{hidden}I{intermediate}".format(**explicit)
+        chosen.append(models.MoEConfig(name=name, **explicit))
+    return tuple(chosen)
+
+
+def config_from_flags() -> TuneConfig:
+    """The `TuneConfig` of the parsed `FLAGS`; app.UsageError for bad values."""
+    try:
+        eps = tuple(int(e) for e in _EP.value)
+    except ValueError:
+        raise app.UsageError(f"--ep={','.join(_EP.value)}; expected integers") from None
+    try:
+        return TuneConfig(
+            models=_models_from_flags(),
+            eps=eps,
+            max_tokens=_MAX_TOKENS.value,
+            distribution=_DISTRIBUTION.value,
+            seed=_SEED.value,
+            out=_OUT.value,
+            merge=_MERGE.value,
+            evaluate=_EVALUATE.value,
+            plot=_PLOT.value,
+            timing=TimingConfig(
+                reps=_REPS.value, repeats=_REPEATS.value, cold_l2=_COLD_L2.value
+            ),
+            search=SearchConfig(tie_tolerance=_TIE_TOLERANCE.value),
+        )
+    except (TypeError, ValueError) as error:
+        raise app.UsageError(str(error)) from error
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise RuntimeError(
+            "--plot needs matplotlib, which is not installed (pip install matplotlib); "
+            "run without --plot or install it"
+        ) from error
+    return plt
+
+
+def plot_results(results: Sequence[CellResult], path: str | os.PathLike) -> None:
+    """A PNG of latency vs num_tokens per tactic; the chosen tactic of each cell is marked.
+
+    One row of panels per (model, EP), one column per op. Raises RuntimeError if
+    matplotlib is not installed.
+    """
+    plt = _pyplot()
+    groups: dict[tuple[str, int], list[CellResult]] = {}
+    for r in results:
+        groups.setdefault((r.cell.model.name, r.cell.ep), []).append(r)
+    fig, axes = plt.subplots(
+        len(groups), len(OPS), figsize=(7 * len(OPS), 4 * len(groups)), squeeze=False
+    )
+    for row, ((name, ep), cells) in enumerate(groups.items()):
+        for col, op in enumerate(OPS):
+            ax = axes[row][col]
+            series: dict[str, list[tuple[int, float]]] = {}
+            for r in cells:
+                for tactic, us in r.times(op).items():
+                    series.setdefault(str(tactic), []).append((r.cell.num_tokens, us))
+            for label, points in series.items():
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, ys, linewidth=0.8, alpha=0.6, label=label.split("[", 1)[-1][:-1])
+            chosen = [
+                (r.cell.num_tokens, (r.choice.gemm1 if col == 0 else r.choice.gemm2).time_us)
+                for r in cells
+                if r.choice is not None
+            ]
+            if chosen:
+                xs, ys = zip(*chosen, strict=True)
+                ax.plot(xs, ys, "k*", markersize=9, label="chosen")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("num_tokens")
+            ax.set_ylabel("us per launch")
+            ax.set_title(f"{name} EP={ep} {op}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=5, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=120)
+    plt.close(fig)
+
+
+def _default_profiler(config: TuneConfig) -> Profiler:
+    from jax_moe.tuning.profiler import GpuProfiler
+
+    return GpuProfiler(config.timing)
+
+
+def _evaluate(config: TuneConfig, profiler: Profiler, stream: TextIO) -> TuneOutcome:
+    from jax_moe.tuning.evaluate import EvaluationConfig, evaluate_table, format_report
+
+    table = TacticTable.load(
+        config.evaluate, expect_device=profiler.device_name, expect_arch=profiler.arch
+    )
+    report = evaluate_table(profiler, table, EvaluationConfig(search=config.search), stream)
+    stream.write(format_report(report) + "\n")
+    return TuneOutcome(table=table, report=report)
+
+
+def run(
+    config: TuneConfig,
+    profiler: Profiler | None = None,
+    stream: TextIO | None = None,
+) -> TuneOutcome:
+    """Tunes (or evaluates) as `config` says; progress and tables go to `stream` (stdout).
+
+    `profiler` defaults to `GpuProfiler(config.timing)` (NotImplementedError
+    without a GPU).
+    """
+    stream = stream if stream is not None else sys.stdout
+    if config.plot is not None:
+        _pyplot()  # Fail before hours of tuning, not after.
+    if profiler is None:
+        profiler = _default_profiler(config)
+    stream.write(f"device: {profiler.device_name} ({profiler.arch})\n")
+    if config.evaluate is not None:
+        return _evaluate(config, profiler, stream)
+    key_data = key_data_of_seed(config.seed)
+    cells = []
+    for model in config.models:
+        eps = [ep for ep in config.eps if model.num_experts % ep == 0]
+        for ep in sorted(set(config.eps) - set(eps)):
+            stream.write(f"skipping {model.name} EP={ep}: {model.num_experts} experts\n")
+        cells += make_cells(
+            [model],
+            eps,
+            config.max_tokens,
+            arch=profiler.arch,
+            routing=config.distribution,
+            key_data=key_data,
+        )
+    stream.write(
+        f"tuning {len(cells)} cells ({len(config.models)} models x {len(config.eps)} EP sizes "
+        f"x buckets up to {config.max_tokens}), routing {config.distribution}, "
+        f"seed {config.seed}\n"
+    )
+    stream.flush()
+    results = tuple(tune_cells(profiler, cells, config.search, stream))
+    table = build_table(
+        results,
+        device_name=profiler.device_name,
+        arch=profiler.arch,
+        distribution=config.distribution,
+        key_data=key_data,
+    )
+    if config.merge and os.path.exists(config.out):
+        existing = TacticTable.load(
+            config.out, expect_device=profiler.device_name, expect_arch=profiler.arch
+        )
+        try:
+            table = existing.merge(table, on_conflict="replace")
+        except ValueError as error:
+            raise ValueError(f"cannot --merge into {config.out}: {error}") from error
+        stream.write(f"merged into {config.out} ({len(existing)} entries before)\n")
+    os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
+    table.save(config.out)
+    stream.write(format_summary(results) + "\n")
+    failures = sum(len(r.failures()) for r in results)
+    stream.write(f"wrote {len(table)} entries to {config.out}; {failures} tactic failures\n")
+    if config.plot is not None:
+        plot_results(results, config.plot)
+        stream.write(f"wrote {config.plot}\n")
+    return TuneOutcome(results=results, table=table)
+
+
+def run_cli(
+    argv: Sequence[str], profiler: Profiler | None = None, stream: TextIO | None = None
+) -> TuneOutcome:
+    """Parses `argv` (`argv[0]` is the program name) into `FLAGS`, then `run`."""
+    FLAGS.unparse_flags()
+    try:
+        rest = FLAGS(list(argv))
+    except flags.Error as error:
+        raise app.UsageError(str(error)) from error
+    if len(rest) > 1:
+        raise app.UsageError(f"unexpected arguments {rest[1:]}")
+    return run(config_from_flags(), profiler, stream)
+
+
+def main(argv: Sequence[str]) -> None:
+    """The absl entry point (flags already parsed by `app.run`)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
+    FLAGS.mark_as_parsed()
+    try:
+        run(config_from_flags())
+    except (NotImplementedError, RuntimeError, ValueError) as error:
+        sys.exit(f"jax_moe.tune: {error}")
+
+
+def _adopt_flags() -> None:
+    """Adds `FLAGS` to absl's global flags (parsed and listed in --help by app.run)."""
+    flags.FLAGS.append_flag_values(FLAGS)
+    for name in FLAGS:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+
+if __name__ == "__main__":
+    _adopt_flags()
+    app.run(main)

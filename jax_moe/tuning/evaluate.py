@@ -1,0 +1,300 @@
+"""How good is a tuned table: regret under realistic routing, and reproducibility.
+
+`evaluate_table(profiler, table, config)`:
+
+Regret. For every tuned cell of the table (a `moe_gemm1` entry and the
+`moe_gemm2` entry of the same problem) and every routing of
+`config.routings` (by default `softmax`: the top-k of a softmax of random
+logits, and `skewed`: the same with a few hot experts; see
+`jax_moe.tuning.profiler`), every valid exported tactic of both ops is timed
+again on that routing's inputs. With
+
+    best  = min over block_m of (fastest GEMM1 + fastest GEMM2 with that block_m)
+    tuned = time(tuned GEMM1) + time(tuned GEMM2)          (same run)
+
+the regret of the cell is `tuned / best - 1` (0 when the tuned pair is the
+fastest). The report gives it per cell and its mean and maximum, per routing and
+over all; the regret of the default heuristic pair is shown beside it. A cell
+whose tuned tactics fail now counts as a failure, not a number.
+
+Reproducibility. The table's cells are tuned again with the table's own
+distribution and profile key (`TableMetadata.distribution`, `profile_key`),
+and the report counts the cells whose new (GEMM1, GEMM2) pair equals the
+table's.
+
+Targets (`TARGETS`): mean regret <= 2 %, max regret <= 5 %, the same pair in
+>= 95 % of the cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from typing import TextIO
+
+from jax_moe import models
+from jax_moe.tactic import Tactic
+from jax_moe.tuning.problem import ProblemKey
+from jax_moe.tuning.profiler import (
+    GEMM1_OP,
+    GEMM2_OP,
+    REALISTIC_ROUTINGS,
+    Profiler,
+    TuneCell,
+)
+from jax_moe.tuning.tactic_table import TacticTable
+from jax_moe.tuning.tuner import (
+    CellResult,
+    SearchConfig,
+    choose_pair,
+    default_pair,
+    tune_cells,
+)
+
+__all__ = [
+    "TARGETS",
+    "CellRegret",
+    "EvaluationConfig",
+    "EvaluationReport",
+    "Reproducibility",
+    "Targets",
+    "evaluate_table",
+    "format_report",
+    "regret_of",
+    "table_cells",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    """Acceptance thresholds of a tuned table."""
+
+    mean_regret: float = 0.02
+    max_regret: float = 0.05
+    same_fraction: float = 0.95
+
+
+TARGETS = Targets()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """What `evaluate_table` does.
+
+    Attributes:
+      routings: routings of the regret measurement (see the module docstring).
+      repeat_tuning: also tune the cells again and count identical choices.
+      search: how the repeated tuning chooses (as in the original run).
+    """
+
+    routings: tuple[str, ...] = REALISTIC_ROUTINGS
+    repeat_tuning: bool = True
+    search: SearchConfig = SearchConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class CellRegret:
+    """The regret of one cell under one routing.
+
+    Attributes:
+      cell: the cell (its `routing` is the evaluated routing).
+      tuned: the table's (GEMM1, GEMM2).
+      tuned_us: their time now, None if either failed.
+      best: the fastest pair now, None if no pair ran.
+      best_us: its time.
+      regret: `tuned_us / best_us - 1`, None if not measurable.
+      default_regret: the same for the default heuristic pair.
+    """
+
+    cell: TuneCell
+    tuned: tuple[Tactic, Tactic]
+    tuned_us: float | None
+    best: tuple[Tactic, Tactic] | None
+    best_us: float | None
+    regret: float | None
+    default_regret: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reproducibility:
+    """Cells whose repeated tuning chose the table's pair, of all cells tuned again."""
+
+    same: int
+    total: int
+    differing: tuple[tuple[TuneCell, tuple[Tactic, Tactic], tuple[Tactic, Tactic] | None], ...]
+
+    @property
+    def fraction(self) -> float:
+        return self.same / self.total if self.total else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationReport:
+    """Regrets of every (cell, routing) and the reproducibility count (or None)."""
+
+    regrets: tuple[CellRegret, ...]
+    reproducibility: Reproducibility | None
+
+    def values(self, routing: str | None = None) -> list[float]:
+        """The measurable regrets, of one routing or all."""
+        return [
+            r.regret
+            for r in self.regrets
+            if r.regret is not None and (routing is None or r.cell.routing == routing)
+        ]
+
+    def mean_regret(self, routing: str | None = None) -> float:
+        values = self.values(routing)
+        return statistics.fmean(values) if values else math.nan
+
+    def max_regret(self, routing: str | None = None) -> float:
+        values = self.values(routing)
+        return max(values) if values else math.nan
+
+    @property
+    def failed(self) -> list[CellRegret]:
+        return [r for r in self.regrets if r.regret is None]
+
+
+def _model_of(problem: ProblemKey) -> models.MoEConfig:
+    shape = (problem.num_experts, problem.top_k, problem.hidden, problem.intermediate)
+    for preset in models.PRESETS.values():
+        if (preset.num_experts, preset.top_k, preset.hidden, preset.intermediate) == shape:
+            return preset
+    return models.MoEConfig(
+        name=f"E{problem.num_experts}k{problem.top_k}H{problem.hidden}I{problem.intermediate}",
+        num_experts=problem.num_experts,
+        top_k=problem.top_k,
+        hidden=problem.hidden,
+        intermediate=problem.intermediate,
+    )
+
+
+def table_cells(
+    table: TacticTable, *, routing: str | None = None
+) -> list[tuple[TuneCell, tuple[Tactic, Tactic]]]:
+    """The tuned cells of `table` and their (GEMM1, GEMM2) tactics.
+
+    A cell needs entries for both ops; `routing` defaults to the table's
+    distribution and the cells carry the table's profile key.
+    """
+    metadata = table.metadata
+    if metadata is None:
+        return []
+    routing = metadata.distribution if routing is None else routing
+    out = []
+    for problem in table.entries:
+        if problem.op != GEMM1_OP:
+            continue
+        partner = dataclasses.replace(problem, op=GEMM2_OP)
+        if partner not in table.entries:
+            continue
+        cell = TuneCell(
+            _model_of(problem),
+            problem.num_experts // problem.num_local_experts,
+            problem.token_bucket,
+            problem.arch,
+            routing,
+            metadata.profile_key,
+            problem.activation_dtype,
+        )
+        out.append((cell, (table.entries[problem].tactic, table.entries[partner].tactic)))
+    return sorted(out, key=lambda item: (item[0].model.name, item[0].ep, item[0].num_tokens))
+
+
+def regret_of(result: CellResult, tuned: tuple[Tactic, Tactic]) -> CellRegret:
+    """The `CellRegret` of `tuned` from the timings of one cell (plain minimum as best)."""
+    best = choose_pair(result.timings, SearchConfig(tie_tolerance=0.0))
+    tuned_us = result.pair_us(tuned)
+    best_us = None if best is None else best.total_us
+
+    def regret(us: float | None) -> float | None:
+        return None if us is None or best_us is None else max(0.0, us / best_us - 1)
+
+    return CellRegret(
+        result.cell,
+        tuned,
+        tuned_us,
+        None if best is None else best.tactics,
+        best_us,
+        regret(tuned_us),
+        regret(result.pair_us(default_pair(result.cell))),
+    )
+
+
+def evaluate_table(
+    profiler: Profiler,
+    table: TacticTable,
+    config: EvaluationConfig | None = None,
+    stream: TextIO | None = None,
+) -> EvaluationReport:
+    """Regret and reproducibility of `table` on `profiler`'s device (module docstring)."""
+    config = config or EvaluationConfig()
+    tuned_cells = table_cells(table)
+    regrets = []
+    for routing in config.routings:
+        cells = [dataclasses.replace(cell, routing=routing) for cell, _ in tuned_cells]
+        results = tune_cells(profiler, cells, config.search, stream)
+        for result, (_, tuned) in zip(results, tuned_cells, strict=True):
+            regrets.append(regret_of(result, tuned))
+    reproducibility = None
+    if config.repeat_tuning:
+        results = tune_cells(profiler, [c for c, _ in tuned_cells], config.search, stream)
+        same, differing = 0, []
+        for result, (cell, tuned) in zip(results, tuned_cells, strict=True):
+            again = None if result.choice is None else result.choice.tactics
+            if again == tuned:
+                same += 1
+            else:
+                differing.append((cell, tuned, again))
+        reproducibility = Reproducibility(same, len(tuned_cells), tuple(differing))
+    return EvaluationReport(tuple(regrets), reproducibility)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
+
+
+def format_report(report: EvaluationReport, targets: Targets = TARGETS) -> str:
+    """The per-cell regrets, their mean and max, reproducibility and the targets."""
+    lines = [
+        f"{'cell':<40} {'tuned_us':>10} {'best_us':>10} {'regret':>8} {'default':>8}",
+        "(default: the regret of the default heuristic pair)",
+    ]
+    for r in report.regrets:
+        tuned = "failed" if r.tuned_us is None else f"{r.tuned_us:.1f}"
+        best = "-" if r.best_us is None else f"{r.best_us:.1f}"
+        lines.append(
+            f"{str(r.cell):<40} {tuned:>10} {best:>10} {_percent(r.regret):>8} "
+            f"{_percent(r.default_regret):>8}"
+        )
+    lines.append("")
+    routings = sorted({r.cell.routing for r in report.regrets})
+    for routing in [*routings, None]:
+        name = "all routings" if routing is None else routing
+        lines.append(
+            f"regret {name}: mean {_percent(report.mean_regret(routing))}, "
+            f"max {_percent(report.max_regret(routing))} over {len(report.values(routing))} cells"
+        )
+    if report.failed:
+        lines.append(f"cells whose tuned tactics failed: {len(report.failed)}")
+    mean, worst = report.mean_regret(), report.max_regret()
+    verdicts = [
+        f"mean regret {_percent(mean)} <= {_percent(targets.mean_regret)}: "
+        f"{'PASS' if mean <= targets.mean_regret else 'FAIL'}",
+        f"max regret {_percent(worst)} <= {_percent(targets.max_regret)}: "
+        f"{'PASS' if worst <= targets.max_regret else 'FAIL'}",
+    ]
+    rep = report.reproducibility
+    if rep is not None:
+        lines.append(f"same pair when tuned again: {rep.same}/{rep.total} cells")
+        for cell, tuned, again in rep.differing:
+            now = "none" if again is None else " + ".join(str(t) for t in again)
+            lines.append(f"  {cell}: table {' + '.join(str(t) for t in tuned)}, now {now}")
+        verdicts.append(
+            f"same pair {_percent(rep.fraction)} >= {_percent(targets.same_fraction)}: "
+            f"{'PASS' if rep.fraction >= targets.same_fraction else 'FAIL'}"
+        )
+    lines.extend(verdicts)
+    return "\n".join(lines)

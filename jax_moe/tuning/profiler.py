@@ -1,0 +1,569 @@
+"""Profilers: the time of one (op, tactic, cell) on a device.
+
+A *cell* (`TuneCell`) is one point of the tuning grid: a layer shape (a
+`jax_moe.models.MoEConfig`), an expert-parallel size `ep` (rank 0's slice of
+`num_experts // ep` local experts, offset 0), a token count, the GPU arch, the
+routing the inputs are drawn under and the raw data of the `jax.random` key
+they are drawn from. Its inputs (`cell_inputs`) come from the tuning core's
+seeded generators, so a cell names its inputs exactly:
+
+- `balanced`, `uniform`, `zipf:S`: `jax_moe.tuning.profile_inputs` (the
+  balanced generator by default, see docs/TUNING.md);
+- `softmax`: realistic routing, the top-k of a softmax of standard normal
+  logits (`jax_moe.routing.topk_softmax`);
+- `skewed`: the same with a per-expert bias `-0.15 * log(1 + rank)` over a
+  random ranking of the experts, so a few experts are hot (for DeepSeek-V3
+  the hottest expert gets about 3 to 4 times the mean load).
+
+A `Profiler` answers `time(op, tactic, cell)` with a `Measurement` (median
+microseconds per launch) or a `Failure` (the tactic could not be compiled or
+launched; the message is kept, the tuning goes on). `prepare_cell` is an
+optional hook called once per cell before its tactics are timed (the GPU
+profiler compiles all of them there, in parallel threads).
+
+`GpuProfiler` times the FFI ops `jax_moe._ffi.moe_gemm1` / `moe_gemm2` with
+`variant=tactic` on the default GPU:
+
+- inputs: the cell's hidden states and routing, routing metadata built with
+  the tactic's `block_m`, random NVFP4 weights of the local experts
+  (`models.random_moe_weights` from a key derived from the cell's key, then
+  `prepare`); for GEMM2, standard normal bf16 activations `(m_pad, intermediate)`;
+- timing: a jitted `lax.scan` runs R launches back to back over R distinct
+  activation inputs (no launch can be hoisted or merged); the time of a launch
+  is the wall time of the whole scan, to `block_until_ready`, divided by R, the
+  median of `repeats` scans after `warmup` scans (the first also compiles).
+  JAX exposes no CUDA events, so host overhead is excluded by amortization:
+  one dispatch per scan, spread over R launches. Each scan step also slices
+  its activation input out of the stacked inputs and adds one element of the
+  result to a float32 carry (two tiny kernels), a small constant that is the
+  same for every tactic of an op. Only `_wall_seconds` measures time, so an
+  event-based timer can replace it there alone.
+- cold L2 (`TimingConfig.cold_l2`): each scan step launches C times, each on
+  its own copy of the weights (drawn from their own keys) and its own
+  activations, with C the smallest count whose bytes reach twice the L2 size
+  (at most `max_weight_copies`), so no launch finds the previous launch's
+  weights in L2. The L2 size is read from the device when JAX exposes it
+  (`l2_cache_size`), else `DEFAULT_L2_BYTES` (50 MiB, the L2 of an H100/H200).
+- R is `TimingConfig.reps`, lowered where the stacked activations would
+  exceed `max_input_bytes`, so large problems stay within memory.
+- Any exception of a tactic (trace, compile or launch) becomes a `Failure`.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import dataclasses
+import functools
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_moe import routing
+from jax_moe.models import MoEConfig
+from jax_moe.tactic import Tactic
+from jax_moe.tuning.problem import ProblemKey
+from jax_moe.tuning.routing_generator import ProfileInputs, RoutingDistribution, profile_inputs
+
+__all__ = [
+    "DEFAULT_L2_BYTES",
+    "GEMM1_OP",
+    "GEMM2_OP",
+    "OPS",
+    "REALISTIC_ROUTINGS",
+    "Failure",
+    "GpuProfiler",
+    "Measurement",
+    "Profiler",
+    "TimingConfig",
+    "TuneCell",
+    "cell_expert_loads",
+    "cell_inputs",
+    "key_data_of_seed",
+    "l2_cache_bytes",
+]
+
+GEMM1_OP = "moe_gemm1"
+GEMM2_OP = "moe_gemm2"
+OPS = (GEMM1_OP, GEMM2_OP)
+#: Realistic routings of the regret evaluation (see the module docstring).
+REALISTIC_ROUTINGS = ("softmax", "skewed")
+#: L2 bytes assumed when the device does not report its L2 size (H100 and H200: 50 MiB).
+DEFAULT_L2_BYTES = 50 * 2**20
+
+_SKEW = 0.15
+# fold_in tags of keys derived from a cell's key (the core uses 0..2 for its inputs).
+_WEIGHTS_TAG = 101
+_ACTIVATION_TAG = 102
+_REALISTIC_ROUTING_TAG = 103
+
+
+def key_data_of_seed(seed: int) -> tuple[int, ...]:
+    """The raw data of `jax.random.key(seed)`, as stored in a table's `profile_key`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}; expected an int >= 0")
+    return tuple(int(x) for x in np.asarray(jax.random.key_data(jax.random.key(seed))).ravel())
+
+
+def _check_routing(routing: str) -> str:
+    if routing in REALISTIC_ROUTINGS:
+        return routing
+    try:
+        return str(RoutingDistribution.parse(routing))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"routing={routing!r}; expected 'balanced', 'uniform', 'zipf:S', "
+            f"{' or '.join(repr(r) for r in REALISTIC_ROUTINGS)}"
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneCell:
+    """One point of the tuning grid (see the module docstring).
+
+    Attributes:
+      model: the layer shape; only `hidden`, `intermediate`, `num_experts`,
+        `top_k` and `name` matter here.
+      ep: expert-parallel size; rank 0 holds experts `[0, num_experts // ep)`.
+      num_tokens: tokens of the batch (the token bucket being tuned).
+      arch: GPU arch of the problem keys, e.g. `sm_90a`.
+      routing: `balanced`, `uniform`, `zipf:S`, `softmax` or `skewed`.
+      key_data: raw data of the `jax.random` key the inputs are drawn from.
+      dtype: activation dtype name.
+    """
+
+    model: MoEConfig
+    ep: int
+    num_tokens: int
+    arch: str
+    routing: str = "balanced"
+    key_data: tuple[int, ...] = (0, 0)
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, MoEConfig):
+            raise TypeError(f"TuneCell.model={self.model!r}; expected a MoEConfig")
+        for name in ("ep", "num_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TuneCell.{name}={value!r}; expected an int >= 1")
+        if self.model.num_experts % self.ep:
+            raise ValueError(
+                f"TuneCell.ep={self.ep} does not divide num_experts={self.model.num_experts} "
+                f"of {self.model.name}"
+            )
+        object.__setattr__(self, "routing", _check_routing(self.routing))
+        object.__setattr__(self, "key_data", tuple(int(x) for x in self.key_data))
+        self.problem_key(GEMM1_OP)  # Validates arch and dtype.
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.model.num_experts // self.ep
+
+    def problem_key(self, op: str) -> ProblemKey:
+        """The `ProblemKey` of `op` for this cell (bucket = `num_tokens` bucket)."""
+        m = self.model
+        return ProblemKey.for_call(
+            op,
+            self.arch,
+            m.hidden,
+            m.intermediate,
+            m.num_experts,
+            self.num_local_experts,
+            m.top_k,
+            self.dtype,
+            self.num_tokens,
+        )
+
+    def key(self) -> jax.Array:
+        """The `jax.random` key of the inputs."""
+        return jax.random.wrap_key_data(np.asarray(self.key_data, dtype=np.uint32))
+
+    def __str__(self) -> str:
+        routing = "" if self.routing == "balanced" else f" {self.routing}"
+        return f"{self.model.name} EP={self.ep} N={self.num_tokens}{routing}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """A successful timing: `time_us` is the median of `samples_us` (per launch)."""
+
+    time_us: float
+    samples_us: tuple[float, ...] = ()
+    launches: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.time_us, (int, float)) and math.isfinite(self.time_us)):
+            raise ValueError(f"Measurement.time_us={self.time_us!r}; expected a finite float")
+        if self.time_us <= 0:
+            raise ValueError(f"Measurement.time_us={self.time_us}; expected > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """A tactic that could not be timed; `message` says why."""
+
+    message: str
+
+
+class Profiler(abc.ABC):
+    """Times one (op, tactic, cell). Subclasses set `device_name` and `arch`.
+
+    `device_name` is the `jax.Device.device_kind` recorded in the tactic table;
+    `arch` (e.g. `sm_90a`) is the arch of the cells it can time.
+    """
+
+    device_name: str
+    arch: str
+
+    def prepare_cell(self, cell: TuneCell, candidates: Mapping[str, Sequence[Tactic]]) -> None:
+        """Called once before the `candidates` (op -> tactics) of `cell` are timed."""
+        del cell, candidates
+
+    @abc.abstractmethod
+    def time(self, op: str, tactic: Tactic, cell: TuneCell) -> Measurement | Failure:
+        """The time of one launch of `op` with `tactic` on `cell`'s inputs, or a Failure."""
+
+
+def _realistic_routing(cell: TuneCell) -> tuple[jax.Array, jax.Array]:
+    m = cell.model
+    key = jax.random.fold_in(cell.key(), _REALISTIC_ROUTING_TAG)
+    k_logits, k_rank = jax.random.split(key)
+    logits = jax.random.normal(k_logits, (cell.num_tokens, m.num_experts), jnp.float32)
+    if cell.routing == "skewed":
+        rank = jax.random.permutation(k_rank, m.num_experts).astype(jnp.float32)
+        logits = logits - _SKEW * jnp.log1p(rank)[None, :]
+    return routing.topk_softmax(logits, m.top_k)
+
+
+@functools.lru_cache(maxsize=16)
+def cell_inputs(cell: TuneCell) -> ProfileInputs:
+    """The inputs of `cell`: hidden states `(num_tokens, hidden)`, routing and router weights.
+
+    Raises ValueError for an infeasible balanced plan (see `balanced_expert_loads`).
+    """
+    realistic = cell.routing in REALISTIC_ROUTINGS
+    m = cell.model
+    inputs = profile_inputs(
+        cell.key(),
+        cell.num_tokens,
+        m.hidden,
+        m.num_experts,
+        m.top_k,
+        dtype=jnp.dtype(cell.dtype),
+        distribution="uniform" if realistic else cell.routing,
+        num_local_experts=cell.num_local_experts,
+    )
+    if realistic:
+        ids, weights = _realistic_routing(cell)
+        inputs = ProfileInputs(inputs.hidden_states, ids, weights)
+    return inputs
+
+
+@functools.lru_cache(maxsize=256)
+def cell_expert_loads(cell: TuneCell) -> tuple[int, ...]:
+    """Routed rows of each local expert of `cell` (length `num_local_experts`)."""
+    ids = np.asarray(cell_inputs(cell).topk_ids).ravel()
+    local = ids[ids < cell.num_local_experts]
+    return tuple(int(x) for x in np.bincount(local, minlength=cell.num_local_experts))
+
+
+def l2_cache_bytes(device: Any) -> int:
+    """The L2 size of `device` if JAX exposes it, else `DEFAULT_L2_BYTES`."""
+    value = getattr(device, "l2_cache_size", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    return DEFAULT_L2_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingConfig:
+    """How `GpuProfiler` times a launch (see the module docstring).
+
+    Attributes:
+      reps: launches per timed scan (R), at most; >= 1.
+      repeats: timed scans; the median is reported; >= 1.
+      warmup: untimed scans first (the first also compiles); >= 1.
+      cold_l2: rotate weight copies so that no launch hits the L2.
+      l2_bytes: the L2 size; None reads it from the device (or DEFAULT_L2_BYTES).
+      max_weight_copies: at most this many weight copies with `cold_l2`.
+      max_input_bytes: the stacked activations of one scan stay below this.
+      compile_threads: threads compiling a cell's tactics in parallel.
+    """
+
+    reps: int = 20
+    repeats: int = 5
+    warmup: int = 1
+    cold_l2: bool = False
+    l2_bytes: int | None = None
+    max_weight_copies: int = 16
+    max_input_bytes: int = 2 * 2**30
+    compile_threads: int = 8
+
+    def __post_init__(self) -> None:
+        for name in (
+            "reps",
+            "repeats",
+            "warmup",
+            "max_weight_copies",
+            "max_input_bytes",
+            "compile_threads",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TimingConfig.{name}={value!r}; expected an int >= 1")
+        if not isinstance(self.cold_l2, bool):
+            raise TypeError(f"TimingConfig.cold_l2={self.cold_l2!r}; expected a bool")
+        if self.l2_bytes is not None and (
+            isinstance(self.l2_bytes, bool) or not isinstance(self.l2_bytes, int)
+            or self.l2_bytes < 1
+        ):
+            raise ValueError(
+                f"TimingConfig.l2_bytes={self.l2_bytes!r}; expected None or an int >= 1"
+            )
+
+
+def _wall_seconds(run: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of `run` (to block_until_ready) after `warmup` calls.
+
+    The only timer of the GPU profiler: an event-based timer would replace this.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(run())
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _nbytes(arrays: Sequence[Any]) -> int:
+    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LaunchPlan:
+    """Shapes of one (op, block_m) scan: `copies` launches per step, `steps` steps."""
+
+    op: str
+    block_m: int
+    m_pad: int
+    copies: int
+    steps: int
+    activation: jax.ShapeDtypeStruct  # one launch's activation input
+    weights: tuple[jax.ShapeDtypeStruct, ...]  # one copy's weight operands
+
+    @property
+    def launches(self) -> int:
+        return self.copies * self.steps
+
+
+class GpuProfiler(Profiler):
+    """Times the CUDA FFI ops on the default GPU (see the module docstring).
+
+    Raises NotImplementedError on construction when no CUDA GPU is visible to
+    JAX or the jax_moe CUDA extension is not built.
+    """
+
+    def __init__(self, timing: TimingConfig | None = None):
+        from jax_moe import _ffi
+        from jax_moe.tuning.lookup import device_identity
+
+        try:
+            backend = jax.default_backend()
+        except RuntimeError as error:
+            raise NotImplementedError(f"GpuProfiler needs a CUDA GPU: {error}") from error
+        if backend != "gpu":
+            raise NotImplementedError(
+                f"GpuProfiler needs a CUDA GPU visible to JAX; the default backend is {backend!r}"
+            )
+        if not _ffi.is_available():
+            raise NotImplementedError(
+                "GpuProfiler needs the jax_moe CUDA extension, which is not built"
+            )
+        timing = timing or TimingConfig()
+        device = jax.devices()[0]  # The device jit places programs and inputs on.
+        device_name, arch = device_identity(device)
+        self._setup(timing, device_name, arch, timing.l2_bytes or l2_cache_bytes(device))
+
+    def _setup(self, timing: TimingConfig, device_name: str, arch: str, l2_bytes: int) -> None:
+        self.timing = timing
+        self.device_name, self.arch = device_name, arch
+        self.l2_bytes = l2_bytes
+        self._cell: TuneCell | None = None
+        self._weights_key: Any = None
+        self._weights: list[Any] = []  # prepared weight copies of the current layer slice
+        self._compiled: dict[tuple[str, Tactic], Any] = {}
+        self._group: tuple[str, int] | None = None
+        self._group_args: tuple[Any, ...] = ()
+
+    # Inputs -------------------------------------------------------------------------
+
+    def _enter(self, cell: TuneCell) -> None:
+        if cell == self._cell:
+            return
+        self._cell, self._compiled, self._group, self._group_args = cell, {}, None, ()
+        weights_key = (cell.model, cell.ep, cell.key_data)
+        if weights_key != self._weights_key:
+            self._weights_key, self._weights = weights_key, []
+
+    def _weight_copies(self, cell: TuneCell, count: int) -> list[Any]:
+        from jax_moe import models
+        from jax_moe.prepare import prepare
+
+        base = jax.random.fold_in(cell.key(), _WEIGHTS_TAG)
+        while len(self._weights) < count:
+            key = jax.random.fold_in(base, len(self._weights))
+            logical = models.random_moe_weights(
+                key, cell.model, num_local_experts=cell.num_local_experts
+            )
+            self._weights.append(jax.block_until_ready(jax.jit(prepare)(logical)))
+        return self._weights[:count]
+
+    def _plan(self, op: str, block_m: int, cell: TuneCell) -> _LaunchPlan:
+        from jax_moe.routing_metadata import padded_rows
+
+        m = cell.model
+        local, h, inter = cell.num_local_experts, m.hidden, m.intermediate
+        m_pad = padded_rows(cell.num_tokens * m.top_k, local, block_m)
+        u8, f32 = jnp.uint8, jnp.float32
+        if op == GEMM1_OP:
+            activation = jax.ShapeDtypeStruct((cell.num_tokens, h), jnp.bfloat16)
+            shapes = ((local, 2 * inter, h // 2), (local, 2 * inter, h // 16))
+        elif op == GEMM2_OP:
+            activation = jax.ShapeDtypeStruct((m_pad, inter), jnp.bfloat16)
+            shapes = ((local, h, inter // 2), (local, h, inter // 16))
+        else:
+            raise ValueError(f"op={op!r}; expected one of {OPS}")
+        weights = (
+            jax.ShapeDtypeStruct(shapes[0], u8),
+            jax.ShapeDtypeStruct(shapes[1], u8),
+            jax.ShapeDtypeStruct((local,), f32),
+        )
+        copies = 1
+        if self.timing.cold_l2:
+            set_bytes = _nbytes(weights) + _nbytes([activation])
+            copies = min(self.timing.max_weight_copies, max(1, -(-2 * self.l2_bytes // set_bytes)))
+        steps = max(1, -(-self.timing.reps // copies))
+        per_step = copies * _nbytes([activation])
+        steps = max(1, min(steps, self.timing.max_input_bytes // max(per_step, 1)))
+        return _LaunchPlan(op, block_m, m_pad, copies, steps, activation, weights)
+
+    def _abstract_args(self, plan: _LaunchPlan, cell: TuneCell) -> tuple[Any, ...]:
+        i32 = jnp.int32
+        meta = (
+            jax.ShapeDtypeStruct((plan.m_pad,), i32),
+            jax.ShapeDtypeStruct((plan.m_pad // plan.block_m,), i32),
+        )
+        xs = tuple(
+            jax.ShapeDtypeStruct((plan.steps, *plan.activation.shape), plan.activation.dtype)
+            for _ in range(plan.copies)
+        )
+        weights = tuple(plan.weights for _ in range(plan.copies))
+        slots = jax.ShapeDtypeStruct((cell.num_tokens * cell.model.top_k,), jnp.float32)
+        return xs, meta, weights, slots
+
+    def _concrete_args(self, plan: _LaunchPlan, cell: TuneCell) -> tuple[Any, ...]:
+        from jax_moe.routing_metadata import routing_metadata
+
+        inputs = cell_inputs(cell)
+        meta = routing_metadata(
+            inputs.topk_ids, num_local_experts=cell.num_local_experts, block_m=plan.block_m
+        )
+        copies = self._weight_copies(cell, plan.copies)
+        if plan.op == GEMM1_OP:
+            weights = tuple((w.w13_packed, w.w13_scale, w.w13_global) for w in copies)
+        else:
+            weights = tuple((w.w2_packed, w.w2_scale, w.w2_global) for w in copies)
+        key = jax.random.fold_in(jax.random.fold_in(cell.key(), _ACTIVATION_TAG), plan.block_m)
+        xs = []
+        for c in range(plan.copies):
+            shape = (plan.steps, *plan.activation.shape)
+            if plan.op == GEMM1_OP and c == 0:
+                # The cell's own hidden states first, then fresh draws.
+                rest = jax.random.normal(
+                    jax.random.fold_in(key, c), (plan.steps - 1, *plan.activation.shape)
+                ).astype(jnp.bfloat16)
+                xs.append(jnp.concatenate([inputs.hidden_states[None], rest]))
+            else:
+                xs.append(jax.random.normal(jax.random.fold_in(key, c), shape).astype(jnp.bfloat16))
+        slots = inputs.topk_weights.reshape(-1)
+        return tuple(xs), (meta.sorted_slots, meta.tile_expert), weights, slots
+
+    # Programs -----------------------------------------------------------------------
+
+    def _program(self, op: str, tactic: Tactic, top_k: int) -> Callable[..., Any]:
+        from jax_moe import _ffi
+
+        def launch(x, meta, weights, slots):
+            if op == GEMM1_OP:
+                return _ffi.moe_gemm1(x, *meta, *weights, top_k, variant=tactic)
+            return _ffi.moe_gemm2(x, *meta, *weights, slots, variant=tactic)
+
+        def program(xs, meta, weights, slots):
+            def step(acc, step_xs):
+                for x, w in zip(step_xs, weights, strict=True):
+                    y = launch(x, meta, w, slots)
+                    acc = acc + y[0, 0].astype(jnp.float32)  # keeps every launch alive
+                return acc, None
+
+            return jax.lax.scan(step, jnp.zeros((), jnp.float32), xs)[0]
+
+        return jax.jit(program)
+
+    def _lower(
+        self, op: str, tactic: Tactic, cell: TuneCell, platforms: tuple[str, ...] | None = None
+    ) -> Any:
+        """The lowered scan of `op` with `tactic` for `cell` (abstract inputs, no data)."""
+        plan = self._plan(op, tactic.block_m, cell)
+        program = self._program(op, tactic, cell.model.top_k)
+        traced = program.trace(*self._abstract_args(plan, cell))
+        return traced.lower() if platforms is None else traced.lower(lowering_platforms=platforms)
+
+    def _compile(self, op: str, tactic: Tactic, cell: TuneCell) -> Any:
+        return self._lower(op, tactic, cell).compile()
+
+    def prepare_cell(self, cell: TuneCell, candidates: Mapping[str, Sequence[Tactic]]) -> None:
+        """Compiles every candidate of `cell` in parallel threads (errors kept for `time`)."""
+        self._enter(cell)
+        jobs = [(op, t) for op, tactics in candidates.items() for t in tactics]
+        jobs = [job for job in jobs if job not in self._compiled]
+        if not jobs:
+            return
+        threads = min(self.timing.compile_threads, len(jobs), os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = {job: pool.submit(self._compile, *job, cell) for job in jobs}
+            for job, future in futures.items():
+                try:
+                    self._compiled[job] = future.result()
+                except Exception as error:  # noqa: BLE001 - recorded, reported by time()
+                    self._compiled[job] = error
+
+    def time(self, op: str, tactic: Tactic, cell: TuneCell) -> Measurement | Failure:
+        try:
+            self._enter(cell)
+            compiled = self._compiled.get((op, tactic))
+            if compiled is None:
+                compiled = self._compiled[(op, tactic)] = self._compile(op, tactic, cell)
+            if isinstance(compiled, BaseException):
+                raise compiled
+            plan = self._plan(op, tactic.block_m, cell)
+            if self._group != (op, tactic.block_m):
+                self._group_args = ()  # Frees the previous group's inputs first.
+                self._group_args = self._concrete_args(plan, cell)
+                self._group = (op, tactic.block_m)
+            args = self._group_args
+            timing = self.timing
+            seconds = _wall_seconds(lambda: compiled(*args), timing.warmup, timing.repeats)
+        except Exception as error:  # noqa: BLE001 - a failing tactic is data, not fatal
+            return Failure(f"{type(error).__name__}: {error}")
+        samples = tuple(s / plan.launches * 1e6 for s in seconds)
+        return Measurement(statistics.median(samples), samples, plan.launches)

@@ -1,0 +1,426 @@
+"""The tactic search: time every valid tactic of each cell, pick a GEMM pair, build a table.
+
+For one cell (`TuneCell`) and each op (`moe_gemm1`, `moe_gemm2`):
+
+1. candidates: the exported variants of the op
+   (`jax_moe.kernels.moe_gemm_config.gemm1_variants` / `gemm2_variants`) that
+   pass `tactic.check(problem_key)`; the others are listed as rejected with the
+   reason;
+2. each candidate is timed by the `Profiler`; a `Failure` (or an exception of
+   the profiler) is recorded and the tactic skipped.
+
+GEMM1 and GEMM2 share the routing metadata, so they must use the same
+`block_m`. `choose_pair` takes, for each `block_m` that has timed tactics of
+both ops, the fastest GEMM1 and the fastest GEMM2 with that `block_m`, and then
+the `block_m` with the smallest sum. Near ties are broken deterministically, so
+repeated runs agree: a tactic (or `block_m`) within `tie_tolerance` of the
+fastest counts as tied, and among tied ones the first in the exported variant
+order (for `block_m`: the smallest) wins. The chosen pair is then within about
+`2 * tie_tolerance` of the fastest pair.
+
+`table_entries` writes one `TacticEntry` per op: the chosen tactic, its time and
+as runner-up the fastest other timed tactic of the op with the same `block_m`
+(so it can replace the chosen one without changing the routing metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TextIO
+
+from jax_moe.models import MoEConfig
+from jax_moe.tactic import Tactic
+from jax_moe.tuning.problem import ProblemKey, token_buckets
+from jax_moe.tuning.profiler import (
+    GEMM1_OP,
+    GEMM2_OP,
+    OPS,
+    Failure,
+    Measurement,
+    Profiler,
+    TuneCell,
+)
+from jax_moe.tuning.routing_generator import balanced_expert_loads
+from jax_moe.tuning.tactic_table import TableMetadata, TacticEntry, TacticTable
+
+__all__ = [
+    "CellResult",
+    "OpChoice",
+    "PairChoice",
+    "Progress",
+    "SearchConfig",
+    "build_table",
+    "candidates",
+    "choose_pair",
+    "default_pair",
+    "exported_variants",
+    "format_summary",
+    "make_cells",
+    "measure_cell",
+    "table_entries",
+    "tune_cells",
+]
+
+
+def exported_variants(op: str) -> tuple[Tactic, ...]:
+    """Every exported tactic of `op`, in variant order."""
+    from jax_moe.kernels import moe_gemm_config
+
+    if op == GEMM1_OP:
+        return tuple(moe_gemm_config.gemm1_variants())
+    if op == GEMM2_OP:
+        return tuple(moe_gemm_config.gemm2_variants())
+    raise ValueError(f"op={op!r}; expected one of {OPS}")
+
+
+def candidates(
+    op: str, problem: ProblemKey
+) -> tuple[tuple[Tactic, ...], tuple[tuple[Tactic, str], ...]]:
+    """`(valid, rejected)`: exported tactics of `op` that pass `check(problem)`, and the
+    others with the reason."""
+    valid, rejected = [], []
+    for tactic in exported_variants(op):
+        try:
+            tactic.check(problem)
+        except (ValueError, NotImplementedError) as error:
+            rejected.append((tactic, str(error)))
+        else:
+            valid.append(tactic)
+    return tuple(valid), tuple(rejected)
+
+
+def default_pair(cell: TuneCell) -> tuple[Tactic, Tactic]:
+    """The heuristic (GEMM1, GEMM2) tactics `fused_moe` uses without a table for `cell`."""
+    from jax_moe.kernels import moe_gemm_config
+
+    m = cell.model
+    return tuple(
+        moe_gemm_config.default_tactic(
+            op,
+            cell.num_tokens,
+            m.top_k,
+            cell.num_local_experts,
+            m.hidden,
+            m.intermediate,
+            num_experts=m.num_experts,
+        )
+        for op in OPS
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """How a pair is chosen from the timings.
+
+    Attributes:
+      tie_tolerance: relative time difference below which two choices count as
+        tied (then the variant order decides); 0 picks the plain minimum.
+    """
+
+    tie_tolerance: float = 0.005
+
+    def __post_init__(self) -> None:
+        tol = self.tie_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 0.5:
+            raise ValueError(f"SearchConfig.tie_tolerance={tol!r}; expected a float in [0, 0.5)")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpChoice:
+    """The chosen tactic of one op, its time and the runner-up with the same block_m."""
+
+    tactic: Tactic
+    time_us: float
+    runner_up: Tactic | None = None
+    runner_up_time_us: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PairChoice:
+    """The chosen (GEMM1, GEMM2) pair of a cell; both have `block_m`."""
+
+    block_m: int
+    gemm1: OpChoice
+    gemm2: OpChoice
+
+    @property
+    def total_us(self) -> float:
+        return self.gemm1.time_us + self.gemm2.time_us
+
+    @property
+    def tactics(self) -> tuple[Tactic, Tactic]:
+        return self.gemm1.tactic, self.gemm2.tactic
+
+
+Timings = Mapping[str, Mapping[Tactic, Measurement | Failure]]
+
+
+@dataclasses.dataclass(frozen=True)
+class CellResult:
+    """Everything measured for one cell.
+
+    Attributes:
+      cell: the cell.
+      timings: op -> tactic -> Measurement or Failure, in variant order.
+      rejected: op -> (tactic, reason) of exported tactics invalid for the problem.
+      choice: the chosen pair, None if no block_m had timed tactics of both ops.
+      skipped: why the cell was not timed at all (e.g. an infeasible balanced plan).
+      seconds: wall time spent on the cell.
+    """
+
+    cell: TuneCell
+    timings: Timings = dataclasses.field(default_factory=dict)
+    rejected: Mapping[str, tuple[tuple[Tactic, str], ...]] = dataclasses.field(
+        default_factory=dict
+    )
+    choice: PairChoice | None = None
+    skipped: str | None = None
+    seconds: float = 0.0
+
+    def times(self, op: str) -> dict[Tactic, float]:
+        """Tactic -> microseconds of the successfully timed tactics of `op`."""
+        return {
+            t: r.time_us for t, r in self.timings.get(op, {}).items() if isinstance(r, Measurement)
+        }
+
+    def failures(self) -> list[tuple[str, Tactic, str]]:
+        """`(op, tactic, message)` of every failed tactic."""
+        return [
+            (op, t, r.message)
+            for op, results in self.timings.items()
+            for t, r in results.items()
+            if isinstance(r, Failure)
+        ]
+
+    def pair_us(self, pair: Sequence[Tactic]) -> float | None:
+        """GEMM1 + GEMM2 time of `pair`, None unless both were timed."""
+        g1, g2 = self.times(GEMM1_OP).get(pair[0]), self.times(GEMM2_OP).get(pair[1])
+        return None if g1 is None or g2 is None else g1 + g2
+
+
+def _first_within(times: Mapping[Tactic, float], tolerance: float) -> Tactic:
+    """The first tactic (mapping order) within `tolerance` of the fastest."""
+    fastest = min(times.values())
+    return next(t for t, us in times.items() if us <= fastest * (1 + tolerance))
+
+
+def _op_choice(times: Mapping[Tactic, float], tolerance: float) -> OpChoice:
+    chosen = _first_within(times, tolerance)
+    others = {t: us for t, us in times.items() if t != chosen}
+    if not others:
+        return OpChoice(chosen, times[chosen])
+    runner_up = min(others, key=others.get)
+    return OpChoice(chosen, times[chosen], runner_up, others[runner_up])
+
+
+def choose_pair(timings: Timings, search: SearchConfig | None = None) -> PairChoice | None:
+    """The best (GEMM1, GEMM2) pair sharing a block_m (see the module docstring)."""
+    search = search or SearchConfig()
+    by_block: dict[int, tuple[OpChoice, OpChoice]] = {}
+    per_op = []
+    for op in OPS:
+        times: dict[int, dict[Tactic, float]] = {}
+        for tactic, result in timings.get(op, {}).items():
+            if isinstance(result, Measurement):
+                times.setdefault(tactic.block_m, {})[tactic] = result.time_us
+        per_op.append(times)
+    for block_m in sorted(set(per_op[0]) & set(per_op[1])):
+        by_block[block_m] = tuple(_op_choice(t[block_m], search.tie_tolerance) for t in per_op)
+    if not by_block:
+        return None
+    sums = {bm: g1.time_us + g2.time_us for bm, (g1, g2) in by_block.items()}
+    fastest = min(sums.values())
+    block_m = next(bm for bm, us in sums.items() if us <= fastest * (1 + search.tie_tolerance))
+    return PairChoice(block_m, *by_block[block_m])
+
+
+def measure_cell(profiler: Profiler, cell: TuneCell) -> CellResult:
+    """Times every valid exported tactic of both ops on `cell` (no choice made)."""
+    start = time.perf_counter()
+    if cell.routing == "balanced":
+        m = cell.model
+        try:
+            balanced_expert_loads(cell.num_tokens, m.num_experts, m.top_k, cell.num_local_experts)
+        except ValueError as error:
+            return CellResult(cell, skipped=str(error))
+    valid, rejected = {}, {}
+    for op in OPS:
+        valid[op], rejected[op] = candidates(op, cell.problem_key(op))
+    profiler.prepare_cell(cell, valid)
+    timings = {}
+    for op in OPS:
+        timings[op] = {}
+        for tactic in valid[op]:
+            try:
+                result = profiler.time(op, tactic, cell)
+            except Exception as error:  # noqa: BLE001 - a failing tactic is recorded
+                result = Failure(f"{type(error).__name__}: {error}")
+            if not isinstance(result, (Measurement, Failure)):
+                result = Failure(f"profiler returned {result!r}; expected Measurement or Failure")
+            timings[op][tactic] = result
+    return CellResult(cell, timings, rejected, seconds=time.perf_counter() - start)
+
+
+class Progress:
+    """One progress line per finished cell: a bar, the result, elapsed time and an estimate.
+
+    The estimate weighs cells by `1 + num_tokens * top_k / ep / 256` (larger
+    problems take longer), so it is rough until a few large cells are done.
+    """
+
+    def __init__(self, cells: Sequence[TuneCell], stream: TextIO | None = None, width: int = 24):
+        self._weights = [self._weight(c) for c in cells]
+        self._done = 0
+        self._stream = stream if stream is not None else sys.stderr
+        self._width = width
+        self._start = time.perf_counter()
+
+    @staticmethod
+    def _weight(cell: TuneCell) -> float:
+        return 1.0 + cell.num_tokens * cell.model.top_k / cell.ep / 256
+
+    @staticmethod
+    def _clock(seconds: float) -> str:
+        seconds = int(round(seconds))
+        return f"{seconds // 60}:{seconds % 60:02d}"
+
+    def update(self, result: CellResult, note: str) -> None:
+        """Prints the line of the next finished cell."""
+        self._done += 1
+        total = len(self._weights)
+        filled = self._width * self._done // max(total, 1)
+        bar = "#" * filled + "-" * (self._width - filled)
+        elapsed = time.perf_counter() - self._start
+        done_weight = sum(self._weights[: self._done])
+        left_weight = sum(self._weights[self._done :])
+        eta = elapsed * left_weight / done_weight if done_weight else 0.0
+        self._stream.write(
+            f"[{bar}] {self._done}/{total} {result.cell}: {note}  "
+            f"elapsed {self._clock(elapsed)} eta {self._clock(eta)}\n"
+        )
+        self._stream.flush()
+
+
+def _short(tactic: Tactic) -> str:
+    """`str(tactic)` without the family name and block_m (a column of its own)."""
+    text = str(tactic)
+    params = text[text.index("[") + 1 : -1] if "[" in text else text
+    return ",".join(p for p in params.split(",") if not p.startswith("block_m="))
+
+
+def _note(result: CellResult) -> str:
+    if result.skipped:
+        return f"skipped ({result.skipped})"
+    timed = sum(len(result.times(op)) for op in OPS)
+    failed = len(result.failures())
+    if result.choice is None:
+        return f"no pair ({timed} timed, {failed} failed)"
+    return (
+        f"block_m={result.choice.block_m} {result.choice.total_us:.1f} us "
+        f"({timed} timed, {failed} failed)"
+    )
+
+
+def tune_cells(
+    profiler: Profiler,
+    cells: Iterable[TuneCell],
+    search: SearchConfig | None = None,
+    stream: TextIO | None = None,
+) -> list[CellResult]:
+    """`measure_cell` and `choose_pair` for each cell, with a progress line per cell."""
+    cells = list(cells)
+    progress = Progress(cells, stream)
+    results = []
+    for cell in cells:
+        result = measure_cell(profiler, cell)
+        if not result.skipped:
+            result = dataclasses.replace(result, choice=choose_pair(result.timings, search))
+        progress.update(result, _note(result))
+        results.append(result)
+    return results
+
+
+def make_cells(
+    models: Sequence[MoEConfig],
+    eps: Sequence[int],
+    max_tokens: int,
+    *,
+    arch: str,
+    routing: str = "balanced",
+    key_data: tuple[int, ...] = (0, 0),
+) -> list[TuneCell]:
+    """The grid: every model x EP size x token bucket `1, 2, ..., max_tokens`."""
+    cells = []
+    for model in models:
+        for ep in eps:
+            for n in token_buckets(max_tokens):
+                cells.append(TuneCell(model, ep, n, arch, routing, key_data))
+    return cells
+
+
+def table_entries(results: Iterable[CellResult]) -> dict[ProblemKey, TacticEntry]:
+    """One entry per op of every cell with a chosen pair."""
+    entries = {}
+    for result in results:
+        if result.choice is None:
+            continue
+        for op, choice in zip(OPS, (result.choice.gemm1, result.choice.gemm2), strict=True):
+            entries[result.cell.problem_key(op)] = TacticEntry(
+                choice.tactic, choice.time_us, choice.runner_up, choice.runner_up_time_us
+            )
+    return entries
+
+
+def build_table(
+    results: Iterable[CellResult],
+    *,
+    device_name: str,
+    arch: str,
+    distribution: str,
+    key_data: tuple[int, ...],
+) -> TacticTable:
+    """A `TacticTable` of the results with the run's metadata."""
+    metadata = TableMetadata.create(
+        device_name=device_name, arch=arch, distribution=distribution, profile_key=list(key_data)
+    )
+    return TacticTable(metadata, table_entries(results))
+
+
+def _format_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    lines = [" ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+             for row in (header, *rows)]
+    lines.insert(1, " ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_summary(results: Sequence[CellResult]) -> str:
+    """A text table: per cell the chosen pair, its time and the default pair's time."""
+    header = ("cell", "block_m", "gemm1", "us", "gemm2", "us", "pair_us", "default_us", "gain",
+              "failed")
+    rows = []
+    for r in results:
+        failed = str(len(r.failures()))
+        if r.choice is None:
+            reason = r.skipped or "no tactic of both ops ran"
+            rows.append((str(r.cell), "-", reason, "", "", "", "", "", "", failed))
+            continue
+        c = r.choice
+        default_us = r.pair_us(default_pair(r.cell))
+        gain = "" if default_us is None else f"{default_us / c.total_us:.2f}x"
+        rows.append((
+            str(r.cell),
+            str(c.block_m),
+            _short(c.gemm1.tactic),
+            f"{c.gemm1.time_us:.1f}",
+            _short(c.gemm2.tactic),
+            f"{c.gemm2.time_us:.1f}",
+            f"{c.total_us:.1f}",
+            "-" if default_us is None else f"{default_us:.1f}",
+            gain,
+            failed,
+        ))
+    return _format_rows(header, rows)

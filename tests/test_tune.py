@@ -1,0 +1,447 @@
+"""The tuner end to end on CPU, with a deterministic cost-model profiler.
+
+`CostModelProfiler` stands in for the GPU: the time of a tactic is a function
+of its tile shape and stages and of the rows each local expert receives under
+the cell's routing. The GPU profiler itself is checked by `requires_gpu` tests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from absl import app
+from conftest import requires_gpu
+
+from jax_moe import _ffi, gpu, models, tune
+from jax_moe.kernels import moe_gemm_config
+from jax_moe.moe import MoEProblem
+from jax_moe.tuning import TacticTable, shipped
+from jax_moe.tuning.evaluate import (
+    CellRegret,
+    EvaluationReport,
+    Reproducibility,
+    format_report,
+    regret_of,
+)
+from jax_moe.tuning.profiler import (
+    GEMM1_OP,
+    GEMM2_OP,
+    OPS,
+    Failure,
+    GpuProfiler,
+    Measurement,
+    Profiler,
+    TimingConfig,
+    TuneCell,
+    cell_expert_loads,
+    key_data_of_seed,
+)
+from jax_moe.tuning.tuner import (
+    CellResult,
+    SearchConfig,
+    candidates,
+    choose_pair,
+    exported_variants,
+    format_summary,
+    measure_cell,
+)
+
+DEVICE = "NVIDIA H100 80GB HBM3"
+ARCH = "sm_90a"
+TINY = models.get_preset("tiny")
+
+
+class CostModelProfiler(Profiler):
+    """Deterministic stand-in for the GPU (see the module docstring).
+
+    `fail`: tactic names that return a Failure; `raise_for`: names whose timing
+    raises; `penalty`: name -> time factor.
+    """
+
+    device_name = DEVICE
+    arch = ARCH
+
+    def __init__(self, fail=(), raise_for=(), penalty=None):
+        self.fail = set(fail)
+        self.raise_for = set(raise_for)
+        self.penalty = dict(penalty or {})
+        self.calls = []
+        self.prepared = []
+
+    def prepare_cell(self, cell, candidates):
+        self.prepared.append((cell, {op: len(t) for op, t in candidates.items()}))
+
+    def time(self, op, tactic, cell):
+        self.calls.append((op, tactic, cell))
+        name = str(tactic)
+        if name in self.fail:
+            return Failure("launch failed: too many resources requested")
+        if name in self.raise_for:
+            raise RuntimeError("compile error: register allocation failed")
+        return Measurement(model_time(op, tactic, cell) * self.penalty.get(name, 1.0))
+
+
+def model_time(op, tactic, cell):
+    """Microseconds: waves of CTAs on a toy 8-SM GPU plus the active experts' weight bytes."""
+    m = cell.model
+    rows_w, depth = (2 * m.intermediate, m.hidden) if op == GEMM1_OP else (m.hidden, m.intermediate)
+    loads = cell_expert_loads(cell)
+    tiles = sum(-(-load // tactic.block_m) for load in loads)
+    ctas = tiles * (rows_w // tactic.block_w)
+    waves = -(-ctas // 8)
+    per_cta = tactic.block_m * tactic.block_w * depth * 1e-4 / (1 + 0.1 * tactic.stages)
+    weight_us = sum(1 for load in loads if load) * rows_w * depth * 2e-4
+    return 2.0 + waves * per_cta + weight_us
+
+
+def _cli(tmp_path, *flags, profiler=None):
+    stream = io.StringIO()
+    profiler = profiler or CostModelProfiler()
+    argv = ["jax_moe.tune", "--model=tiny", f"--out={tmp_path / 'tactics.json'}", *flags]
+    outcome = tune.run_cli(argv, profiler=profiler, stream=stream)
+    return outcome, stream.getvalue(), profiler
+
+
+def _pair_time(op_times):
+    """The best pair by brute force over both ops' tactics with equal block_m."""
+    g1, g2 = op_times
+    return min(a + b for t1, a in g1.items() for t2, b in g2.items() if t1.block_m == t2.block_m)
+
+
+def test_candidates_are_the_valid_exported_variants():
+    cell = TuneCell(models.get_preset("deepseek_v3"), 8, 128, ARCH)
+    for op in (GEMM1_OP, GEMM2_OP):
+        valid, rejected = candidates(op, cell.problem_key(op))
+        assert valid == exported_variants(op) and not rejected
+    odd = models.MoEConfig(name="odd", num_experts=4, top_k=2, hidden=192, intermediate=128)
+    key = TuneCell(odd, 1, 4, ARCH).problem_key(GEMM2_OP)
+    valid, rejected = candidates(GEMM2_OP, key)
+    assert not valid and len(rejected) == len(exported_variants(GEMM2_OP))
+    assert "multiple of 128" in rejected[0][1]
+    valid, rejected = candidates(GEMM1_OP, TuneCell(TINY, 1, 4, "sm_80").problem_key(GEMM1_OP))
+    assert not valid and "not supported" in rejected[0][1]
+
+
+def _variant(op, block_m, index=0):
+    return [t for t in exported_variants(op) if t.block_m == block_m][index]
+
+
+def test_choose_pair_shares_block_m_and_takes_the_smallest_sum():
+    a16, b16 = _variant(GEMM1_OP, 16), _variant(GEMM1_OP, 16, 1)
+    a32, c32 = _variant(GEMM1_OP, 32), _variant(GEMM2_OP, 32)
+    c16, c64 = _variant(GEMM2_OP, 16), _variant(GEMM2_OP, 64)
+    timings = {
+        GEMM1_OP: {a16: Measurement(10.0), b16: Measurement(10.5), a32: Measurement(11.0)},
+        GEMM2_OP: {c16: Measurement(20.0), c32: Measurement(12.0), c64: Measurement(1.0),
+                   _variant(GEMM2_OP, 32, 1): Failure("boom")},
+    }
+    # GEMM1 is fastest at 16 and GEMM2 at 64 (no GEMM1 there): 16 -> 30, 32 -> 23.
+    choice = choose_pair(timings, SearchConfig(tie_tolerance=0.0))
+    assert choice.block_m == 32 and choice.tactics == (a32, c32)
+    assert choice.total_us == 23.0
+    assert choice.gemm1.runner_up is None and choice.gemm2.runner_up is None  # failed one skipped
+    timings[GEMM2_OP][c32] = Measurement(25.0)
+    choice = choose_pair(timings, SearchConfig(tie_tolerance=0.0))
+    assert choice.tactics == (a16, c16) and choice.gemm1.runner_up == b16
+    assert choice.gemm1.runner_up_time_us == 10.5
+    disjoint = {GEMM1_OP: {a16: Measurement(1.0)}, GEMM2_OP: {c64: Measurement(1.0)}}
+    assert choose_pair(disjoint) is None
+
+
+def test_near_ties_go_to_the_first_variant():
+    first, second = _variant(GEMM1_OP, 16), _variant(GEMM1_OP, 16, 1)
+    gemm2 = _variant(GEMM2_OP, 16)
+    timings = {
+        GEMM1_OP: {first: Measurement(10.03), second: Measurement(10.0)},
+        GEMM2_OP: {gemm2: Measurement(5.0)},
+    }
+    assert choose_pair(timings, SearchConfig(tie_tolerance=0.005)).gemm1.tactic == first
+    assert choose_pair(timings, SearchConfig(tie_tolerance=0.0)).gemm1.tactic == second
+    with pytest.raises(ValueError, match="tie_tolerance"):
+        SearchConfig(tie_tolerance=-0.1)
+
+
+def test_tune_writes_a_table_with_metadata_progress_and_summary(tmp_path):
+    outcome, output, profiler = _cli(tmp_path, "--ep=1,2", "--max_tokens=8", "--seed=3",
+                                     "--tie_tolerance=0")
+    path = tmp_path / "tactics.json"
+    assert sorted(os.listdir(tmp_path)) == ["tactics.json"]  # atomic write, no leftovers
+    table = TacticTable.load(path, expect_device=DEVICE, expect_arch=ARCH)
+    meta = table.metadata
+    assert (meta.device_name, meta.arch, meta.distribution) == (DEVICE, ARCH, "balanced")
+    assert meta.profile_key == key_data_of_seed(3)
+    assert len(outcome.results) == 8 and len(table) == 16  # 2 EP x 4 buckets x 2 ops
+    for result in outcome.results:
+        cell = result.cell
+        assert cell.key_data == key_data_of_seed(3)
+        g1 = table.entries[cell.problem_key(GEMM1_OP)]
+        g2 = table.entries[cell.problem_key(GEMM2_OP)]
+        assert g1.tactic.block_m == g2.tactic.block_m
+        times = [{t: model_time(op, t, cell) for t in exported_variants(op)}
+                 for op in (GEMM1_OP, GEMM2_OP)]
+        assert math.isclose(g1.time_us + g2.time_us, _pair_time(times))
+        assert g1.runner_up is not None and g1.runner_up.block_m == g1.tactic.block_m
+    # Every valid tactic of both ops was timed once per cell, after prepare_cell.
+    assert len(profiler.calls) == 8 * 2 * len(exported_variants(GEMM1_OP))
+    assert [p[0] for p in profiler.prepared] == [r.cell for r in outcome.results]
+    progress = [line for line in output.splitlines() if line.startswith("[")]
+    assert len(progress) == 8 and "8/8" in progress[-1] and "eta" in progress[0]
+    assert "block_m" in output and "default_us" in output and "wrote 16 entries" in output
+    data = json.loads(path.read_text())
+    assert data["format"] == "jax_moe.tactic_table" and len(data["entries"]) == 16
+
+
+def test_a_tuned_table_is_used_by_select_tactics(tmp_path):
+    outcome, _, _ = _cli(tmp_path, "--ep=1,2", "--max_tokens=8")
+    path = str(tmp_path / "tactics.json")
+    for result in outcome.results:
+        cell = result.cell
+        problem = MoEProblem(
+            num_tokens=cell.num_tokens - (cell.num_tokens > 2),  # same bucket
+            hidden=TINY.hidden,
+            intermediate=TINY.intermediate,
+            top_k=TINY.top_k,
+            num_experts=TINY.num_experts,
+            num_local_experts=cell.num_local_experts,
+            local_expert_offset=0,
+            dtype="bfloat16",
+        )
+        chosen = gpu.select_tactics(problem, path, arch=ARCH, device_name=DEVICE)
+        assert chosen == result.choice.tactics
+
+
+def test_merge_adds_cells_and_rejects_other_inputs(tmp_path):
+    path = tmp_path / "tactics.json"
+    _cli(tmp_path, "--ep=1", "--max_tokens=4")
+    first = TacticTable.load(path)
+    outcome, output, _ = _cli(tmp_path, "--ep=2", "--max_tokens=4", "--merge")
+    merged = TacticTable.load(path)
+    assert len(first) == 6 and len(merged) == len(outcome.table) == 12
+    assert set(first.entries) <= set(merged.entries) and "merged into" in output
+    with pytest.raises(ValueError, match="cannot --merge.*profile_key"):
+        _cli(tmp_path, "--ep=2", "--max_tokens=4", "--merge", "--seed=1")
+    _cli(tmp_path, "--ep=2", "--max_tokens=2")  # without --merge: replaced
+    assert len(TacticTable.load(path)) == 4
+
+
+def test_failing_tactics_are_recorded_and_skipped(tmp_path):
+    cell = TuneCell(TINY, 1, 8, ARCH)
+    best = choose_pair(measure_cell(CostModelProfiler(), cell).timings)
+    bad, broken = best.gemm1.tactic, best.gemm2.tactic
+    profiler = CostModelProfiler(fail={str(bad)}, raise_for={str(broken)})
+    result = measure_cell(profiler, cell)
+    failures = {(op, t): message for op, t, message in result.failures()}
+    assert failures == {
+        (GEMM1_OP, bad): "launch failed: too many resources requested",
+        (GEMM2_OP, broken): "RuntimeError: compile error: register allocation failed",
+    }
+    choice = choose_pair(result.timings)
+    assert bad not in choice.tactics and broken not in choice.tactics
+    summary = format_summary([CellResult(cell, result.timings, choice=choice)])
+    assert summary.splitlines()[-1].split()[-1] == "2"
+    outcome, output, _ = _cli(tmp_path, "--max_tokens=8", profiler=profiler)
+    assert "tactic failures" in output and len(outcome.table) == 8
+
+
+def test_infeasible_balanced_cells_are_skipped(tmp_path):
+    # 8 experts, top_k 4, EP 8: one local expert cannot take 2 slots of 1 token.
+    model = models.MoEConfig(name="narrow", num_experts=8, top_k=4, hidden=256, intermediate=128)
+    result = measure_cell(CostModelProfiler(), TuneCell(model, 8, 1, ARCH))
+    assert result.skipped and "infeasible" in result.skipped and result.choice is None
+    assert "infeasible" in format_summary([result])
+
+
+def test_explicit_shapes_and_usage_errors(tmp_path):
+    outcome, _, _ = _cli(tmp_path, "--model=", "--hidden=256", "--intermediate=128",
+                         "--num_experts=4", "--top_k=2", "--ep=2", "--max_tokens=2")
+    assert {r.cell.model.name for r in outcome.results} == {"E4k2H256I128"}
+    for flags, message in [
+        (["--hidden=256"], "need all four"),
+        (["--ep=3"], "does not divide"),
+        (["--ep=x"], "integers"),
+        (["--max_tokens=32768"], "at most 16384"),
+        (["--max_tokens=6"], "power of two"),
+        (["--distribution=gauss"], "distribution"),
+        (["--model=gpt5"], "unknown model preset"),
+    ]:
+        with pytest.raises((app.UsageError, ValueError), match=message):
+            _cli(tmp_path, *flags)
+    outcome, output, _ = _cli(tmp_path, "--model=tiny,qwen3_30b_a3b", "--ep=16",
+                              "--max_tokens=1")
+    assert "skipping tiny EP=16: 8 experts" in output
+    assert [str(r.cell) for r in outcome.results] == ["qwen3_30b_a3b EP=16 N=1"]
+    with pytest.raises(app.UsageError, match="no model"):
+        tune.run_cli(["jax_moe.tune", "--model="], profiler=CostModelProfiler())
+
+
+def test_regret_arithmetic():
+    cell = TuneCell(TINY, 1, 8, ARCH, "softmax")
+    g1a, g1b = _variant(GEMM1_OP, 16), _variant(GEMM1_OP, 32)
+    g2a, g2b = _variant(GEMM2_OP, 16), _variant(GEMM2_OP, 32)
+    timings = {
+        GEMM1_OP: {g1a: Measurement(12.0), g1b: Measurement(10.0)},
+        GEMM2_OP: {g2a: Measurement(11.0), g2b: Measurement(10.0)},
+    }
+    result = CellResult(cell, timings)
+    regret = regret_of(result, (g1a, g2a))
+    assert (regret.tuned_us, regret.best_us, regret.best) == (23.0, 20.0, (g1b, g2b))
+    assert math.isclose(regret.regret, 0.15)
+    assert regret_of(result, (g1b, g2b)).regret == 0.0
+    assert regret_of(result, (g1a, _variant(GEMM2_OP, 64))).regret is None
+
+    def entry(value, routing="softmax"):
+        return CellRegret(TuneCell(TINY, 1, 8, ARCH, routing), (g1a, g2a), 1.0, None, 1.0,
+                          value, None)
+
+    report = EvaluationReport(
+        (entry(0.0), entry(0.03), entry(0.01, "skewed"), entry(None, "skewed")),
+        Reproducibility(19, 20, ()),
+    )
+    assert math.isclose(report.mean_regret(), 0.04 / 3)
+    assert report.max_regret() == 0.03 and report.max_regret("skewed") == 0.01
+    assert math.isclose(report.mean_regret("softmax"), 0.015) and len(report.failed) == 1
+    text = format_report(report)
+    assert "mean regret 1.33% <= 2.00%: PASS" in text
+    assert "max regret 3.00% <= 5.00%: PASS" in text
+    assert "same pair 95.00% >= 95.00%: PASS" in text and "19/20" in text
+
+
+def test_evaluate_reports_regret_and_reproducibility(tmp_path):
+    outcome, _, _ = _cli(tmp_path, "--ep=1,2", "--max_tokens=4")
+    path = str(tmp_path / "tactics.json")
+    evaluated, output, _ = _cli(tmp_path, f"--evaluate={path}")
+    report = evaluated.report
+    assert {r.cell.routing for r in report.regrets} == {"softmax", "skewed"}
+    assert len(report.regrets) == 2 * 6 and all(r.regret is not None for r in report.regrets)
+    assert report.reproducibility.same == report.reproducibility.total == 6
+    assert "regret all routings" in output and "same pair 100.00%" in output
+    # A device on which one tuned tactic became 50% slower: regret and a changed choice.
+    slow = outcome.results[0].choice.gemm1.tactic
+    hit = [r for r in outcome.results if r.choice.gemm1.tactic == slow]
+    evaluated, output, _ = _cli(tmp_path, f"--evaluate={path}",
+                                profiler=CostModelProfiler(penalty={str(slow): 1.5}))
+    rep = evaluated.report.reproducibility
+    assert rep.total - rep.same == len(hit) and str(hit[0].cell) in output
+    assert evaluated.report.max_regret() > 0
+
+
+def test_plot_needs_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    profiler = CostModelProfiler()
+    with pytest.raises(RuntimeError, match="--plot needs matplotlib"):
+        _cli(tmp_path, "--max_tokens=2", f"--plot={tmp_path / 'p.png'}", profiler=profiler)
+    assert not profiler.calls  # failed before any profiling
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "latency.png"
+    _cli(tmp_path, "--ep=1,2", "--max_tokens=4", f"--plot={png}")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cells_validate_their_fields():
+    with pytest.raises(ValueError, match="does not divide"):
+        TuneCell(TINY, 3, 4, ARCH)
+    with pytest.raises(ValueError, match="routing"):
+        TuneCell(TINY, 1, 4, ARCH, "gauss")
+    with pytest.raises(ValueError, match="arch"):
+        TuneCell(TINY, 1, 4, "hopper")
+    cell = TuneCell(TINY, 2, 8, ARCH, "zipf:1.50", key_data_of_seed(1))
+    assert cell.routing == "zipf:1.5" and str(cell) == "tiny EP=2 N=8 zipf:1.5"
+    assert sum(cell_expert_loads(TuneCell(TINY, 1, 8, ARCH))) == 8 * TINY.top_k
+
+
+def test_shipped_table(tmp_path, monkeypatch):
+    shipped.shipped_table.cache_clear()
+    assert shipped.device_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
+    assert shipped.shipped_table(DEVICE, ARCH) is None  # none shipped yet
+    outcome, _, _ = _cli(tmp_path, "--max_tokens=2")
+    directory = tmp_path / "package" / shipped.SHIPPED_DIRECTORY
+    directory.mkdir(parents=True)
+    outcome.table.save(directory / "nvidia_h100_80gb_hbm3.json")
+    monkeypatch.setattr(shipped.importlib.resources, "files", lambda _: tmp_path / "package")
+    shipped.shipped_table.cache_clear()
+    try:
+        assert shipped.shipped_table(DEVICE, ARCH) == outcome.table
+        assert shipped.shipped_table("NVIDIA H100 80GB-HBM3", ARCH) is None  # other name
+        assert shipped.shipped_table(DEVICE, "sm_100a") is None
+    finally:
+        shipped.shipped_table.cache_clear()
+
+
+def test_gpu_profiler_needs_a_gpu():
+    from conftest import gpu_reason
+
+    if gpu_reason() is None:
+        pytest.skip("a GPU is present")
+    with pytest.raises(NotImplementedError, match="GpuProfiler needs"):
+        GpuProfiler()
+    with pytest.raises(NotImplementedError, match="GpuProfiler needs"):
+        tune.run_cli(["jax_moe.tune", "--model=tiny", "--max_tokens=2",
+                      "--out=/nonexistent/t.json"])
+
+
+@pytest.mark.skipif(not _ffi.is_available(), reason="the jax_moe CUDA extension is not built")
+def test_gpu_profiler_scans_lower_for_cuda_with_matching_inputs():
+    # The GPU profiler's programs and inputs, checked without a GPU (no __init__ device checks).
+    profiler = GpuProfiler.__new__(GpuProfiler)
+    timing = TimingConfig(reps=6, cold_l2=True, max_weight_copies=4)
+    profiler._setup(timing, DEVICE, ARCH, l2_bytes=1 << 20)
+    cell = TuneCell(TINY, 2, 8, ARCH)
+    for op in OPS:
+        tactic = exported_variants(op)[5]
+        plan = profiler._plan(op, tactic.block_m, cell)
+        assert (plan.copies, plan.steps, plan.launches) == (4, 2, 8)  # tiny weights: 4 copies
+        text = profiler._lower(op, tactic, cell, ("cuda",)).as_text()
+        assert text.count(f"@jax_moe_{op}(") == 4  # one launch per copy in the scan step
+        assert f"variant = {_ffi.variant_id(op, tactic)} : i32" in text
+        concrete = profiler._concrete_args(plan, cell)
+        abstract = profiler._abstract_args(plan, cell)
+        assert jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype)), concrete) == jax.tree.map(
+            lambda a: (a.shape, jnp.dtype(a.dtype)), abstract
+        )
+    # Large problems: fewer launches per scan so the stacked inputs fit max_input_bytes.
+    profiler._setup(TimingConfig(reps=20, max_input_bytes=2**30), DEVICE, ARCH, 50 << 20)
+    big = TuneCell(models.get_preset("deepseek_v3"), 1, 16384, ARCH)
+    plan = profiler._plan(GEMM2_OP, 128, big)
+    assert plan.copies == 1 and plan.steps * plan.activation.shape[0] * 2048 * 2 <= 2**30
+    assert profiler._plan(GEMM1_OP, 16, TuneCell(TINY, 1, 1, ARCH)).launches == 20
+
+
+@requires_gpu
+def test_gpu_profiler_times_tactics_and_records_failures():
+    profiler = GpuProfiler(TimingConfig(reps=4, repeats=2))
+    cell = TuneCell(TINY, 1, 8, profiler.arch)
+    g1, g2 = moe_gemm_config.default_tactic("moe_gemm1", 8, 2, 8, 256, 128), \
+        moe_gemm_config.default_tactic("moe_gemm2", 8, 2, 8, 256, 128)
+    profiler.prepare_cell(cell, {GEMM1_OP: [g1], GEMM2_OP: [g2]})
+    for op, tactic in ((GEMM1_OP, g1), (GEMM2_OP, g2)):
+        result = profiler.time(op, tactic, cell)
+        assert isinstance(result, Measurement) and 0 < result.time_us < 1e5, result
+        assert len(result.samples_us) == 2 and result.launches == 4
+    not_exported = moe_gemm_config.MoeGemm1Sm90Tactic(
+        block_m=16, block_w=128, warps_m=4, warps_n=1, stages=3, cp_async=True
+    )
+    failure = profiler.time(GEMM1_OP, not_exported, cell)
+    assert isinstance(failure, Failure) and "not compiled" in failure.message
+    cold = GpuProfiler(TimingConfig(reps=4, repeats=2, cold_l2=True))
+    result = cold.time(GEMM1_OP, g1, cell)
+    assert isinstance(result, Measurement) and result.launches >= 16
+
+
+@requires_gpu
+def test_gpu_tune_run_end_to_end(tmp_path):
+    path = tmp_path / "tactics.json"
+    stream = io.StringIO()
+    outcome = tune.run_cli(["jax_moe.tune", "--model=tiny", "--ep=1,2", "--max_tokens=4",
+                            "--reps=4", "--repeats=2", f"--out={path}"], stream=stream)
+    table = TacticTable.load(path)
+    assert len(table) == 12 and not any(r.failures() for r in outcome.results), stream.getvalue()
