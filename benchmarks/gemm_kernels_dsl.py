@@ -27,12 +27,14 @@ import os
 import statistics
 import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,27 +385,36 @@ def _fmt(r: dict) -> str:
     return s
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", os.environ.get("OUT", "."), "Folder for the log and JSON."
+)
+_MODELS = flags.DEFINE_list(
+    "models", ["small", "qwen3_30b_a3b", "mixtral_8x7b", "deepseek_v3_ep8"], "Shapes to run."
+)
+_TOKENS = flags.DEFINE_list("tokens", ["1", "3", "64", "1000"], "Token counts.")
+_TACTICS = flags.DEFINE_enum("tactics", "all", ["all", "default"], "Tactic pairs to run.")
+_NO_TIMING = flags.DEFINE_bool("no_timing", False, "Check correctness only.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the inputs.")
+_ONLY = flags.DEFINE_string(
+    "only", "", "Comma-separated substrings; keep GEMM1 tactics whose name has one."
+)
+_COPY_BASELINE = flags.DEFINE_bool(
+    "copy_baseline", False, "Also time a 1 GiB device-to-device copy (bytes read + written)."
+)
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out_dir", default=os.environ.get("OUT", "."))
-    parser.add_argument("--models", default="small,qwen3_30b_a3b,mixtral_8x7b,deepseek_v3_ep8")
-    parser.add_argument("--tokens", default="1,3,64,1000")
-    parser.add_argument("--tactics", default="all", choices=("all", "default"))
-    parser.add_argument("--no_timing", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--only",
-        default="",
-        help="comma-separated substrings; keep GEMM1 tactics whose name has one",
+
+def main(argv: Sequence[str]) -> int:
+    del argv
+    args = types.SimpleNamespace(
+        out_dir=_OUT_DIR.value,
+        models=",".join(_MODELS.value),
+        tokens=",".join(_TOKENS.value),
+        tactics=_TACTICS.value,
+        no_timing=_NO_TIMING.value,
+        seed=_SEED.value,
+        only=_ONLY.value,
+        copy_baseline=_COPY_BASELINE.value,
     )
-    parser.add_argument(
-        "--copy_baseline",
-        action="store_true",
-        help="also time a 1 GiB device-to-device copy (bytes read + written)",
-    )
-    args = parser.parse_args(argv)
 
     import torch
 
@@ -488,4 +499,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)
