@@ -129,9 +129,7 @@ def select_tactics(
         if key is None:
             chosen[op] = defaults[op]
             continue
-        tactic = lookup_tactic(
-            tactics, key, lambda _, op=op: defaults[op], device_name=device_name
-        )
+        tactic = lookup_tactic(tactics, key, lambda _, op=op: defaults[op], device_name=device_name)
         if not isinstance(tactic, family):
             raise ValueError(
                 f"the tactic table holds {tactic} for {key}; expected a {family.family} tactic"
@@ -173,9 +171,10 @@ def fused_moe_cuda(
     if not is_available():
         raise NotImplementedError("the jax_moe CUDA extension is not built")
     gemm1, gemm2 = select_tactics(problem, tactics)
-    num_tiles = padded_rows(
-        problem.num_tokens * problem.top_k, problem.num_local_experts, gemm1.block_m
-    ) // gemm1.block_m
+    num_tiles = (
+        padded_rows(problem.num_tokens * problem.top_k, problem.num_local_experts, gemm1.block_m)
+        // gemm1.block_m
+    )
     if num_tiles > MAX_ROW_TILES:
         raise NotImplementedError(
             f"{num_tiles} row tiles of {gemm1.block_m} rows exceed the kernels' grid limit "

@@ -80,9 +80,7 @@ def validate_moe_args(
     Raises ``TypeError``/``ValueError`` naming the offending argument.
     """
     if not hasattr(hidden_states, "shape") or not hasattr(hidden_states, "dtype"):
-        raise TypeError(
-            f"hidden_states must be an array, got {type(hidden_states).__name__}"
-        )
+        raise TypeError(f"hidden_states must be an array, got {type(hidden_states).__name__}")
     if hidden_states.ndim != 2:
         raise ValueError(
             f"hidden_states must be (num_tokens, hidden), got shape {hidden_states.shape}"
@@ -153,8 +151,7 @@ def validate_moe_args(
         lo, hi = int(jnp.min(topk_ids)), int(jnp.max(topk_ids))
         if lo < 0 or hi >= num_experts:
             raise ValueError(
-                f"topk_ids must lie in [0, num_experts={num_experts}), got values in "
-                f"[{lo}, {hi}]"
+                f"topk_ids must lie in [0, num_experts={num_experts}), got values in [{lo}, {hi}]"
             )
     return MoEProblem(
         num_tokens=n,

@@ -111,9 +111,7 @@ class Nvfp4Tensor:
         if self.scale.dtype != jnp.float8_e4m3fn:
             raise TypeError(f"{name}.scale must be float8_e4m3fn, got {self.scale.dtype}")
         if self.global_scale.dtype != jnp.float32:
-            raise TypeError(
-                f"{name}.global_scale must be float32, got {self.global_scale.dtype}"
-            )
+            raise TypeError(f"{name}.global_scale must be float32, got {self.global_scale.dtype}")
         cols = self.packed.shape[-1] * 2 if self.packed.ndim else 0
         want_scale = (*self.packed.shape[:-1], cols // BLOCK_SIZE)
         if self.packed.ndim < 1 or cols % BLOCK_SIZE:
@@ -129,8 +127,7 @@ class Nvfp4Tensor:
         want_global = _batch_shape(self.shape)
         if tuple(self.global_scale.shape) != want_global:
             raise ValueError(
-                f"{name}.global_scale must have shape {want_global}, got "
-                f"{self.global_scale.shape}"
+                f"{name}.global_scale must have shape {want_global}, got {self.global_scale.shape}"
             )
 
 

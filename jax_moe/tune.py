@@ -47,8 +47,16 @@ from jax_moe.tuning.tuner import (
     tune_cells,
 )
 
-__all__ = ["FLAGS", "TuneConfig", "TuneOutcome", "config_from_flags", "main", "plot_results",
-           "run", "run_cli"]
+__all__ = [
+    "FLAGS",
+    "TuneConfig",
+    "TuneOutcome",
+    "config_from_flags",
+    "main",
+    "plot_results",
+    "run",
+    "run_cli",
+]
 
 FLAGS = flags.FlagValues()
 
@@ -62,37 +70,48 @@ _INTERMEDIATE = flags.DEFINE_integer(
 _NUM_EXPERTS = flags.DEFINE_integer(
     "num_experts", None, "Explicit shape: number of experts.", flag_values=FLAGS
 )
-_TOP_K = flags.DEFINE_integer("top_k", None, "Explicit shape: experts per token.",
-                              flag_values=FLAGS)
-_EP = flags.DEFINE_list("ep", ["1"], "Expert-parallel sizes (rank 0's slice is tuned).",
-                        flag_values=FLAGS)
+_TOP_K = flags.DEFINE_integer(
+    "top_k", None, "Explicit shape: experts per token.", flag_values=FLAGS
+)
+_EP = flags.DEFINE_list(
+    "ep", ["1"], "Expert-parallel sizes (rank 0's slice is tuned).", flag_values=FLAGS
+)
 _MAX_TOKENS = flags.DEFINE_integer(
     "max_tokens", DEFAULT_MAX_TOKENS, "Largest token bucket (a power of two).", flag_values=FLAGS
 )
 _DISTRIBUTION = flags.DEFINE_string(
-    "distribution", "balanced", "Profiling routing: balanced, uniform or zipf:S.",
+    "distribution",
+    "balanced",
+    "Profiling routing: balanced, uniform or zipf:S.",
     flag_values=FLAGS,
 )
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the profiling inputs' jax.random key.",
-                             flag_values=FLAGS)
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Seed of the profiling inputs' jax.random key.", flag_values=FLAGS
+)
 _OUT = flags.DEFINE_string("out", "tactics.json", "Tactic file to write.", flag_values=FLAGS)
 _MERGE = flags.DEFINE_bool(
-    "merge", False, "Merge into an existing --out file (tuned cells replace theirs).",
+    "merge",
+    False,
+    "Merge into an existing --out file (tuned cells replace theirs).",
     flag_values=FLAGS,
 )
 _EVALUATE = flags.DEFINE_string(
-    "evaluate", None, "Evaluate this tactic file (regret, reproducibility) instead of tuning.",
+    "evaluate",
+    None,
+    "Evaluate this tactic file (regret, reproducibility) instead of tuning.",
     flag_values=FLAGS,
 )
 _PLOT = flags.DEFINE_string(
-    "plot", None, "Write a PNG of latency vs num_tokens per tactic (needs matplotlib).",
+    "plot",
+    None,
+    "Write a PNG of latency vs num_tokens per tactic (needs matplotlib).",
     flag_values=FLAGS,
 )
-_COLD_L2 = flags.DEFINE_bool("cold_l2", False, "Rotate weight copies larger than the L2.",
-                             flag_values=FLAGS)
+_COLD_L2 = flags.DEFINE_bool(
+    "cold_l2", False, "Rotate weight copies larger than the L2.", flag_values=FLAGS
+)
 _REPS = flags.DEFINE_integer("reps", 20, "Launches per timed scan.", flag_values=FLAGS)
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed scans per tactic (median).",
-                                flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed scans per tactic (median).", flag_values=FLAGS)
 _TIE_TOLERANCE = flags.DEFINE_float(
     "tie_tolerance", 0.005, "Relative time difference treated as a tie.", flag_values=FLAGS
 )
@@ -131,10 +150,12 @@ class TuneConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "distribution", str(RoutingDistribution.parse(self.distribution)))
         if self.evaluate is None and not self.models:
-            raise ValueError("no model to tune: give --model or --hidden/--intermediate/"
-                             "--num_experts/--top_k")
-        if not self.eps or any(isinstance(e, bool) or not isinstance(e, int) or e < 1
-                               for e in self.eps):
+            raise ValueError(
+                "no model to tune: give --model or --hidden/--intermediate/--num_experts/--top_k"
+            )
+        if not self.eps or any(
+            isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in self.eps
+        ):
             raise ValueError(f"eps={self.eps!r}; expected positive ints")
         for ep in self.eps:
             if self.models and all(model.num_experts % ep for model in self.models):
@@ -197,9 +218,7 @@ def config_from_flags() -> TuneConfig:
             merge=_MERGE.value,
             evaluate=_EVALUATE.value,
             plot=_PLOT.value,
-            timing=TimingConfig(
-                reps=_REPS.value, repeats=_REPEATS.value, cold_l2=_COLD_L2.value
-            ),
+            timing=TimingConfig(reps=_REPS.value, repeats=_REPEATS.value, cold_l2=_COLD_L2.value),
             search=SearchConfig(tie_tolerance=_TIE_TOLERANCE.value),
         )
     except (TypeError, ValueError) as error:

@@ -51,9 +51,7 @@ class MoEWeights:
         for field in ("w13", "w2"):
             t = getattr(self, field)
             if not isinstance(t, nvfp4.Nvfp4Tensor):
-                raise TypeError(
-                    f"{name}.{field} must be an Nvfp4Tensor, got {type(t).__name__}"
-                )
+                raise TypeError(f"{name}.{field} must be an Nvfp4Tensor, got {type(t).__name__}")
             t.check(f"{name}.{field}")
             if len(t.shape) != 3:
                 raise ValueError(

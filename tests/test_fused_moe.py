@@ -121,8 +121,11 @@ def _call(tiny, **overrides):
     _, weights, x, ids, wts, _, _ = tiny
     args = dict(hidden_states=x, weights=weights, topk_ids=ids, topk_weights=wts)
     args.update(overrides)
-    kwargs = {k: args.pop(k) for k in list(args) if k not in (
-        "hidden_states", "weights", "topk_ids", "topk_weights")}
+    kwargs = {
+        k: args.pop(k)
+        for k in list(args)
+        if k not in ("hidden_states", "weights", "topk_ids", "topk_weights")
+    }
     return jax_moe.fused_moe(
         args["hidden_states"], args["weights"], args["topk_ids"], args["topk_weights"], **kwargs
     )

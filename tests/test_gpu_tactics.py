@@ -75,9 +75,7 @@ def test_default_tactics_without_a_table(layer):
 def test_tuned_tactics_win_and_misses_fall_back(layer, tmp_path):
     *_, problem = layer
     gemm1 = moe_gemm_config.gemm1_variants()[-1]
-    gemm2 = next(
-        t for t in moe_gemm_config.gemm2_variants() if t.block_m == gemm1.block_m
-    )
+    gemm2 = next(t for t in moe_gemm_config.gemm2_variants() if t.block_m == gemm1.block_m)
     table = _table(problem, gemm1, gemm2)
     assert _select(problem, table) == (gemm1, gemm2)
     path = tmp_path / "tactics.json"
@@ -139,8 +137,13 @@ def _problem(**overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(hidden=2880, intermediate=2880), dict(hidden=192), dict(intermediate=80),
-     dict(dtype="float16"), dict(dtype="float32")],
+    [
+        dict(hidden=2880, intermediate=2880),
+        dict(hidden=192),
+        dict(intermediate=80),
+        dict(dtype="float16"),
+        dict(dtype="float32"),
+    ],
 )
 def test_unsupported_problems_raise_not_implemented(overrides):
     # NotImplementedError makes fused_moe fall back to the XLA path.
@@ -161,9 +164,7 @@ def test_a_tactic_of_the_wrong_family_is_an_error(layer):
         device_name=DEVICE, arch=ARCH, distribution="balanced", profile_key=0
     )
     wrong = moe_gemm_config.gemm2_variants()[0]
-    table = tuning.TacticTable(
-        meta, {_key("moe_gemm1", problem): tuning.TacticEntry(wrong, 1.0)}
-    )
+    table = tuning.TacticTable(meta, {_key("moe_gemm1", problem): tuning.TacticEntry(wrong, 1.0)})
     with pytest.raises(ValueError, match="moe_gemm1_sm90 tactic"):
         _select(problem, table)
 
@@ -171,15 +172,11 @@ def test_a_tactic_of_the_wrong_family_is_an_error(layer):
 def test_one_tuned_gemm_pairs_with_a_matching_default(layer):
     *_, problem = layer
     default1, _ = _select(problem, None)
-    tuned = next(
-        t for t in moe_gemm_config.gemm1_variants() if t.block_m != default1.block_m
-    )
+    tuned = next(t for t in moe_gemm_config.gemm1_variants() if t.block_m != default1.block_m)
     meta = tuning.TableMetadata.create(
         device_name=DEVICE, arch=ARCH, distribution="balanced", profile_key=0
     )
-    table = tuning.TacticTable(
-        meta, {_key("moe_gemm1", problem): tuning.TacticEntry(tuned, 1.0)}
-    )
+    table = tuning.TacticTable(meta, {_key("moe_gemm1", problem): tuning.TacticEntry(tuned, 1.0)})
     gemm1, gemm2 = _select(problem, table)
     assert gemm1 == tuned
     assert gemm2.block_m == tuned.block_m

@@ -139,8 +139,12 @@ def test_choose_pair_shares_block_m_and_takes_the_smallest_sum():
     c16, c64 = _variant(GEMM2_OP, 16), _variant(GEMM2_OP, 64)
     timings = {
         GEMM1_OP: {a16: Measurement(10.0), b16: Measurement(10.5), a32: Measurement(11.0)},
-        GEMM2_OP: {c16: Measurement(20.0), c32: Measurement(12.0), c64: Measurement(1.0),
-                   _variant(GEMM2_OP, 32, 1): Failure("boom")},
+        GEMM2_OP: {
+            c16: Measurement(20.0),
+            c32: Measurement(12.0),
+            c64: Measurement(1.0),
+            _variant(GEMM2_OP, 32, 1): Failure("boom"),
+        },
     }
     # GEMM1 is fastest at 16 and GEMM2 at 64 (no GEMM1 there): 16 -> 30, 32 -> 23.
     choice = choose_pair(timings, SearchConfig(tie_tolerance=0.0))
@@ -169,8 +173,9 @@ def test_near_ties_go_to_the_first_variant():
 
 
 def test_tune_writes_a_table_with_metadata_progress_and_summary(tmp_path):
-    outcome, output, profiler = _cli(tmp_path, "--ep=1,2", "--max_tokens=8", "--seed=3",
-                                     "--tie_tolerance=0")
+    outcome, output, profiler = _cli(
+        tmp_path, "--ep=1,2", "--max_tokens=8", "--seed=3", "--tie_tolerance=0"
+    )
     path = tmp_path / "tactics.json"
     assert sorted(os.listdir(tmp_path)) == ["tactics.json"]  # atomic write, no leftovers
     table = TacticTable.load(path, expect_device=DEVICE, expect_arch=ARCH)
@@ -184,8 +189,10 @@ def test_tune_writes_a_table_with_metadata_progress_and_summary(tmp_path):
         g1 = table.entries[cell.problem_key(GEMM1_OP)]
         g2 = table.entries[cell.problem_key(GEMM2_OP)]
         assert g1.tactic.block_m == g2.tactic.block_m
-        times = [{t: model_time(op, t, cell) for t in exported_variants(op)}
-                 for op in (GEMM1_OP, GEMM2_OP)]
+        times = [
+            {t: model_time(op, t, cell) for t in exported_variants(op)}
+            for op in (GEMM1_OP, GEMM2_OP)
+        ]
         assert math.isclose(g1.time_us + g2.time_us, _pair_time(times))
         assert g1.runner_up is not None and g1.runner_up.block_m == g1.tactic.block_m
     # Every valid tactic of both ops was timed once per cell, after prepare_cell.
@@ -259,8 +266,16 @@ def test_infeasible_balanced_cells_are_skipped(tmp_path):
 
 
 def test_explicit_shapes_and_usage_errors(tmp_path):
-    outcome, _, _ = _cli(tmp_path, "--model=", "--hidden=256", "--intermediate=128",
-                         "--num_experts=4", "--top_k=2", "--ep=2", "--max_tokens=2")
+    outcome, _, _ = _cli(
+        tmp_path,
+        "--model=",
+        "--hidden=256",
+        "--intermediate=128",
+        "--num_experts=4",
+        "--top_k=2",
+        "--ep=2",
+        "--max_tokens=2",
+    )
     assert {r.cell.model.name for r in outcome.results} == {"E4k2H256I128"}
     for flags, message in [
         (["--hidden=256"], "need all four"),
@@ -273,8 +288,7 @@ def test_explicit_shapes_and_usage_errors(tmp_path):
     ]:
         with pytest.raises((app.UsageError, ValueError), match=message):
             _cli(tmp_path, *flags)
-    outcome, output, _ = _cli(tmp_path, "--model=tiny,qwen3_30b_a3b", "--ep=16",
-                              "--max_tokens=1")
+    outcome, output, _ = _cli(tmp_path, "--model=tiny,qwen3_30b_a3b", "--ep=16", "--max_tokens=1")
     assert "skipping tiny EP=16: 8 experts" in output
     assert [str(r.cell) for r in outcome.results] == ["qwen3_30b_a3b EP=16 N=1"]
     with pytest.raises(app.UsageError, match="no model"):
@@ -297,8 +311,9 @@ def test_regret_arithmetic():
     assert regret_of(result, (g1a, _variant(GEMM2_OP, 64))).regret is None
 
     def entry(value, routing="softmax"):
-        return CellRegret(TuneCell(TINY, 1, 8, ARCH, routing), (g1a, g2a), 1.0, None, 1.0,
-                          value, None)
+        return CellRegret(
+            TuneCell(TINY, 1, 8, ARCH, routing), (g1a, g2a), 1.0, None, 1.0, value, None
+        )
 
     report = EvaluationReport(
         (entry(0.0), entry(0.03), entry(0.01, "skewed"), entry(None, "skewed")),
@@ -325,8 +340,9 @@ def test_evaluate_reports_regret_and_reproducibility(tmp_path):
     # A device on which one tuned tactic became 50% slower: regret and a changed choice.
     slow = outcome.results[0].choice.gemm1.tactic
     hit = [r for r in outcome.results if r.choice.gemm1.tactic == slow]
-    evaluated, output, _ = _cli(tmp_path, f"--evaluate={path}",
-                                profiler=CostModelProfiler(penalty={str(slow): 1.5}))
+    evaluated, output, _ = _cli(
+        tmp_path, f"--evaluate={path}", profiler=CostModelProfiler(penalty={str(slow): 1.5})
+    )
     rep = evaluated.report.reproducibility
     assert rep.total - rep.same == len(hit) and str(hit[0].cell) in output
     assert evaluated.report.max_regret() > 0
@@ -385,8 +401,9 @@ def test_gpu_profiler_needs_a_gpu():
     with pytest.raises(NotImplementedError, match="GpuProfiler needs"):
         GpuProfiler()
     with pytest.raises(NotImplementedError, match="GpuProfiler needs"):
-        tune.run_cli(["jax_moe.tune", "--model=tiny", "--max_tokens=2",
-                      "--out=/nonexistent/t.json"])
+        tune.run_cli(
+            ["jax_moe.tune", "--model=tiny", "--max_tokens=2", "--out=/nonexistent/t.json"]
+        )
 
 
 @pytest.mark.skipif(not _ffi.is_available(), reason="the jax_moe CUDA extension is not built")
@@ -420,8 +437,10 @@ def test_gpu_profiler_scans_lower_for_cuda_with_matching_inputs():
 def test_gpu_profiler_times_tactics_and_records_failures():
     profiler = GpuProfiler(TimingConfig(reps=4, repeats=2))
     cell = TuneCell(TINY, 1, 8, profiler.arch)
-    g1, g2 = moe_gemm_config.default_tactic("moe_gemm1", 8, 2, 8, 256, 128), \
-        moe_gemm_config.default_tactic("moe_gemm2", 8, 2, 8, 256, 128)
+    g1, g2 = (
+        moe_gemm_config.default_tactic("moe_gemm1", 8, 2, 8, 256, 128),
+        moe_gemm_config.default_tactic("moe_gemm2", 8, 2, 8, 256, 128),
+    )
     profiler.prepare_cell(cell, {GEMM1_OP: [g1], GEMM2_OP: [g2]})
     for op, tactic in ((GEMM1_OP, g1), (GEMM2_OP, g2)):
         result = profiler.time(op, tactic, cell)
@@ -441,7 +460,17 @@ def test_gpu_profiler_times_tactics_and_records_failures():
 def test_gpu_tune_run_end_to_end(tmp_path):
     path = tmp_path / "tactics.json"
     stream = io.StringIO()
-    outcome = tune.run_cli(["jax_moe.tune", "--model=tiny", "--ep=1,2", "--max_tokens=4",
-                            "--reps=4", "--repeats=2", f"--out={path}"], stream=stream)
+    outcome = tune.run_cli(
+        [
+            "jax_moe.tune",
+            "--model=tiny",
+            "--ep=1,2",
+            "--max_tokens=4",
+            "--reps=4",
+            "--repeats=2",
+            f"--out={path}",
+        ],
+        stream=stream,
+    )
     table = TacticTable.load(path)
     assert len(table) == 12 and not any(r.failures() for r in outcome.results), stream.getvalue()

@@ -322,7 +322,8 @@ class TimingConfig:
         if not isinstance(self.cold_l2, bool):
             raise TypeError(f"TimingConfig.cold_l2={self.cold_l2!r}; expected a bool")
         if self.l2_bytes is not None and (
-            isinstance(self.l2_bytes, bool) or not isinstance(self.l2_bytes, int)
+            isinstance(self.l2_bytes, bool)
+            or not isinstance(self.l2_bytes, int)
             or self.l2_bytes < 1
         ):
             raise ValueError(
