@@ -134,6 +134,9 @@ def test_tactic_check_rejects_unsupported_problems():
         (dict(stages=5), ValueError),
         (dict(block_m=128, block_w=128, warps_m=2, warps_n=2, stages=2), ValueError),
         (dict(stages=2, cp_async=True), ValueError),
+        (dict(split_k=3), ValueError),
+        (dict(split_k=16), ValueError),
+        (dict(stages=3, cp_async=True, split_k=2), ValueError),
         (dict(block_m=16.0), TypeError),
     ],
 )
@@ -160,6 +163,34 @@ def test_default_tactic_regimes_and_errors():
         assert pair[0] in cfg.gemm1_variants() and pair[1] in cfg.gemm2_variants()
     with pytest.raises(ValueError, match="op"):
         cfg.default_tactic("moe_gemm3", 1, 8, 32, 7168, 2048)
+
+
+def test_split_k_is_a_decode_tactic():
+    split = [t for t in cfg.gemm1_variants() if t.split_k > 1]
+    assert split and all(t.block_m <= 32 and not t.cp_async for t in split)
+    # The ids of the unsplit variants come first.
+    assert [t.split_k for t in cfg.gemm1_variants()][: -len(split)] == [1] * (
+        len(cfg.gemm1_variants()) - len(split)
+    )
+    tactic = cfg.MoeGemm1Sm90Tactic(
+        block_m=16, block_w=64, warps_m=4, warps_n=1, stages=2, cp_async=False, split_k=4
+    )
+    tactic.check(_problem("moe_gemm1", token_bucket=512))  # 16 rows per expert
+    with pytest.raises(ValueError, match="decode"):
+        tactic.check(_problem("moe_gemm1", token_bucket=1024))
+    # DeepSeek-V3 EP=8: one expert active at N=1, so GEMM1 has 64 CTAs without split-K.
+    splits = [
+        cfg.default_tactic("moe_gemm1", n, 8, 32, 7168, 2048, num_experts=256).split_k
+        for n in (1, 2, 4, 8, 16, 64)
+    ]
+    assert splits[0] == 8 and splits == sorted(splits, reverse=True) and splits[-1] == 1
+    # Few K steps: a split keeps at least four of them.
+    small = cfg.default_tactic("moe_gemm2", 1, 8, 32, 7168, 128, num_experts=256)
+    assert small.split_k == 1
+    for n in (1, 2, 4, 8):
+        for op in ("moe_gemm1", "moe_gemm2"):
+            tactic = cfg.default_tactic(op, n, 8, 32, 7168, 2048, num_experts=256)
+            tactic.check(_problem(op, token_bucket=n))
     with pytest.raises(TypeError, match="num_tokens"):
         cfg.default_tactic("moe_gemm1", 1.5, 8, 32, 7168, 2048)
     with pytest.raises(ValueError, match="num_experts"):

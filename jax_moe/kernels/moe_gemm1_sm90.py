@@ -34,7 +34,8 @@ intermediate % 64 == 0, 16-byte aligned `hidden`, `w13_packed` and `act`, 4-byte
 aligned `w13_scale`; `tile_expert` entries < num_local_experts and slots < num_tokens *
 top_k (not checked by the kernel).
 
-Grid: ``(2 * intermediate / block_w, m_pad / block_m)``, 128 threads.
+Grid: ``(2 * intermediate / block_w, m_pad / block_m, split_k)``, 128 threads; with
+``split_k > 1`` the CTAs of one tile form a cluster and split the K loop.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
             tactic.warps_n,
             tactic.stages,
             tactic.cp_async,
+            tactic.split_k,
         )
         self.tactic = tactic
 
@@ -139,15 +141,20 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
             global_scale = w13_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
             half = self.block_w // 2
             col0 = bid_w * half
+            # With split-K the cluster's CTAs take turns over the output elements.
+            views = self.split_views(s_c)
+            rank = self.split_rank()
             for it in cutlass.range_constexpr(self.block_m * half // NUM_THREADS):
-                idx = it * NUM_THREADS + tidx
-                jj = idx % half
-                tok = idx // half
-                q_gate = (jj // 8) * 16 + jj % 8
-                gate = s_c[q_gate, tok] * global_scale
-                up = s_c[q_gate + 8, tok] * global_scale
-                value = gate / (cutlass.Float32(1.0) + cute.math.exp(-gate)) * up
-                act[row0 + tok, col0 + jj] = value.to(cutlass.BFloat16)
+                if it % self.split_k == rank:
+                    idx = it * NUM_THREADS + tidx
+                    jj = idx % half
+                    tok = idx // half
+                    q_gate = (jj // 8) * 16 + jj % 8
+                    gate = self.split_value(views, q_gate, tok) * global_scale
+                    up = self.split_value(views, q_gate + 8, tok) * global_scale
+                    value = gate / (cutlass.Float32(1.0) + cute.math.exp(-gate)) * up
+                    act[row0 + tok, col0 + jj] = value.to(cutlass.BFloat16)
+            self.split_done()
 
 
 def variants() -> list[MoeGemm1Sm90Tactic]:

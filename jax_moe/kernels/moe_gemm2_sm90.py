@@ -28,7 +28,8 @@ Requirements (promised by `export_spec`, checked by the caller): intermediate % 
 `w2_scale`; `tile_expert` entries < num_local_experts and slots < len(topk_weights)
 (not checked by the kernel). Output is float32 only.
 
-Grid: ``(hidden / block_w, m_pad / block_m)``, 128 threads.
+Grid: ``(hidden / block_w, m_pad / block_m, split_k)``, 128 threads; with ``split_k > 1``
+the CTAs of one tile form a cluster and split the K loop.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
             tactic.warps_n,
             tactic.stages,
             tactic.cp_async,
+            tactic.split_k,
         )
         self.tactic = tactic
 
@@ -125,15 +127,20 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
 
             global_scale = w2_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
             col0 = bid_w * self.block_w
+            # With split-K the cluster's CTAs take turns over the output elements.
+            views = self.split_views(s_c)
+            rank = self.split_rank()
             for it in cutlass.range_constexpr(self.block_m * self.block_w // NUM_THREADS):
-                idx = it * NUM_THREADS + tidx
-                q = idx % self.block_w
-                tok = idx // self.block_w
-                slot = sorted_slots[row0 + tok]
-                weight = cutlass.Float32(0.0)
-                if slot >= 0:
-                    weight = topk_weights[slot] * global_scale
-                y[row0 + tok, col0 + q] = s_c[q, tok] * weight
+                if it % self.split_k == rank:
+                    idx = it * NUM_THREADS + tidx
+                    q = idx % self.block_w
+                    tok = idx // self.block_w
+                    slot = sorted_slots[row0 + tok]
+                    weight = cutlass.Float32(0.0)
+                    if slot >= 0:
+                        weight = topk_weights[slot] * global_scale
+                    y[row0 + tok, col0 + q] = self.split_value(views, q, tok) * weight
+            self.split_done()
 
 
 def variants() -> list[MoeGemm2Sm90Tactic]:

@@ -21,6 +21,12 @@ register ring (`cp_async=False`, 1 to 4 deep, limited by a register estimate), o
 a cp.async shared-memory ring of raw weight bytes (`cp_async=True`, 3 to 6 deep;
 correct but slower on the measured shapes, so not exported).
 
+`split_k` (1, 2, 4, 8) splits the K loop over that many CTAs of one output tile, a
+thread block cluster that adds its fp32 tiles in rank order through distributed
+shared memory (deterministic, no workspace). It is a decode tactic: `check` rejects
+it when the expected routed rows per expert (`token_bucket * top_k / num_experts`)
+exceed `block_m`, where the grid is full without it.
+
 Default heuristic (`default_tactic`): with the expected routed rows per expert
 `m = num_tokens * top_k / num_experts`,
 
@@ -28,7 +34,10 @@ Default heuristic (`default_tactic`): with the expected routed rows per expert
     8 < m <= 24:  block_m=32, block_w=128, stages=2
     m > 24:       block_m=64, block_w=128, stages=1  (2 x 2 warps)
 
-the same for both GEMMs, so their defaults share routing metadata. This is the
+the same for both GEMMs, so their defaults share routing metadata. For `block_m=16`
+the split grows through 1, 2, 4, 8 until the expected CTA count (expected active
+local experts x weight-row tiles x split) reaches 4 per SM of 132 SMs, or until a
+larger split would leave fewer than 4 K steps per split. The tile rule is the
 fastest GEMM1+GEMM2 pair (or within 2%) of all exported variants measured on an
 H100 for DeepSeek-V3 EP=8 (N = 1, 3, 64, 128, 1000), Qwen3-30B-A3B and
 Mixtral-8x7B (N = 1, 64, 1000) with `benchmarks/gemm_kernels_dsl.py`.
@@ -46,7 +55,9 @@ replays, weights far larger than L2):
 Exported variants (`gemm1_variants` / `gemm2_variants`, identical tile lists):
 `block_m` in (16, 32, 64, 128) x `block_w` in (128, 64) x register `stages` in
 (1, 2, 4): 4 only for tiles up to 32 x 128, only 1 for block_m=128 (deeper
-prefetch spills registers there).
+prefetch spills registers there); then the split-K variants of
+`_SPLIT_K_VARIANTS` (their ids come after the others). With split-K at N=1 the
+DeepSeek-V3 EP=8 GEMMs take 17.9 + 15.5 us (H100, profiler, inside the layer).
 """
 
 from __future__ import annotations
@@ -74,6 +85,13 @@ _CP_ASYNC_STAGES = (3, 4, 6)
 # block 128 x 128 with 2 register stages, about 212, spills badly; 170 does not).
 _REGISTER_BUDGET = 180
 _SMEM_LIMIT = 227 * 1024
+# K splits: the CTAs of one output tile form a thread block cluster along the grid's
+# z axis (at most 8, the portable cluster size) and reduce through distributed
+# shared memory in rank order.
+_SPLIT_K = (1, 2, 4, 8)
+# Split-K variants are decode tactics: valid while the expected routed rows per
+# expert (num_tokens * top_k / num_experts) fit in this many row tiles.
+_SPLIT_K_MAX_ROW_TILES = 1
 
 
 def _check_common(tactic, problem) -> None:
@@ -85,6 +103,14 @@ def _check_common(tactic, problem) -> None:
         raise NotImplementedError(
             f"{tactic}: activation dtype {problem.activation_dtype!r}; only bfloat16 is supported"
         )
+    if tactic.split_k > 1:
+        rows = _expected_rows_per_expert(problem.token_bucket, problem.top_k, problem.num_experts)
+        if rows > _SPLIT_K_MAX_ROW_TILES * tactic.block_m:
+            raise ValueError(
+                f"{tactic}: split_k={tactic.split_k} is a decode tactic; the problem expects "
+                f"{rows:g} routed rows per expert (> {_SPLIT_K_MAX_ROW_TILES * tactic.block_m}), "
+                "where the grid is full without splitting K"
+            )
 
 
 def swap_ab_smem_bytes(block_w: int, block_m: int, stages: int, cp_async: bool) -> int:
@@ -113,10 +139,15 @@ class _SwapAbTactic(Tactic):
     warps_n: int
     stages: int
     cp_async: bool
+    split_k: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        if self.split_k not in _SPLIT_K:
+            raise ValueError(f"{name}.split_k={self.split_k}; expected one of {_SPLIT_K}")
+        if self.split_k > 1 and self.cp_async:
+            raise ValueError(f"{name}: split_k={self.split_k} needs the register path (cp_async=0)")
         allowed = _CP_ASYNC_STAGES if self.cp_async else _REGISTER_STAGES
         if self.stages not in allowed:
             raise ValueError(
@@ -201,6 +232,16 @@ class MoeGemm2Sm90Tactic(_SwapAbTactic):
 _REGIMES = ((16, 4, 1), (32, 4, 1), (64, 2, 2), (128, 2, 2))
 
 
+# (block_m, block_w, stages, split_k values) of the exported split-K variants.
+_SPLIT_K_VARIANTS = ((16, 64, 2, (2, 4, 8)), (16, 128, 4, (2, 4)), (32, 128, 2, (2,)))
+# Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
+# and the CTAs per SM it aims to keep resident.
+_PLANNED_SMS = 132
+_PLANNED_CTAS_PER_SM = 4
+# Fewest 64-wide K steps one split keeps (the register ring needs a few to overlap).
+_MIN_K_STEPS_PER_SPLIT = 4
+
+
 def _variants(cls):
     out = []
     for bm, wm, wn in _REGIMES:
@@ -223,6 +264,21 @@ def _variants(cls):
                     )
                 except ValueError:
                     continue
+    # Split-K decode variants, after the others so that the ids above stay stable.
+    for bm, bw, st, splits in _SPLIT_K_VARIANTS:
+        wm, wn = (4, 1)
+        for split in splits:
+            out.append(
+                cls(
+                    block_m=bm,
+                    block_w=bw,
+                    warps_m=wm,
+                    warps_n=wn,
+                    stages=st,
+                    cp_async=False,
+                    split_k=split,
+                )
+            )
     return out
 
 
@@ -285,6 +341,17 @@ def default_tactic(
     else:
         block_m, block_w, stages = 64, 128, 1
     warps_m, warps_n = (4, 1) if block_m <= 32 else (2, 2)
+    split_k = 1
+    if block_m == 16:
+        if op == "moe_gemm1":
+            weight_rows, k_steps = 2 * intermediate, hidden // _BLOCK_K
+        else:
+            weight_rows, k_steps = hidden, intermediate // _BLOCK_K
+        split_k = _default_split_k(
+            _expected_active_experts(num_tokens, top_k, num_local_experts, num_experts)
+            * max(1, weight_rows // block_w),
+            k_steps,
+        )
     return cls(
         block_m=block_m,
         block_w=block_w,
@@ -292,4 +359,28 @@ def default_tactic(
         warps_n=warps_n,
         stages=stages,
         cp_async=False,
+        split_k=split_k,
     )
+
+
+def _expected_active_experts(
+    num_tokens: int, top_k: int, num_local_experts: int, num_experts: int
+) -> float:
+    """Expected local experts with at least one routed row under uniform random routing."""
+    return num_local_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)
+
+
+def _default_split_k(ctas: float, k_steps: int) -> int:
+    """Smallest exported split of the (16, 64, 2) decode tile that fills the planned SMs.
+
+    `ctas` is the expected CTA count without splitting; a split keeps at least
+    `_MIN_K_STEPS_PER_SPLIT` K steps.
+    """
+    target = _PLANNED_SMS * _PLANNED_CTAS_PER_SM
+    splits = next(v[3] for v in _SPLIT_K_VARIANTS if v[:3] == (16, 64, 2))
+    best = 1
+    for split in splits:
+        if ctas * best >= target or k_steps // split < _MIN_K_STEPS_PER_SPLIT:
+            break
+        best = split
+    return best

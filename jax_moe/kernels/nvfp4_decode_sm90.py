@@ -91,6 +91,21 @@ def mul_bf16x2(a: cutlass.Uint32, b: cutlass.Uint32, *, loc=None, ip=None) -> cu
 
 
 @dsl_user_op
+def load_dsmem_f32(address: cutlass.Int32, *, loc=None, ip=None) -> cutlass.Float32:
+    """A float32 load from a `shared::cluster` address (another CTA's shared memory)."""
+    result = llvm.inline_asm(
+        cutlass.Float32.mlir_type,
+        [cutlass.Int32(address).ir_value(loc=loc, ip=ip)],
+        "ld.shared::cluster.f32 $0, [$1];",
+        "=f,r",
+        has_side_effects=True,
+        loc=loc,
+        ip=ip,
+    )
+    return cutlass.Float32(result)
+
+
+@dsl_user_op
 def float32_bits(x: cutlass.Float32, *, loc=None, ip=None) -> cutlass.Uint32:
     """The IEEE bit pattern of a float32."""
     return cutlass.Uint32(
@@ -168,6 +183,12 @@ class SwapAbNvfp4GemmSm90:
       stages: K steps loaded ahead (register ring depth, or cp.async ring depth).
       cp_async: stage raw weights and token rows through a cp.async shared-memory ring
         instead of registers.
+      split_k: CTAs sharing one output tile, each over a contiguous range of K steps
+        (1, 2, 4 or 8; register path only). They form a thread block cluster along
+        the grid's z axis; `split_views` and `split_value` give the epilogue the sum
+        of their fp32 tiles in rank order (read through distributed shared memory, so
+        the result does not depend on timing), and `split_done` keeps every CTA's
+        shared memory alive until the whole cluster has read it.
 
     Subclasses define a `@cute.kernel` method `kernel(*args, tiled_mma)`, launched by
     `launch_kernel`; it sets up each token chunk's source row (`b_rows`), calls
@@ -183,7 +204,12 @@ class SwapAbNvfp4GemmSm90:
         warps_n: int,
         stages: int = 1,
         cp_async: bool = False,
+        split_k: int = 1,
     ):
+        if split_k not in (1, 2, 4, 8):
+            raise ValueError(f"split_k={split_k}; expected 1, 2, 4 or 8")
+        if split_k > 1 and cp_async:
+            raise ValueError("split_k > 1 needs the register path (cp_async=False)")
         if warps_m * warps_n * 32 != NUM_THREADS:
             raise ValueError(f"warps_m * warps_n = {warps_m * warps_n}; expected 4")
         if block_w % (16 * warps_m) or block_w % 64:
@@ -196,6 +222,7 @@ class SwapAbNvfp4GemmSm90:
             )
         self.stages = stages
         self.cp_async = cp_async
+        self.split_k = split_k
         self.block_w = block_w
         self.block_m = block_m
         self.warps_m = warps_m
@@ -309,18 +336,68 @@ class SwapAbNvfp4GemmSm90:
     ) -> None:
         """Launches `self.kernel(*kernel_args, tiled_mma)` on `stream`.
 
-        Grid: `(w_packed.shape[1] / block_w, len(tile_expert))` CTAs of `NUM_THREADS`
-        threads with `smem_bytes()` of dynamic shared memory.
+        Grid: `(w_packed.shape[1] / block_w, len(tile_expert), split_k)` CTAs of
+        `NUM_THREADS` threads with `smem_bytes()` of dynamic shared memory; with
+        `split_k > 1`, clusters of `(1, 1, split_k)`.
         """
         tiled_mma = self._tiled_mma()
         num_w_tiles = w_packed.shape[1] // self.block_w
         num_row_tiles = tile_expert.shape[0]
-        self.kernel(*kernel_args, tiled_mma).launch(
-            grid=(num_w_tiles, num_row_tiles, 1),
-            block=(NUM_THREADS, 1, 1),
-            smem=self.smem_bytes(),
-            stream=stream,
-        )
+        if cutlass.const_expr(self.split_k > 1):
+            self.kernel(*kernel_args, tiled_mma).launch(
+                grid=(num_w_tiles, num_row_tiles, self.split_k),
+                block=(NUM_THREADS, 1, 1),
+                cluster=(1, 1, self.split_k),
+                smem=self.smem_bytes(),
+                stream=stream,
+            )
+        else:
+            self.kernel(*kernel_args, tiled_mma).launch(
+                grid=(num_w_tiles, num_row_tiles, 1),
+                block=(NUM_THREADS, 1, 1),
+                smem=self.smem_bytes(),
+                stream=stream,
+            )
+
+    # ------------------------------------------------------------------ split-K epilogue
+    def split_rank(self):
+        """This CTA's K split (its rank in the cluster); 0 without split-K."""
+        if cutlass.const_expr(self.split_k == 1):
+            return cutlass.Int32(0)
+        _, _, bid_z = cute.arch.block_idx()
+        return bid_z
+
+    def split_views(self, s_c: cute.Tensor) -> tuple:
+        """`(s_c, bases)`: the local tile and the `shared::cluster` address of `s_c` in
+        every CTA of the cluster, in rank order (no bases without split-K).
+
+        Waits until every CTA of the cluster has finished its main loop.
+        """
+        if cutlass.const_expr(self.split_k == 1):
+            return s_c, []
+        cute.arch.cluster_arrive()
+        cute.arch.cluster_wait()
+        bases = [
+            cute.arch.map_dsmem_ptr(s_c.iterator, rank).toint() for rank in range(self.split_k)
+        ]
+        return s_c, bases
+
+    def split_value(self, views: tuple, q, j):
+        """`sum over ranks of s_c[q, j]` of the cluster's CTAs, added in rank order (fp32)."""
+        s_c, bases = views
+        if cutlass.const_expr(len(bases) == 0):
+            return s_c[q, j]
+        offset = cute.crd2idx((q, j), s_c.layout) * 4
+        value = load_dsmem_f32(bases[0] + offset)
+        for rank in range(1, len(bases)):
+            value = value + load_dsmem_f32(bases[rank] + offset)
+        return value
+
+    def split_done(self) -> None:
+        """Cluster barrier after the epilogue: no CTA leaves while another reads its tile."""
+        if cutlass.const_expr(self.split_k > 1):
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
 
     # ------------------------------------------------------------------ main loop
     @cute.jit
@@ -437,8 +514,18 @@ class SwapAbNvfp4GemmSm90:
         s_c: cute.Tensor,
         tiled_mma: cute.TiledMma,
     ):
-        """Runs the K loop and leaves the fp32 tile in `s_c` (synchronized)."""
+        """Runs the K loop and leaves the fp32 tile in `s_c` (synchronized).
+
+        With split-K, this CTA covers K steps `[k_begin, k_end)` of its rank; a rank
+        past the end accumulates nothing (its tile is zero).
+        """
         num_k_steps = m_packed.shape[2] // (BLOCK_K // 2)
+        k_begin = cutlass.Int32(0)
+        k_end = num_k_steps
+        if cutlass.const_expr(self.split_k > 1):
+            per_split = (num_k_steps + self.split_k - 1) // self.split_k
+            k_begin = self.split_rank() * per_split
+            k_end = cutlass.min(k_begin + per_split, num_k_steps)
 
         depth = self.stages
         r_packed = cute.make_rmem_tensor((16, self.w_units, depth), cutlass.Uint8)
@@ -451,7 +538,7 @@ class SwapAbNvfp4GemmSm90:
         # Register ring of `depth` K steps: step k lives in buffer k % depth; the loop is
         # unrolled by `depth` so every buffer index is a compile-time constant.
         for d in cutlass.range_constexpr(depth):
-            first = cutlass.min(d, num_k_steps - 1)
+            first = cutlass.min(k_begin + d, num_k_steps - 1)
             self.load_w_step(
                 m_packed,
                 m_scale,
@@ -463,10 +550,10 @@ class SwapAbNvfp4GemmSm90:
                 r_scale[None, None, d],
             )
             self.load_b_step(m_b, b_rows, first, tidx, r_b[None, None, d])
-        for k_group in cutlass.range(0, num_k_steps, depth, unroll=1):
+        for k_group in cutlass.range(k_begin, k_end, depth, unroll=1):
             for d in cutlass.range_constexpr(depth):
                 k_step = k_group + d
-                if k_step < num_k_steps:
+                if k_step < k_end:
                     cute.arch.sync_threads()
                     self.store_w_step(
                         tidx, r_packed[None, None, d], r_scale[None, None, d], s_a, r_decoded
