@@ -129,6 +129,11 @@ def _routing_metadata(
     sorted_slots = jnp.full((m_pad,), -1, jnp.int32).at[target].set(order, mode="drop")
 
     tile_start = jnp.arange(num_tiles, dtype=jnp.int32) * block_m
-    tile_owner = jnp.searchsorted(segment_end, tile_start, side="right").astype(jnp.int32)
+    # "compare_all": one broadcast comparison, (num_tiles, num_local) booleans; the
+    # default binary search is a while loop, which on GPUs costs a host round trip
+    # per iteration.
+    tile_owner = jnp.searchsorted(
+        segment_end, tile_start, side="right", method="compare_all"
+    ).astype(jnp.int32)
     tile_expert = jnp.where(tile_owner < num_local, tile_owner, -1)
     return RoutingMetadata(sorted_slots, tile_expert, slot_row)
