@@ -5,12 +5,25 @@ For each token count N it times, on the default JAX device:
 * ``fused_moe``: ``jax_moe.fused_moe`` (the GPU kernels on CUDA), prepared NVFP4 weights;
 * ``xla_nvfp4``: ``fused_moe(..., implementation="xla")``, i.e. dequantize the
   NVFP4 weights to bf16 inside the step, then ``ragged_dot``;
-* ``ragged_bf16``: ``jax.lax.ragged_dot`` with weights already in bf16.
+* ``ragged_bf16``: ``jax.lax.ragged_dot`` with weights already in bf16, over all
+  ``N * top_k`` slots (slots of other ranks sorted to the end, outside every group);
+* ``ragged_bf16_local``: the same over the local slots only (their count is known
+  on the host here, so the gathered matrix has exactly those rows): the best case
+  for the peer.
+
+``--breakdown`` (profiler timer) prints, for ``fused_moe``, the device time per
+layer of each kernel it ran (routing metadata ops, GEMM1, GEMM2, combine, copies)
+and the tactics it picked.
 
 Timing: a jitted ``lax.scan`` runs the layer ``--reps`` times back to back on
-``--reps`` different inputs (so nothing is hoisted out of the loop); the time
-per layer is the wall time of the whole scan divided by ``--reps``, the median
-of ``--trials`` runs after a warm-up. Host dispatch is amortised over the scan.
+``--reps`` different inputs (so nothing is hoisted out of the loop).
+``--timer=profiler`` (default on GPUs): one scan runs under ``jax.profiler``, and
+the time per layer is the time during which at least one GPU kernel or copy was
+running (the union of the CUPTI activity intervals, the same clock as CUDA
+events) divided by ``--reps``: device time, without the loop's host-side gaps,
+and activities that overlap on several streams counted once. ``--timer=wall``: the
+wall time of the whole scan divided by ``--reps``, the median of ``--trials`` runs
+after a warm-up; host dispatch and loop overhead are amortised but counted.
 
 Floors printed beside each row, from rates measured in the same run:
 
@@ -26,7 +39,11 @@ Example::
 from __future__ import annotations
 
 import functools
+import glob
+import math
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -46,13 +63,56 @@ _NUM_TOKENS = flags.DEFINE_list(
 _REPS = flags.DEFINE_integer("reps", 20, "Layers per timed scan.")
 _TRIALS = flags.DEFINE_integer("trials", 5, "Timed scans; the median is reported.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, inputs and routing.")
+_BREAKDOWN = flags.DEFINE_bool(
+    "breakdown", False, "Print fused_moe's device time per kernel (profiler timer)."
+)
+_TIMER = flags.DEFINE_enum(
+    "timer", None, ["profiler", "wall"], "Default: profiler on GPUs, wall elsewhere."
+)
 _PEERS = flags.DEFINE_list(
-    "impls", ["fused_moe", "xla_nvfp4", "ragged_bf16"], "Implementations to time."
+    "impls",
+    ["fused_moe", "xla_nvfp4", "ragged_bf16", "ragged_bf16_local"],
+    "Implementations to time.",
 )
 
 
+def _device_events(run, *args) -> list[tuple[str, int, int]] | None:
+    """(name, start_ns, duration_ns) of every GPU activity of one ``run(*args)``, or None.
+
+    None when the profile has no GPU activity (no CUPTI, or not a GPU).
+    """
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            run(*args).block_until_ready()
+        paths = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            return None
+        data = ProfileData.from_file(paths[0])
+    events = []
+    seen = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU:0"):
+            continue
+        for line in plane.lines:
+            seen.append(line.name)
+            if line.name.startswith("Stream"):
+                events.extend((ev.name, ev.start_ns, ev.duration_ns) for ev in line.events)
+    if not events and seen:
+        print(f"    (GPU profile lines without streams: {seen[:8]})")
+    return events or None
+
+
+_LAST_KERNELS: dict[str, float] = {}
+
+
 def _time_scan(step, xs, *args) -> float:
-    """Median seconds per step of ``step(x, *args)`` run back to back over ``xs``."""
+    """Seconds per step of ``step(x, *args)`` run back to back over ``xs`` (see ``--timer``).
+
+    With the profiler timer, `_LAST_KERNELS` holds the seconds per step of each
+    GPU kernel name of the last call.
+    """
 
     @jax.jit
     def run(xs, *args):
@@ -63,12 +123,38 @@ def _time_scan(step, xs, *args) -> float:
         return jax.lax.scan(body, acc0, xs)[0]
 
     run(xs, *args).block_until_ready()
+    reps = xs.shape[0]
+    if _timer() == "profiler":
+        events = _device_events(run, xs, *args)
+        if events is not None:
+            _LAST_KERNELS.clear()
+            for name, _, ns in events:
+                _LAST_KERNELS[name] = _LAST_KERNELS.get(name, 0.0) + ns * 1e-9 / reps
+            return _busy_ns(events) * 1e-9 / reps
+        print("    (no GPU activity in the profile: wall time)")
     times = []
     for _ in range(_TRIALS.value):
         t0 = time.perf_counter()
         run(xs, *args).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) / xs.shape[0]
+    return statistics.median(times) / reps
+
+
+def _busy_ns(events: list[tuple[str, int, int]]) -> float:
+    """Length of the union of the events' ``[start, start + duration)`` intervals."""
+    busy, end = 0.0, -math.inf
+    for _, start, duration in sorted(events, key=lambda e: e[1]):
+        stop = start + duration
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy
+
+
+def _timer() -> str:
+    if _TIMER.value is not None:
+        return _TIMER.value
+    return "profiler" if jax.default_backend() == "gpu" else "wall"
 
 
 def measure_copy_bandwidth(nbytes: int = 2 << 30) -> float:
@@ -99,21 +185,41 @@ def measure_bf16_rate(n: int = 8192) -> float:
     return 2 * n**3 / statistics.median(ts)
 
 
-def _bf16_ragged_layer(x, w13_t, w2_t, topk_ids, topk_weights, *, offset, num_local):
-    """The MoE layer with bf16 weights (``w13_t (L, H, 2I)``, ``w2_t (L, I, H)``) and ragged_dot."""
+def _bf16_ragged_layer(x, w13_t, w2_t, topk_ids, topk_weights, *, offset, num_local, num_rows=None):
+    """The MoE layer with bf16 weights (``w13_t (L, H, 2I)``, ``w2_t (L, I, H)``) and ragged_dot.
+
+    ``num_rows``: how many slots to gather (default all ``N * top_k``); the local
+    slots come first, so ``num_rows`` >= the local slot count loses nothing.
+    """
     n, k = topk_ids.shape
     inter = w2_t.shape[1]
     ids = topk_ids.reshape(-1) - offset
     group = jnp.where((ids >= 0) & (ids < num_local), ids, num_local)
     order = jnp.argsort(group, stable=True)
+    if num_rows is not None:
+        order = order[:num_rows]
     sizes = jnp.bincount(group, length=num_local + 1)[:num_local].astype(jnp.int32)
     xs = x[order // k]
     gu = jax.lax.ragged_dot(xs, w13_t, sizes, preferred_element_type=jnp.float32)
     act = (jax.nn.silu(gu[:, :inter]) * gu[:, inter:]).astype(jnp.bfloat16)
     down = jax.lax.ragged_dot(act, w2_t, sizes, preferred_element_type=jnp.float32)
     w = jnp.where(group[order] < num_local, topk_weights.reshape(-1)[order], 0.0)
-    per_slot = jnp.zeros_like(down).at[order].set(down * w[:, None])
+    per_slot = jnp.zeros((n * k, down.shape[1]), down.dtype).at[order].set(down * w[:, None])
     return per_slot.reshape(n, k, -1).sum(1).astype(x.dtype)
+
+
+def _print_breakdown(cfg, num_local, x, prepared, ids, wts, kernels) -> None:
+    """fused_moe's tactics and its device time per kernel name (largest first)."""
+    from jax_moe import gpu
+
+    problem = moe.validate_moe_args(
+        x, prepared, ids, wts, num_local_experts=num_local, num_experts=cfg.num_experts
+    )
+    g1, g2 = gpu.select_tactics(problem)
+    print(f"    tactics: {g1} / {g2}")
+    total = sum(kernels.values())
+    for name, t in sorted(kernels.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"    {t * 1e6:9.1f} us {100 * t / total:5.1f}%  {name[:110]}")
 
 
 def main(argv):
@@ -126,7 +232,7 @@ def main(argv):
     weights = models.random_moe_weights(kw, cfg, num_local_experts=num_local)
     prepared = jax.jit(prepare)(weights) if jax.default_backend() == "gpu" else weights
     router = models.random_router(kr, cfg)
-    need_bf16 = "ragged_bf16" in _PEERS.value
+    need_bf16 = any(name.startswith("ragged_bf16") for name in _PEERS.value)
     if need_bf16:
         w13_t = jnp.swapaxes(jax_moe.nvfp4.dequantize(weights.w13, jnp.bfloat16), 1, 2)
         w2_t = jnp.swapaxes(jax_moe.nvfp4.dequantize(weights.w2, jnp.bfloat16), 1, 2)
@@ -142,12 +248,13 @@ def main(argv):
         f"{expert_bytes / 1e6:.2f} MB NVFP4 per expert"
     )
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
-    header = (
-        f"{'N':>6} {'active':>6} {'floor_bytes_ms':>14} {'floor_flops_ms':>14} "
-        + " ".join(f"{name + '_ms':>14}" for name in _PEERS.value)
+    print(f"timer: {_timer()}")
+    header = f"{'N':>6} {'active':>6} {'floor_bytes_ms':>14} {'floor_flops_ms':>14} " + " ".join(
+        f"{name + '_ms':>14}" for name in _PEERS.value
     )
     print(header)
     for n in (int(s) for s in _NUM_TOKENS.value):
+        fused_kernels = {}
         reps = max(2, min(_REPS.value, (1 << 28) // max(1, n * cfg.hidden * 2)))
         xs = jax.random.normal(kx, (reps, n, cfg.hidden), jnp.bfloat16)
         ids, wts = models.route(cfg, xs[0], router)
@@ -163,6 +270,7 @@ def main(argv):
                     jax_moe.fused_moe, num_local_experts=num_local, num_experts=cfg.num_experts
                 )
                 t = _time_scan(step, xs, prepared, ids, wts)
+                fused_kernels = dict(_LAST_KERNELS)
             elif name == "xla_nvfp4":
                 step = functools.partial(
                     moe.fused_moe,
@@ -174,10 +282,17 @@ def main(argv):
             elif name == "ragged_bf16":
                 step = functools.partial(_bf16_ragged_layer, offset=0, num_local=num_local)
                 t = _time_scan(step, xs, w13_t, w2_t, ids, wts)
+            elif name == "ragged_bf16_local":
+                step = functools.partial(
+                    _bf16_ragged_layer, offset=0, num_local=num_local, num_rows=max(1, local.size)
+                )
+                t = _time_scan(step, xs, w13_t, w2_t, ids, wts)
             else:
                 raise app.UsageError(f"unknown implementation {name!r}")
             row.append(f"{t * 1e3:>14.4f}")
         print(" ".join(row), flush=True)
+        if _BREAKDOWN.value and fused_kernels:
+            _print_breakdown(cfg, num_local, xs[0], prepared, ids, wts, fused_kernels)
 
 
 if __name__ == "__main__":

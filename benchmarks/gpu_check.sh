@@ -6,7 +6,15 @@
 #   python -m jax_moe._export --out .gpu/kernels
 # and pass that folder as KERNEL_DIR (default .gpu/kernels when it exists).
 #
-#   bash benchmarks/gpu_check.sh [build] [tests] [example] [bench]
+#   bash benchmarks/gpu_check.sh [build] [tests] [memcheck] [example] [bench] [tune] [evaluate]
+#
+# memcheck: compute-sanitizer over benchmarks/memcheck_kernels.py (every compiled
+# variant on a small EP slice), with XLA's platform allocator so that every buffer
+# is its own allocation and an out-of-bounds access cannot land in a neighbour.
+# bench: BENCH_MODELS ("model:ep ..."), BENCH_FLAGS (more bench_moe.py flags).
+# tune: python -m jax_moe.tune for DeepSeek-V3 at the EP sizes in TUNE_EP, merged
+# into $OUT/tactics.json (started from TUNE_TABLE when given); TUNE_FLAGS.
+# evaluate: python -m jax_moe.tune --evaluate on TUNE_TABLE (or $OUT/tactics.json).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu_out}
@@ -40,6 +48,14 @@ if has tests; then
   echo "tests rc=$?: $(tail -n 1 "$OUT/tests.txt")" | tee -a "$log"
 fi
 
+if has memcheck; then
+  start=$(date +%s)
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${MEMCHECK_TIMEOUT:-300} \
+    compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
+    python3 benchmarks/memcheck_kernels.py > "$OUT/memcheck.txt" 2>&1
+  echo "memcheck rc=$? in $(( $(date +%s) - start )) s: $(grep -E 'ERROR SUMMARY|^done' "$OUT/memcheck.txt" | tr '\n' ' ')" | tee -a "$log"
+fi
+
 if has example; then
   timeout 60 python3 examples/moe_layer.py --model=qwen3_30b_a3b --num_tokens=256 \
     > "$OUT/example.txt" 2>&1
@@ -47,11 +63,34 @@ if has example; then
 fi
 
 if has bench; then
-  for model in deepseek_v3 qwen3_30b_a3b; do
-    ep=8; [ "$model" = qwen3_30b_a3b ] && ep=1
-    timeout 150 python3 benchmarks/bench_moe.py --model=$model --ep=$ep \
-      > "$OUT/bench_${model}.txt" 2>&1
+  # BENCH_MODELS: "model:ep" pairs; BENCH_FLAGS: more flags for bench_moe.py.
+  for pair in ${BENCH_MODELS:-deepseek_v3:8 qwen3_30b_a3b:1}; do
+    model=${pair%%:*}; ep=${pair##*:}
+    timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe.py --model=$model --ep=$ep \
+      ${BENCH_FLAGS:-} > "$OUT/bench_${model}.txt" 2>&1
     echo "bench $model rc=$?" | tee -a "$log"
-    tail -n 12 "$OUT/bench_${model}.txt" | tee -a "$log"
+    tail -n 20 "$OUT/bench_${model}.txt" | tee -a "$log"
   done
+fi
+
+if has tune; then
+  # TUNE_EP: EP sizes, each optionally with its largest token bucket ("1:2048 8 16").
+  [ -n "${TUNE_TABLE:-}" ] && cp "$TUNE_TABLE" "$OUT/tactics.json"
+  for spec in ${TUNE_EP:-8}; do
+    ep=${spec%%:*}; max=16384; [ "$spec" != "$ep" ] && max=${spec##*:}
+    start=$(date +%s)
+    timeout ${TUNE_TIMEOUT:-300} python3 -m jax_moe.tune --model=deepseek_v3 --ep=$ep \
+      --max_tokens=$max --out="$OUT/tactics.json" --merge ${TUNE_FLAGS:-} \
+      > "$OUT/tune_ep${ep}.txt" 2>&1
+    echo "tune deepseek_v3 ep=$ep max_tokens=$max rc=$? in $(( $(date +%s) - start )) s" | tee -a "$log"
+    tail -n 25 "$OUT/tune_ep${ep}.txt" >> "$log"
+  done
+fi
+
+if has evaluate; then
+  start=$(date +%s)
+  timeout ${EVALUATE_TIMEOUT:-540} python3 -m jax_moe.tune --evaluate="${TUNE_TABLE:-$OUT/tactics.json}" \
+    ${EVALUATE_FLAGS:-} > "$OUT/evaluate.txt" 2>&1
+  echo "evaluate rc=$? in $(( $(date +%s) - start )) s" | tee -a "$log"
+  tail -n 40 "$OUT/evaluate.txt" >> "$log"
 fi
