@@ -375,10 +375,41 @@ def test_cells_validate_their_fields():
     assert sum(cell_expert_loads(TuneCell(TINY, 1, 8, ARCH))) == 8 * TINY.top_k
 
 
+def test_the_shipped_h100_table_is_used_by_default():
+    from jax_moe import gpu
+    from jax_moe.kernels import moe_gemm_config
+    from jax_moe.moe import MoEProblem
+
+    shipped.shipped_table.cache_clear()
+    table = shipped.shipped_table(DEVICE, ARCH)
+    assert table is not None and table.metadata.device_name == DEVICE
+    exported = set(moe_gemm_config.gemm1_variants() + moe_gemm_config.gemm2_variants())
+    assert all(table.lookup(key) in exported for key in table)
+    assert shipped.shipped_table("NVIDIA H200", ARCH) is None  # no H200 table yet
+    # DeepSeek-V3 as EP=8 and EP=16 slices: every bucket is tuned, the pair shares block_m.
+    cfg = models.get_preset("deepseek_v3")
+    for local in (32, 16):
+        for n in (1, 3, 64, 1000, 16384):
+            problem = MoEProblem(
+                n, cfg.hidden, cfg.intermediate, cfg.top_k, cfg.num_experts, local, 0, "bfloat16"
+            )
+            gemm1, gemm2 = gpu.select_tactics(problem, None, arch=ARCH, device_name=DEVICE)
+            key1 = gpu._problem_key("moe_gemm1", problem, ARCH)
+            key2 = gpu._problem_key("moe_gemm2", problem, ARCH)
+            assert (gemm1, gemm2) == (table.lookup(key1), table.lookup(key2))
+            assert gemm1.block_m == gemm2.block_m
+    # Elsewhere (another device, a user table) the shipped table is not used.
+    problem = MoEProblem(1, cfg.hidden, cfg.intermediate, 8, 256, 32, 0, "bfloat16")
+    assert gpu.select_tactics(problem, None, arch=ARCH, device_name="NVIDIA H200") == tuple(
+        moe_gemm_config.default_tactic(op, 1, 8, 32, cfg.hidden, cfg.intermediate, num_experts=256)
+        for op in ("moe_gemm1", "moe_gemm2")
+    )
+
+
 def test_shipped_table(tmp_path, monkeypatch):
     shipped.shipped_table.cache_clear()
     assert shipped.device_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
-    assert shipped.shipped_table(DEVICE, ARCH) is None  # none shipped yet
+    assert shipped.shipped_table("NVIDIA A100-SXM4-80GB", ARCH) is None  # none shipped
     outcome, _, _ = _cli(tmp_path, "--max_tokens=2")
     directory = tmp_path / "package" / shipped.SHIPPED_DIRECTORY
     directory.mkdir(parents=True)

@@ -12,10 +12,10 @@ characters other than letters and digits replaced by one `_`:
 was tuned on exactly this device name and arch, else None. A shipped file that
 cannot be used (corrupt, other schema, other device or arch) is logged as a
 warning and ignored, so the default heuristic runs; it never selects a kernel
-for another device. No table is shipped yet: the directory does not exist
-until the first GPU tuning run adds one, and until then every call returns
-None. A table passed by the user (`fused_moe(..., tactics=...)`) replaces the
-shipped one entirely.
+for another device. Shipped now: `nvidia_h100_80gb_hbm3.json` (DeepSeek-V3 as
+EP=8 and EP=16 slices, token buckets 1 to 16384; see docs/TUNING.md for how it
+was tuned and evaluated). A table passed by the user (`fused_moe(...,
+tactics=...)`) replaces the shipped one entirely.
 """
 
 from __future__ import annotations
