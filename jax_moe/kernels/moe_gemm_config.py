@@ -243,7 +243,7 @@ _MIN_K_STEPS_PER_SPLIT = 4
 
 
 def _variants(cls):
-    out = []
+    specs = []  # (block_m, block_w, warps_m, warps_n, stages, split_k)
     for bm, wm, wn in _REGIMES:
         for bw in (128, 64):
             for st in (1, 2, 4):
@@ -251,23 +251,13 @@ def _variants(cls):
                     continue
                 if st > 1 and bm == 128:  # 128-row tiles spill with deeper prefetch
                     continue
-                try:
-                    out.append(
-                        cls(
-                            block_m=bm,
-                            block_w=bw,
-                            warps_m=wm,
-                            warps_n=wn,
-                            stages=st,
-                            cp_async=False,
-                        )
-                    )
-                except ValueError:
-                    continue
+                specs.append((bm, bw, wm, wn, st, 1))
     # Split-K decode variants, after the others so that the ids above stay stable.
     for bm, bw, st, splits in _SPLIT_K_VARIANTS:
-        wm, wn = (4, 1)
-        for split in splits:
+        specs.extend((bm, bw, 4, 1, st, split) for split in splits)
+    out = []
+    for bm, bw, wm, wn, st, split in specs:
+        try:
             out.append(
                 cls(
                     block_m=bm,
@@ -279,6 +269,9 @@ def _variants(cls):
                     split_k=split,
                 )
             )
+        except ValueError:
+            if split > 1:  # the split-K list is fixed: it must be valid
+                raise
     return out
 
 
