@@ -10,7 +10,9 @@
 #
 # memcheck: compute-sanitizer over benchmarks/memcheck_kernels.py (every compiled
 # variant on a small EP slice), with XLA's platform allocator so that every buffer
-# is its own allocation and an out-of-bounds access cannot land in a neighbour.
+# is its own allocation and an out-of-bounds access cannot land in a neighbour;
+# MEMCHECK_FLAGS: more compute-sanitizer flags (e.g. --force-blocking-launches),
+# MEMCHECK_ARGS: flags of memcheck_kernels.py (e.g. --filter=split_k=1).
 # bench: BENCH_MODELS ("model:ep ..."), BENCH_FLAGS (more bench_moe.py flags).
 # tune: python -m jax_moe.tune for DeepSeek-V3 at the EP sizes in TUNE_EP, merged
 # into $OUT/tactics.json (started from TUNE_TABLE when given); TUNE_FLAGS.
@@ -51,8 +53,8 @@ fi
 if has memcheck; then
   start=$(date +%s)
   XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${MEMCHECK_TIMEOUT:-300} \
-    compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
-    python3 benchmarks/memcheck_kernels.py > "$OUT/memcheck.txt" 2>&1
+    compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 ${MEMCHECK_FLAGS:-} \
+    python3 benchmarks/memcheck_kernels.py ${MEMCHECK_ARGS:-} > "$OUT/memcheck.txt" 2>&1
   echo "memcheck rc=$? in $(( $(date +%s) - start )) s: $(grep -E 'ERROR SUMMARY|^done' "$OUT/memcheck.txt" | tr '\n' ' ')" | tee -a "$log"
 fi
 
