@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_moe._checks import check_int as _check_int
+
 __all__ = [
     "combine",
     "extension",
@@ -172,14 +174,6 @@ def _call(
         f"jax_moe_{op}", result, input_output_aliases=aliases, vmap_method="sequential"
     )
     return call(*operands, **attributes, variant=np.int32(vid))
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}={value!r}; expected an int")
-    if value < minimum:
-        raise ValueError(f"{name}={value}; expected an int >= {minimum}")
-    return int(value)
 
 
 def _default_combine_variant() -> str:

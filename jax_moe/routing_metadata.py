@@ -29,7 +29,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jax_moe._checks import check_int as _check_int
 
 __all__ = ["RoutingMetadata", "padded_rows", "routing_metadata"]
 
@@ -40,14 +41,6 @@ class RoutingMetadata(NamedTuple):
     sorted_slots: jax.Array  # int32 (m_pad,)
     tile_expert: jax.Array  # int32 (m_pad // block_m,)
     slot_row: jax.Array  # int32 (num_tokens * top_k,)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}={value!r}; expected an int")
-    if value < minimum:
-        raise ValueError(f"{name}={value}; expected an int >= {minimum}")
-    return int(value)
 
 
 def padded_rows(num_slots: int, num_local_experts: int, block_m: int) -> int:

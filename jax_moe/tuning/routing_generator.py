@@ -80,6 +80,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_moe._checks import check_int as _check_int
+
 __all__ = [
     "ProfileInputs",
     "RoutingDistribution",
@@ -98,13 +100,6 @@ _WEIGHTS_STREAM = 2
 # Integer Zipf weights sum to at most 2**24 (see _uniform_below).
 _ZIPF_WEIGHT_TOTAL = 1 << 24
 _ZIPF_MAX_EXPERTS = 1 << 20
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}={value!r}; expected an int")
-    if value < minimum:
-        raise ValueError(f"{name}={value}; expected >= {minimum}")
 
 
 def _check_shape_args(
