@@ -104,14 +104,9 @@ def _device_events(run, *args) -> list[tuple[str, int, int]] | None:
     return events or None
 
 
-_LAST_KERNELS: dict[str, float] = {}
-
-
-def _time_scan(step, xs, *args) -> float:
-    """Seconds per step of ``step(x, *args)`` run back to back over ``xs`` (see ``--timer``).
-
-    With the profiler timer, `_LAST_KERNELS` holds the seconds per step of each
-    GPU kernel name of the last call.
+def _time_scan(step, xs, *args) -> tuple[float, dict[str, float]]:
+    """Seconds per step of ``step(x, *args)`` run back to back over ``xs`` (see ``--timer``),
+    and with the profiler timer the seconds per step of each GPU kernel name (else empty).
     """
 
     @jax.jit
@@ -127,17 +122,17 @@ def _time_scan(step, xs, *args) -> float:
     if _timer() == "profiler":
         events = _device_events(run, xs, *args)
         if events is not None:
-            _LAST_KERNELS.clear()
+            kernels: dict[str, float] = {}
             for name, _, ns in events:
-                _LAST_KERNELS[name] = _LAST_KERNELS.get(name, 0.0) + ns * 1e-9 / reps
-            return _busy_ns(events) * 1e-9 / reps
+                kernels[name] = kernels.get(name, 0.0) + ns * 1e-9 / reps
+            return _busy_ns(events) * 1e-9 / reps, kernels
         print("    (no GPU activity in the profile: wall time)")
     times = []
     for _ in range(_TRIALS.value):
         t0 = time.perf_counter()
         run(xs, *args).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) / reps
+    return statistics.median(times) / reps, {}
 
 
 def _busy_ns(events: list[tuple[str, int, int]]) -> float:
@@ -269,8 +264,7 @@ def main(argv):
                 step = functools.partial(
                     jax_moe.fused_moe, num_local_experts=num_local, num_experts=cfg.num_experts
                 )
-                t = _time_scan(step, xs, prepared, ids, wts)
-                fused_kernels = dict(_LAST_KERNELS)
+                t, fused_kernels = _time_scan(step, xs, prepared, ids, wts)
             elif name == "xla_nvfp4":
                 step = functools.partial(
                     moe.fused_moe,
@@ -278,15 +272,15 @@ def main(argv):
                     num_experts=cfg.num_experts,
                     implementation="xla",
                 )
-                t = _time_scan(step, xs, weights, ids, wts)
+                t, _ = _time_scan(step, xs, weights, ids, wts)
             elif name == "ragged_bf16":
                 step = functools.partial(_bf16_ragged_layer, offset=0, num_local=num_local)
-                t = _time_scan(step, xs, w13_t, w2_t, ids, wts)
+                t, _ = _time_scan(step, xs, w13_t, w2_t, ids, wts)
             elif name == "ragged_bf16_local":
                 step = functools.partial(
                     _bf16_ragged_layer, offset=0, num_local=num_local, num_rows=max(1, local.size)
                 )
-                t = _time_scan(step, xs, w13_t, w2_t, ids, wts)
+                t, _ = _time_scan(step, xs, w13_t, w2_t, ids, wts)
             else:
                 raise app.UsageError(f"unknown implementation {name!r}")
             row.append(f"{t * 1e3:>14.4f}")

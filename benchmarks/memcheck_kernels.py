@@ -34,11 +34,13 @@ _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 37, "Tokens of the problem.")
 
 
 def _tactics(op: str) -> dict[str, object]:
+    """The GEMM tactics of `op` by name (none for the combine, which takes its name)."""
     from jax_moe.kernels import moe_gemm_config
 
-    family = moe_gemm_config.gemm1_variants() if op == "moe_gemm1" else []
-    if op == "moe_gemm2":
-        family = moe_gemm_config.gemm2_variants()
+    family = {
+        "moe_gemm1": moe_gemm_config.gemm1_variants,
+        "moe_gemm2": moe_gemm_config.gemm2_variants,
+    }.get(op, list)()
     return {str(t): t for t in family}
 
 
