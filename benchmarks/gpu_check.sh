@@ -6,13 +6,19 @@
 #   python -m jax_moe._export --out .gpu/kernels
 # and pass that folder as KERNEL_DIR (default .gpu/kernels when it exists).
 #
-#   bash benchmarks/gpu_check.sh [build] [tests] [memcheck] [example] [bench] [tune] [evaluate]
+#   bash benchmarks/gpu_check.sh [build] [tests] [memcheck] [ncu] [dsl_memcheck] [dsl_ncu]
+#                                [example] [bench] [tune] [evaluate]
 #
 # memcheck: compute-sanitizer over benchmarks/memcheck_kernels.py (every compiled
 # variant on a small EP slice), with XLA's platform allocator so that every buffer
 # is its own allocation and an out-of-bounds access cannot land in a neighbour;
 # MEMCHECK_FLAGS: more compute-sanitizer flags (e.g. --force-blocking-launches),
 # MEMCHECK_ARGS: flags of memcheck_kernels.py (e.g. --filter=split_k=1).
+# ncu: Nsight Compute over the two GEMMs of one fused_moe call (NCU_MODEL, NCU_EP, and
+# each token count in NCU_TOKENS), clocks left alone; NCU_SECTIONS overrides the sections.
+# dsl_memcheck, dsl_ncu: the same two tools over benchmarks/gemm_kernels_dsl.py, which
+# compiles the kernels with the CuTe DSL and runs them from torch with JAX kept on the
+# CPU (needs the DSL on PYTHONPATH); DSL_MEMCHECK_ARGS / DSL_NCU_ARGS: its flags.
 # bench: BENCH_MODELS ("model:ep ..."), BENCH_FLAGS (more bench_moe.py flags).
 # tune: python -m jax_moe.tune for DeepSeek-V3 at the EP sizes in TUNE_EP, merged
 # into $OUT/tactics.json (started from TUNE_TABLE when given); TUNE_FLAGS.
@@ -31,7 +37,10 @@ has() { case " $steps " in *" $1 "*) return 0;; *) return 1;; esac; }
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
-} 2>&1 | tee "$log"
+} 2>&1 | tee -a "$log"
+
+# A tool that dies can leave its target process holding the GPU; clear them after each tool.
+reap() { pkill -9 -f "benchmarks/(memcheck_kernels|bench_moe|gemm_kernels_dsl).py" 2>/dev/null; sleep 1; }
 
 if has build; then
   define=()
@@ -55,7 +64,46 @@ if has memcheck; then
   XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${MEMCHECK_TIMEOUT:-300} \
     compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 ${MEMCHECK_FLAGS:-} \
     python3 benchmarks/memcheck_kernels.py ${MEMCHECK_ARGS:-} > "$OUT/memcheck.txt" 2>&1
-  echo "memcheck rc=$? in $(( $(date +%s) - start )) s: $(grep -E 'ERROR SUMMARY|^done' "$OUT/memcheck.txt" | tr '\n' ' ')" | tee -a "$log"
+  rc=$?; reap
+  echo "memcheck rc=$rc in $(( $(date +%s) - start )) s: $(grep -E 'ERROR SUMMARY|^done' "$OUT/memcheck.txt" | tr '\n' ' ')" | tee -a "$log"
+fi
+
+if has ncu; then
+  sections=${NCU_SECTIONS:-SpeedOfLight MemoryWorkloadAnalysis SchedulerStats WarpStateStats Occupancy LaunchStats InstructionStats}
+  args=(); for s in $sections; do args+=(--section "$s"); done
+  for n in ${NCU_TOKENS:-32 128}; do
+    start=$(date +%s)
+    timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:MoeGemm --launch-count 2 "${args[@]}" \
+      python3 benchmarks/bench_moe.py --model=${NCU_MODEL:-deepseek_v3} --ep=${NCU_EP:-8} \
+      --num_tokens=$n --impls=fused_moe --timer=wall --reps=1 --trials=1 > "$OUT/ncu_n$n.txt" 2>&1
+    rc=$?; reap
+    echo "ncu n=$n rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$log"
+    grep -E "MoeGemm|Duration|DRAM Throughput|Memory Throughput|Issue Slots Busy|Executed Ipc Active|Achieved Occupancy|Registers Per|No Eligible" \
+      "$OUT/ncu_n$n.txt" | sed 's/(.*//' | head -40 >> "$log"
+  done
+fi
+
+if has dsl_memcheck; then
+  start=$(date +%s)
+  JAX_PLATFORMS=cpu timeout ${MEMCHECK_TIMEOUT:-300} \
+    compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 ${MEMCHECK_FLAGS:-} \
+    python3 benchmarks/gemm_kernels_dsl.py --out_dir="$OUT/dsl_memcheck" --models=small \
+    --tokens=37 --no_timing ${DSL_MEMCHECK_ARGS:-} > "$OUT/dsl_memcheck.txt" 2>&1
+  rc=$?; reap
+  echo "dsl_memcheck rc=$rc in $(( $(date +%s) - start )) s: $(grep -E 'ERROR SUMMARY|cases=' "$OUT/dsl_memcheck.txt" | tr '\n' ' ')" | tee -a "$log"
+fi
+
+if has dsl_ncu; then
+  sections=${NCU_SECTIONS:-SpeedOfLight MemoryWorkloadAnalysis SchedulerStats WarpStateStats Occupancy LaunchStats InstructionStats}
+  args=(); for s in $sections; do args+=(--section "$s"); done
+  start=$(date +%s)
+  JAX_PLATFORMS=cpu timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:MoeGemm "${args[@]}" \
+    python3 benchmarks/gemm_kernels_dsl.py --out_dir="$OUT/dsl_ncu" --models=deepseek_v3_ep8 \
+    --tokens=${NCU_TOKENS:-32,128} --tactics=default --no_timing ${DSL_NCU_ARGS:-} > "$OUT/dsl_ncu.txt" 2>&1
+  rc=$?; reap
+  echo "dsl_ncu rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$log"
+  grep -E "MoeGemm|Duration|DRAM Throughput|Memory Throughput|Issue Slots Busy|Executed Ipc Active|Achieved Occupancy|Registers Per|No Eligible" \
+    "$OUT/dsl_ncu.txt" | sed 's/(.*//' | head -60 >> "$log"
 fi
 
 if has example; then

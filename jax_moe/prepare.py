@@ -6,19 +6,24 @@ layout the sm_90a GEMM kernels (:mod:`jax_moe.kernels.moe_gemm1_sm90`,
 :mod:`jax_moe.kernels.moe_gemm2_sm90`) read. It runs once, offline or at load
 time, in plain JAX (jit-able) and is exactly invertible (`unprepare`).
 
-Byte layout, layout version 2 (`PreparedMoEWeights.layout_version == 2`):
+Byte layout, layout version 3 (`PreparedMoEWeights.layout_version == 3`):
 
 Code words (both matrices). Each row's packed bytes are read as little-endian
 32-bit words; word ``w`` holds the 8 elements ``8w .. 8w+7`` of the row, as in
-the logical layout, but with its bits rearranged for a two-instruction bf16
-decode. For pair ``p`` (0..3) of the word, elements ``8w+2p`` ("even") and
-``8w+2p+1`` ("odd") with e2m1 codes ``s e1 e0 m``:
+the logical layout, but with its bits rearranged so that the kernels decode the
+four pairs of elements with 9 bit operations per word. For pair ``p`` (0..3) of
+the word, elements ``8w+2p`` ("even") and ``8w+2p+1`` ("odd") with e2m1 codes
+``s e1 e0 m`` decode to the bf16x2 word ``(value_even, value_odd) * 2**-126``
+(low half even) as::
 
-    even element: magnitude bits (e1 e0 m) at word bits 3p+2..3p, sign at bit 15-p
-    odd element:  magnitude bits at word bits 18+3p..16+3p,        sign at bit 31-p
+    OR over (rotation, mask) in DECODE_TERMS[p]:  rotate_left(word, rotation) & mask
 
-so ``((word << (6-3p)) & 0x01C001C0) | ((word << p) & 0x80008000)`` (a right
-shift by 3 for p = 3) is the bf16x2 pair ``(value_even, value_odd) * 2**-126``.
+with ``DECODE_TERMS = (((0, 0x81C081C0),), ((4, 0x81C081C0),), ((10, 0x81C081C0),),
+((6, 0x80C080C0), (30, 0x01000100)))``: each code's magnitude bits ``e1 e0 m`` land in
+bf16 bits 8..6 of its half (the exponent's two low bits and the mantissa's top bit)
+and its sign in bit 15, which reads as the e2m1 value times ``2**-126`` for every
+code (``+-0.5`` become bf16 subnormals). `interleave_code_words` places every bit
+where its term takes it from.
 
 ``w13_packed``: ``uint8 (E, 2I, H/2)``; ``w13_scale``: ``uint8 (E, 2I, H/16)``
     The rows of each expert's W13 are interleaved in groups of 16: prepared row
@@ -53,6 +58,7 @@ from jax_moe import nvfp4
 from jax_moe.weights import MoEWeights
 
 __all__ = [
+    "DECODE_TERMS",
     "LAYOUT_VERSION",
     "PreparedMoEWeights",
     "deinterleave_code_words",
@@ -63,7 +69,34 @@ __all__ = [
 ]
 
 #: Version of the byte layout documented above.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
+#: Per pair of a prepared code word, the (left rotation, mask) terms whose OR is the
+#: bf16x2 pair `(value_even, value_odd) * 2**-126` (module docstring).
+DECODE_TERMS = (
+    ((0, 0x81C081C0),),
+    ((4, 0x81C081C0),),
+    ((10, 0x81C081C0),),
+    ((6, 0x80C080C0), (30, 0x01000100)),
+)
+# bf16 bit of each e2m1 code bit (m, e0, e1, s) in the even (low) half of a pair.
+_BF16_BIT = (6, 7, 8, 15)
+
+
+def _code_bit_sources() -> tuple[tuple[int, int, int, int], ...]:
+    """(pair, element parity, code bit, word bit) for each of the 32 bits of a word."""
+    out = []
+    for p, terms in enumerate(DECODE_TERMS):
+        for parity in range(2):
+            for bit, target in enumerate(_BF16_BIT):
+                target += 16 * parity
+                (rotation,) = [r for r, mask in terms if (mask >> target) & 1]
+                out.append((p, parity, bit, (target - rotation) % 32))
+    if sorted(source for *_, source in out) != list(range(32)):
+        raise RuntimeError("DECODE_TERMS must place every word bit exactly once")
+    return tuple(out)
+
+
+_CODE_BIT_SOURCES = _code_bit_sources()
 #: Gate (and up) rows per 16-row group of prepared W13.
 _HALF_GROUP = 8
 
@@ -129,21 +162,18 @@ def interleave_code_words(words):
     (low nibble) and ``2i+1``. The result has the same type and shape.
     """
     out = words & 0
-    for p in range(4):
-        even = (words >> (8 * p)) & 0xF
-        odd = (words >> (8 * p + 4)) & 0xF
-        out = out | ((even & 0x7) << (3 * p)) | ((even >> 3) << (15 - p))
-        out = out | ((odd & 0x7) << (16 + 3 * p)) | ((odd >> 3) << (31 - p))
+    for p, parity, bit, source in _CODE_BIT_SOURCES:
+        logical = 8 * p + 4 * parity + bit
+        out = out | (((words >> logical) & 1) << source)
     return out
 
 
 def deinterleave_code_words(words):
     """The inverse of `interleave_code_words`."""
     out = words & 0
-    for p in range(4):
-        even = ((words >> (3 * p)) & 0x7) | (((words >> (15 - p)) & 0x1) << 3)
-        odd = ((words >> (16 + 3 * p)) & 0x7) | (((words >> (31 - p)) & 0x1) << 3)
-        out = out | (even << (8 * p)) | (odd << (8 * p + 4))
+    for p, parity, bit, source in _CODE_BIT_SOURCES:
+        logical = 8 * p + 4 * parity + bit
+        out = out | (((words >> source) & 1) << logical)
     return out
 
 

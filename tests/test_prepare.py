@@ -9,6 +9,7 @@ import pytest
 
 from jax_moe import nvfp4
 from jax_moe.prepare import (
+    DECODE_TERMS,
     LAYOUT_VERSION,
     PreparedMoEWeights,
     deinterleave_code_words,
@@ -29,16 +30,17 @@ def _bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
 def _kernel_decode(packed: np.ndarray, scale_bits: np.ndarray, global_scale: np.ndarray):
     """float64 (..., rows, cols) values of prepared packed bytes, decoded as the kernel does.
 
-    Pair p of a word: ((word << (6-3p)) & 0x01C001C0) | ((word << p) & 0x80008000), read
+    Pair p of a word: the OR of `rotate_left(word, r) & mask` over DECODE_TERMS[p], read
     as two bf16 values times 2**126; each block of 16 times its e4m3 scale.
     """
     b = packed.astype(np.uint64).reshape(*packed.shape[:-1], -1, 4)
     words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
     pairs = []
-    for p in range(4):
-        shift = 6 - 3 * p
-        mags = (words << shift) if shift >= 0 else (words >> -shift)
-        bits = ((mags & 0x01C001C0) | ((words << p) & 0x80008000)) & 0xFFFFFFFF
+    for terms in DECODE_TERMS:
+        bits = np.zeros_like(words)
+        for rotation, mask in terms:
+            rotated = ((words << rotation) | (words >> ((32 - rotation) % 32))) & 0xFFFFFFFF
+            bits |= rotated & mask
         even = _bf16_bits_to_float((bits & 0xFFFF).astype(np.uint16))
         odd = _bf16_bits_to_float((bits >> 16).astype(np.uint16))
         pairs.append(np.stack([even, odd], axis=-1))
@@ -142,3 +144,19 @@ def test_prepare_is_jittable_pytree(weights):
 def test_prepare_rejects_wrong_type():
     with pytest.raises(TypeError, match="MoEWeights"):
         prepare({"w13": None})
+
+
+def test_every_code_decodes_in_every_position_of_a_word():
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 16, size=(256, 8), dtype=np.uint64)
+    codes[:16, :] = np.arange(16, dtype=np.uint64)[:, None]  # each code in every position
+    logical = np.zeros(codes.shape[0], np.uint64)
+    for i in range(8):
+        logical |= codes[:, i] << np.uint64(4 * i)
+    prepared = interleave_code_words(logical)
+    packed = np.stack([(prepared >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(4)], -1)
+    packed = packed.astype(np.uint8).reshape(1, codes.shape[0], 4)
+    ones = np.full((1, codes.shape[0], 1), 0x38, np.uint8)  # e4m3 1.0
+    values = _kernel_decode(packed, ones, np.ones(1, np.float32))
+    signed = np.concatenate([E2M1, -E2M1])
+    np.testing.assert_array_equal(values[0], signed[codes.astype(np.int64)])

@@ -12,7 +12,7 @@ local expert of the row tile (``tile_expert[t]``); tiles with ``e < 0`` exit at
 once. Only the source of the token rows (``B``) and the epilogue differ between
 the two GEMMs; this module holds everything else:
 
-* exact NVFP4 -> bf16 decode (:func:`decode_word_pair`, :func:`e4m3_scale_bf16x2`,
+* exact NVFP4 -> bf16 decode (:func:`decode_word_pair`, :func:`e4m3x2_scales_bf16x2`,
   :func:`mul_bf16x2`),
 * the CTA main loop (:class:`SwapAbNvfp4GemmSm90`), 128 threads (4 warps). Per
   64-wide K step every thread owns work units of 16 packed weight bytes (32 codes)
@@ -27,13 +27,15 @@ the two GEMMs; this module holds everything else:
 
 Exactness of the decode. A prepared code word (layout in :mod:`jax_moe.prepare`)
 places the three magnitude bits ``e1 e0 m`` of an e2m1 code in bf16 bits 8..6 and
-its sign in bit 15, which reads as ``value * 2**-126`` for every code (codes
-``+-0.5`` are bf16 subnormals). The e4m3 block scale is converted exactly to the
-bf16 ``scale * 2**117`` (at most ``448 * 2**117 < 2**126``; e4m3 subnormals
-included). Their bf16 product is ``value * scale * 2**-9``: at most 4 + 2
-significant bits and a magnitude in ``[2**-19, 5.25]``, so it is exact and
-normal. The epilogue multiplies the global scale by ``2**9``
-(:data:`DECODE_EXPONENT_SHIFT`), again exactly.
+its sign in bit 15 (one rotation and mask per pair, two for the last pair of a
+word), which reads as ``value * 2**-126`` for every code (codes ``+-0.5`` are bf16
+subnormals). The two e4m3 block scales of a work unit are converted together,
+exactly, to bf16 ``scale * 2**117`` (``cvt.rn.f16x2.e4m3x2``, then the f16 bits
+re-biased as bf16; at most ``448 * 2**117 < 2**126``; e4m3 subnormals included).
+Their bf16 product is ``value * scale * 2**-9``: at most 4 + 2 significant bits and
+a magnitude in ``[2**-19, 5.25]``, so it is exact and normal. The epilogue
+multiplies the global scale by ``2**9`` (:data:`DECODE_EXPONENT_SHIFT`), again
+exactly.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from cutlass.cute.runtime import make_fake_compact_tensor
 from cutlass.cutlass_dsl import dsl_user_op
 
 from jax_moe.kernels.moe_gemm_config import swap_ab_smem_bytes
+from jax_moe.prepare import DECODE_TERMS
 
 __all__ = [
     "BLOCK_K",
@@ -55,9 +58,8 @@ __all__ = [
     "NUM_THREADS",
     "SMEM_PAD",
     "SwapAbNvfp4GemmSm90",
-    "decode_e4m3_half",
     "decode_word_pair",
-    "e4m3_scale_bf16x2",
+    "e4m3x2_scales_bf16x2",
     "fake_routed_weight_args",
     "mul_bf16x2",
 ]
@@ -71,9 +73,6 @@ SMEM_PAD = 8
 #: The decoded bf16 weights are `value * 2**-DECODE_EXPONENT_SHIFT`; the epilogue
 #: multiplies the global scale by `2**DECODE_EXPONENT_SHIFT` (exact).
 DECODE_EXPONENT_SHIFT = 9
-# Bits of a bf16x2 word that hold the e2m1 magnitudes (bits 8..6 of each half) and signs.
-_MAGNITUDE_MASK = 0x01C001C0
-_SIGN_MASK = 0x80008000
 
 
 @dsl_user_op
@@ -106,56 +105,80 @@ def load_dsmem_f32(address: cutlass.Int32, *, loc=None, ip=None) -> cutlass.Floa
 
 
 @dsl_user_op
-def float32_bits(x: cutlass.Float32, *, loc=None, ip=None) -> cutlass.Uint32:
-    """The IEEE bit pattern of a float32."""
-    return cutlass.Uint32(
-        llvm.bitcast(
-            cutlass.Uint32.mlir_type, cutlass.Float32(x).ir_value(loc=loc, ip=ip), loc=loc, ip=ip
-        )
+def rotate_left(x: cutlass.Uint32, amount: int, *, loc=None, ip=None) -> cutlass.Uint32:
+    """`x` rotated left by the constant `amount` bits (one funnel shift)."""
+    result = llvm.inline_asm(
+        cutlass.Uint32.mlir_type,
+        [cutlass.Uint32(x).ir_value(loc=loc, ip=ip)],
+        f"shf.l.wrap.b32 $0, $1, $1, {int(amount)};",
+        "=r,r",
+        loc=loc,
+        ip=ip,
     )
+    return cutlass.Uint32(result)
 
 
-@cute.jit
-def decode_e4m3_half(byte: cutlass.Int32) -> cutlass.Float32:
-    """Half the value of an e4m3 byte (sign, 4 exponent bits, 3 mantissa bits), exactly."""
-    exponent = (byte >> 3) & 0xF
-    mantissa = byte & 0x7
-    is_normal = (exponent + 15) >> 4
-    exponent1 = exponent + 1 - is_normal
-    significand = mantissa + (is_normal << 3)
-    magnitude = cutlass.Float32(significand << (exponent1 + 10)) * cutlass.Float32(2.0**-21)
-    sign = cutlass.Float32(1 - ((byte >> 6) & 0x2))
-    return magnitude * sign
+@dsl_user_op
+def permute_bytes(x: cutlass.Uint32, selector: int, *, loc=None, ip=None) -> cutlass.Uint32:
+    """`prmt.b32 x, x, selector`: bytes of `x` picked by the constant selector."""
+    result = llvm.inline_asm(
+        cutlass.Uint32.mlir_type,
+        [cutlass.Uint32(x).ir_value(loc=loc, ip=ip)],
+        f"prmt.b32 $0, $1, $1, {int(selector)};",
+        "=r,r",
+        loc=loc,
+        ip=ip,
+    )
+    return cutlass.Uint32(result)
 
 
-@cute.jit
-def e4m3_scale_bf16x2(byte: cutlass.Int32) -> cutlass.Uint32:
-    """`scale * 2**117` of an e4m3 byte as bf16, in both halves of a bf16x2 word (exact)."""
-    value = decode_e4m3_half(byte) * cutlass.Float32(2.0**118)
-    bits = float32_bits(value) >> 16
-    return bits | (bits << 16)
+@dsl_user_op
+def e4m3x2_to_f16x2(x: cutlass.Uint32, *, loc=None, ip=None) -> cutlass.Uint32:
+    """f16x2 of the two e4m3 bytes in the low 16 bits of `x` (byte 0 -> low half); exact."""
+    result = llvm.inline_asm(
+        cutlass.Uint32.mlir_type,
+        [cutlass.Uint32(x).ir_value(loc=loc, ip=ip)],
+        "{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, $1;\ncvt.rn.f16x2.e4m3x2 $0, lo;\n}",
+        "=r,r",
+        loc=loc,
+        ip=ip,
+    )
+    return cutlass.Uint32(result)
 
 
-@cute.jit
-def decode_word_pair(word: cutlass.Uint32, pair: cutlass.Constexpr[int]) -> cutlass.Uint32:
+def e4m3x2_scales_bf16x2(pair: cutlass.Uint32) -> cutlass.Uint32:
+    """bf16x2 `(s0, s1) * 2**117` of the e4m3 bytes s0 (bits 0..7) and s1 (bits 8..15); exact.
+
+    Every e4m3 value is a normal f16 `2**(E-15) * 1.f` with at most 3 significant
+    mantissa bits, so its bf16 bits times `2**117` are `((h & 0x7fff) >> 3) + (229 << 7)`
+    plus the sign; zero stays zero (the mask). NaN bytes give unspecified values.
+    """
+    x = e4m3x2_to_f16x2(pair)
+    rebiased = (((x >> 3) & cutlass.Uint32(0x0FFF0FFF)) + cutlass.Uint32(0x72807280)) | (
+        x & cutlass.Uint32(0x80008000)
+    )
+    nonzero = ((x & cutlass.Uint32(0x7FFF7FFF)) + cutlass.Uint32(0x7FFF7FFF)) & cutlass.Uint32(
+        0x80008000
+    )
+    return rebiased & (nonzero | (nonzero - (nonzero >> 15)))
+
+
+def decode_word_pair(word: cutlass.Uint32, pair: int) -> cutlass.Uint32:
     """bf16x2 `value * 2**-126` of elements (2*pair, 2*pair+1) of a prepared code word.
 
-    Prepared word (layout version 2, see :mod:`jax_moe.prepare`): for pair p the
-    magnitude of the even element is in bits 3p..3p+2 and its sign in bit 15-p, the
-    odd element's magnitude in bits 16+3p..18+3p and its sign in bit 31-p. Magnitude
-    bits land in bf16 bits 8..6 (exponent low bits and top mantissa bit), which is the
-    e2m1 value times 2**-126 for every code, subnormal codes included.
+    The OR of `rotate_left(word, r) & mask` over `jax_moe.prepare.DECODE_TERMS[pair]`
+    (layout version 3): magnitude bits land in bf16 bits 8..6 of each half (exponent
+    low bits and top mantissa bit) and signs in bit 15, which is the e2m1 value times
+    2**-126 for every code, subnormal codes included.
     """
-    shift = 6 - 3 * pair
-    magnitudes = word
-    if cutlass.const_expr(shift > 0):
-        magnitudes = word << shift
-    if cutlass.const_expr(shift < 0):
-        magnitudes = word >> (-shift)
-    signs = word
-    if cutlass.const_expr(pair > 0):
-        signs = word << pair
-    return (magnitudes & _MAGNITUDE_MASK) | (signs & _SIGN_MASK)
+    terms = [
+        (rotate_left(word, rotation) if rotation else word) & cutlass.Uint32(mask)
+        for rotation, mask in DECODE_TERMS[pair]
+    ]
+    result = terms[0]
+    for term in terms[1:]:
+        result = result | term
+    return result
 
 
 class _SmemMma(NamedTuple):
@@ -424,20 +447,16 @@ class SwapAbNvfp4GemmSm90:
 
     @cute.jit
     def decode_unit(
-        self,
-        words: cute.Tensor,
-        scales: cute.Tensor,
-        scale_row: cutlass.Int32 | int,
-        scale_col: cutlass.Int32 | int,
-        decoded_words: cute.Tensor,
+        self, words: cute.Tensor, scale_pair: cutlass.Uint32, decoded_words: cute.Tensor
     ):
         """Decodes one weight work unit to bf16x2 words, `e2m1 * e4m3 * 2**-DECODE_EXPONENT_SHIFT`.
 
-        `words` holds the unit's 4 prepared code words (32 codes); the e4m3 scales of
-        its two 16-code groups are `scales[scale_row + g, scale_col]`, g = 0, 1.
+        `words` holds the unit's 4 prepared code words (32 codes); `scale_pair` the
+        e4m3 scales of its two 16-code groups (bits 0..7 and 8..15).
         """
+        scales = e4m3x2_scales_bf16x2(scale_pair)
         for g in cutlass.range_constexpr(2):
-            scale2 = e4m3_scale_bf16x2(cutlass.Int32(scales[scale_row + g, scale_col]))
+            scale2 = permute_bytes(scales, 0x1010 if g == 0 else 0x3232)
             for w in cutlass.range_constexpr(2):
                 word = words[g * 2 + w]
                 for p in cutlass.range_constexpr(4):
@@ -462,7 +481,8 @@ class SwapAbNvfp4GemmSm90:
             row = unit // 2
             half = unit % 2
             words = cute.recast_tensor(r_packed[None, u], cutlass.Uint32)
-            self.decode_unit(words, r_scale, 0, u, decoded_words)
+            scale_pair = cutlass.Uint32(r_scale[0, u]) | (cutlass.Uint32(r_scale[1, u]) << 8)
+            self.decode_unit(words, scale_pair, decoded_words)
             dst = cute.local_tile(s_a[row, None], (32,), (half,))
             cute.autovec_copy(r_decoded, dst)
 
@@ -672,7 +692,11 @@ class SwapAbNvfp4GemmSm90:
             half = unit % 2
             cute.autovec_copy(cute.local_tile(s_raw[None, stage], (16,), (unit,)), r_packed)
             words = cute.recast_tensor(r_packed, cutlass.Uint32)
-            self.decode_unit(words, s_scale, row * 4 + half * 2, stage, decoded_words)
+            first = row * 4 + half * 2
+            scale_pair = cutlass.Uint32(s_scale[first, stage]) | (
+                cutlass.Uint32(s_scale[first + 1, stage]) << 8
+            )
+            self.decode_unit(words, scale_pair, decoded_words)
             dst = cute.local_tile(s_a[row, None], (32,), (half,))
             cute.autovec_copy(r_decoded, dst)
 
