@@ -93,7 +93,7 @@ class Problem:
     def __init__(self, shape: ModelShape, seed: int):
         import torch
 
-        from jax_moe.prepare import gate_up_row_order, interleave_code_words
+        from jax_moe.prepare import gate_up_row_order, interleave_code_words, tile_rows
 
         self.shape = shape
         gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -139,9 +139,14 @@ class Problem:
             return out
 
         order = torch.as_tensor(gate_up_row_order(i), device=dev)
-        self.p13_packed = to_prepared_words(self.w13_packed.index_select(1, order).contiguous())
-        self.p13_scale = self.w13_scale.index_select(1, order).contiguous()
-        self.p2_packed = to_prepared_words(self.w2_packed)
+
+        def tiled(x, step_bytes):
+            return tile_rows(x, step_bytes).contiguous()
+
+        self.p13_packed = tiled(to_prepared_words(self.w13_packed.index_select(1, order)), 32)
+        self.p13_scale = tiled(self.w13_scale.index_select(1, order), 4)
+        self.p2_packed = tiled(to_prepared_words(self.w2_packed), 32)
+        self.p2_scale = tiled(self.w2_scale, 4)
         self.lut = torch.as_tensor(E2M1_SIGNED, device=dev)
         self.gen = gen
 
@@ -306,7 +311,7 @@ def run_case(
         [16, 4, 4, 16, 4, 4, 16],
     )
     launch2 = r2.bind(
-        [act, ss, te, problem.p2_packed, problem.w2_scale, problem.w2_global, topk_w, y],
+        [act, ss, te, problem.p2_packed, problem.p2_scale, problem.w2_global, topk_w, y],
         [],
         [16, 4, 4, 16, 4, 4, 4, 16],
     )

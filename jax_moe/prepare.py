@@ -6,7 +6,7 @@ layout the sm_90a GEMM kernels (:mod:`jax_moe.kernels.moe_gemm1_sm90`,
 :mod:`jax_moe.kernels.moe_gemm2_sm90`) read. It runs once, offline or at load
 time, in plain JAX (jit-able) and is exactly invertible (`unprepare`).
 
-Byte layout, layout version 3 (`PreparedMoEWeights.layout_version == 3`):
+Byte layout, layout version 4 (`PreparedMoEWeights.layout_version == 4`):
 
 Code words (both matrices). Each row's packed bytes are read as little-endian
 32-bit words; word ``w`` holds the 8 elements ``8w .. 8w+7`` of the row, as in
@@ -25,25 +25,32 @@ and its sign in bit 15, which reads as the e2m1 value times ``2**-126`` for ever
 code (``+-0.5`` become bf16 subnormals). `interleave_code_words` places every bit
 where its term takes it from.
 
+Tiles (both matrices, bytes and scales). The kernels read one 64-element K step
+of 16 rows at a time, so each expert's rows are cut into bands of 16 and each band
+is stored step by step: the bytes of band ``b`` (``16 * C`` of them for rows of
+``C`` bytes) hold, for K step ``s`` and row ``i`` of the band, the ``c`` bytes of
+that row's step (``c = 32`` code bytes or ``4`` scale bytes) at offset
+``s * 16 * c + i * c``. A warp's 16-byte loads of one step then read one
+contiguous 512-byte block (64 bytes of scales) instead of 16 rows far apart.
+Arrays keep their logical shapes; `tile_rows` / `untile_rows` convert.
+
 ``w13_packed``: ``uint8 (E, 2I, H/2)``; ``w13_scale``: ``uint8 (E, 2I, H/16)``
-    The rows of each expert's W13 are interleaved in groups of 16: prepared row
-    ``16*g + i`` holds logical gate row ``8*g + i`` for ``0 <= i < 8`` and logical
+    The rows of each expert's W13 are interleaved in groups of 16: row ``16*g + i``
+    (before tiling) holds logical gate row ``8*g + i`` for ``0 <= i < 8`` and logical
     up row ``I + 8*g + (i - 8)`` for ``8 <= i < 16`` (so ``I % 8 == 0``). Rows hold
-    code words as above; scale byte ``j`` is the raw float8_e4m3fn bit pattern of
-    the block scale of elements ``16j .. 16j+15``. Each 16-row MMA tile of GEMM1
-    thus holds eight gate rows and the matching eight up rows, and the SwiGLU
-    epilogue pairs accumulator rows ``q`` and ``q + 8``.
+    code words as above; scale byte ``j`` of a row is the raw float8_e4m3fn bit
+    pattern of the block scale of elements ``16j .. 16j+15``; both are tiled. Each
+    16-row MMA tile of GEMM1 thus holds eight gate rows and the matching eight up
+    rows, and the SwiGLU epilogue pairs accumulator rows ``q`` and ``q + 8``.
 ``w13_global``: ``float32 (E,)``, the logical global scales, unchanged.
 ``w2_packed``: ``uint8 (E, H, I/2)``; ``w2_scale``: ``uint8 (E, H, I/16)``
-    Logical row order; code words as above; scales as raw e4m3 bits.
+    Logical row order; code words as above; scales as raw e4m3 bits; both tiled.
 ``w2_global``: ``float32 (E,)``, unchanged.
 
-Shapes and dtypes are those of the logical format (uint8 for the scales); only
-the row order of W13 and the bit order inside each 32-bit code word change. The
+Shapes and dtypes are those of the logical format (uint8 for the scales). The
 global scales are not adjusted (the kernels handle their internal power of two).
-The kernels need ``hidden % 128 == 0`` and ``intermediate % 64 == 0`` (checked by
-the tactics); `prepare` itself needs ``intermediate % 8 == 0`` and row lengths of
-whole 32-bit words.
+`prepare` needs ``hidden`` and ``intermediate`` to be multiples of 64 (whole K
+steps); the kernels also need ``hidden % 128 == 0`` (checked by the tactics).
 """
 
 from __future__ import annotations
@@ -65,11 +72,16 @@ __all__ = [
     "gate_up_row_order",
     "interleave_code_words",
     "prepare",
+    "tile_rows",
     "unprepare",
+    "untile_rows",
 ]
 
 #: Version of the byte layout documented above.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
+#: Rows per tile band and elements per K step of the tiled byte order.
+TILE_ROWS = 16
+STEP_ELEMENTS = 64
 #: Per pair of a prepared code word, the (left rotation, mask) terms whose OR is the
 #: bf16x2 pair `(value_even, value_odd) * 2**-126` (module docstring).
 DECODE_TERMS = (
@@ -177,6 +189,34 @@ def deinterleave_code_words(words):
     return out
 
 
+def tile_rows(x, step_bytes: int):
+    """Rows of `x` `(experts, rows, cols)` in the tiled byte order (module docstring).
+
+    `step_bytes` is the bytes of one row per K step (32 for code bytes, 4 for scale
+    bytes). Works on numpy, JAX and torch arrays (`reshape` and `swapaxes` only).
+    """
+    e, r, c = x.shape
+    return (
+        x.reshape(e, r // TILE_ROWS, TILE_ROWS, c // step_bytes, step_bytes)
+        .swapaxes(2, 3)
+        .reshape(e, r, c)
+    )
+
+
+def untile_rows(x, step_bytes: int):
+    """The inverse of `tile_rows`."""
+    e, r, c = x.shape
+    return (
+        x.reshape(e, r // TILE_ROWS, c // step_bytes, TILE_ROWS, step_bytes)
+        .swapaxes(2, 3)
+        .reshape(e, r, c)
+    )
+
+
+_CODE_STEP_BYTES = STEP_ELEMENTS // 2
+_SCALE_STEP_BYTES = STEP_ELEMENTS // 16
+
+
 def _map_code_words(packed: jax.Array, fn) -> jax.Array:
     """Applies `fn` to the little-endian uint32 words of a uint8 array's last axis."""
     if packed.shape[-1] % 4:
@@ -203,14 +243,26 @@ def prepare(weights: MoEWeights) -> PreparedMoEWeights:
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights must be a MoEWeights, got {type(weights).__name__}")
     weights.check()
+    for name, size in (("hidden", weights.hidden), ("intermediate", weights.intermediate)):
+        if size % STEP_ELEMENTS:
+            raise ValueError(
+                f"{name}={size}; prepare needs a multiple of {STEP_ELEMENTS} (whole K steps)"
+            )
     order = jnp.asarray(gate_up_row_order(weights.intermediate))
     w13, w2 = weights.w13, weights.w2
+
+    def packed(x: jax.Array) -> jax.Array:
+        return tile_rows(_map_code_words(x, interleave_code_words), _CODE_STEP_BYTES)
+
+    def scales(x: jax.Array) -> jax.Array:
+        return tile_rows(_scale_bits(x), _SCALE_STEP_BYTES)
+
     return PreparedMoEWeights(
-        w13_packed=_map_code_words(jnp.take(w13.packed, order, axis=1), interleave_code_words),
-        w13_scale=jnp.take(_scale_bits(w13.scale), order, axis=1),
+        w13_packed=packed(jnp.take(w13.packed, order, axis=1)),
+        w13_scale=scales(jnp.take(_scale_bits(w13.scale), order, axis=1)),
         w13_global=jnp.asarray(w13.global_scale, jnp.float32),
-        w2_packed=_map_code_words(jnp.asarray(w2.packed, jnp.uint8), interleave_code_words),
-        w2_scale=_scale_bits(w2.scale),
+        w2_packed=packed(jnp.asarray(w2.packed, jnp.uint8)),
+        w2_scale=scales(w2.scale),
         w2_global=jnp.asarray(w2.global_scale, jnp.float32),
     )
 
@@ -228,17 +280,21 @@ def unprepare(prepared: PreparedMoEWeights) -> MoEWeights:
     def to_e4m3(bits: jax.Array) -> jax.Array:
         return jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)
 
+    def packed(x: jax.Array) -> jax.Array:
+        return _map_code_words(untile_rows(x, _CODE_STEP_BYTES), deinterleave_code_words)
+
+    def scales(x: jax.Array) -> jax.Array:
+        return to_e4m3(untile_rows(x, _SCALE_STEP_BYTES))
+
     return MoEWeights(
         w13=nvfp4.Nvfp4Tensor(
-            packed=_map_code_words(
-                jnp.take(prepared.w13_packed, inverse, axis=1), deinterleave_code_words
-            ),
-            scale=to_e4m3(jnp.take(prepared.w13_scale, inverse, axis=1)),
+            packed=jnp.take(packed(prepared.w13_packed), inverse, axis=1),
+            scale=jnp.take(scales(prepared.w13_scale), inverse, axis=1),
             global_scale=prepared.w13_global,
         ),
         w2=nvfp4.Nvfp4Tensor(
-            packed=_map_code_words(prepared.w2_packed, deinterleave_code_words),
-            scale=to_e4m3(prepared.w2_scale),
+            packed=packed(prepared.w2_packed),
+            scale=scales(prepared.w2_scale),
             global_scale=prepared.w2_global,
         ),
     )

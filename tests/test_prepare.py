@@ -16,7 +16,9 @@ from jax_moe.prepare import (
     gate_up_row_order,
     interleave_code_words,
     prepare,
+    tile_rows,
     unprepare,
+    untile_rows,
 )
 from jax_moe.weights import MoEWeights, quantize_moe_weights
 
@@ -52,10 +54,24 @@ def _kernel_decode(packed: np.ndarray, scale_bits: np.ndarray, global_scale: np.
     return values.astype(np.float32) * global_scale.astype(np.float32)[:, None, None]
 
 
+def _rows_as_kernel_reads(tiled: np.ndarray, step_bytes: int) -> np.ndarray:
+    """Row-major `(experts, rows, cols)` bytes gathered from tiled bytes by the documented
+    offsets: byte j of K step s of row 16*b + i is at 16*cols*b + 16*c*s + c*i + j (c =
+    step_bytes).
+    """
+    e, rows, cols = tiled.shape
+    r = np.arange(rows)[:, None]
+    c = np.arange(cols)[None, :]
+    b, i = r // 16, r % 16
+    step, j = c // step_bytes, c % step_bytes
+    flat = 16 * cols * b + 16 * step_bytes * step + step_bytes * i + j
+    return tiled.reshape(e, -1)[:, flat]
+
+
 @pytest.fixture(scope="module")
 def weights() -> MoEWeights:
     key1, key2 = jax.random.split(jax.random.key(7))
-    experts, hidden, inter = 3, 64, 32
+    experts, hidden, inter = 3, 128, 64
     w13 = jax.random.normal(key1, (experts, 2 * inter, hidden), jnp.float32)
     w2 = jax.random.normal(key2, (experts, hidden, inter), jnp.float32) * 3.0
     return quantize_moe_weights(w13, w2)
@@ -107,15 +123,15 @@ def test_prepare_matches_logical_dequantization(weights):
     assert prepared.w2_packed.shape == weights.w2.packed.shape
     want13 = np.asarray(nvfp4.dequantize(weights.w13), np.float32)
     got13 = _kernel_decode(
-        np.asarray(prepared.w13_packed),
-        np.asarray(prepared.w13_scale),
+        _rows_as_kernel_reads(np.asarray(prepared.w13_packed), 32),
+        _rows_as_kernel_reads(np.asarray(prepared.w13_scale), 4),
         np.asarray(prepared.w13_global),
     )
     np.testing.assert_array_equal(got13, want13[:, gate_up_row_order(two_i // 2), :])
     want2 = np.asarray(nvfp4.dequantize(weights.w2), np.float32)
     got2 = _kernel_decode(
-        np.asarray(prepared.w2_packed),
-        np.asarray(prepared.w2_scale),
+        _rows_as_kernel_reads(np.asarray(prepared.w2_packed), 32),
+        _rows_as_kernel_reads(np.asarray(prepared.w2_scale), 4),
         np.asarray(prepared.w2_global),
     )
     np.testing.assert_array_equal(got2, want2)
@@ -146,17 +162,18 @@ def test_prepare_rejects_wrong_type():
         prepare({"w13": None})
 
 
-def test_every_code_decodes_in_every_position_of_a_word():
-    rng = np.random.default_rng(3)
-    codes = rng.integers(0, 16, size=(256, 8), dtype=np.uint64)
-    codes[:16, :] = np.arange(16, dtype=np.uint64)[:, None]  # each code in every position
-    logical = np.zeros(codes.shape[0], np.uint64)
-    for i in range(8):
-        logical |= codes[:, i] << np.uint64(4 * i)
-    prepared = interleave_code_words(logical)
-    packed = np.stack([(prepared >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(4)], -1)
-    packed = packed.astype(np.uint8).reshape(1, codes.shape[0], 4)
-    ones = np.full((1, codes.shape[0], 1), 0x38, np.uint8)  # e4m3 1.0
-    values = _kernel_decode(packed, ones, np.ones(1, np.float32))
-    signed = np.concatenate([E2M1, -E2M1])
-    np.testing.assert_array_equal(values[0], signed[codes.astype(np.int64)])
+def test_tile_rows_round_trip():
+    x = np.arange(2 * 32 * 96, dtype=np.int32).reshape(2, 32, 96)
+    for step_bytes in (4, 32):
+        tiled = tile_rows(x, step_bytes)
+        np.testing.assert_array_equal(_rows_as_kernel_reads(tiled, step_bytes), x)
+        np.testing.assert_array_equal(untile_rows(tiled, step_bytes), x)
+
+
+@pytest.mark.parametrize("hidden, inter", [(96, 64), (128, 32)])
+def test_prepare_rejects_partial_k_steps(hidden, inter):
+    key1, key2 = jax.random.split(jax.random.key(0))
+    w13 = jax.random.normal(key1, (1, 2 * inter, hidden), jnp.float32)
+    w2 = jax.random.normal(key2, (1, hidden, inter), jnp.float32)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        prepare(quantize_moe_weights(w13, w2))

@@ -50,7 +50,7 @@ from cutlass.cute.runtime import make_fake_compact_tensor
 from cutlass.cutlass_dsl import dsl_user_op
 
 from jax_moe.kernels.moe_gemm_config import swap_ab_smem_bytes
-from jax_moe.prepare import DECODE_TERMS
+from jax_moe.prepare import DECODE_TERMS, TILE_ROWS
 
 __all__ = [
     "BLOCK_K",
@@ -423,26 +423,54 @@ class SwapAbNvfp4GemmSm90:
             cute.arch.cluster_wait()
 
     # ------------------------------------------------------------------ main loop
+    def weight_tiles(self, m_packed: cute.Tensor, m_scale: cute.Tensor, expert: cutlass.Int32):
+        """(codes, scales) of `expert` viewed as `(step block, K step, 16-row band)`.
+
+        The prepared arrays are tiled (:mod:`jax_moe.prepare`): band `b` stores its 16
+        rows K step by K step, so one step of a band is a contiguous block of 512 code
+        bytes (row `i` at `32 * i`) and 64 scale bytes (row `i` at `4 * i`).
+        """
+        row_bytes = m_packed.shape[2]
+        scale_row_bytes = m_scale.shape[2]
+        codes = cute.make_tensor(
+            m_packed[expert, None, None].iterator,
+            cute.make_layout(
+                (TILE_ROWS * 32, row_bytes // 32, m_packed.shape[1] // TILE_ROWS),
+                stride=(1, TILE_ROWS * 32, cute.assume(row_bytes * TILE_ROWS, divby=512)),
+            ),
+        )
+        scales = cute.make_tensor(
+            m_scale[expert, None, None].iterator,
+            cute.make_layout(
+                (TILE_ROWS * 4, scale_row_bytes // 4, m_scale.shape[1] // TILE_ROWS),
+                stride=(1, TILE_ROWS * 4, cute.assume(scale_row_bytes * TILE_ROWS, divby=64)),
+            ),
+        )
+        return codes, scales
+
     @cute.jit
     def load_w_step(
         self,
-        m_packed: cute.Tensor,
-        m_scale: cute.Tensor,
-        expert: cutlass.Int32,
+        tiles: tuple,
         w_row0: cutlass.Int32,
         k_step: cutlass.Int32,
         tidx: cutlass.Int32,
         r_packed: cute.Tensor,
         r_scale: cute.Tensor,
     ):
-        """Loads this thread's packed weight bytes and scale bytes of one K step into registers."""
+        """Loads this thread's packed weight bytes and scale bytes of one K step into registers.
+
+        `tiles` is `weight_tiles(...)`. A unit is (row, half of the step): 16 code
+        bytes and 2 scale bytes; a warp's units of one step are one contiguous block.
+        """
+        codes, scales = tiles
         for u in cutlass.range_constexpr(self.w_units):
             unit = u * NUM_THREADS + tidx
             row = w_row0 + unit // 2
-            half = unit % 2
-            src = cute.local_tile(m_packed[expert, row, None], (16,), (k_step * 2 + half,))
+            in_band = (row % TILE_ROWS) * 2 + unit % 2
+            src = cute.local_tile(codes[None, k_step, row // TILE_ROWS], (16,), (in_band,))
             cute.autovec_copy(src, r_packed[None, u])
-            ssrc = cute.local_tile(m_scale[expert, row, None], (2,), (k_step * 2 + half,))
+            ssrc = cute.local_tile(scales[None, k_step, row // TILE_ROWS], (2,), (in_band,))
             cute.autovec_copy(ssrc, r_scale[None, u])
 
     @cute.jit
@@ -554,15 +582,14 @@ class SwapAbNvfp4GemmSm90:
         r_b = cute.make_rmem_tensor((8, self.b_chunks, depth), cutlass.BFloat16)
 
         mma = self._smem_mma(tiled_mma, tidx, s_a, s_b, s_c)
+        tiles = self.weight_tiles(m_packed, m_scale, expert)
 
         # Register ring of `depth` K steps: step k lives in buffer k % depth; the loop is
         # unrolled by `depth` so every buffer index is a compile-time constant.
         for d in cutlass.range_constexpr(depth):
             first = cutlass.min(k_begin + d, num_k_steps - 1)
             self.load_w_step(
-                m_packed,
-                m_scale,
-                expert,
+                tiles,
                 w_row0,
                 first,
                 tidx,
@@ -582,9 +609,7 @@ class SwapAbNvfp4GemmSm90:
                     cute.arch.sync_threads()
                     ahead = cutlass.min(k_step + depth, num_k_steps - 1)
                     self.load_w_step(
-                        m_packed,
-                        m_scale,
-                        expert,
+                        tiles,
                         w_row0,
                         ahead,
                         tidx,
@@ -663,15 +688,17 @@ class SwapAbNvfp4GemmSm90:
             cutlass.BFloat16,
             num_bits_per_copy=128,
         )
+        codes, scales = self.weight_tiles(m_packed, m_scale, expert)
         for u in cutlass.range_constexpr(self.w_units):
             unit = u * NUM_THREADS + tidx
-            row = unit // 2
-            half = unit % 2
-            src = cute.local_tile(m_packed[expert, w_row0 + row, None], (16,), (k_step * 2 + half,))
+            row = w_row0 + unit // 2
+            in_band = (row % TILE_ROWS) * 2 + unit % 2
+            src = cute.local_tile(codes[None, k_step, row // TILE_ROWS], (16,), (in_band,))
             dst = cute.local_tile(s_raw[None, stage], (16,), (unit,))
             cute.copy(atom_w, src, dst)
         if tidx < self.block_w:
-            ssrc = cute.local_tile(m_scale[expert, w_row0 + tidx, None], (4,), (k_step,))
+            row = w_row0 + tidx
+            ssrc = cute.local_tile(scales[None, k_step, row // TILE_ROWS], (4,), (row % TILE_ROWS,))
             sdst = cute.local_tile(s_scale[None, stage], (4,), (tidx,))
             cute.copy(atom_s, ssrc, sdst)
         for c in cutlass.range_constexpr(self.b_chunks):
