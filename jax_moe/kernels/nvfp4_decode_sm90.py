@@ -75,18 +75,42 @@ SMEM_PAD = 8
 DECODE_EXPONENT_SHIFT = 9
 
 
-@dsl_user_op
-def mul_bf16x2(a: cutlass.Uint32, b: cutlass.Uint32, *, loc=None, ip=None) -> cutlass.Uint32:
-    """Packed bf16x2 product `a * b` (round to nearest even; subnormal inputs honoured)."""
+def _asm_u32(asm: str, *operands, loc=None, ip=None) -> cutlass.Uint32:
+    """A side-effect-free PTX snippet with one 32-bit result and 32-bit operands."""
     result = llvm.inline_asm(
         cutlass.Uint32.mlir_type,
-        [cutlass.Uint32(a).ir_value(loc=loc, ip=ip), cutlass.Uint32(b).ir_value(loc=loc, ip=ip)],
-        "mul.rn.bf16x2 $0, $1, $2;",
-        "=r,r,r",
+        [cutlass.Uint32(x).ir_value(loc=loc, ip=ip) for x in operands],
+        asm,
+        ",".join(["=r"] + ["r"] * len(operands)),
         loc=loc,
         ip=ip,
     )
     return cutlass.Uint32(result)
+
+
+@dsl_user_op
+def mul_bf16x2(a: cutlass.Uint32, b: cutlass.Uint32, *, loc=None, ip=None) -> cutlass.Uint32:
+    """Packed bf16x2 product `a * b` (round to nearest even; subnormal inputs honoured)."""
+    return _asm_u32("mul.rn.bf16x2 $0, $1, $2;", a, b, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def rotate_left(x: cutlass.Uint32, amount: int, *, loc=None, ip=None) -> cutlass.Uint32:
+    """`x` rotated left by the constant `amount` bits (one funnel shift)."""
+    return _asm_u32(f"shf.l.wrap.b32 $0, $1, $1, {int(amount)};", x, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def permute_bytes(x: cutlass.Uint32, selector: int, *, loc=None, ip=None) -> cutlass.Uint32:
+    """`prmt.b32 x, x, selector`: bytes of `x` picked by the constant selector."""
+    return _asm_u32(f"prmt.b32 $0, $1, $1, {int(selector)};", x, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def e4m3x2_to_f16x2(x: cutlass.Uint32, *, loc=None, ip=None) -> cutlass.Uint32:
+    """f16x2 of the two e4m3 bytes in the low 16 bits of `x` (byte 0 -> low half); exact."""
+    asm = "{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, $1;\ncvt.rn.f16x2.e4m3x2 $0, lo;\n}"
+    return _asm_u32(asm, x, loc=loc, ip=ip)
 
 
 @dsl_user_op
@@ -102,48 +126,6 @@ def load_dsmem_f32(address: cutlass.Int32, *, loc=None, ip=None) -> cutlass.Floa
         ip=ip,
     )
     return cutlass.Float32(result)
-
-
-@dsl_user_op
-def rotate_left(x: cutlass.Uint32, amount: int, *, loc=None, ip=None) -> cutlass.Uint32:
-    """`x` rotated left by the constant `amount` bits (one funnel shift)."""
-    result = llvm.inline_asm(
-        cutlass.Uint32.mlir_type,
-        [cutlass.Uint32(x).ir_value(loc=loc, ip=ip)],
-        f"shf.l.wrap.b32 $0, $1, $1, {int(amount)};",
-        "=r,r",
-        loc=loc,
-        ip=ip,
-    )
-    return cutlass.Uint32(result)
-
-
-@dsl_user_op
-def permute_bytes(x: cutlass.Uint32, selector: int, *, loc=None, ip=None) -> cutlass.Uint32:
-    """`prmt.b32 x, x, selector`: bytes of `x` picked by the constant selector."""
-    result = llvm.inline_asm(
-        cutlass.Uint32.mlir_type,
-        [cutlass.Uint32(x).ir_value(loc=loc, ip=ip)],
-        f"prmt.b32 $0, $1, $1, {int(selector)};",
-        "=r,r",
-        loc=loc,
-        ip=ip,
-    )
-    return cutlass.Uint32(result)
-
-
-@dsl_user_op
-def e4m3x2_to_f16x2(x: cutlass.Uint32, *, loc=None, ip=None) -> cutlass.Uint32:
-    """f16x2 of the two e4m3 bytes in the low 16 bits of `x` (byte 0 -> low half); exact."""
-    result = llvm.inline_asm(
-        cutlass.Uint32.mlir_type,
-        [cutlass.Uint32(x).ir_value(loc=loc, ip=ip)],
-        "{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, $1;\ncvt.rn.f16x2.e4m3x2 $0, lo;\n}",
-        "=r,r",
-        loc=loc,
-        ip=ip,
-    )
-    return cutlass.Uint32(result)
 
 
 def e4m3x2_scales_bf16x2(pair: cutlass.Uint32) -> cutlass.Uint32:
