@@ -31,7 +31,9 @@ from absl import app, flags
 from jax_moe import models
 from jax_moe.tuning.problem import DEFAULT_MAX_TOKENS
 from jax_moe.tuning.profiler import (
+    BUSIEST_RANK,
     OPS,
+    REALISTIC_ROUTINGS,
     Profiler,
     TimingConfig,
     key_data_of_seed,
@@ -46,6 +48,9 @@ from jax_moe.tuning.tuner import (
     make_cells,
     tune_cells,
 )
+
+# Routings `--evaluate` accepts: each realistic routing, from rank 0 or the busiest rank.
+_EVALUATION_ROUTINGS = REALISTIC_ROUTINGS + tuple(r + BUSIEST_RANK for r in REALISTIC_ROUTINGS)
 
 __all__ = [
     "FLAGS",
@@ -101,6 +106,13 @@ _EVALUATE = flags.DEFINE_string(
     "Evaluate this tactic file (regret, reproducibility) instead of tuning.",
     flag_values=FLAGS,
 )
+_EVALUATE_ROUTINGS = flags.DEFINE_list(
+    "evaluate_routings",
+    ["softmax", "skewed"],
+    "Routings of --evaluate: softmax, skewed, each optionally with @busiest (the busiest "
+    "expert-parallel rank's slice instead of rank 0's).",
+    flag_values=FLAGS,
+)
 _PLOT = flags.DEFINE_string(
     "plot",
     None,
@@ -130,6 +142,8 @@ class TuneConfig:
       out: the tactic file written.
       merge: merge into an existing `out` instead of replacing it.
       evaluate: evaluate this tactic file instead of tuning.
+      evaluate_routings: the routings of the evaluation (`softmax`, `skewed`, each
+        optionally with the suffix `@busiest`).
       plot: PNG written after tuning.
       timing: profiler settings.
       search: choice settings.
@@ -143,6 +157,7 @@ class TuneConfig:
     out: str = "tactics.json"
     merge: bool = False
     evaluate: str | None = None
+    evaluate_routings: tuple[str, ...] = ("softmax", "skewed")
     plot: str | None = None
     timing: TimingConfig = TimingConfig()
     search: SearchConfig = SearchConfig()
@@ -170,6 +185,11 @@ class TuneConfig:
                 "fused_moe looks up (larger batches use that bucket)"
             )
         key_data_of_seed(self.seed)  # Validates the seed.
+        routings = self.evaluate_routings
+        if not routings or any(r not in _EVALUATION_ROUTINGS for r in routings):
+            raise ValueError(
+                f"evaluate_routings={routings!r}; expected some of {_EVALUATION_ROUTINGS}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +237,7 @@ def config_from_flags() -> TuneConfig:
             out=_OUT.value,
             merge=_MERGE.value,
             evaluate=_EVALUATE.value,
+            evaluate_routings=tuple(r.strip() for r in _EVALUATE_ROUTINGS.value),
             plot=_PLOT.value,
             timing=TimingConfig(reps=_REPS.value, repeats=_REPEATS.value, cold_l2=_COLD_L2.value),
             search=SearchConfig(tie_tolerance=_TIE_TOLERANCE.value),
@@ -294,7 +315,8 @@ def _evaluate(config: TuneConfig, profiler: Profiler, stream: TextIO) -> TuneOut
     table = TacticTable.load(
         config.evaluate, expect_device=profiler.device_name, expect_arch=profiler.arch
     )
-    report = evaluate_table(profiler, table, EvaluationConfig(search=config.search), stream)
+    evaluation = EvaluationConfig(routings=config.evaluate_routings, search=config.search)
+    report = evaluate_table(profiler, table, evaluation, stream)
     stream.write(format_report(report) + "\n")
     return TuneOutcome(table=table, report=report)
 

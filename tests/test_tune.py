@@ -15,6 +15,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from absl import app
 from conftest import requires_gpu
@@ -41,6 +42,7 @@ from jax_moe.tuning.profiler import (
     TimingConfig,
     TuneCell,
     cell_expert_loads,
+    cell_inputs,
     key_data_of_seed,
 )
 from jax_moe.tuning.tuner import (
@@ -346,6 +348,36 @@ def test_evaluate_reports_regret_and_reproducibility(tmp_path):
     rep = evaluated.report.reproducibility
     assert rep.total - rep.same == len(hit) and str(hit[0].cell) in output
     assert evaluated.report.max_regret() > 0
+
+
+def test_busiest_rank_routing_profiles_the_most_loaded_slice():
+    model = models.get_preset("deepseek_v3")
+    ep, local = 8, model.num_experts // 8
+    for n in (1, 3, 64):
+        plain = np.asarray(cell_inputs(TuneCell(model, ep, n, ARCH, "softmax")).topk_ids)
+        cell = TuneCell(model, ep, n, ARCH, "softmax@busiest")
+        shifted = cell_inputs(cell)
+        ids = np.asarray(shifted.topk_ids)
+        rank_loads = np.bincount((plain // local).ravel(), minlength=ep)
+        assert sum(cell_expert_loads(cell)) == rank_loads.max() >= rank_loads[0]
+        assert sorted(np.bincount((ids // local).ravel(), minlength=ep)) == sorted(rank_loads)
+        assert all(len(set(row)) == model.top_k for row in ids.tolist())
+        assert ids.min() >= 0 and ids.max() < model.num_experts
+        np.testing.assert_array_equal(
+            np.asarray(shifted.topk_weights),
+            np.asarray(cell_inputs(TuneCell(model, ep, n, ARCH, "softmax")).topk_weights),
+        )
+
+
+def test_evaluate_on_the_busiest_rank(tmp_path):
+    _cli(tmp_path, "--ep=2", "--max_tokens=2")
+    path = str(tmp_path / "tactics.json")
+    evaluated, _, _ = _cli(
+        tmp_path, f"--evaluate={path}", "--evaluate_routings=softmax@busiest,skewed"
+    )
+    assert {r.cell.routing for r in evaluated.report.regrets} == {"softmax@busiest", "skewed"}
+    with pytest.raises(app.UsageError, match="evaluate_routings"):
+        _cli(tmp_path, f"--evaluate={path}", "--evaluate_routings=balanced@busiest")
 
 
 def test_plot_needs_matplotlib(tmp_path, monkeypatch):

@@ -5,7 +5,9 @@
 Regret. For every tuned cell of the table (a `moe_gemm1` entry and the
 `moe_gemm2` entry of the same problem) and every routing of
 `config.routings` (by default `softmax`: the top-k of a softmax of random
-logits, and `skewed`: the same with a few hot experts; see
+logits, and `skewed`: the same with a few hot experts; each also as
+`softmax@busiest` / `skewed@busiest`, the slice of the expert-parallel rank
+that receives the most slots instead of rank 0's; see
 `jax_moe.tuning.profiler`), every valid exported tactic of both ops is timed
 again on that routing's inputs. With
 

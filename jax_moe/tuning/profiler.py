@@ -13,7 +13,13 @@ seeded generators, so a cell names its inputs exactly:
   logits (`jax_moe.routing.topk_softmax`);
 - `skewed`: the same with a per-expert bias `-0.15 * log(1 + rank)` over a
   random ranking of the experts, so a few experts are hot (for DeepSeek-V3
-  the hottest expert gets about 3 to 4 times the mean load).
+  the hottest expert gets about 3 to 4 times the mean load);
+- `softmax@busiest`, `skewed@busiest`: the same routings seen from the
+  expert-parallel rank that receives the most slots (expert ids shifted
+  cyclically so that rank's experts come first). Under expert parallelism the
+  step waits for the busiest rank, and the balanced plan profiles that rank's
+  load, so this is the load the tuned choice is meant for; rank 0 is a
+  typical rank.
 
 A `Profiler` answers `time(op, tactic, cell)` with a `Measurement` (median
 microseconds per launch) or a `Failure` (the tactic could not be compiled or
@@ -73,6 +79,7 @@ from jax_moe.tuning.problem import ProblemKey
 from jax_moe.tuning.routing_generator import ProfileInputs, RoutingDistribution, profile_inputs
 
 __all__ = [
+    "BUSIEST_RANK",
     "DEFAULT_L2_BYTES",
     "GEMM1_OP",
     "GEMM2_OP",
@@ -84,6 +91,7 @@ __all__ = [
     "Profiler",
     "TimingConfig",
     "TuneCell",
+    "busiest_rank_first",
     "cell_expert_loads",
     "cell_inputs",
     "key_data_of_seed",
@@ -95,6 +103,8 @@ GEMM2_OP = "moe_gemm2"
 OPS = (GEMM1_OP, GEMM2_OP)
 #: Realistic routings of the regret evaluation (see the module docstring).
 REALISTIC_ROUTINGS = ("softmax", "skewed")
+#: Suffix of a realistic routing seen from the busiest expert-parallel rank.
+BUSIEST_RANK = "@busiest"
 #: L2 bytes assumed when the device does not report its L2 size (H100 and H200: 50 MiB).
 DEFAULT_L2_BYTES = 50 * 2**20
 
@@ -112,15 +122,23 @@ def key_data_of_seed(seed: int) -> tuple[int, ...]:
     return tuple(int(x) for x in np.asarray(jax.random.key_data(jax.random.key(seed))).ravel())
 
 
+def _realistic_base(routing: str) -> str | None:
+    """`softmax` / `skewed` for a realistic routing name (with or without the rank
+    suffix), else None."""
+    base = routing.removesuffix(BUSIEST_RANK) if isinstance(routing, str) else None
+    return base if base in REALISTIC_ROUTINGS else None
+
+
 def _check_routing(routing: str) -> str:
-    if routing in REALISTIC_ROUTINGS:
+    if _realistic_base(routing) is not None:
         return routing
     try:
         return str(RoutingDistribution.parse(routing))
     except (TypeError, ValueError):
         raise ValueError(
             f"routing={routing!r}; expected 'balanced', 'uniform', 'zipf:S', "
-            f"{' or '.join(repr(r) for r in REALISTIC_ROUTINGS)}"
+            f"{' or '.join(repr(r) for r in REALISTIC_ROUTINGS)}, optionally with "
+            f"{BUSIEST_RANK!r}"
         ) from None
 
 
@@ -237,10 +255,27 @@ def _realistic_routing(cell: TuneCell) -> tuple[jax.Array, jax.Array]:
     key = jax.random.fold_in(cell.key(), _REALISTIC_ROUTING_TAG)
     k_logits, k_rank = jax.random.split(key)
     logits = jax.random.normal(k_logits, (cell.num_tokens, m.num_experts), jnp.float32)
-    if cell.routing == "skewed":
+    if _realistic_base(cell.routing) == "skewed":
         rank = jax.random.permutation(k_rank, m.num_experts).astype(jnp.float32)
         logits = logits - _SKEW * jnp.log1p(rank)[None, :]
-    return routing.topk_softmax(logits, m.top_k)
+    ids, weights = routing.topk_softmax(logits, m.top_k)
+    if cell.routing.endswith(BUSIEST_RANK):
+        ids = busiest_rank_first(ids, m.num_experts, cell.num_local_experts)
+    return ids, weights
+
+
+def busiest_rank_first(topk_ids: jax.Array, num_experts: int, num_local_experts: int) -> jax.Array:
+    """`topk_ids` with expert ids shifted cyclically so that the rank holding the most slots
+    owns experts `[0, num_local_experts)` (ties: the lowest rank).
+
+    Rank `r` holds experts `[r * L, (r + 1) * L)`. The shift keeps every token's ids
+    distinct and every rank's load; only which rank comes first changes.
+    """
+    loads = jnp.bincount(
+        (topk_ids // num_local_experts).ravel(), length=num_experts // num_local_experts
+    )
+    first = jnp.argmax(loads).astype(topk_ids.dtype) * num_local_experts
+    return (topk_ids - first) % num_experts
 
 
 @functools.lru_cache(maxsize=16)
@@ -249,7 +284,7 @@ def cell_inputs(cell: TuneCell) -> ProfileInputs:
 
     Raises ValueError for an infeasible balanced plan (see `balanced_expert_loads`).
     """
-    realistic = cell.routing in REALISTIC_ROUTINGS
+    realistic = _realistic_base(cell.routing) is not None
     m = cell.model
     inputs = profile_inputs(
         cell.key(),
