@@ -11,6 +11,7 @@ import importlib.util
 import os
 import time
 
+import numpy as np
 import pytest
 
 from jax_moe.kernels import moe_gemm_config as cfg
@@ -195,3 +196,21 @@ def test_split_k_is_a_decode_tactic():
         cfg.default_tactic("moe_gemm1", 1.5, 8, 32, 7168, 2048)
     with pytest.raises(ValueError, match="num_experts"):
         cfg.default_tactic("moe_gemm1", 1, 8, 32, 7168, 2048, num_experts=16)
+
+
+@requires_dsl
+def test_e4m3_scale_conversion_is_exact_for_every_byte():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from jax_moe.kernels.nvfp4_decode_sm90 import f16x2_scales_as_bf16x2
+
+    codes = np.arange(256, dtype=np.uint8)
+    e4m3 = codes.view(ml_dtypes.float8_e4m3fn)
+    finite = ~np.isnan(e4m3.astype(np.float32))
+    # cvt.rn.f16x2.e4m3x2: byte 0 -> low f16 half, byte 1 -> high half (exact).
+    halves = e4m3.astype(np.float16).view(np.uint16).astype(np.uint32)
+    words = halves[0::2] | (halves[1::2] << np.uint32(16))
+    out = f16x2_scales_as_bf16x2(words, np.uint32)
+    bits = np.stack([out & np.uint32(0xFFFF), out >> np.uint32(16)], -1).reshape(-1)
+    got = bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
+    want = e4m3.astype(np.float64) * 2.0**117
+    np.testing.assert_array_equal(got[finite], want[finite])

@@ -129,20 +129,21 @@ def load_dsmem_f32(address: cutlass.Int32, *, loc=None, ip=None) -> cutlass.Floa
 
 
 def e4m3x2_scales_bf16x2(pair: cutlass.Uint32) -> cutlass.Uint32:
-    """bf16x2 `(s0, s1) * 2**117` of the e4m3 bytes s0 (bits 0..7) and s1 (bits 8..15); exact.
+    """bf16x2 `(s0, s1) * 2**117` of the e4m3 bytes s0 (bits 0..7) and s1 (bits 8..15); exact."""
+    return f16x2_scales_as_bf16x2(e4m3x2_to_f16x2(pair))
+
+
+def f16x2_scales_as_bf16x2(x, u32=cutlass.Uint32):
+    """bf16x2 `value * 2**117` of the two f16 halves of `x`, for e4m3 values; exact.
 
     Every e4m3 value is a normal f16 `2**(E-15) * 1.f` with at most 3 significant
     mantissa bits, so its bf16 bits times `2**117` are `((h & 0x7fff) >> 3) + (229 << 7)`
-    plus the sign; zero stays zero (the mask). NaN bytes give unspecified values.
+    plus the sign; zero stays zero (the mask). NaN inputs give unspecified values.
+    `u32` makes the constants (`cutlass.Uint32` in kernels, `numpy.uint32` in tests).
     """
-    x = e4m3x2_to_f16x2(pair)
-    rebiased = (((x >> 3) & cutlass.Uint32(0x0FFF0FFF)) + cutlass.Uint32(0x72807280)) | (
-        x & cutlass.Uint32(0x80008000)
-    )
-    nonzero = ((x & cutlass.Uint32(0x7FFF7FFF)) + cutlass.Uint32(0x7FFF7FFF)) & cutlass.Uint32(
-        0x80008000
-    )
-    return rebiased & (nonzero | (nonzero - (nonzero >> 15)))
+    rebiased = (((x >> 3) & u32(0x0FFF0FFF)) + u32(0x72807280)) | (x & u32(0x80008000))
+    nonzero = ((x & u32(0x7FFF7FFF)) + u32(0x7FFF7FFF)) & u32(0x80008000)
+    return rebiased & (nonzero | (nonzero - (nonzero >> u32(15))))
 
 
 def decode_word_pair(word: cutlass.Uint32, pair: int) -> cutlass.Uint32:
