@@ -646,9 +646,7 @@ class SwapAbNvfp4GemmSm90:
         self,
         m_b,
         b_rows,
-        m_packed,
-        m_scale,
-        expert,
+        tiles,
         w_row0,
         k_step,
         stage,
@@ -657,7 +655,10 @@ class SwapAbNvfp4GemmSm90:
         s_raw,
         s_scale,
     ):
-        """cp.async of one K step's raw weight bytes, scales and token rows into `stage`."""
+        """cp.async of one K step's raw weight bytes, scales and token rows into `stage`.
+
+        `tiles` is `weight_tiles(...)` of the CTA's expert.
+        """
         atom_w = cute.make_copy_atom(
             cute.nvgpu.cpasync.CopyG2SOp(cache_mode=cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
             cutlass.Uint8,
@@ -671,7 +672,7 @@ class SwapAbNvfp4GemmSm90:
             cutlass.BFloat16,
             num_bits_per_copy=128,
         )
-        codes, scales = self.weight_tiles(m_packed, m_scale, expert)
+        codes, scales = tiles
         for u in cutlass.range_constexpr(self.w_units):
             unit = u * NUM_THREADS + tidx
             row = w_row0 + unit // 2
@@ -737,11 +738,12 @@ class SwapAbNvfp4GemmSm90:
         r_decoded = cute.make_rmem_tensor((32,), cutlass.BFloat16)
 
         mma = self._smem_mma(tiled_mma, tidx, s_a, s_b, s_c)
+        tiles = self.weight_tiles(m_packed, m_scale, expert)
 
         for st in cutlass.range_constexpr(self.stages - 1):
             step = cutlass.min(st, num_k_steps - 1)
             self.issue_step_cp_async(
-                m_b, b_rows, m_packed, m_scale, expert, w_row0, step, st, tidx, s_b, s_raw, s_scale
+                m_b, b_rows, tiles, w_row0, step, st, tidx, s_b, s_raw, s_scale
             )
             cute.arch.cp_async_commit_group()
 
@@ -753,9 +755,7 @@ class SwapAbNvfp4GemmSm90:
             self.issue_step_cp_async(
                 m_b,
                 b_rows,
-                m_packed,
-                m_scale,
-                expert,
+                tiles,
                 w_row0,
                 next_step,
                 (k_step + self.stages - 1) % self.stages,
