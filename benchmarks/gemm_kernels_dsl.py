@@ -93,7 +93,13 @@ class Problem:
     def __init__(self, shape: ModelShape, seed: int):
         import torch
 
-        from jax_moe.prepare import gate_up_row_order, interleave_code_words, tile_rows
+        from jax_moe.prepare import (
+            SCALE_ENCODING,
+            fold_scale_signs,
+            gate_up_row_order,
+            interleave_code_words,
+            tile_rows,
+        )
 
         self.shape = shape
         gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -125,7 +131,7 @@ class Problem:
         self.w2_scale = rand_scales(h, i // 16)
         self.w2_global = (torch.rand(num_local, generator=gen, device=dev) * 0.02 + 0.005).float()
 
-        def to_prepared_words(packed):
+        def interleaved(packed):
             out = torch.empty_like(packed)
             for e in range(packed.shape[0]):
                 b = packed[e].to(torch.int64).reshape(packed.shape[1], -1, 4)
@@ -139,14 +145,18 @@ class Problem:
             return out
 
         order = torch.as_tensor(gate_up_row_order(i), device=dev)
+        encoding = torch.as_tensor(SCALE_ENCODING, device=dev)
 
-        def tiled(x, step_bytes):
-            return tile_rows(x, step_bytes).contiguous()
+        def prepared(packed, scale):
+            """(codes, scales) in the kernels' layout (jax_moe.prepare, done with torch)."""
+            codes = fold_scale_signs(packed, scale)
+            codes = interleaved(tile_rows(codes, 32).contiguous())
+            return codes, tile_rows(encoding[scale.long()], 4).contiguous()
 
-        self.p13_packed = tiled(to_prepared_words(self.w13_packed.index_select(1, order)), 32)
-        self.p13_scale = tiled(self.w13_scale.index_select(1, order), 4)
-        self.p2_packed = tiled(to_prepared_words(self.w2_packed), 32)
-        self.p2_scale = tiled(self.w2_scale, 4)
+        self.p13_packed, self.p13_scale = prepared(
+            self.w13_packed.index_select(1, order), self.w13_scale.index_select(1, order)
+        )
+        self.p2_packed, self.p2_scale = prepared(self.w2_packed, self.w2_scale)
         self.lut = torch.as_tensor(E2M1_SIGNED, device=dev)
         self.gen = gen
 

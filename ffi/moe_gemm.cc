@@ -8,7 +8,7 @@
 //     sorted_slots  int32    (m_pad,)                           m_pad % block_m == 0
 //     tile_expert   int32    (m_pad / block_m,)
 //     w13_packed    uint8    (experts, 2 * inter, hidden / 2)   prepared order, 16-byte aligned
-//     w13_scale     uint8 or float8_e4m3fn (experts, 2 * inter, hidden / 16)
+//     w13_scale     uint8    (experts, 2 * inter, hidden / 16)  prepared scale bytes, 16-byte aligned
 //     w13_global    float32  (experts,)
 //   Result:
 //     act           bfloat16 (m_pad, inter)                     inter % 64 == 0, 16-byte aligned
@@ -20,7 +20,7 @@
 //     sorted_slots  int32    (m_pad,)                           m_pad % block_m == 0
 //     tile_expert   int32    (m_pad / block_m,)
 //     w2_packed     uint8    (experts, hidden, inter / 2)       16-byte aligned
-//     w2_scale      uint8 or float8_e4m3fn (experts, hidden, inter / 16)
+//     w2_scale      uint8    (experts, hidden, inter / 16)      prepared scale bytes, 16-byte aligned
 //     w2_global     float32  (experts,)
 //     topk_weights  float32  (num_tokens * top_k,)
 //   Result:
@@ -95,7 +95,7 @@ ffi::Error CheckWeights(std::string_view op, std::string_view name,
     JAX_MOE_RETURN_IF_ERROR(
         CheckAligned(op, n + "_packed", packed.untyped_data(), kVectorAlignment));
     JAX_MOE_RETURN_IF_ERROR(
-        CheckAligned(op, n + "_scale", scale.untyped_data(), kScalarAlignment));
+        CheckAligned(op, n + "_scale", scale.untyped_data(), kVectorAlignment));
     JAX_MOE_RETURN_IF_ERROR(
         CheckAligned(op, n + "_global", global.untyped_data(), kScalarAlignment));
   }

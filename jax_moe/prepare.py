@@ -4,16 +4,16 @@
 layout, see :mod:`jax_moe.nvfp4`) into :class:`PreparedMoEWeights`, the byte
 layout the sm_90a GEMM kernels (:mod:`jax_moe.kernels.moe_gemm1_sm90`,
 :mod:`jax_moe.kernels.moe_gemm2_sm90`) read. It runs once, offline or at load
-time, in plain JAX (jit-able) and is exactly invertible (`unprepare`).
+time, in plain JAX (jit-able), and `unprepare` gives back the same values.
 
-Byte layout, layout version 4 (`PreparedMoEWeights.layout_version == 4`):
+Byte layout, layout version 5 (`PreparedMoEWeights.layout_version == 5`):
 
 Code words (both matrices). Each row's packed bytes are read as little-endian
-32-bit words; word ``w`` holds the 8 elements ``8w .. 8w+7`` of the row, as in
-the logical layout, but with its bits rearranged so that the kernels decode the
-four pairs of elements with 9 bit operations per word. For pair ``p`` (0..3) of
-the word, elements ``8w+2p`` ("even") and ``8w+2p+1`` ("odd") with e2m1 codes
-``s e1 e0 m`` decode to the bf16x2 word ``(value_even, value_odd) * 2**-126``
+32-bit words of 8 elements (before tiling, word ``w`` holds elements ``8w .. 8w+7``
+of the row, as in the logical layout), with their bits rearranged so that the
+kernels decode the four pairs of elements with 9 bit operations per word. For pair
+``p`` (0..3) of a word, its elements ``2p`` ("even") and ``2p+1`` ("odd") with e2m1
+codes ``s e1 e0 m`` decode to the bf16x2 word ``(value_even, value_odd) * 2**-126``
 (low half even) as::
 
     OR over (rotation, mask) in DECODE_TERMS[p]:  rotate_left(word, rotation) & mask
@@ -25,14 +25,34 @@ and its sign in bit 15, which reads as the e2m1 value times ``2**-126`` for ever
 code (``+-0.5`` become bf16 subnormals). `interleave_code_words` places every bit
 where its term takes it from.
 
+Scale bytes (both matrices). A block scale is stored as an unsigned 8-bit float
+``u = E << 3 | M`` (5-bit exponent, 3-bit mantissa) with value
+``2**(E - 10) * (1 + M/8)`` for ``u > 0`` and 0 for ``u == 0``; every e4m3 magnitude,
+subnormals included, is one such byte (`SCALE_ENCODING`, `SCALE_DECODING`). The
+kernels turn two of them into the bf16x2 ``(scale * 2**117)`` with one byte permute
+and ``u * 16 + (234 << 7)`` per half: no float conversion. Two facts of the logical
+format are moved into the codes so that this holds: the sign of a negative block
+scale flips the signs of its 16 codes, and the codes of a block whose scale is zero
+are zero (``u = 0`` then reads as a finite number times zero codes). Values are
+unchanged; NaN scales give unspecified values.
+
 Tiles (both matrices, bytes and scales). The kernels read one 64-element K step
-of 16 rows at a time, so each expert's rows are cut into bands of 16 and each band
-is stored step by step: the bytes of band ``b`` (``16 * C`` of them for rows of
-``C`` bytes) hold, for K step ``s`` and row ``i`` of the band, the ``c`` bytes of
-that row's step (``c = 32`` code bytes or ``4`` scale bytes) at offset
-``s * 16 * c + i * c``. A warp's 16-byte loads of one step then read one
-contiguous 512-byte block (64 bytes of scales) instead of 16 rows far apart.
-Arrays keep their logical shapes; `tile_rows` / `untile_rows` convert.
+of 16 rows at a time straight into the A operand registers of ``mma.m16n8k16``,
+so each expert's rows are cut into bands of 16 and each band is stored step by
+step: band ``b`` (``16 * C`` bytes for rows of ``C`` bytes) holds the block of K
+step ``s`` (``16 * c`` bytes: ``c = 32`` code bytes or ``4`` scale bytes per row) at
+offset ``s * 16 * c``. Inside a block the bytes are in MMA fragment order: with
+``lane = 4 * g + t`` (``g`` < 8, ``t`` < 4), the 16 code bytes at ``16 * lane`` are
+four words, word ``kb`` (the step's ``kb``-th 16 columns) holding the bytes
+``8 * kb + t`` and ``8 * kb + 4 + t`` of rows ``g`` and ``g + 8`` of the band, in the
+order (row g, byte 8kb+t), (row g+8, same byte), (row g, byte 8kb+4+t),
+(row g+8, same byte) before the bit rearrangement above. Its pairs are then the
+fragment registers ``a0 .. a3`` of that lane: rows ``g, g+8, g, g+8`` at columns
+``16kb + 2t (+1)``, ``16kb + 2t (+1)``, ``16kb + 8 + 2t (+1)``, ``16kb + 8 + 2t (+1)``.
+The 8 scale bytes at ``8 * g`` are, for ``kb`` = 0..3, the scales of rows ``g`` and
+``g + 8`` for the columns of ``kb``. A warp's loads of one step are one contiguous
+512-byte block (scales 64 bytes). Arrays keep their logical shapes;
+`tile_rows` / `untile_rows` convert.
 
 ``w13_packed``: ``uint8 (E, 2I, H/2)``; ``w13_scale``: ``uint8 (E, 2I, H/16)``
     The rows of each expert's W13 are interleaved in groups of 16: row ``16*g + i``
@@ -44,11 +64,13 @@ Arrays keep their logical shapes; `tile_rows` / `untile_rows` convert.
     rows, and the SwiGLU epilogue pairs accumulator rows ``q`` and ``q + 8``.
 ``w13_global``: ``float32 (E,)``, the logical global scales, unchanged.
 ``w2_packed``: ``uint8 (E, H, I/2)``; ``w2_scale``: ``uint8 (E, H, I/16)``
-    Logical row order; code words as above; scales as raw e4m3 bits; both tiled.
+    Logical row order; code words and scales as above; both tiled.
 ``w2_global``: ``float32 (E,)``, unchanged.
 
 Shapes and dtypes are those of the logical format (uint8 for the scales). The
 global scales are not adjusted (the kernels handle their internal power of two).
+`unprepare` returns the same values; its bytes differ from the original only where
+a scale was negative (returned positive, code signs flipped) or zero (codes zero).
 `prepare` needs ``hidden`` and ``intermediate`` to be multiples of 64 (whole K
 steps); the kernels also need ``hidden % 128 == 0`` (checked by the tactics).
 """
@@ -68,7 +90,10 @@ __all__ = [
     "DECODE_TERMS",
     "LAYOUT_VERSION",
     "PreparedMoEWeights",
+    "SCALE_DECODING",
+    "SCALE_ENCODING",
     "deinterleave_code_words",
+    "fold_scale_signs",
     "gate_up_row_order",
     "interleave_code_words",
     "prepare",
@@ -78,10 +103,12 @@ __all__ = [
 ]
 
 #: Version of the byte layout documented above.
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 #: Rows per tile band and elements per K step of the tiled byte order.
 TILE_ROWS = 16
 STEP_ELEMENTS = 64
+_CODE_STEP_BYTES = STEP_ELEMENTS // 2
+_SCALE_STEP_BYTES = STEP_ELEMENTS // 16
 #: Per pair of a prepared code word, the (left rotation, mask) terms whose OR is the
 #: bf16x2 pair `(value_even, value_odd) * 2**-126` (module docstring).
 DECODE_TERMS = (
@@ -109,6 +136,28 @@ def _code_bit_sources() -> tuple[tuple[int, int, int, int], ...]:
 
 
 _CODE_BIT_SOURCES = _code_bit_sources()
+
+
+def _scale_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(encoding, decoding): e4m3 bits -> prepared scale byte of the magnitude, and back."""
+    encoding = np.zeros(256, np.uint8)
+    decoding = np.zeros(256, np.uint8)
+    for bits in range(1, 128):
+        exponent, mantissa = bits >> 3, bits & 7
+        if exponent == 0:  # subnormal: mantissa/8 * 2**-6, normalized
+            shift = 4 - mantissa.bit_length()
+            exponent, mantissa = 1 - shift, (mantissa << shift) & 7
+        code = ((exponent + 3) << 3) | mantissa  # 2**(e - 7) == 2**((e + 3) - 10)
+        encoding[bits] = encoding[bits | 0x80] = code
+        decoding[code] = bits
+    return encoding, decoding
+
+
+#: ``uint8 (256,)``: e4m3 bits -> prepared scale byte of the magnitude (module docstring).
+#: ``uint8 (256,)``: prepared scale byte -> non-negative e4m3 bits (0 for unused bytes).
+SCALE_ENCODING, SCALE_DECODING = _scale_tables()
+#: bf16 bits of a prepared scale byte ``u`` times ``2**117`` are ``u * 16 + SCALE_BF16_BIAS``.
+SCALE_BF16_BIAS = 234 << 7
 #: Gate (and up) rows per 16-row group of prepared W13.
 _HALF_GROUP = 8
 
@@ -190,31 +239,52 @@ def deinterleave_code_words(words):
 
 
 def tile_rows(x, step_bytes: int):
-    """Rows of `x` `(experts, rows, cols)` in the tiled byte order (module docstring).
+    """Rows of `x` `(experts, rows, cols)` in the tiled fragment order (module docstring).
 
-    `step_bytes` is the bytes of one row per K step (32 for code bytes, 4 for scale
-    bytes). Works on numpy, JAX and torch arrays (`reshape` and `swapaxes` only).
+    `step_bytes` is the bytes of one row per K step: 32 for code bytes, 4 for scale
+    bytes. Works on numpy, JAX and torch arrays (`reshape` and `swapaxes` only).
     """
     e, r, c = x.shape
-    return (
-        x.reshape(e, r // TILE_ROWS, TILE_ROWS, c // step_bytes, step_bytes)
-        .swapaxes(2, 3)
-        .reshape(e, r, c)
-    )
+    bands, steps = r // TILE_ROWS, c // step_bytes
+    # (band, step, row half h, row g, ...) with rows i = 8 * h + g of the band.
+    x = x.reshape(e, bands, 2, 8, steps, step_bytes).swapaxes(2, 4).swapaxes(3, 4)
+    if step_bytes == _CODE_STEP_BYTES:
+        # (..., h, g, kb, jh, t) with byte 8 * kb + 4 * jh + t -> (..., g, t, kb, jh, h).
+        x = x.reshape(e, bands, steps, 2, 8, 4, 2, 4).swapaxes(3, 4).swapaxes(4, 7)
+    elif step_bytes == _SCALE_STEP_BYTES:
+        # (..., h, g, kb) -> (..., g, kb, h).
+        x = x.swapaxes(3, 4).swapaxes(4, 5)
+    else:
+        raise ValueError(f"step_bytes={step_bytes}; expected 32 (codes) or 4 (scales)")
+    return x.reshape(e, r, c)
 
 
 def untile_rows(x, step_bytes: int):
     """The inverse of `tile_rows`."""
     e, r, c = x.shape
-    return (
-        x.reshape(e, r // TILE_ROWS, c // step_bytes, TILE_ROWS, step_bytes)
-        .swapaxes(2, 3)
-        .reshape(e, r, c)
-    )
+    bands, steps = r // TILE_ROWS, c // step_bytes
+    if step_bytes == _CODE_STEP_BYTES:
+        x = x.reshape(e, bands, steps, 8, 4, 4, 2, 2).swapaxes(4, 7).swapaxes(3, 4)
+    elif step_bytes == _SCALE_STEP_BYTES:
+        x = x.reshape(e, bands, steps, 8, 4, 2).swapaxes(4, 5).swapaxes(3, 4)
+    else:
+        raise ValueError(f"step_bytes={step_bytes}; expected 32 (codes) or 4 (scales)")
+    x = x.reshape(e, bands, steps, 2, 8, step_bytes)
+    return x.swapaxes(3, 4).swapaxes(2, 4).reshape(e, r, c)
 
 
-_CODE_STEP_BYTES = STEP_ELEMENTS // 2
-_SCALE_STEP_BYTES = STEP_ELEMENTS // 16
+def fold_scale_signs(packed, scale_bits):
+    """Logical packed codes with the scales' signs and zeros folded in (module docstring).
+
+    `packed` ``uint8 (..., cols // 2)`` and `scale_bits` ``uint8 (..., cols // 16)``
+    (e4m3 bits): the 16 codes of a block with a negative scale get their signs
+    flipped, those of a block with a zero scale become zero. Works on numpy, JAX and
+    torch arrays.
+    """
+    blocks = packed.reshape(*packed.shape[:-1], scale_bits.shape[-1], 8)
+    negative = (scale_bits >> 7)[..., None]
+    nonzero = (((scale_bits & 0x7F) + 0x7F) >> 7)[..., None]
+    return ((blocks ^ (negative * 0x88)) & (nonzero * 0xFF)).reshape(packed.shape)
 
 
 def _map_code_words(packed: jax.Array, fn) -> jax.Array:
@@ -239,7 +309,7 @@ def _scale_bits(scale: jax.Array) -> jax.Array:
 
 
 def prepare(weights: MoEWeights) -> PreparedMoEWeights:
-    """Repacks logical NVFP4 MoE weights into the sm_90a kernel layout (exact, invertible)."""
+    """Repacks logical NVFP4 MoE weights into the sm_90a kernel layout (exact; `unprepare`)."""
     if not isinstance(weights, MoEWeights):
         raise TypeError(f"weights must be a MoEWeights, got {type(weights).__name__}")
     weights.check()
@@ -250,25 +320,33 @@ def prepare(weights: MoEWeights) -> PreparedMoEWeights:
             )
     order = jnp.asarray(gate_up_row_order(weights.intermediate))
     w13, w2 = weights.w13, weights.w2
+    encoding = jnp.asarray(SCALE_ENCODING)
 
-    def packed(x: jax.Array) -> jax.Array:
-        return tile_rows(_map_code_words(x, interleave_code_words), _CODE_STEP_BYTES)
+    def packed(x: jax.Array, scale_bits: jax.Array) -> jax.Array:
+        folded = fold_scale_signs(jnp.asarray(x, jnp.uint8), scale_bits)
+        return _map_code_words(tile_rows(folded, _CODE_STEP_BYTES), interleave_code_words)
 
-    def scales(x: jax.Array) -> jax.Array:
-        return tile_rows(_scale_bits(x), _SCALE_STEP_BYTES)
+    def scales(scale_bits: jax.Array) -> jax.Array:
+        return tile_rows(encoding[scale_bits], _SCALE_STEP_BYTES)
 
+    w13_bits = jnp.take(_scale_bits(w13.scale), order, axis=1)
+    w2_bits = _scale_bits(w2.scale)
     return PreparedMoEWeights(
-        w13_packed=packed(jnp.take(w13.packed, order, axis=1)),
-        w13_scale=scales(jnp.take(_scale_bits(w13.scale), order, axis=1)),
+        w13_packed=packed(jnp.take(w13.packed, order, axis=1), w13_bits),
+        w13_scale=scales(w13_bits),
         w13_global=jnp.asarray(w13.global_scale, jnp.float32),
-        w2_packed=packed(jnp.asarray(w2.packed, jnp.uint8)),
-        w2_scale=scales(w2.scale),
+        w2_packed=packed(w2.packed, w2_bits),
+        w2_scale=scales(w2_bits),
         w2_global=jnp.asarray(w2.global_scale, jnp.float32),
     )
 
 
 def unprepare(prepared: PreparedMoEWeights) -> MoEWeights:
-    """The inverse of `prepare`: the logical `MoEWeights` of prepared weights."""
+    """The logical `MoEWeights` of prepared weights (the values `prepare` was given).
+
+    Scales come back non-negative, and the codes of zero-scale blocks as zeros
+    (module docstring); every dequantized value is the original one.
+    """
     if not isinstance(prepared, PreparedMoEWeights):
         raise TypeError(f"prepared must be a PreparedMoEWeights, got {type(prepared).__name__}")
     if prepared.layout_version != LAYOUT_VERSION:
@@ -280,11 +358,13 @@ def unprepare(prepared: PreparedMoEWeights) -> MoEWeights:
     def to_e4m3(bits: jax.Array) -> jax.Array:
         return jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)
 
+    decoding = jnp.asarray(SCALE_DECODING)
+
     def packed(x: jax.Array) -> jax.Array:
-        return _map_code_words(untile_rows(x, _CODE_STEP_BYTES), deinterleave_code_words)
+        return untile_rows(_map_code_words(x, deinterleave_code_words), _CODE_STEP_BYTES)
 
     def scales(x: jax.Array) -> jax.Array:
-        return to_e4m3(untile_rows(x, _SCALE_STEP_BYTES))
+        return to_e4m3(decoding[untile_rows(x, _SCALE_STEP_BYTES)])
 
     return MoEWeights(
         w13=nvfp4.Nvfp4Tensor(

@@ -199,18 +199,18 @@ def test_split_k_is_a_decode_tactic():
 
 
 @requires_dsl
-def test_e4m3_scale_conversion_is_exact_for_every_byte():
+def test_scale_conversion_is_exact_for_every_e4m3_byte():
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    from jax_moe.kernels.nvfp4_decode_sm90 import f16x2_scales_as_bf16x2
+    from jax_moe.kernels.nvfp4_decode_sm90 import scale_bf16x2
+    from jax_moe.prepare import SCALE_ENCODING
 
-    codes = np.arange(256, dtype=np.uint8)
-    e4m3 = codes.view(ml_dtypes.float8_e4m3fn)
-    finite = ~np.isnan(e4m3.astype(np.float32))
-    # cvt.rn.f16x2.e4m3x2: byte 0 -> low f16 half, byte 1 -> high half (exact).
-    halves = e4m3.astype(np.float16).view(np.uint16).astype(np.uint32)
-    words = halves[0::2] | (halves[1::2] << np.uint32(16))
-    out = f16x2_scales_as_bf16x2(words, np.uint32)
-    bits = np.stack([out & np.uint32(0xFFFF), out >> np.uint32(16)], -1).reshape(-1)
-    got = bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
-    want = e4m3.astype(np.float64) * 2.0**117
-    np.testing.assert_array_equal(got[finite], want[finite])
+    bits = np.arange(256, dtype=np.uint8)
+    e4m3 = np.abs(bits.view(ml_dtypes.float8_e4m3fn).astype(np.float64))
+    nonzero = ~np.isnan(e4m3) & (e4m3 != 0)
+    # The kernel's input: the prepared byte in bits 0..7 and 16..23 (spread_byte).
+    encoded = SCALE_ENCODING[bits].astype(np.uint32)
+    out = scale_bf16x2(encoded | (encoded << np.uint32(16)), np.uint32)
+    halves = np.stack([out & np.uint32(0xFFFF), out >> np.uint32(16)], -1)
+    got = halves.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
+    np.testing.assert_array_equal(got[:, 0], got[:, 1])
+    np.testing.assert_array_equal(got[nonzero, 0], e4m3[nonzero] * 2.0**117)

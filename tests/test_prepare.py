@@ -11,8 +11,12 @@ from jax_moe import nvfp4
 from jax_moe.prepare import (
     DECODE_TERMS,
     LAYOUT_VERSION,
+    SCALE_BF16_BIAS,
+    SCALE_DECODING,
+    SCALE_ENCODING,
     PreparedMoEWeights,
     deinterleave_code_words,
+    fold_scale_signs,
     gate_up_row_order,
     interleave_code_words,
     prepare,
@@ -29,14 +33,13 @@ def _bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _kernel_decode(packed: np.ndarray, scale_bits: np.ndarray, global_scale: np.ndarray):
-    """float64 (..., rows, cols) values of prepared packed bytes, decoded as the kernel does.
+def _decode_words(words: np.ndarray) -> np.ndarray:
+    """float64 (..., 4, 2): the pairs of prepared code words as the kernels decode them.
 
-    Pair p of a word: the OR of `rotate_left(word, r) & mask` over DECODE_TERMS[p], read
-    as two bf16 values times 2**126; each block of 16 times its e4m3 scale.
+    Pair p: the OR of `rotate_left(word, r) & mask` over DECODE_TERMS[p], read as two
+    bf16 values (low half first) times 2**126.
     """
-    b = packed.astype(np.uint64).reshape(*packed.shape[:-1], -1, 4)
-    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    words = words.astype(np.uint64)
     pairs = []
     for terms in DECODE_TERMS:
         bits = np.zeros_like(words)
@@ -46,26 +49,35 @@ def _kernel_decode(packed: np.ndarray, scale_bits: np.ndarray, global_scale: np.
         even = _bf16_bits_to_float((bits & 0xFFFF).astype(np.uint16))
         odd = _bf16_bits_to_float((bits >> 16).astype(np.uint16))
         pairs.append(np.stack([even, odd], axis=-1))
-    values = np.stack(pairs, axis=-2).reshape(*packed.shape[:-1], -1).astype(np.float64)
-    values *= 2.0**126
-    scales = scale_bits.view(jnp.float8_e4m3fn).astype(np.float64)
-    values = values * np.repeat(scales, 16, axis=-1)[..., : values.shape[-1]]
+    return np.stack(pairs, axis=-2).astype(np.float64) * 2.0**126
+
+
+def _kernel_scales(encoded: np.ndarray) -> np.ndarray:
+    """float64 values of prepared scale bytes as the kernels convert them (bf16 * 2**-117)."""
+    bits = encoded.astype(np.uint32) * 16 + SCALE_BF16_BIAS
+    return _bf16_bits_to_float(bits.astype(np.uint16)).astype(np.float64) * 2.0**-117
+
+
+def _kernel_values(packed: np.ndarray, scale: np.ndarray, global_scale: np.ndarray):
+    """float32 (experts, rows, cols) weights of tiled prepared bytes, read as the kernels do.
+
+    Follows the documented offsets: in the block of band b and K step s, the code
+    word kb of lane 4g+t holds pairs (row g, g+8, g, g+8) x (columns 16kb+2t,
+    16kb+2t, 16kb+8+2t, 16kb+8+2t) (+0, +1); scale byte 2kb+h of group g is the
+    scale of row g+8h for those columns.
+    """
+    e, rows, row_bytes = packed.shape
+    bands, steps = rows // 16, row_bytes // 32
+    b = packed.reshape(e, bands, steps, 8, 4, 4, 4).astype(np.uint64)  # (.., g, t, kb, byte)
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    pairs = _decode_words(words)  # (e, bands, steps, g, t, kb, p, parity), p = 2*jh + h
+    pairs = pairs.reshape(e, bands, steps, 8, 4, 4, 2, 2, 2)  # (.., g, t, kb, jh, h, parity)
+    scales = _kernel_scales(scale.reshape(e, bands, steps, 8, 4, 2))  # (.., g, kb, h)
+    values = pairs * scales[:, :, :, :, None, :, None, :, None]
+    # -> (e, bands, h, g, steps, kb, jh, t, parity) = (e, rows, cols)
+    values = values.transpose(0, 1, 7, 3, 2, 5, 6, 4, 8).reshape(e, rows, row_bytes * 2)
     # e2m1 * e4m3 is exact in float32; the global scale is applied in float32 as well.
     return values.astype(np.float32) * global_scale.astype(np.float32)[:, None, None]
-
-
-def _rows_as_kernel_reads(tiled: np.ndarray, step_bytes: int) -> np.ndarray:
-    """Row-major `(experts, rows, cols)` bytes gathered from tiled bytes by the documented
-    offsets: byte j of K step s of row 16*b + i is at 16*cols*b + 16*c*s + c*i + j (c =
-    step_bytes).
-    """
-    e, rows, cols = tiled.shape
-    r = np.arange(rows)[:, None]
-    c = np.arange(cols)[None, :]
-    b, i = r // 16, r % 16
-    step, j = c // step_bytes, c % step_bytes
-    flat = 16 * cols * b + 16 * step_bytes * step + step_bytes * i + j
-    return tiled.reshape(e, -1)[:, flat]
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +115,34 @@ def test_every_code_decodes_exactly():
         for odd in range(16):
             byte = even | (odd << 4)
             logical = np.array([byte * 0x01010101], np.uint64)
-            packed = np.frombuffer(
-                np.asarray(interleave_code_words(logical), np.uint32).tobytes(), np.uint8
-            ).reshape(1, 1, 4)
-            got = _kernel_decode(packed, np.full((1, 1, 1), 0x38, np.uint8), np.ones(1))[..., :8]
+            got = _decode_words(interleave_code_words(logical))
             want = np.tile(
                 [E2M1[even & 7] * (-1) ** (even >> 3), E2M1[odd & 7] * (-1) ** (odd >> 3)], 4
             )
             np.testing.assert_array_equal(got.reshape(-1), want)
+
+
+def test_every_scale_byte_converts_exactly():
+    bits = np.arange(256, dtype=np.uint8)
+    want = np.abs(bits.view(jnp.float8_e4m3fn).astype(np.float64))
+    finite = ~np.isnan(want)
+    encoded = SCALE_ENCODING[bits]
+    got = _kernel_scales(encoded)
+    nonzero = finite & (want != 0)
+    np.testing.assert_array_equal(got[nonzero], want[nonzero])
+    np.testing.assert_array_equal(encoded[finite & (want == 0)], 0)
+    # Decoding gives back the non-negative bits (NaN included).
+    np.testing.assert_array_equal(SCALE_DECODING[encoded], bits & 0x7F)
+    assert encoded.max() < 256 and (encoded.astype(np.uint32) * 16 + SCALE_BF16_BIAS).max() < 0x7F80
+
+
+def test_fold_scale_signs():
+    packed = np.array([[0x12, 0x9A, 0x00, 0x77, 0x31, 0x08, 0x80, 0xFF] * 2], np.uint8)
+    scale = np.array([[0xB8, 0x80]], np.uint8)  # -1.0, -0.0
+    got = fold_scale_signs(packed, scale)
+    np.testing.assert_array_equal(got[0, :8], packed[0, :8] ^ 0x88)
+    np.testing.assert_array_equal(got[0, 8:], 0)
+    np.testing.assert_array_equal(fold_scale_signs(packed, scale & 0x7F)[0, :8], packed[0, :8])
 
 
 def test_prepare_matches_logical_dequantization(weights):
@@ -122,16 +154,16 @@ def test_prepare_matches_logical_dequantization(weights):
     assert prepared.w13_scale.dtype == jnp.uint8
     assert prepared.w2_packed.shape == weights.w2.packed.shape
     want13 = np.asarray(nvfp4.dequantize(weights.w13), np.float32)
-    got13 = _kernel_decode(
-        _rows_as_kernel_reads(np.asarray(prepared.w13_packed), 32),
-        _rows_as_kernel_reads(np.asarray(prepared.w13_scale), 4),
+    got13 = _kernel_values(
+        np.asarray(prepared.w13_packed),
+        np.asarray(prepared.w13_scale),
         np.asarray(prepared.w13_global),
     )
     np.testing.assert_array_equal(got13, want13[:, gate_up_row_order(two_i // 2), :])
     want2 = np.asarray(nvfp4.dequantize(weights.w2), np.float32)
-    got2 = _kernel_decode(
-        _rows_as_kernel_reads(np.asarray(prepared.w2_packed), 32),
-        _rows_as_kernel_reads(np.asarray(prepared.w2_scale), 4),
+    got2 = _kernel_values(
+        np.asarray(prepared.w2_packed),
+        np.asarray(prepared.w2_scale),
         np.asarray(prepared.w2_global),
     )
     np.testing.assert_array_equal(got2, want2)
@@ -162,12 +194,47 @@ def test_prepare_rejects_wrong_type():
         prepare({"w13": None})
 
 
-def test_tile_rows_round_trip():
+def test_tile_rows_round_trip_and_fragment_offsets():
     x = np.arange(2 * 32 * 96, dtype=np.int32).reshape(2, 32, 96)
     for step_bytes in (4, 32):
         tiled = tile_rows(x, step_bytes)
-        np.testing.assert_array_equal(_rows_as_kernel_reads(tiled, step_bytes), x)
         np.testing.assert_array_equal(untile_rows(tiled, step_bytes), x)
+    # Spot checks of the documented offsets (expert 1, band 1, K step 2).
+    flat = tile_rows(x, 32).reshape(2, -1)[1]
+    block = 16 * 96 * 1 + 2 * 512
+    for g, t, kb, j in ((0, 0, 0, 0), (3, 2, 1, 1), (7, 3, 3, 2), (5, 1, 2, 3)):
+        row, col = 16 + g + 8 * (j % 2), 2 * 32 + 8 * kb + 4 * (j // 2) + t
+        assert flat[block + 16 * (4 * g + t) + 4 * kb + j] == x[1, row, col]
+    flat = tile_rows(x, 4).reshape(2, -1)[1]
+    block = 16 * 96 * 1 + 2 * 64
+    for g, kb, h in ((0, 0, 0), (6, 3, 1), (2, 1, 1)):
+        assert flat[block + 8 * g + 2 * kb + h] == x[1, 16 + g + 8 * h, 2 * 4 + kb]
+    with pytest.raises(ValueError, match="step_bytes"):
+        tile_rows(x, 8)
+
+
+def test_negative_and_zero_scales_keep_their_values(weights):
+    # Flip some scales negative and zero others: prepare must keep every value.
+    rng = np.random.default_rng(3)
+    bits = np.asarray(weights.w2.scale).view(np.uint8).copy()
+    bits[rng.random(bits.shape) < 0.3] |= 0x80
+    bits[rng.random(bits.shape) < 0.1] &= 0x80
+    w2 = nvfp4.Nvfp4Tensor(
+        packed=weights.w2.packed,
+        scale=jnp.asarray(bits.view(jnp.float8_e4m3fn)),
+        global_scale=weights.w2.global_scale,
+    )
+    odd = MoEWeights(w13=weights.w13, w2=w2)
+    prepared = prepare(odd)
+    want = np.asarray(nvfp4.dequantize(w2), np.float32)
+    got = _kernel_values(
+        np.asarray(prepared.w2_packed),
+        np.asarray(prepared.w2_scale),
+        np.asarray(prepared.w2_global),
+    )
+    np.testing.assert_array_equal(got, want)
+    back = np.asarray(nvfp4.dequantize(unprepare(prepared).w2), np.float32)
+    np.testing.assert_array_equal(back, want)
 
 
 @pytest.mark.parametrize("hidden, inter", [(96, 64), (128, 32)])

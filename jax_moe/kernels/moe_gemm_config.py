@@ -10,11 +10,13 @@ Families:
   `moe_gemm1_sm90`: GEMM1 (gathered tokens x W13, fused SwiGLU), bf16 output.
   `moe_gemm2_sm90`: GEMM2 (activations x W2, router weight), float32 output.
 
-Two regimes:
-  decode: `block_m` 16 or 32 with all four warps along the weight rows
-      (`warps_m=4, warps_n=1`), so few routed rows per expert waste little MMA work;
-  prefill: `block_m` 64 or 128 with a 2 x 2 warp grid.
-`block_w` is 128, or 64 to put more CTAs on the weights when few experts are active.
+Regimes: `block_m` 16 or 32 (decode) with all four warps along the weight rows
+(`warps_m=4, warps_n=1`), so few routed rows per expert waste little MMA work;
+`block_m` 64 or 128 (prefill) with either `4 x 1` or a `2 x 2` warp grid. The
+weights are decoded in registers straight into the MMA's A fragments, so each warp
+decodes the weight rows it multiplies: with `2 x 2` two warps decode the same rows,
+with `4 x 1` every warp reads the whole token tile by `ldmatrix`. `block_w` is 128,
+or 64 to put more CTAs on the weights when few experts are active.
 
 `stages` is how many 64-wide K steps of weights and tokens are loaded ahead: in a
 register ring (`cp_async=False`, 1 to 4 deep, limited by a register estimate), or in
@@ -32,32 +34,21 @@ Default heuristic (`default_tactic`): with the expected routed rows per expert
 
     m <= 8:       block_m=16, block_w=64,  stages=2  (decode: most CTAs over the weights)
     8 < m <= 24:  block_m=32, block_w=128, stages=2
-    m > 24:       block_m=64, block_w=128, stages=1  (2 x 2 warps)
+    m > 24:       block_m=64, block_w=128, stages=1
 
-the same for both GEMMs, so their defaults share routing metadata. For `block_m=16`
-the split grows through 1, 2, 4, 8 until the expected CTA count (expected active
-local experts x weight-row tiles x split) reaches 4 per SM of 132 SMs, or until a
-larger split would leave fewer than 4 K steps per split. The tile rule is the
-fastest GEMM1+GEMM2 pair (or within 2%) of all exported variants measured on an
-H100 for DeepSeek-V3 EP=8 (N = 1, 3, 64, 128, 1000), Qwen3-30B-A3B and
-Mixtral-8x7B (N = 1, 64, 1000) with `benchmarks/gemm_kernels_dsl.py`.
+all with `4 x 1` warps, the same for both GEMMs, so their defaults share routing
+metadata. For `block_m=16` the split grows through 1, 2, 4, 8 until the expected CTA
+count (expected active local experts x weight-row tiles x split) reaches 4 per SM of
+132 SMs, or until a larger split would leave fewer than 4 K steps per split. The
+`4 x 1` grid for `m > 24` follows the tuner on an H100 (DeepSeek-V3 EP=8, N = 1024 ..
+16384: every tuned pair used `4 x 1`; the former `2 x 2` default was 15-48 % slower
+than the tuned pair there). Shipped tables (:mod:`jax_moe.tuning`) override it.
 
-Measured with these defaults on an H100 SXM (GEMM1 + GEMM2 kernel times, CUDA-graph
-replays, weights far larger than L2):
-
-    DeepSeek-V3 EP=8 (32 of 256 experts, H=7168, I=2048, k=8):
-        N=1: 75 + 31 us;  N=128: 358 + 199 us;  N=1000: 497 + 324 us
-    Qwen3-30B-A3B (128 experts, H=2048, I=768, k=8):
-        N=1: 24 + 11 us;  N=64: 160 + 85 us;    N=1000: 330 + 237 us
-    Mixtral-8x7B (8 experts, H=4096, I=14336, k=2):
-        N=1: 123 + 122 us; N=64: 389 + 252 us;  N=1000: 2223 + 1132 us
-
-Exported variants (`gemm1_variants` / `gemm2_variants`, identical tile lists):
-`block_m` in (16, 32, 64, 128) x `block_w` in (128, 64) x register `stages` in
-(1, 2, 4): 4 only for tiles up to 32 x 128, only 1 for block_m=128 (deeper
-prefetch spills registers there); then the split-K variants of
-`_SPLIT_K_VARIANTS` (their ids come after the others). With split-K at N=1 the
-DeepSeek-V3 EP=8 GEMMs take 17.9 + 15.5 us (H100, profiler, inside the layer).
+Exported variants (`gemm1_variants` / `gemm2_variants`, identical tile lists): for
+each regime in `_REGIMES`, `block_w` in (128, 64) x register `stages` in (1, 2, 4):
+4 only for tiles up to 32 x 128, only 1 for block_m=128, and none whose register
+estimate exceeds the budget; then the split-K variants of `_SPLIT_K_VARIANTS`
+(their ids come after the others).
 """
 
 from __future__ import annotations
@@ -81,9 +72,11 @@ _BLOCK_K = 64
 # K steps loaded ahead: register ring depths, cp.async shared-memory ring depths.
 _REGISTER_STAGES = (1, 2, 3, 4)
 _CP_ASYNC_STAGES = (3, 4, 6)
-# Prefetch + accumulator registers per thread above which the kernel spills (measured:
-# block 128 x 128 with 2 register stages, about 212, spills badly; 170 does not).
-_REGISTER_BUDGET = 180
+# Prefetch + accumulator registers per thread (`register_estimate`) above which the
+# kernel spills or runs at one CTA per SM (ptxas, weights decoded in registers: 64 x 128
+# with 2 x 2 warps and 2 stages, estimate 144, spills in GEMM2; 32 x 128 with 4 stages,
+# estimate 112, uses 252 registers without spilling).
+_REGISTER_BUDGET = 140
 _SMEM_LIMIT = 227 * 1024
 # K splits: the CTAs of one output tile form a thread block cluster along the grid's
 # z axis (at most 8, the portable cluster size) and reduce through distributed
@@ -116,18 +109,17 @@ def _check_common(tactic, problem) -> None:
 def swap_ab_smem_bytes(block_w: int, block_m: int, stages: int, cp_async: bool) -> int:
     """Dynamic shared memory of one CTA of the swap-AB GEMMs (their `_allocate_smem`).
 
-    bf16 tiles of weights `(block_w, 64)` and token rows `(block_m, 64)` (one per ring
-    stage with cp.async) with 8 elements of row padding, the fp32 output tile
+    bf16 token tiles `(block_m, 64)` with 8 elements of row padding (two of them with
+    register prefetch, one per ring stage with cp.async), the fp32 output tile
     `(block_m, block_w + 4)`, with cp.async the raw weight bytes and scales of every
-    stage (`36 * block_w` bytes each), and a fixed 768 bytes.
+    stage (`36 * block_w` bytes each), and a fixed 768 bytes. The weights never pass
+    through shared memory with register prefetch: they are decoded in registers.
     """
     row = _BLOCK_K + 8
+    b_stages = stages if cp_async else 2
     ring = stages if cp_async else 0
     return (
-        2 * row * (block_w + max(ring, 1) * block_m)
-        + 4 * (block_w + 4) * block_m
-        + 36 * block_w * ring
-        + 6 * 128
+        2 * row * b_stages * block_m + 4 * (block_w + 4) * block_m + 36 * block_w * ring + 6 * 128
     )
 
 
@@ -182,10 +174,14 @@ class _SwapAbTactic(Tactic):
             )
 
     def register_estimate(self) -> int:
-        """32-bit registers per thread held by the prefetch ring and the accumulators."""
-        w_units = self.block_w * 2 // 128
+        """32-bit registers per thread held by the prefetch ring and the accumulators.
+
+        Per ring stage: 4 code words and 2 scale words per 16-row MMA tile of the
+        warp, 4 words per 16-byte chunk of token rows.
+        """
+        mma_m = self.block_w // (16 * self.warps_m)
         b_chunks = max(1, self.block_m * 8 // 128)
-        ring = 0 if self.cp_async else self.stages * (5 * w_units + 4 * b_chunks)
+        ring = 0 if self.cp_async else self.stages * (6 * mma_m + 4 * b_chunks)
         return ring + self.block_m * self.block_w // 128
 
     def smem_bytes(self) -> int:
@@ -229,7 +225,7 @@ class MoeGemm2Sm90Tactic(_SwapAbTactic):
 
 # (block_m, warps_m, warps_n). The cp.async ring (stages >= 3) is valid but not
 # exported: on an H100 it was slower than register prefetch for every measured shape.
-_REGIMES = ((16, 4, 1), (32, 4, 1), (64, 2, 2), (128, 2, 2))
+_REGIMES = ((16, 4, 1), (32, 4, 1), (64, 2, 2), (128, 2, 2), (64, 4, 1), (128, 4, 1))
 
 
 # (block_m, block_w, stages, split_k values) of the exported split-K variants.
@@ -333,7 +329,7 @@ def default_tactic(
         block_m, block_w, stages = 32, 128, 2
     else:
         block_m, block_w, stages = 64, 128, 1
-    warps_m, warps_n = (4, 1) if block_m <= 32 else (2, 2)
+    warps_m, warps_n = 4, 1
     split_k = 1
     if block_m == 16:
         if op == "moe_gemm1":

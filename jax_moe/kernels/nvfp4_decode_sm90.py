@@ -12,30 +12,31 @@ local expert of the row tile (``tile_expert[t]``); tiles with ``e < 0`` exit at
 once. Only the source of the token rows (``B``) and the epilogue differ between
 the two GEMMs; this module holds everything else:
 
-* exact NVFP4 -> bf16 decode (:func:`decode_word_pair`, :func:`e4m3x2_scales_bf16x2`,
+* exact NVFP4 -> bf16 decode (:func:`decode_word_pair`, :func:`scale_bf16x2`,
   :func:`mul_bf16x2`),
-* the CTA main loop (:class:`SwapAbNvfp4GemmSm90`), 128 threads (4 warps). Per
-  64-wide K step every thread owns work units of 16 packed weight bytes (32 codes)
-  plus their two e4m3 scales, and 16-byte chunks of token rows. They are loaded
-  `stages` K steps ahead, either into a register ring (default) or through a
-  cp.async shared-memory ring (`cp_async`). Each step the threads decode their
-  weights exactly to bf16 into shared memory (one ``mul.rn.bf16x2`` per two
-  elements), copy the token rows to shared memory, and the four warps run
-  ``mma.sync.m16n8k16`` bf16 MMAs fed through ``ldmatrix``, accumulating in fp32.
-  The fp32 tile is then staged in shared memory (``s_c[q, j]``) for the epilogue,
-  which applies the global scale.
+* the CTA main loop (:class:`SwapAbNvfp4GemmSm90`), 128 threads (4 warps) running
+  ``mma.sync.m16n8k16`` bf16 MMAs with fp32 accumulators. The weights never touch
+  shared memory: the prepared layout stores each 16-row band K step by K step in
+  the MMA's A-fragment order, so per 64-wide K step and 16-row tile a lane loads
+  16 code bytes (its four fragment words) and 8 scale bytes, and decodes them
+  straight into its A registers (one ``mul.rn.bf16x2`` per two elements). The
+  token rows (B) are loaded in 16-byte chunks, stored to a double-buffered
+  shared-memory tile and read by ``ldmatrix``. Weights and tokens are loaded
+  `stages` K steps ahead, into a register ring (default) or through a cp.async
+  shared-memory ring (`cp_async`). The fp32 tile is then staged in shared memory
+  (``s_c[q, j]``) for the epilogue, which applies the global scale.
 
 Exactness of the decode. A prepared code word (layout in :mod:`jax_moe.prepare`)
 places the three magnitude bits ``e1 e0 m`` of an e2m1 code in bf16 bits 8..6 and
 its sign in bit 15 (one rotation and mask per pair, two for the last pair of a
 word), which reads as ``value * 2**-126`` for every code (codes ``+-0.5`` are bf16
-subnormals). The two e4m3 block scales of a work unit are converted together,
-exactly, to bf16 ``scale * 2**117`` (``cvt.rn.f16x2.e4m3x2``, then the f16 bits
-re-biased as bf16; at most ``448 * 2**117 < 2**126``; e4m3 subnormals included).
-Their bf16 product is ``value * scale * 2**-9``: at most 4 + 2 significant bits and
-a magnitude in ``[2**-19, 5.25]``, so it is exact and normal. The epilogue
-multiplies the global scale by ``2**9`` (:data:`DECODE_EXPONENT_SHIFT`), again
-exactly.
+subnormals). A prepared scale byte (an unsigned 5-bit-exponent float) spread into
+both halves of a word by one byte permute and turned into bf16 bits by
+``u * 16 + (234 << 7)`` is ``scale * 2**117`` exactly, e4m3 subnormals included (at
+most ``448 * 2**117 < 2**126``). Their bf16 product is ``value * scale * 2**-9``: at
+most 4 + 2 significant bits and a magnitude in ``[2**-19, 5.25]``, so it is exact
+and normal (blocks with a zero scale have zero codes). The epilogue multiplies
+the global scale by ``2**9`` (:data:`DECODE_EXPONENT_SHIFT`), again exactly.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from cutlass.cute.runtime import make_fake_compact_tensor
 from cutlass.cutlass_dsl import dsl_user_op
 
 from jax_moe.kernels.moe_gemm_config import swap_ab_smem_bytes
-from jax_moe.prepare import DECODE_TERMS, TILE_ROWS
+from jax_moe.prepare import DECODE_TERMS, SCALE_BF16_BIAS, TILE_ROWS
 
 __all__ = [
     "BLOCK_K",
@@ -59,9 +60,9 @@ __all__ = [
     "SMEM_PAD",
     "SwapAbNvfp4GemmSm90",
     "decode_word_pair",
-    "e4m3x2_scales_bf16x2",
     "fake_routed_weight_args",
     "mul_bf16x2",
+    "scale_bf16x2",
 ]
 
 #: Reduction elements per main-loop step (4 e4m3 scales per weight row).
@@ -101,16 +102,10 @@ def rotate_left(x: cutlass.Uint32, amount: int, *, loc=None, ip=None) -> cutlass
 
 
 @dsl_user_op
-def permute_bytes(x: cutlass.Uint32, selector: int, *, loc=None, ip=None) -> cutlass.Uint32:
-    """`prmt.b32 x, x, selector`: bytes of `x` picked by the constant selector."""
-    return _asm_u32(f"prmt.b32 $0, $1, $1, {int(selector)};", x, loc=loc, ip=ip)
-
-
-@dsl_user_op
-def e4m3x2_to_f16x2(x: cutlass.Uint32, *, loc=None, ip=None) -> cutlass.Uint32:
-    """f16x2 of the two e4m3 bytes in the low 16 bits of `x` (byte 0 -> low half); exact."""
-    asm = "{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, $1;\ncvt.rn.f16x2.e4m3x2 $0, lo;\n}"
-    return _asm_u32(asm, x, loc=loc, ip=ip)
+def spread_byte(x: cutlass.Uint32, byte: int, *, loc=None, ip=None) -> cutlass.Uint32:
+    """Byte `byte` of `x` in bits 0..7 and 16..23, zeros elsewhere (one `prmt.b32`)."""
+    selector = 0x4040 | (int(byte) << 8) | int(byte)
+    return _asm_u32(f"prmt.b32 $0, $1, 0, {selector};", x, loc=loc, ip=ip)
 
 
 @dsl_user_op
@@ -128,22 +123,17 @@ def load_dsmem_f32(address: cutlass.Int32, *, loc=None, ip=None) -> cutlass.Floa
     return cutlass.Float32(result)
 
 
-def e4m3x2_scales_bf16x2(pair: cutlass.Uint32) -> cutlass.Uint32:
-    """bf16x2 `(s0, s1) * 2**117` of the e4m3 bytes s0 (bits 0..7) and s1 (bits 8..15); exact."""
-    return f16x2_scales_as_bf16x2(e4m3x2_to_f16x2(pair))
+def scale_bf16x2(spread, u32=cutlass.Uint32):
+    """bf16x2 `(scale, scale) * 2**117` of a prepared scale byte spread to both halves.
 
-
-def f16x2_scales_as_bf16x2(x, u32=cutlass.Uint32):
-    """bf16x2 `value * 2**117` of the two f16 halves of `x`, for e4m3 values; exact.
-
-    Every e4m3 value is a normal f16 `2**(E-15) * 1.f` with at most 3 significant
-    mantissa bits, so its bf16 bits times `2**117` are `((h & 0x7fff) >> 3) + (229 << 7)`
-    plus the sign; zero stays zero (the mask). NaN inputs give unspecified values.
-    `u32` makes the constants (`cutlass.Uint32` in kernels, `numpy.uint32` in tests).
+    `spread` holds the byte in bits 0..7 and 16..23 (`spread_byte`); a prepared byte
+    `E << 3 | M` (:mod:`jax_moe.prepare`) shifted to bits 4..12 is the bf16 exponent
+    `E` and mantissa `M`, so adding `234 << 7` gives `2**(E + 107) * (1 + M/8)`, which is
+    the scale times `2**117` (byte 0, the zero scale, gives a finite value; its codes
+    are zero). `u32` makes the constants (`cutlass.Uint32` in kernels, `numpy.uint32`
+    in tests).
     """
-    rebiased = (((x >> 3) & u32(0x0FFF0FFF)) + u32(0x72807280)) | (x & u32(0x80008000))
-    nonzero = ((x & u32(0x7FFF7FFF)) + u32(0x7FFF7FFF)) & u32(0x80008000)
-    return rebiased & (nonzero | (nonzero - (nonzero >> u32(15))))
+    return spread * u32(16) + u32(SCALE_BF16_BIAS * 0x10001)
 
 
 def decode_word_pair(word: cutlass.Uint32, pair: int) -> cutlass.Uint32:
@@ -164,18 +154,15 @@ def decode_word_pair(word: cutlass.Uint32, pair: int) -> cutlass.Uint32:
     return result
 
 
-class _SmemMma(NamedTuple):
-    """One thread's view of the CTA's MMAs over the shared-memory tiles (`_smem_mma`)."""
+class _Fragments(NamedTuple):
+    """One thread's MMA operands and accumulator (`_fragments`)."""
 
     acc: cute.Tensor  # fp32 accumulator fragment
     t_sc: cute.Tensor  # this thread's partition of `s_c`
-    t_ra: cute.Tensor  # A (weight) and B (token) register fragments
-    t_rb: cute.Tensor
-    s2r_a: cute.TiledCopy  # ldmatrix copies into t_ra / t_rb
+    t_ra: cute.Tensor  # A (weight) fragment ((2, 2, 2), mma_m, 4), decoded from registers
+    t_rb: cute.Tensor  # B (token) fragment, loaded by ldmatrix
     s2r_b: cute.TiledCopy
-    t_sa_view: cute.Tensor  # their source and destination views
-    t_ra_view: cute.Tensor
-    t_sb_view: cute.Tensor
+    t_sb_view: cute.Tensor  # ldmatrix source view of `s_b` (trailing stage mode)
     t_rb_view: cute.Tensor
 
 
@@ -233,8 +220,13 @@ class SwapAbNvfp4GemmSm90:
         self.block_m = block_m
         self.warps_m = warps_m
         self.warps_n = warps_n
-        # Weight work units: (row, half of the 64-wide K step) = 16 packed bytes + 2 scales.
+        # 16-byte cp.async copies of one K step's packed weight bytes per thread.
         self.w_units = block_w * 2 // NUM_THREADS
+        # 16-row MMA tiles of weights per warp (the A fragments' M mode).
+        self.mma_m = block_w // (16 * warps_m)
+        # Stages of the shared-memory token tile: double-buffered with register
+        # prefetch (one barrier per K step), the ring depth with cp.async.
+        self.b_stages = stages if cp_async else 2
         # Token work units: 16-byte chunks (8 bf16) of a token row's 64-wide K step.
         self.b_chunks = max(1, block_m * (BLOCK_K // 8) // NUM_THREADS)
         if block_m * (BLOCK_K // 8) % NUM_THREADS:
@@ -246,16 +238,14 @@ class SwapAbNvfp4GemmSm90:
         return swap_ab_smem_bytes(self.block_w, self.block_m, self.stages, self.cp_async)
 
     def _allocate_smem(self, smem):
-        """(s_a, s_b, s_c, s_raw, s_scale); s_b has a trailing stage mode, s_raw/s_scale are
-        None without the cp.async pipeline."""
+        """(s_b, s_c, s_raw, s_scale); s_b has a trailing stage mode (`b_stages`),
+        s_raw/s_scale are None without the cp.async pipeline."""
         row = BLOCK_K + SMEM_PAD
-        stages = self.stages if self.cp_async else 1
-        s_a = smem.allocate_tensor(
-            cutlass.BFloat16, cute.make_layout((self.block_w, BLOCK_K), stride=(row, 1)), 16
-        )
         s_b = smem.allocate_tensor(
             cutlass.BFloat16,
-            cute.make_layout((self.block_m, BLOCK_K, stages), stride=(row, 1, row * self.block_m)),
+            cute.make_layout(
+                (self.block_m, BLOCK_K, self.b_stages), stride=(row, 1, row * self.block_m)
+            ),
             16,
         )
         s_c = smem.allocate_tensor(
@@ -272,7 +262,7 @@ class SwapAbNvfp4GemmSm90:
             s_scale = smem.allocate_tensor(
                 cutlass.Uint8, cute.make_layout((self.block_w * 4, self.stages)), 16
             )
-        return s_a, s_b, s_c, s_raw, s_scale
+        return s_b, s_c, s_raw, s_scale
 
     def _tiled_mma(self):
         op = cute.nvgpu.warp.MmaF16BF16Op(cutlass.BFloat16, cutlass.Float32, (16, 8, 16))
@@ -282,55 +272,71 @@ class SwapAbNvfp4GemmSm90:
             permutation_mnk=(self.warps_m * 16, self.warps_n * 16, 16),
         )
 
-    def _smem_mma(self, tiled_mma, tidx, s_a, s_b, s_c) -> _SmemMma:
-        """This thread's MMA fragments, ldmatrix copies and zeroed fp32 accumulator.
-
-        `s_b` is the token tile of `_allocate_smem`: one stage for the register
-        path, all stages (trailing mode) with the cp.async ring.
-        """
+    def _fragments(self, tiled_mma, tidx, s_b, s_c) -> _Fragments:
+        """This thread's MMA fragments, the ldmatrix copy of B and a zeroed fp32 accumulator."""
         thr_mma = tiled_mma.get_slice(tidx)
-        t_sa = thr_mma.partition_A(s_a)
-        t_sb = thr_mma.partition_B(s_b[None, None, 0] if self.cp_async else s_b)
-        t_ra = tiled_mma.make_fragment_A(t_sa)
-        t_rb = tiled_mma.make_fragment_B(t_sb)
+        t_ra = tiled_mma.make_fragment_A(tiled_mma.partition_shape_A((self.block_w, BLOCK_K)))
+        t_rb = tiled_mma.make_fragment_B(thr_mma.partition_B(s_b[None, None, 0]))
         t_sc = thr_mma.partition_C(s_c)
         acc = tiled_mma.make_fragment_C(t_sc)
         acc.fill(0.0)
         ldmatrix = cute.make_copy_atom(
             cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16
         )
-        s2r_a = cute.make_tiled_copy_A(ldmatrix, tiled_mma)
         s2r_b = cute.make_tiled_copy_B(ldmatrix, tiled_mma)
-        thr_s2r_a = s2r_a.get_slice(tidx)
         thr_s2r_b = s2r_b.get_slice(tidx)
-        return _SmemMma(
+        return _Fragments(
             acc=acc,
             t_sc=t_sc,
             t_ra=t_ra,
             t_rb=t_rb,
-            s2r_a=s2r_a,
             s2r_b=s2r_b,
-            t_sa_view=thr_s2r_a.partition_S(s_a),
-            t_ra_view=thr_s2r_a.retile(t_ra),
             t_sb_view=thr_s2r_b.partition_S(s_b),
             t_rb_view=thr_s2r_b.retile(t_rb),
         )
 
     @cute.jit
-    def mma_k_step(self, tiled_mma: cute.TiledMma, mma: _SmemMma, stage: Any):
-        """Accumulates one K step of `s_a` x `s_b` into `mma.acc` through ldmatrix and MMAs.
+    def decode_a(self, r_codes: cute.Tensor, r_scales: cute.Tensor, t_ra: cute.Tensor, kb: int):
+        """Decodes the A fragments of the K step's 16 columns `kb` into `t_ra[None, None, kb]`.
 
-        `stage` is the cp.async ring stage of `s_b` (None for the register path).
+        `r_codes` `(16, mma_m)` and `r_scales` `(8, mma_m)` hold this lane's bytes of
+        each 16-row tile (`load_a_step`): code word `kb` is the fragment's four bf16x2
+        registers (rows g, g+8, g, g+8), scale bytes `2kb` and `2kb+1` the scales of
+        rows g and g+8. Each element is `e2m1 * e4m3 * 2**-DECODE_EXPONENT_SHIFT`, exact.
         """
-        for kb in cutlass.range_constexpr(cute.size(mma.t_ra, mode=[2])):
-            cute.copy(mma.s2r_a, mma.t_sa_view[None, None, kb], mma.t_ra_view[None, None, kb])
-            if cutlass.const_expr(self.cp_async):
-                t_sb = mma.t_sb_view[None, None, kb, stage]
-            else:
-                t_sb = mma.t_sb_view[None, None, kb]
-            cute.copy(mma.s2r_b, t_sb, mma.t_rb_view[None, None, kb])
+        for mi in cutlass.range_constexpr(self.mma_m):
+            word = cute.recast_tensor(r_codes[None, mi], cutlass.Uint32)[kb]
+            scale_word = cute.recast_tensor(r_scales[None, mi], cutlass.Uint32)[kb // 2]
+            row_scales = [scale_bf16x2(spread_byte(scale_word, 2 * (kb % 2) + h)) for h in range(2)]
+            dst = cute.recast_tensor(t_ra[None, mi, kb], cutlass.Uint32)
+            for p in cutlass.range_constexpr(4):
+                dst[p] = mul_bf16x2(decode_word_pair(word, p), row_scales[p % 2])
+
+    @cute.jit
+    def mma_k_step(
+        self,
+        tiled_mma: cute.TiledMma,
+        frags: _Fragments,
+        r_codes: cute.Tensor,
+        r_scales: cute.Tensor,
+        stage: Any,
+    ):
+        """Accumulates one K step into `frags.acc`: per 16 columns, the token fragments
+        by ldmatrix from stage `stage` of `s_b`, the weight fragments decoded from
+        registers (`decode_a`), then the MMAs."""
+        for kb in cutlass.range_constexpr(BLOCK_K // 16):
+            cute.copy(
+                frags.s2r_b,
+                frags.t_sb_view[None, None, kb, stage],
+                frags.t_rb_view[None, None, kb],
+            )
+            self.decode_a(r_codes, r_scales, frags.t_ra, kb)
             cute.gemm(
-                tiled_mma, mma.acc, mma.t_ra[None, None, kb], mma.t_rb[None, None, kb], mma.acc
+                tiled_mma,
+                frags.acc,
+                frags.t_ra[None, None, kb],
+                frags.t_rb[None, None, kb],
+                frags.acc,
             )
 
     def launch_kernel(
@@ -431,71 +437,35 @@ class SwapAbNvfp4GemmSm90:
         )
         return codes, scales
 
+    def first_band(self, w_row0: cutlass.Int32, tidx: cutlass.Int32) -> cutlass.Int32:
+        """The 16-row band of this warp's first MMA tile; tile `mi` is band `+ mi * warps_m`."""
+        return w_row0 // TILE_ROWS + (tidx // 32) % self.warps_m
+
     @cute.jit
-    def load_w_step(
+    def load_a_step(
         self,
         tiles: tuple,
-        w_row0: cutlass.Int32,
+        band0: cutlass.Int32,
         k_step: cutlass.Int32,
         tidx: cutlass.Int32,
-        r_packed: cute.Tensor,
-        r_scale: cute.Tensor,
+        r_codes: cute.Tensor,
+        r_scales: cute.Tensor,
     ):
-        """Loads this thread's packed weight bytes and scale bytes of one K step into registers.
+        """Loads this lane's code and scale bytes of one K step of its MMA tiles.
 
-        `tiles` is `weight_tiles(...)`. A unit is (row, half of the step): 16 code
-        bytes and 2 scale bytes; a warp's units of one step are one contiguous block.
+        `tiles` is `weight_tiles(...)`, `band0` is `first_band(...)`. Per tile: 16
+        code bytes at `16 * lane` and 8 scale bytes at `8 * (lane // 4)` of the
+        band's block (fragment order, :mod:`jax_moe.prepare`); a warp's loads of a
+        tile are one contiguous 512-byte block (64 bytes of scales).
         """
         codes, scales = tiles
-        for u in cutlass.range_constexpr(self.w_units):
-            unit = u * NUM_THREADS + tidx
-            row = w_row0 + unit // 2
-            in_band = (row % TILE_ROWS) * 2 + unit % 2
-            src = cute.local_tile(codes[None, k_step, row // TILE_ROWS], (16,), (in_band,))
-            cute.autovec_copy(src, r_packed[None, u])
-            ssrc = cute.local_tile(scales[None, k_step, row // TILE_ROWS], (2,), (in_band,))
-            cute.autovec_copy(ssrc, r_scale[None, u])
-
-    @cute.jit
-    def decode_unit(
-        self, words: cute.Tensor, scale_pair: cutlass.Uint32, decoded_words: cute.Tensor
-    ):
-        """Decodes one weight work unit to bf16x2 words, `e2m1 * e4m3 * 2**-DECODE_EXPONENT_SHIFT`.
-
-        `words` holds the unit's 4 prepared code words (32 codes); `scale_pair` the
-        e4m3 scales of its two 16-code groups (bits 0..7 and 8..15).
-        """
-        scales = e4m3x2_scales_bf16x2(scale_pair)
-        for g in cutlass.range_constexpr(2):
-            scale2 = permute_bytes(scales, 0x1010 if g == 0 else 0x3232)
-            for w in cutlass.range_constexpr(2):
-                word = words[g * 2 + w]
-                for p in cutlass.range_constexpr(4):
-                    decoded_words[g * 8 + w * 4 + p] = mul_bf16x2(decode_word_pair(word, p), scale2)
-
-    @cute.jit
-    def store_w_step(
-        self,
-        tidx: cutlass.Int32,
-        r_packed: cute.Tensor,
-        r_scale: cute.Tensor,
-        s_a: cute.Tensor,
-        r_decoded: cute.Tensor,
-    ):
-        """Decodes the registers of `load_w_step` to bf16 and stores them into `s_a`.
-
-        Each decoded element is `e2m1 * e4m3 * 2**-DECODE_EXPONENT_SHIFT`, exact in bf16.
-        """
-        decoded_words = cute.recast_tensor(r_decoded, cutlass.Uint32)
-        for u in cutlass.range_constexpr(self.w_units):
-            unit = u * NUM_THREADS + tidx
-            row = unit // 2
-            half = unit % 2
-            words = cute.recast_tensor(r_packed[None, u], cutlass.Uint32)
-            scale_pair = cutlass.Uint32(r_scale[0, u]) | (cutlass.Uint32(r_scale[1, u]) << 8)
-            self.decode_unit(words, scale_pair, decoded_words)
-            dst = cute.local_tile(s_a[row, None], (32,), (half,))
-            cute.autovec_copy(r_decoded, dst)
+        lane = tidx % 32
+        for mi in cutlass.range_constexpr(self.mma_m):
+            band = band0 + mi * self.warps_m
+            src = cute.local_tile(codes[None, k_step, band], (16,), (lane,))
+            cute.autovec_copy(src, r_codes[None, mi])
+            ssrc = cute.local_tile(scales[None, k_step, band], (8,), (lane // 4,))
+            cute.autovec_copy(ssrc, r_scales[None, mi])
 
     @cute.jit
     def load_b_step(
@@ -540,7 +510,6 @@ class SwapAbNvfp4GemmSm90:
         expert: cutlass.Int32,
         w_row0: cutlass.Int32,
         tidx: cutlass.Int32,
-        s_a: cute.Tensor,
         s_b: cute.Tensor,
         s_c: cute.Tensor,
         tiled_mma: cute.TiledMma,
@@ -559,69 +528,52 @@ class SwapAbNvfp4GemmSm90:
             k_end = cutlass.min(k_begin + per_split, num_k_steps)
 
         depth = self.stages
-        r_packed = cute.make_rmem_tensor((16, self.w_units, depth), cutlass.Uint8)
-        r_scale = cute.make_rmem_tensor((2, self.w_units, depth), cutlass.Uint8)
-        r_decoded = cute.make_rmem_tensor((32,), cutlass.BFloat16)
+        r_codes = cute.make_rmem_tensor((16, self.mma_m, depth), cutlass.Uint8)
+        r_scales = cute.make_rmem_tensor((8, self.mma_m, depth), cutlass.Uint8)
+        cur_codes = cute.make_rmem_tensor((16, self.mma_m), cutlass.Uint8)
+        cur_scales = cute.make_rmem_tensor((8, self.mma_m), cutlass.Uint8)
         r_b = cute.make_rmem_tensor((8, self.b_chunks, depth), cutlass.BFloat16)
 
-        mma = self._smem_mma(tiled_mma, tidx, s_a, s_b, s_c)
+        frags = self._fragments(tiled_mma, tidx, s_b, s_c)
         tiles = self.weight_tiles(m_packed, m_scale, expert)
+        band0 = self.first_band(w_row0, tidx)
 
         # Register ring of `depth` K steps: step k lives in buffer k % depth; the loop is
-        # unrolled by `depth` so every buffer index is a compile-time constant.
+        # unrolled by `depth` so every buffer index is a compile-time constant. The token
+        # tile alternates between two shared-memory stages, so one barrier per step
+        # suffices: a stage is rewritten only after every warp passed the next barrier.
         for d in cutlass.range_constexpr(depth):
             first = cutlass.min(k_begin + d, num_k_steps - 1)
-            self.load_w_step(
-                tiles,
-                w_row0,
-                first,
-                tidx,
-                r_packed[None, None, d],
-                r_scale[None, None, d],
+            self.load_a_step(
+                tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
             )
             self.load_b_step(m_b, b_rows, first, tidx, r_b[None, None, d])
         for k_group in cutlass.range(k_begin, k_end, depth, unroll=1):
             for d in cutlass.range_constexpr(depth):
                 k_step = k_group + d
                 if k_step < k_end:
+                    stage = (k_step - k_begin) % 2
+                    self.store_b_step(tidx, r_b[None, None, d], s_b[None, None, stage])
                     cute.arch.sync_threads()
-                    self.store_w_step(
-                        tidx, r_packed[None, None, d], r_scale[None, None, d], s_a, r_decoded
-                    )
-                    self.store_b_step(tidx, r_b[None, None, d], s_b)
-                    cute.arch.sync_threads()
+                    cute.autovec_copy(r_codes[None, None, d], cur_codes)
+                    cute.autovec_copy(r_scales[None, None, d], cur_scales)
                     ahead = cutlass.min(k_step + depth, num_k_steps - 1)
-                    self.load_w_step(
-                        tiles,
-                        w_row0,
-                        ahead,
-                        tidx,
-                        r_packed[None, None, d],
-                        r_scale[None, None, d],
+                    self.load_a_step(
+                        tiles, band0, ahead, tidx, r_codes[None, None, d], r_scales[None, None, d]
                     )
                     self.load_b_step(m_b, b_rows, ahead, tidx, r_b[None, None, d])
-                    self.mma_k_step(tiled_mma, mma, None)
+                    self.mma_k_step(tiled_mma, frags, cur_codes, cur_scales, stage)
 
-        cute.autovec_copy(mma.acc, mma.t_sc)
+        cute.autovec_copy(frags.acc, frags.t_sc)
         cute.arch.sync_threads()
 
     @cute.jit
     def mainloop(self, m_b, b_rows, m_packed, m_scale, expert, w_row0, tidx, smem, tiled_mma):
         """Allocates shared memory, runs the K loop; returns `s_c` holding the fp32 tile."""
-        s_a, s_b, s_c, s_raw, s_scale = self._allocate_smem(smem)
+        s_b, s_c, s_raw, s_scale = self._allocate_smem(smem)
         if cutlass.const_expr(not self.cp_async):
             self.mainloop_registers(
-                m_b,
-                b_rows,
-                m_packed,
-                m_scale,
-                expert,
-                w_row0,
-                tidx,
-                s_a,
-                s_b[None, None, 0],
-                s_c,
-                tiled_mma,
+                m_b, b_rows, m_packed, m_scale, expert, w_row0, tidx, s_b, s_c, tiled_mma
             )
         else:
             self.mainloop_cp_async(
@@ -632,7 +584,6 @@ class SwapAbNvfp4GemmSm90:
                 expert,
                 w_row0,
                 tidx,
-                s_a,
                 s_b,
                 s_c,
                 s_raw,
@@ -657,7 +608,8 @@ class SwapAbNvfp4GemmSm90:
     ):
         """cp.async of one K step's raw weight bytes, scales and token rows into `stage`.
 
-        `tiles` is `weight_tiles(...)` of the CTA's expert.
+        `tiles` is `weight_tiles(...)` of the CTA's expert. The CTA's bands are copied
+        block by block: band `i` of the tile at `512 * i` of `s_raw` (`64 * i` of `s_scale`).
         """
         atom_w = cute.make_copy_atom(
             cute.nvgpu.cpasync.CopyG2SOp(cache_mode=cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
@@ -673,16 +625,14 @@ class SwapAbNvfp4GemmSm90:
             num_bits_per_copy=128,
         )
         codes, scales = tiles
+        band0 = w_row0 // TILE_ROWS
         for u in cutlass.range_constexpr(self.w_units):
             unit = u * NUM_THREADS + tidx
-            row = w_row0 + unit // 2
-            in_band = (row % TILE_ROWS) * 2 + unit % 2
-            src = cute.local_tile(codes[None, k_step, row // TILE_ROWS], (16,), (in_band,))
+            src = cute.local_tile(codes[None, k_step, band0 + unit // 32], (16,), (unit % 32,))
             dst = cute.local_tile(s_raw[None, stage], (16,), (unit,))
             cute.copy(atom_w, src, dst)
         if tidx < self.block_w:
-            row = w_row0 + tidx
-            ssrc = cute.local_tile(scales[None, k_step, row // TILE_ROWS], (4,), (row % TILE_ROWS,))
+            ssrc = cute.local_tile(scales[None, k_step, band0 + tidx // 16], (4,), (tidx % 16,))
             sdst = cute.local_tile(s_scale[None, stage], (4,), (tidx,))
             cute.copy(atom_s, ssrc, sdst)
         for c in cutlass.range_constexpr(self.b_chunks):
@@ -694,22 +644,15 @@ class SwapAbNvfp4GemmSm90:
             cute.copy(atom_b, bsrc, bdst)
 
     @cute.jit
-    def decode_step_smem(self, tidx, stage, s_raw, s_scale, s_a, r_packed, r_decoded):
-        """Decodes one staged K step of raw weights from shared memory into `s_a` (bf16)."""
-        decoded_words = cute.recast_tensor(r_decoded, cutlass.Uint32)
-        for u in cutlass.range_constexpr(self.w_units):
-            unit = u * NUM_THREADS + tidx
-            row = unit // 2
-            half = unit % 2
-            cute.autovec_copy(cute.local_tile(s_raw[None, stage], (16,), (unit,)), r_packed)
-            words = cute.recast_tensor(r_packed, cutlass.Uint32)
-            first = row * 4 + half * 2
-            scale_pair = cutlass.Uint32(s_scale[first, stage]) | (
-                cutlass.Uint32(s_scale[first + 1, stage]) << 8
-            )
-            self.decode_unit(words, scale_pair, decoded_words)
-            dst = cute.local_tile(s_a[row, None], (32,), (half,))
-            cute.autovec_copy(r_decoded, dst)
+    def load_a_smem(self, stage, tidx, s_raw, s_scale, r_codes, r_scales):
+        """`load_a_step` from a staged K step of `s_raw` / `s_scale` (cp.async ring)."""
+        lane = tidx % 32
+        for mi in cutlass.range_constexpr(self.mma_m):
+            band = mi * self.warps_m + (tidx // 32) % self.warps_m
+            src = cute.local_tile(s_raw[None, stage], (16,), (band * 32 + lane,))
+            cute.autovec_copy(src, r_codes[None, mi])
+            ssrc = cute.local_tile(s_scale[None, stage], (8,), (band * 8 + lane // 4,))
+            cute.autovec_copy(ssrc, r_scales[None, mi])
 
     @cute.jit
     def mainloop_cp_async(
@@ -721,7 +664,6 @@ class SwapAbNvfp4GemmSm90:
         expert: cutlass.Int32,
         w_row0: cutlass.Int32,
         tidx: cutlass.Int32,
-        s_a: cute.Tensor,
         s_b: cute.Tensor,
         s_c: cute.Tensor,
         s_raw: cute.Tensor,
@@ -731,13 +673,14 @@ class SwapAbNvfp4GemmSm90:
         """K loop with a `stages`-deep cp.async ring of raw weights, scales and token rows.
 
         `b_rows[c]` must be a valid row of `m_b` for every chunk (callers clamp invalid
-        rows to a real one; their results are never read).
+        rows to a real one; their results are never read). One barrier per step: the
+        stage refilled at step k is the one read at step k - 1.
         """
         num_k_steps = m_packed.shape[2] // (BLOCK_K // 2)
-        r_packed = cute.make_rmem_tensor((16,), cutlass.Uint8)
-        r_decoded = cute.make_rmem_tensor((32,), cutlass.BFloat16)
+        r_codes = cute.make_rmem_tensor((16, self.mma_m), cutlass.Uint8)
+        r_scales = cute.make_rmem_tensor((8, self.mma_m), cutlass.Uint8)
 
-        mma = self._smem_mma(tiled_mma, tidx, s_a, s_b, s_c)
+        frags = self._fragments(tiled_mma, tidx, s_b, s_c)
         tiles = self.weight_tiles(m_packed, m_scale, expert)
 
         for st in cutlass.range_constexpr(self.stages - 1):
@@ -765,12 +708,11 @@ class SwapAbNvfp4GemmSm90:
                 s_scale,
             )
             cute.arch.cp_async_commit_group()
-            self.decode_step_smem(tidx, stage, s_raw, s_scale, s_a, r_packed, r_decoded)
-            cute.arch.sync_threads()
-            self.mma_k_step(tiled_mma, mma, stage)
+            self.load_a_smem(stage, tidx, s_raw, s_scale, r_codes, r_scales)
+            self.mma_k_step(tiled_mma, frags, r_codes, r_scales, stage)
 
         cute.arch.cp_async_wait_group(0)
-        cute.autovec_copy(mma.acc, mma.t_sc)
+        cute.autovec_copy(frags.acc, frags.t_sc)
         cute.arch.sync_threads()
 
 
@@ -780,7 +722,7 @@ def fake_routed_weight_args(m_pad: Any) -> tuple:
     Shapes (all dynamic): sorted_slots int32 `(m_pad,)`, tile_expert int32
     `(num_tiles,)`, w_packed uint8 `(experts, rows, k // 2)` and w_scale uint8
     `(experts, rows, k // 16)` row-major, w_global float32 `(experts,)`; rows % 128 == 0,
-    k % 64 == 0, 16-byte aligned `w_packed`, 4-byte aligned `w_scale`.
+    k % 64 == 0, 16-byte aligned `w_packed` and `w_scale`.
     """
     num_tiles = cute.sym_int()
     experts = cute.sym_int()
@@ -794,7 +736,7 @@ def fake_routed_weight_args(m_pad: Any) -> tuple:
             cutlass.Uint8, (experts, rows, packed_cols), stride_order=(2, 1, 0), assumed_align=16
         ),
         make_fake_compact_tensor(
-            cutlass.Uint8, (experts, rows, scale_cols), stride_order=(2, 1, 0), assumed_align=4
+            cutlass.Uint8, (experts, rows, scale_cols), stride_order=(2, 1, 0), assumed_align=16
         ),
         make_fake_compact_tensor(cutlass.Float32, (experts,), assumed_align=4),
     )
