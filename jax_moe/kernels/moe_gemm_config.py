@@ -41,7 +41,7 @@ metadata. For `block_m=16` the split grows through 1, 2, 4, 8 until the expected
 count (expected active local experts x weight-row tiles x split) reaches 4 per SM of
 132 SMs, or until a larger split would leave fewer than 4 K steps per split. The
 `4 x 1` grid for `m > 24` follows the tuner on an H100 (DeepSeek-V3 EP=8, N = 1024 ..
-16384: every tuned pair used `4 x 1`; the former `2 x 2` default was 15-48 % slower
+16384: every tuned pair used `4 x 1`; the former `2 x 2` default was 18-48 % slower
 than the tuned pair there). Shipped tables (:mod:`jax_moe.tuning`) override it.
 
 Exported variants (`gemm1_variants` / `gemm2_variants`, identical tile lists): for
