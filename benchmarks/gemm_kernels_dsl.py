@@ -318,12 +318,12 @@ def run_case(
     launch1 = r1.bind(
         [hidden, ss, te, problem.p13_packed, problem.p13_scale, problem.w13_global, act],
         [k],
-        [16, 4, 4, 16, 4, 4, 16],
+        [16, 4, 4, 16, 16, 4, 16],
     )
     launch2 = r2.bind(
         [act, ss, te, problem.p2_packed, problem.p2_scale, problem.w2_global, topk_w, y],
         [],
-        [16, 4, 4, 16, 4, 4, 4, 16],
+        [16, 4, 4, 16, 16, 4, 4, 16],
     )
     act.fill_(float("nan"))
     y.fill_(float("nan"))

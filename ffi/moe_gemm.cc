@@ -48,11 +48,9 @@ std::string Dims(const ffi::AnyBuffer& buffer) {
 
 ffi::Error CheckScale(std::string_view op, std::string_view what,
                       const ffi::AnyBuffer& scale) {
-  if ((scale.element_type() != ffi::DataType::U8 &&
-       scale.element_type() != ffi::DataType::F8E4M3FN) ||
-      scale.dimensions().size() != 3) {
+  if (scale.element_type() != ffi::DataType::U8 || scale.dimensions().size() != 3) {
     return Invalid(op, std::string(what) +
-                           " must be a rank-3 uint8 or float8_e4m3fn array, got " +
+                           " must be a rank-3 uint8 array of prepared scale bytes, got " +
                            std::string(DataTypeName(scale.element_type())) +
                            " of shape " + Dims(scale));
   }
@@ -293,7 +291,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()  // sorted_slots: int32 (m_pad,)
         .Arg<xla::ffi::AnyBuffer>()  // tile_expert: int32 (m_pad / block_m,)
         .Arg<xla::ffi::AnyBuffer>()  // w13_packed: uint8 (experts, 2 * inter, hidden / 2)
-        .Arg<xla::ffi::AnyBuffer>()  // w13_scale: uint8/e4m3 (experts, 2 * inter, hidden / 16)
+        .Arg<xla::ffi::AnyBuffer>()  // w13_scale: uint8 (experts, 2 * inter, hidden / 16)
         .Arg<xla::ffi::AnyBuffer>()  // w13_global: float32 (experts,)
         .Ret<xla::ffi::AnyBuffer>()  // act: bfloat16 (m_pad, inter)
         .Attr<int32_t>("top_k")      // experts per token
@@ -314,7 +312,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()  // sorted_slots: int32 (m_pad,)
         .Arg<xla::ffi::AnyBuffer>()  // tile_expert: int32 (m_pad / block_m,)
         .Arg<xla::ffi::AnyBuffer>()  // w2_packed: uint8 (experts, hidden, inter / 2)
-        .Arg<xla::ffi::AnyBuffer>()  // w2_scale: uint8/e4m3 (experts, hidden, inter / 16)
+        .Arg<xla::ffi::AnyBuffer>()  // w2_scale: uint8 (experts, hidden, inter / 16)
         .Arg<xla::ffi::AnyBuffer>()  // w2_global: float32 (experts,)
         .Arg<xla::ffi::AnyBuffer>()  // topk_weights: float32 (num_tokens * top_k,)
         .Ret<xla::ffi::AnyBuffer>()  // y: float32 (m_pad, hidden)

@@ -266,9 +266,12 @@ def _check_array(name: str, x: Any, dtype: Any, shape: tuple[int | None, ...]) -
 
 
 def _scale_bytes(name: str, scale: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Block scales as uint8 e4m3 bit patterns (float8_e4m3fn is bitcast)."""
+    """Prepared block scales (uint8 bytes of `jax_moe.prepare`'s scale encoding)."""
     if hasattr(scale, "dtype") and scale.dtype == jnp.float8_e4m3fn:
-        scale = jax.lax.bitcast_convert_type(scale, jnp.uint8)
+        raise TypeError(
+            f"{name} is float8_e4m3fn; the kernels read prepared scale bytes (uint8), "
+            "which are not e4m3 bit patterns: use jax_moe.prepare.prepare"
+        )
     _check_array(name, scale, jnp.uint8, shape)
     return scale
 
@@ -313,8 +316,8 @@ def moe_gemm1(
       sorted_slots, tile_expert: routing metadata (`jax_moe.routing_metadata`)
         built with the tactic's `block_m`.
       w13_packed: `(experts, 2 * intermediate, hidden // 2)` uint8, prepared layout.
-      w13_scale: `(experts, 2 * intermediate, hidden // 16)` uint8 (e4m3 bits) or
-        float8_e4m3fn, prepared row order.
+      w13_scale: `(experts, 2 * intermediate, hidden // 16)` uint8, prepared scale
+        bytes and order.
       w13_global: `(experts,)` float32.
       top_k: experts per token.
       variant: a `MoeGemm1Sm90Tactic` (or its name) compiled into the extension.
@@ -366,7 +369,7 @@ def moe_gemm2(
       sorted_slots, tile_expert: routing metadata built with the tactic's `block_m`.
       w2_packed: `(experts, hidden, intermediate // 2)` uint8, prepared layout;
         `hidden % 128 == 0`.
-      w2_scale: `(experts, hidden, intermediate // 16)` uint8 (e4m3 bits) or float8_e4m3fn.
+      w2_scale: `(experts, hidden, intermediate // 16)` uint8, prepared scale bytes and order.
       w2_global: `(experts,)` float32.
       topk_weights: `(num_tokens * top_k,)` float32 router weight of each slot.
       variant: a `MoeGemm2Sm90Tactic` (or its name) compiled into the extension.

@@ -34,7 +34,7 @@ and ``u * 16 + (234 << 7)`` per half: no float conversion. Two facts of the logi
 format are moved into the codes so that this holds: the sign of a negative block
 scale flips the signs of its 16 codes, and the codes of a block whose scale is zero
 are zero (``u = 0`` then reads as a finite number times zero codes). Values are
-unchanged; NaN scales give unspecified values.
+unchanged (up to the sign of zero); NaN scales give unspecified values.
 
 Tiles (both matrices, bytes and scales). The kernels read one 64-element K step
 of 16 rows at a time straight into the A operand registers of ``mma.m16n8k16``,
@@ -58,8 +58,8 @@ The 8 scale bytes at ``8 * g`` are, for ``kb`` = 0..3, the scales of rows ``g`` 
     The rows of each expert's W13 are interleaved in groups of 16: row ``16*g + i``
     (before tiling) holds logical gate row ``8*g + i`` for ``0 <= i < 8`` and logical
     up row ``I + 8*g + (i - 8)`` for ``8 <= i < 16`` (so ``I % 8 == 0``). Rows hold
-    code words as above; scale byte ``j`` of a row is the raw float8_e4m3fn bit
-    pattern of the block scale of elements ``16j .. 16j+15``; both are tiled. Each
+    code words as above; scale byte ``j`` of a row (before tiling) is the block scale
+    of elements ``16j .. 16j+15``, encoded as above; both are tiled. Each
     16-row MMA tile of GEMM1 thus holds eight gate rows and the matching eight up
     rows, and the SwiGLU epilogue pairs accumulator rows ``q`` and ``q + 8``.
 ``w13_global``: ``float32 (E,)``, the logical global scales, unchanged.
@@ -169,10 +169,11 @@ class PreparedMoEWeights:
 
     Attributes:
       w13_packed: ``uint8 (experts, 2 * intermediate, hidden // 2)``, gate/up rows interleaved.
-      w13_scale: ``uint8 (experts, 2 * intermediate, hidden // 16)``, e4m3 bits, same row order.
+      w13_scale: ``uint8 (experts, 2 * intermediate, hidden // 16)``, prepared scale bytes,
+        same row order.
       w13_global: ``float32 (experts,)``.
       w2_packed: ``uint8 (experts, hidden, intermediate // 2)``.
-      w2_scale: ``uint8 (experts, hidden, intermediate // 16)``, e4m3 bits.
+      w2_scale: ``uint8 (experts, hidden, intermediate // 16)``, prepared scale bytes.
       w2_global: ``float32 (experts,)``.
       layout_version: static int, the byte layout version.
     """
@@ -238,37 +239,44 @@ def deinterleave_code_words(words):
     return out
 
 
+def _tiled_shape(x, step_bytes: int) -> tuple[int, int, int]:
+    """`x.shape` after checking it can be tiled with `step_bytes` (32 or 4)."""
+    if step_bytes not in (_CODE_STEP_BYTES, _SCALE_STEP_BYTES):
+        raise ValueError(f"step_bytes={step_bytes}; expected 32 (codes) or 4 (scales)")
+    if len(x.shape) != 3 or x.shape[1] % TILE_ROWS or x.shape[2] % step_bytes:
+        raise ValueError(
+            f"shape {tuple(x.shape)}; expected (experts, rows, cols) with rows % {TILE_ROWS} "
+            f"== 0 and cols % {step_bytes} == 0"
+        )
+    return tuple(x.shape)
+
+
 def tile_rows(x, step_bytes: int):
     """Rows of `x` `(experts, rows, cols)` in the tiled fragment order (module docstring).
 
     `step_bytes` is the bytes of one row per K step: 32 for code bytes, 4 for scale
     bytes. Works on numpy, JAX and torch arrays (`reshape` and `swapaxes` only).
     """
-    e, r, c = x.shape
+    e, r, c = _tiled_shape(x, step_bytes)
     bands, steps = r // TILE_ROWS, c // step_bytes
     # (band, step, row half h, row g, ...) with rows i = 8 * h + g of the band.
     x = x.reshape(e, bands, 2, 8, steps, step_bytes).swapaxes(2, 4).swapaxes(3, 4)
     if step_bytes == _CODE_STEP_BYTES:
         # (..., h, g, kb, jh, t) with byte 8 * kb + 4 * jh + t -> (..., g, t, kb, jh, h).
         x = x.reshape(e, bands, steps, 2, 8, 4, 2, 4).swapaxes(3, 4).swapaxes(4, 7)
-    elif step_bytes == _SCALE_STEP_BYTES:
-        # (..., h, g, kb) -> (..., g, kb, h).
+    else:  # scales: (..., h, g, kb) -> (..., g, kb, h).
         x = x.swapaxes(3, 4).swapaxes(4, 5)
-    else:
-        raise ValueError(f"step_bytes={step_bytes}; expected 32 (codes) or 4 (scales)")
     return x.reshape(e, r, c)
 
 
 def untile_rows(x, step_bytes: int):
     """The inverse of `tile_rows`."""
-    e, r, c = x.shape
+    e, r, c = _tiled_shape(x, step_bytes)
     bands, steps = r // TILE_ROWS, c // step_bytes
     if step_bytes == _CODE_STEP_BYTES:
         x = x.reshape(e, bands, steps, 8, 4, 4, 2, 2).swapaxes(4, 7).swapaxes(3, 4)
-    elif step_bytes == _SCALE_STEP_BYTES:
-        x = x.reshape(e, bands, steps, 8, 4, 2).swapaxes(4, 5).swapaxes(3, 4)
     else:
-        raise ValueError(f"step_bytes={step_bytes}; expected 32 (codes) or 4 (scales)")
+        x = x.reshape(e, bands, steps, 8, 4, 2).swapaxes(4, 5).swapaxes(3, 4)
     x = x.reshape(e, bands, steps, 2, 8, step_bytes)
     return x.swapaxes(3, 4).swapaxes(2, 4).reshape(e, r, c)
 
@@ -345,7 +353,8 @@ def unprepare(prepared: PreparedMoEWeights) -> MoEWeights:
     """The logical `MoEWeights` of prepared weights (the values `prepare` was given).
 
     Scales come back non-negative, and the codes of zero-scale blocks as zeros
-    (module docstring); every dequantized value is the original one.
+    (module docstring); every dequantized value is the original one (a zero may
+    come back as +0 where it was -0).
     """
     if not isinstance(prepared, PreparedMoEWeights):
         raise TypeError(f"prepared must be a PreparedMoEWeights, got {type(prepared).__name__}")

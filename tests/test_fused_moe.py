@@ -6,6 +6,8 @@ JAX path on a CPU, the GPU kernels on a CUDA machine with the extension.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,26 @@ def test_all_tokens_on_one_expert_and_empty_experts():
     ids = jnp.stack(
         [jnp.full((24,), 5, jnp.int32), jnp.full((24,), 2, jnp.int32)], axis=1
     )  # experts 0, 1, 3, 4, 6, 7 get nothing
+    _check(cfg, weights, x, ids, wts, num_local, offset)
+
+
+def test_negative_zero_and_subnormal_block_scales():
+    # Checkpoints may hold any e4m3 scale; the GPU path folds signs and zeros into the
+    # codes when preparing, so these must give the reference's values too.
+    cfg, weights, x, ids, wts, num_local, offset = _layer("tiny", 29, seed=5)
+    rng = np.random.default_rng(5)
+
+    def odd_scales(t):
+        bits = np.asarray(t.scale).view(np.uint8).copy()
+        pick = rng.random(bits.shape)
+        bits[pick < 0.1] = 0x00  # zero
+        bits[(pick >= 0.1) & (pick < 0.15)] = 0x80  # -0
+        sub = (pick >= 0.15) & (pick < 0.25)
+        bits[sub] = rng.integers(1, 8, sub.sum()).astype(np.uint8)  # subnormal
+        bits[(pick >= 0.25) & (pick < 0.5)] |= 0x80  # negative
+        return dataclasses.replace(t, scale=jnp.asarray(bits.view(jnp.float8_e4m3fn)))
+
+    weights = dataclasses.replace(weights, w13=odd_scales(weights.w13), w2=odd_scales(weights.w2))
     _check(cfg, weights, x, ids, wts, num_local, offset)
 
 

@@ -211,6 +211,8 @@ def test_tile_rows_round_trip_and_fragment_offsets():
         assert flat[block + 8 * g + 2 * kb + h] == x[1, 16 + g + 8 * h, 2 * 4 + kb]
     with pytest.raises(ValueError, match="step_bytes"):
         tile_rows(x, 8)
+    with pytest.raises(ValueError, match="rows % 16"):
+        untile_rows(x[:, :24], 32)
 
 
 def test_negative_and_zero_scales_keep_their_values(weights):

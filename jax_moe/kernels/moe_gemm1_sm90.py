@@ -18,7 +18,7 @@ Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
   sorted_slots  int32 (m_pad,)
   tile_expert   int32 (m_pad // block_m,)
   w13_packed    uint8 (num_local_experts, 2 * intermediate, hidden // 2), prepared layout
-  w13_scale     uint8 (num_local_experts, 2 * intermediate, hidden // 16), e4m3 bits, same rows
+  w13_scale     uint8 (num_local_experts, 2 * intermediate, hidden // 16), prepared scales
   w13_global    f32   (num_local_experts,)
   act           bf16  (m_pad, intermediate), output
   top_k         int32 scalar
@@ -30,8 +30,8 @@ for ``i >= 8``, so every 16-row MMA tile holds matching gate and up rows and a C
 of ``block_w`` prepared rows produces ``block_w / 2`` activation columns.
 
 Requirements (promised by `export_spec`, checked by the caller): hidden % 64 == 0,
-intermediate % 64 == 0, 16-byte aligned `hidden`, `w13_packed` and `act`, 4-byte
-aligned `w13_scale`; `tile_expert` entries < num_local_experts and slots < num_tokens *
+intermediate % 64 == 0, 16-byte aligned `hidden`, `w13_packed`, `w13_scale` and
+`act`; `tile_expert` entries < num_local_experts and slots < num_tokens *
 top_k (not checked by the kernel).
 
 Grid: ``(2 * intermediate / block_w, m_pad / block_m, split_k)``, 128 threads; with
@@ -168,7 +168,7 @@ def export_spec(tactic: MoeGemm1Sm90Tactic):
     Every problem size is dynamic, and every variant has the same C signature.
     The caller must check at run time what is promised here: hidden % 64 == 0,
     intermediate % 64 == 0 (so 2*intermediate % block_w == 0), and 16-byte
-    aligned bases for `hidden`, `w13_packed` and `act`.
+    aligned bases for `hidden`, `w13_packed`, `w13_scale` and `act`.
     """
     if not isinstance(tactic, MoeGemm1Sm90Tactic):
         raise TypeError(f"tactic={tactic!r}; expected a MoeGemm1Sm90Tactic")

@@ -14,7 +14,7 @@ Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
   sorted_slots  int32 (m_pad,)
   tile_expert   int32 (m_pad // block_m,)
   w2_packed     uint8 (num_local_experts, hidden, intermediate // 2)
-  w2_scale      uint8 (num_local_experts, hidden, intermediate // 16), e4m3 bits
+  w2_scale      uint8 (num_local_experts, hidden, intermediate // 16), prepared scale bytes
   w2_global     f32   (num_local_experts,)
   topk_weights  f32   (num_tokens * top_k,)
   y             f32   (m_pad, hidden), output
@@ -24,8 +24,8 @@ W2 keeps the logical row order; its code words are in the prepared layout (see
 :mod:`jax_moe.prepare`).
 
 Requirements (promised by `export_spec`, checked by the caller): intermediate % 64
-== 0, hidden % 128 == 0, 16-byte aligned `act`, `w2_packed` and `y`, 4-byte aligned
-`w2_scale`; `tile_expert` entries < num_local_experts and slots < len(topk_weights)
+== 0, hidden % 128 == 0, 16-byte aligned `act`, `w2_packed`, `w2_scale`
+and `y`; `tile_expert` entries < num_local_experts and slots < len(topk_weights)
 (not checked by the kernel). Output is float32 only.
 
 Grid: ``(hidden / block_w, m_pad / block_m, split_k)``, 128 threads; with ``split_k > 1``
@@ -154,7 +154,7 @@ def export_spec(tactic: MoeGemm2Sm90Tactic):
     Every problem size is dynamic, and every variant has the same C signature.
     The caller must check at run time what is promised here: intermediate % 64 == 0,
     hidden % 128 == 0 (so hidden % block_w == 0), and 16-byte aligned bases for
-    `act`, `w2_packed` and `y`.
+    `act`, `w2_packed`, `w2_scale` and `y`.
     """
     if not isinstance(tactic, MoeGemm2Sm90Tactic):
         raise TypeError(f"tactic={tactic!r}; expected a MoeGemm2Sm90Tactic")

@@ -47,8 +47,9 @@ than the tuned pair there). Shipped tables (:mod:`jax_moe.tuning`) override it.
 Exported variants (`gemm1_variants` / `gemm2_variants`, identical tile lists): for
 each regime in `_REGIMES`, `block_w` in (128, 64) x register `stages` in (1, 2, 4):
 4 only for tiles up to 32 x 128, only 1 for block_m=128, and none whose register
-estimate exceeds the budget; then the split-K variants of `_SPLIT_K_VARIANTS`
-(their ids come after the others).
+estimate exceeds the budget (which leaves out the 128 x 128 tile and, with `2 x 2`
+warps, 64 x 128 with 2 stages and 64 x 64 with 4: 22 variants); then the 6
+split-K variants of `_SPLIT_K_VARIANTS` (their ids come after the others).
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ class _SwapAbTactic(Tactic):
             raise ValueError(
                 f"{name}: stages={self.stages} with a {self.block_w} x {self.block_m} tile needs "
                 f"about {self.register_estimate()} registers per thread for prefetch and "
-                f"accumulators (> {_REGISTER_BUDGET}, it would spill); use fewer stages"
+                f"accumulators (> {_REGISTER_BUDGET}, it would spill); use fewer stages or a "
+                "smaller tile"
             )
         if self.smem_bytes() > _SMEM_LIMIT:
             raise ValueError(
@@ -248,7 +250,8 @@ def _variants(cls):
                 if st > 1 and bm == 128:  # 128-row tiles spill with deeper prefetch
                     continue
                 specs.append((bm, bw, wm, wn, st, 1))
-    # Split-K decode variants, after the others so that the ids above stay stable.
+    # Split-K decode variants, after the others. (Ids are per build: the extension maps
+    # tactic names to them, so tables never store ids.)
     for bm, bw, st, splits in _SPLIT_K_VARIANTS:
         specs.extend((bm, bw, 4, 1, st, split) for split in splits)
     out = []

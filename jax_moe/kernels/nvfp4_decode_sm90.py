@@ -127,7 +127,7 @@ def scale_bf16x2(spread, u32=cutlass.Uint32):
     """bf16x2 `(scale, scale) * 2**117` of a prepared scale byte spread to both halves.
 
     `spread` holds the byte in bits 0..7 and 16..23 (`spread_byte`); a prepared byte
-    `E << 3 | M` (:mod:`jax_moe.prepare`) shifted to bits 4..12 is the bf16 exponent
+    `E << 3 | M` (:mod:`jax_moe.prepare`) shifted to bits 4..11 is the bf16 exponent
     `E` and mantissa `M`, so adding `234 << 7` gives `2**(E + 107) * (1 + M/8)`, which is
     the scale times `2**117` (byte 0, the zero scale, gives a finite value; its codes
     are zero). `u32` makes the constants (`cutlass.Uint32` in kernels, `numpy.uint32`
@@ -417,7 +417,8 @@ class SwapAbNvfp4GemmSm90:
 
         The prepared arrays are tiled (:mod:`jax_moe.prepare`): band `b` stores its 16
         rows K step by K step, so one step of a band is a contiguous block of 512 code
-        bytes (row `i` at `32 * i`) and 64 scale bytes (row `i` at `4 * i`).
+        bytes and 64 scale bytes, both in MMA A-fragment order (lane `l`'s code bytes
+        at `16 * l`, lane group `g`'s scale bytes at `8 * g`).
         """
         row_bytes = m_packed.shape[2]
         scale_row_bytes = m_scale.shape[2]
