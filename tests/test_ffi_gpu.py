@@ -253,6 +253,34 @@ def test_wrapper_validates_arguments():
         _ffi.combine(y, slot_row, 2, out=jnp.zeros((4, 64), jnp.float32))
 
 
+def test_gemm_wrappers_reject_e4m3_scales():
+    # The kernels read prepared scale bytes; raw e4m3 scales would decode wrongly.
+    e, h, i = 2, 128, 64
+    scale13 = jnp.zeros((e, 2 * i, h // 16), jnp.float8_e4m3fn)
+    with pytest.raises(TypeError, match="w13_scale.*prepare"):
+        _ffi.moe_gemm1(
+            jnp.zeros((4, h), jnp.bfloat16),
+            jnp.zeros((16,), jnp.int32),
+            jnp.zeros((1,), jnp.int32),
+            jnp.zeros((e, 2 * i, h // 2), jnp.uint8),
+            scale13,
+            jnp.ones((e,), jnp.float32),
+            top_k=2,
+            variant="unused",
+        )
+    with pytest.raises(TypeError, match="w2_scale.*prepare"):
+        _ffi.moe_gemm2(
+            jnp.zeros((16, i), jnp.bfloat16),
+            jnp.zeros((16,), jnp.int32),
+            jnp.zeros((1,), jnp.int32),
+            jnp.zeros((e, h, i // 2), jnp.uint8),
+            jnp.zeros((e, h, i // 16), jnp.float8_e4m3fn),
+            jnp.ones((e,), jnp.float32),
+            jnp.ones((8,), jnp.float32),
+            variant="unused",
+        )
+
+
 # ---------------------------------------------------------------------------
 # Grouped NVFP4 GEMMs through the FFI (kernels jax_moe/kernels/moe_gemm{1,2}_sm90.py).
 
