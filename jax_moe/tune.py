@@ -127,6 +127,13 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed scans per tactic (median)."
 _TIE_TOLERANCE = flags.DEFINE_float(
     "tie_tolerance", 0.005, "Relative time difference treated as a tie.", flag_values=FLAGS
 )
+_SCREEN = flags.DEFINE_float(
+    "screen",
+    0.0,
+    "Screen candidates with one timed scan first and time fully only those within "
+    "1 + screen of the fastest of their op and block_m (0: time every candidate fully).",
+    flag_values=FLAGS,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +247,7 @@ def config_from_flags() -> TuneConfig:
             evaluate_routings=tuple(r.strip() for r in _EVALUATE_ROUTINGS.value),
             plot=_PLOT.value,
             timing=TimingConfig(reps=_REPS.value, repeats=_REPEATS.value, cold_l2=_COLD_L2.value),
-            search=SearchConfig(tie_tolerance=_TIE_TOLERANCE.value),
+            search=SearchConfig(tie_tolerance=_TIE_TOLERANCE.value, screen=_SCREEN.value),
         )
     except (TypeError, ValueError) as error:
         raise app.UsageError(str(error)) from error

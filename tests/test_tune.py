@@ -259,6 +259,58 @@ def test_failing_tactics_are_recorded_and_skipped(tmp_path):
     assert "tactic failures" in output and len(outcome.table) == 8
 
 
+class NoisyScreenProfiler(CostModelProfiler):
+    """`screen` is off by a factor per tactic (a rough first look); `time` is exact."""
+
+    def __init__(self, screen_error, **kwargs):
+        super().__init__(**kwargs)
+        self.screen_error = screen_error
+        self.screened = []
+
+    def screen(self, op, tactic, cell):
+        self.screened.append((op, tactic))
+        result = self.time(op, tactic, cell)
+        self.calls.pop()  # count full timings only in `calls`
+        if isinstance(result, Measurement):
+            return Measurement(result.time_us * self.screen_error(tactic))
+        return result
+
+
+def test_screening_times_fully_only_the_close_candidates():
+    cell = TuneCell(TINY, 1, 64, ARCH)
+    full = measure_cell(CostModelProfiler(), cell)
+    want = choose_pair(full.timings)
+    # Screening errors of up to +-4 % with a 10 % margin: the same pair, fewer full timings.
+    rng = np.random.default_rng(0)
+    errors = {}
+
+    def error(tactic):
+        return errors.setdefault(tactic, 1.0 + rng.uniform(-0.04, 0.04))
+
+    profiler = NoisyScreenProfiler(error)
+    result = measure_cell(profiler, cell, SearchConfig(screen=0.1))
+    screened = {(op, t) for op, t in profiler.screened}
+    fully = {(op, t) for op, t, _ in profiler.calls}
+    assert screened == {(op, t) for op in OPS for t in full.timings[op]}
+    assert fully < screened
+    assert choose_pair(result.timings).tactics == want.tactics
+    for op in OPS:
+        for tactic, measurement in result.timings[op].items():
+            exact = full.timings[op][tactic].time_us
+            if (op, tactic) in fully:
+                assert measurement.time_us == exact
+            else:  # kept from the screen: more than 10 % slower than its block_m's best
+                assert measurement.time_us == pytest.approx(exact * errors[tactic])
+    # Failures seen while screening stay failures and are not timed again.
+    bad = want.gemm1.tactic
+    profiler = NoisyScreenProfiler(lambda t: 1.0, fail={str(bad)})
+    result = measure_cell(profiler, cell, SearchConfig(screen=0.1))
+    assert isinstance(result.timings[GEMM1_OP][bad], Failure)
+    assert (GEMM1_OP, bad) not in {(op, t) for op, t, _ in profiler.calls}
+    with pytest.raises(ValueError, match="screen"):
+        SearchConfig(screen=-0.1)
+
+
 def test_infeasible_balanced_cells_are_skipped(tmp_path):
     # 8 experts, top_k 4, EP 8: one local expert cannot take 2 slots of 1 token.
     model = models.MoEConfig(name="narrow", num_experts=8, top_k=4, hidden=256, intermediate=128)

@@ -249,6 +249,10 @@ class Profiler(abc.ABC):
     def time(self, op: str, tactic: Tactic, cell: TuneCell) -> Measurement | Failure:
         """The time of one launch of `op` with `tactic` on `cell`'s inputs, or a Failure."""
 
+    def screen(self, op: str, tactic: Tactic, cell: TuneCell) -> Measurement | Failure:
+        """A cheaper, rougher `time` for the search's screening pass (default: `time`)."""
+        return self.time(op, tactic, cell)
+
 
 def _realistic_routing(cell: TuneCell) -> tuple[jax.Array, jax.Array]:
     m = cell.model
@@ -584,6 +588,13 @@ class GpuProfiler(Profiler):
                     self._compiled[job] = error
 
     def time(self, op: str, tactic: Tactic, cell: TuneCell) -> Measurement | Failure:
+        return self._time(op, tactic, cell, self.timing.repeats)
+
+    def screen(self, op: str, tactic: Tactic, cell: TuneCell) -> Measurement | Failure:
+        """`time` with a single timed scan (after the warm-up)."""
+        return self._time(op, tactic, cell, 1)
+
+    def _time(self, op: str, tactic: Tactic, cell: TuneCell, repeats: int) -> Measurement | Failure:
         try:
             self._enter(cell)
             compiled = self._compiled.get((op, tactic))
@@ -598,7 +609,7 @@ class GpuProfiler(Profiler):
                 self._group = (op, tactic.block_m)
             args = self._group_args
             timing = self.timing
-            seconds = _wall_seconds(lambda: compiled(*args), timing.warmup, timing.repeats)
+            seconds = _wall_seconds(lambda: compiled(*args), timing.warmup, repeats)
         except Exception as error:  # noqa: BLE001 - a failing tactic is data, not fatal
             return Failure(f"{type(error).__name__}: {error}")
         samples = tuple(s / plan.launches * 1e6 for s in seconds)

@@ -118,14 +118,24 @@ class SearchConfig:
     Attributes:
       tie_tolerance: relative time difference below which two choices count as
         tied (then the variant order decides); 0 picks the plain minimum.
+      screen: 0 (default) times every candidate fully. A positive margin first
+        times every candidate once with `Profiler.screen` (one scan), then fully
+        only those within `1 + screen` of the fastest screened candidate of the
+        same op and `block_m`; the others keep their screening measurement. The
+        chosen pair is unchanged as long as the screening error stays below the
+        margin.
     """
 
     tie_tolerance: float = 0.005
+    screen: float = 0.0
 
     def __post_init__(self) -> None:
         tol = self.tie_tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 0.5:
             raise ValueError(f"SearchConfig.tie_tolerance={tol!r}; expected a float in [0, 0.5)")
+        margin = self.screen
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+            raise ValueError(f"SearchConfig.screen={margin!r}; expected a float >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +245,39 @@ def choose_pair(timings: Timings, search: SearchConfig | None = None) -> PairCho
     return PairChoice(block_m, *by_block[block_m])
 
 
-def measure_cell(profiler: Profiler, cell: TuneCell) -> CellResult:
-    """Times every valid exported tactic of both ops on `cell` (no choice made)."""
+def _timed(call, op: str, tactic: Tactic, cell: TuneCell) -> Measurement | Failure:
+    """`call(op, tactic, cell)` with exceptions and wrong return types as Failures."""
+    try:
+        result = call(op, tactic, cell)
+    except Exception as error:  # noqa: BLE001 - a failing tactic is recorded
+        return Failure(f"{type(error).__name__}: {error}")
+    if not isinstance(result, (Measurement, Failure)):
+        return Failure(f"profiler returned {result!r}; expected Measurement or Failure")
+    return result
+
+
+def _survivors(results: Mapping[Tactic, Measurement | Failure], margin: float) -> set[Tactic]:
+    """Tactics within `1 + margin` of the fastest measured one of their `block_m`."""
+    fastest: dict[int, float] = {}
+    for tactic, result in results.items():
+        if isinstance(result, Measurement):
+            best = fastest.get(tactic.block_m, result.time_us)
+            fastest[tactic.block_m] = min(best, result.time_us)
+    return {
+        t
+        for t, r in results.items()
+        if isinstance(r, Measurement) and r.time_us <= fastest[t.block_m] * (1 + margin)
+    }
+
+
+def measure_cell(
+    profiler: Profiler, cell: TuneCell, search: SearchConfig | None = None
+) -> CellResult:
+    """Times every valid exported tactic of both ops on `cell` (no choice made).
+
+    With `search.screen > 0` the candidates are screened first (`SearchConfig`).
+    """
+    search = search or SearchConfig()
     start = time.perf_counter()
     if cell.routing == "balanced":
         m = cell.model
@@ -250,15 +291,15 @@ def measure_cell(profiler: Profiler, cell: TuneCell) -> CellResult:
     profiler.prepare_cell(cell, valid)
     timings = {}
     for op in OPS:
-        timings[op] = {}
-        for tactic in valid[op]:
-            try:
-                result = profiler.time(op, tactic, cell)
-            except Exception as error:  # noqa: BLE001 - a failing tactic is recorded
-                result = Failure(f"{type(error).__name__}: {error}")
-            if not isinstance(result, (Measurement, Failure)):
-                result = Failure(f"profiler returned {result!r}; expected Measurement or Failure")
-            timings[op][tactic] = result
+        if search.screen > 0:
+            screened = {t: _timed(profiler.screen, op, t, cell) for t in valid[op]}
+            keep = _survivors(screened, search.screen)
+            timings[op] = {
+                t: _timed(profiler.time, op, t, cell) if t in keep else screened[t]
+                for t in valid[op]
+            }
+        else:
+            timings[op] = {t: _timed(profiler.time, op, t, cell) for t in valid[op]}
     return CellResult(cell, timings, rejected, seconds=time.perf_counter() - start)
 
 
@@ -335,7 +376,7 @@ def tune_cells(
     progress = Progress(cells, stream)
     results = []
     for cell in cells:
-        result = measure_cell(profiler, cell)
+        result = measure_cell(profiler, cell, search)
         if not result.skipped:
             result = dataclasses.replace(result, choice=choose_pair(result.timings, search))
         progress.update(result, _note(result))
