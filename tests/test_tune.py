@@ -26,8 +26,10 @@ from jax_moe.moe import MoEProblem
 from jax_moe.tuning import TacticTable, shipped
 from jax_moe.tuning.evaluate import (
     CellRegret,
+    EvaluationConfig,
     EvaluationReport,
     Reproducibility,
+    evaluate_table,
     format_report,
     regret_of,
 )
@@ -430,6 +432,18 @@ def test_evaluate_on_the_busiest_rank(tmp_path):
     assert {r.cell.routing for r in evaluated.report.regrets} == {"softmax@busiest", "skewed"}
     with pytest.raises(app.UsageError, match="evaluate_routings"):
         _cli(tmp_path, f"--evaluate={path}", "--evaluate_routings=balanced@busiest")
+
+
+def test_evaluate_times_regret_fully_even_with_screening(tmp_path):
+    _cli(tmp_path, "--ep=2", "--max_tokens=2")
+    path = str(tmp_path / "tactics.json")
+    table = TacticTable.load(path)
+    profiler = NoisyScreenProfiler(lambda t: 1.0)
+    search = SearchConfig(screen=0.1)
+    evaluate_table(profiler, table, EvaluationConfig(repeat_tuning=False, search=search))
+    assert profiler.screened == [] and profiler.calls
+    evaluate_table(profiler, table, EvaluationConfig(repeat_tuning=True, search=search))
+    assert profiler.screened  # the repeated tuning screens as the original run would
 
 
 def test_plot_needs_matplotlib(tmp_path, monkeypatch):

@@ -235,9 +235,12 @@ def evaluate_table(
     config = config or EvaluationConfig()
     tuned_cells = table_cells(table)
     regrets = []
+    # Regret needs every candidate timed fully: no screening here (only the repeated
+    # tuning below uses the search as the original run did).
+    full = dataclasses.replace(config.search, screen=0.0)
     for routing in config.routings:
         cells = [dataclasses.replace(cell, routing=routing) for cell, _ in tuned_cells]
-        results = tune_cells(profiler, cells, config.search, stream)
+        results = tune_cells(profiler, cells, full, stream)
         for result, (_, tuned) in zip(results, tuned_cells, strict=True):
             regrets.append(regret_of(result, tuned))
     reproducibility = None

@@ -122,8 +122,9 @@ class SearchConfig:
         times every candidate once with `Profiler.screen` (one scan), then fully
         only those within `1 + screen` of the fastest screened candidate of the
         same op and `block_m`; the others keep their screening measurement. The
-        chosen pair is unchanged as long as the screening error stays below the
-        margin.
+        chosen pair is unchanged while one scan's error stays below about half
+        the margin (a best tactic read high and a rival read low must still be
+        within `1 + screen` of each other).
     """
 
     tie_tolerance: float = 0.005
