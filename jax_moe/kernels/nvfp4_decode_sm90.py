@@ -648,8 +648,9 @@ class SwapAbNvfp4GemmSm90:
     def load_a_smem(self, stage, tidx, s_raw, s_scale, r_codes, r_scales):
         """`load_a_step` from a staged K step of `s_raw` / `s_scale` (cp.async ring)."""
         lane = tidx % 32
+        band0 = self.first_band(cutlass.Int32(0), tidx)  # bands counted from the CTA's first
         for mi in cutlass.range_constexpr(self.mma_m):
-            band = mi * self.warps_m + (tidx // 32) % self.warps_m
+            band = band0 + mi * self.warps_m
             src = cute.local_tile(s_raw[None, stage], (16,), (band * 32 + lane,))
             cute.autovec_copy(src, r_codes[None, mi])
             ssrc = cute.local_tile(s_scale[None, stage], (8,), (band * 8 + lane // 4,))
