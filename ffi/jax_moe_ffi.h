@@ -45,10 +45,19 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm1Execute);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm2Instantiate);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm2Execute);
 #endif
+// timer.cc: records a CUDA event on XLA's stream (execute stage only).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeRecordEvent);
 
 namespace jax_moe {
 
 namespace ffi = ::xla::ffi;
+
+// Event slots of jax_moe_record_event (timer.cc).
+constexpr int32_t kEventSlots = 16;
+
+// Milliseconds between the latest records of two event slots (timer.cc), after
+// waiting for the second. Returns "" on success, else what went wrong.
+std::string EventElapsedMs(int32_t start, int32_t stop, float* ms);
 
 // Name of an XLA element type, for error messages.
 inline std::string_view DataTypeName(ffi::DataType dtype) {

@@ -5,6 +5,9 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "jax_moe_ffi.h"
 
 namespace nb = nanobind;
@@ -47,6 +50,9 @@ NB_MODULE(_jax_moe_ffi, m) {
         targets["jax_moe_moe_gemm2"] =
             Stages(JaxMoeMoeGemm2Instantiate, JaxMoeMoeGemm2Execute);
 #endif
+        nb::dict record_event;
+        record_event["execute"] = EncapsulateHandler(JaxMoeRecordEvent);
+        targets["jax_moe_record_event"] = record_event;
         return targets;
       },
       "FFI target name -> {stage name: handler capsule}, for "
@@ -80,6 +86,24 @@ NB_MODULE(_jax_moe_ffi, m) {
       },
       "op name -> variant names in id order (the `variant` attribute is the "
       "position in this list).");
+
+  m.def(
+      "event_elapsed_ms",
+      [](int32_t start, int32_t stop) {
+        float ms = 0.0f;
+        std::string error;
+        {
+          nb::gil_scoped_release release;
+          error = jax_moe::EventElapsedMs(start, stop, &ms);
+        }
+        if (!error.empty()) throw std::runtime_error("event_elapsed_ms: " + error);
+        return ms;
+      },
+      nb::arg("start"), nb::arg("stop"),
+      "Milliseconds between the latest records of two event slots of "
+      "jax_moe_record_event, after waiting for the second (RuntimeError if "
+      "either was never recorded or CUDA fails).");
+  m.attr("EVENT_SLOTS") = jax_moe::kEventSlots;
 
   m.attr("KERNEL_ARCH") = JAX_MOE_KERNELS_ARCH;
   m.attr("DSL_VERSION") = JAX_MOE_KERNELS_DSL_VERSION;

@@ -34,6 +34,9 @@ Ops and their FFI signatures (`T = m_pad / block_m`, `E` = local experts):
     w2_global float32 `(E,)`, topk_weights float32 `(num_tokens * top_k,)`;
     result: y float32 `(m_pad, hidden)`;
     attributes: variant int32.
+`record_event` (target `jax_moe_record_event`, execute stage only)
+    operand: x of any shape and dtype, aliased to the result; attribute: slot int32.
+    Records a CUDA event for device-time measurements (`event_elapsed_ms`).
 """
 
 from __future__ import annotations
@@ -53,11 +56,13 @@ from jax_moe._checks import check_int as _check_int
 
 __all__ = [
     "combine",
+    "event_elapsed_ms",
     "extension",
     "is_available",
     "kernel_variants",
     "moe_gemm1",
     "moe_gemm2",
+    "record_event",
     "register",
     "register_cpu_checks",
     "variant_id",
@@ -395,3 +400,42 @@ def moe_gemm2(
         jax.ShapeDtypeStruct((m_pad, h), jnp.float32),
         (act, sorted_slots, tile_expert, w2_packed, w2_scale, w2_global, topk_weights),
     )
+
+
+def _check_slot(slot: int) -> int:
+    slots = int(getattr(extension(), "EVENT_SLOTS", 0))
+    if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= slot < slots:
+        raise ValueError(f"slot={slot!r}; expected an int in [0, {slots})")
+    return int(slot)
+
+
+def record_event(x: jax.Array, *, slot: int) -> jax.Array:
+    """Records CUDA event `slot` on XLA's stream once `x` is computed; returns `x`.
+
+    The result is `x` itself (the same buffer), so every op that consumes it runs
+    after the record: `record_event(a, slot=0)` before a loop that reads the
+    result and `record_event(b, slot=1)` on the loop's output bracket the loop,
+    and `event_elapsed_ms(0, 1)` after the program ran is its device time. The
+    call has a side effect, so XLA neither drops nor merges it. A slot keeps
+    only its latest record.
+    """
+    slot = _check_slot(slot)
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x={x!r}; expected an array")
+    register()
+    call = jax.ffi.ffi_call(
+        "jax_moe_record_event",
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        input_output_aliases={0: 0},
+        has_side_effect=True,
+    )
+    return call(x, slot=np.int32(slot))
+
+
+def event_elapsed_ms(start: int, stop: int) -> float:
+    """Milliseconds from the latest record of event `start` to that of `stop`.
+
+    Waits for `stop` (not for the rest of the device's work). RuntimeError if a
+    slot was never recorded or both were not recorded on one device.
+    """
+    return float(extension().event_elapsed_ms(_check_slot(start), _check_slot(stop)))

@@ -122,7 +122,26 @@ _PLOT = flags.DEFINE_string(
 _COLD_L2 = flags.DEFINE_bool(
     "cold_l2", False, "Rotate weight copies larger than the L2.", flag_values=FLAGS
 )
-_REPS = flags.DEFINE_integer("reps", 20, "Launches per timed scan.", flag_values=FLAGS)
+_REPS = flags.DEFINE_integer(
+    "reps",
+    20,
+    "Launches per timed scan, at most (fewer for long launches, see --min_scan_us).",
+    flag_values=FLAGS,
+)
+_MIN_SCAN_US = flags.DEFINE_float(
+    "min_scan_us",
+    2000.0,
+    "Lower --reps for long launches so that a timed scan lasts about this long by a "
+    "roofline estimate (at least 3 launches; 0: always --reps).",
+    flag_values=FLAGS,
+)
+_TIMER = flags.DEFINE_enum(
+    "timer",
+    "events",
+    ["events", "wall"],
+    "events: device time between CUDA events around each timed scan; wall: host time.",
+    flag_values=FLAGS,
+)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed scans per tactic (median).", flag_values=FLAGS)
 _TIE_TOLERANCE = flags.DEFINE_float(
     "tie_tolerance", 0.005, "Relative time difference treated as a tie.", flag_values=FLAGS
@@ -246,7 +265,13 @@ def config_from_flags() -> TuneConfig:
             evaluate=_EVALUATE.value,
             evaluate_routings=tuple(r.strip() for r in _EVALUATE_ROUTINGS.value),
             plot=_PLOT.value,
-            timing=TimingConfig(reps=_REPS.value, repeats=_REPEATS.value, cold_l2=_COLD_L2.value),
+            timing=TimingConfig(
+                reps=_REPS.value,
+                repeats=_REPEATS.value,
+                cold_l2=_COLD_L2.value,
+                timer=_TIMER.value,
+                min_scan_us=_MIN_SCAN_US.value,
+            ),
             search=SearchConfig(tie_tolerance=_TIE_TOLERANCE.value, screen=_SCREEN.value),
         )
     except (TypeError, ValueError) as error:

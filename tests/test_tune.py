@@ -45,6 +45,7 @@ from jax_moe.tuning.profiler import (
     TuneCell,
     cell_expert_loads,
     cell_inputs,
+    estimated_launch_us,
     key_data_of_seed,
 )
 from jax_moe.tuning.tuner import (
@@ -562,6 +563,63 @@ def test_gpu_profiler_scans_lower_for_cuda_with_matching_inputs():
     assert profiler._plan(GEMM1_OP, 16, TuneCell(TINY, 1, 1, ARCH)).launches == 20
 
 
+def test_timing_config_validates_the_timer_fields():
+    with pytest.raises(ValueError, match="timer='cycles'"):
+        TimingConfig(timer="cycles")
+    for bad in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="min_scan_us"):
+            TimingConfig(min_scan_us=bad)
+    with pytest.raises(ValueError, match="min_reps=0"):
+        TimingConfig(min_reps=0)
+
+
+def test_long_launches_get_fewer_launches_per_scan():
+    profiler = GpuProfiler.__new__(GpuProfiler)
+    profiler._setup(TimingConfig(), DEVICE, ARCH, 50 << 20)
+    deepseek = models.get_preset("deepseek_v3")
+    # EP=1, N=16384: all 256 experts (4.2 GB of GEMM1 weights) and 7.7 TFLOP per launch.
+    big = TuneCell(deepseek, 1, 16384, ARCH)
+    assert estimated_launch_us(GEMM1_OP, big) == pytest.approx(
+        2 * 16384 * 8 * 2 * 2048 * 7168 / 1.2e9
+    )
+    assert [profiler._plan(op, 128, big).launches for op in OPS] == [3, 3]  # min_reps
+    # EP=8, N=1: 3 active experts, weight-bound estimate, the full 20 launches.
+    small = TuneCell(deepseek, 8, 1, ARCH)
+    assert estimated_launch_us(GEMM1_OP, small) == pytest.approx(3 * 4096 * 7168 * 9 / 16 / 5e6)
+    assert [profiler._plan(op, 16, small).launches for op in OPS] == [20, 20]
+    # In between: about min_scan_us per scan; the plan depends on the cell alone.
+    mid = TuneCell(deepseek, 8, 8192, ARCH)
+    launches = profiler._plan(GEMM1_OP, 64, mid).launches
+    assert launches == math.ceil(2000 / estimated_launch_us(GEMM1_OP, mid)) and 3 < launches < 20
+    profiler._setup(TimingConfig(min_scan_us=0), DEVICE, ARCH, 50 << 20)
+    # Without it: `reps`, capped only by max_input_bytes (18 stacked 117 MB inputs).
+    assert profiler._plan(GEMM1_OP, 64, mid).launches == 2**31 // (8192 * 7168 * 2)
+
+
+@pytest.mark.skipif(not _ffi.is_available(), reason="the jax_moe CUDA extension is not built")
+def test_event_timer_brackets_the_scan():
+    profiler = GpuProfiler.__new__(GpuProfiler)
+    cell = TuneCell(TINY, 1, 8, ARCH)
+    tactic = exported_variants(GEMM1_OP)[0]
+    for timer, records in (("events", 2), ("wall", 0)):
+        profiler._setup(TimingConfig(timer=timer), DEVICE, ARCH, 1 << 20)
+        text = profiler._lower(GEMM1_OP, tactic, cell, ("cuda",)).as_text()
+        assert text.count("@jax_moe_record_event(") == records
+        if records:
+            # Start before the loop (on the initial carry), stop on the loop's result.
+            start = text.index("slot = 0 : i32")
+            stop = text.index("slot = 1 : i32")
+            assert start < text.index("stablehlo.while") < stop
+    with pytest.raises(ValueError, match="slot=16"):
+        _ffi.record_event(jnp.zeros(()), slot=16)
+    with pytest.raises(ValueError, match="slot=True"):
+        _ffi.record_event(jnp.zeros(()), slot=True)
+    with pytest.raises(RuntimeError, match="not both recorded"):
+        _ffi.event_elapsed_ms(14, 15)  # never recorded: an error, not a crash
+    with pytest.raises(ValueError, match="slot=-1"):
+        _ffi.event_elapsed_ms(-1, 0)
+
+
 @requires_gpu
 def test_gpu_profiler_times_tactics_and_records_failures():
     profiler = GpuProfiler(TimingConfig(reps=4, repeats=2))
@@ -583,6 +641,38 @@ def test_gpu_profiler_times_tactics_and_records_failures():
     cold = GpuProfiler(TimingConfig(reps=4, repeats=2, cold_l2=True))
     result = cold.time(GEMM1_OP, g1, cell)
     assert isinstance(result, Measurement) and result.launches >= 16
+
+
+@requires_gpu
+def test_event_timer_measures_device_time():
+    def program(x):
+        x = _ffi.record_event(x, slot=2)
+        y = jax.lax.fori_loop(0, 50, lambda _, a: jnp.tanh(a @ a) * 0.5, x)
+        return _ffi.record_event(y, slot=3)
+
+    run = jax.jit(program)
+    x = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+    jax.block_until_ready(run(x))
+    import time
+
+    start = time.perf_counter()
+    jax.block_until_ready(run(x))
+    wall_ms = (time.perf_counter() - start) * 1e3
+    device_ms = _ffi.event_elapsed_ms(2, 3)
+    # 50 float32 2048^3 matmuls: 0.86 TFLOP, well over 0.1 ms on any GPU, and the events
+    # lie inside the host's window.
+    assert 0.1 < device_ms <= wall_ms, (device_ms, wall_ms)
+    # Both timers of the profiler agree to within the host overhead.
+    cell = TuneCell(TINY, 1, 8, ARCH)
+    tactic = moe_gemm_config.default_tactic("moe_gemm1", 8, 2, 8, 256, 128)
+    times = {}
+    for timer in ("events", "wall"):
+        result = GpuProfiler(TimingConfig(reps=20, repeats=3, timer=timer)).time(
+            GEMM1_OP, tactic, cell
+        )
+        assert isinstance(result, Measurement), result
+        times[timer] = result.time_us
+    assert times["events"] <= times["wall"] * 1.2, times
 
 
 @requires_gpu

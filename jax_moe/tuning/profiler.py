@@ -36,22 +36,32 @@ profiler compiles all of them there, in parallel threads).
   `prepare`); for GEMM2, standard normal bf16 activations `(m_pad, intermediate)`;
 - timing: a jitted `lax.scan` runs R launches back to back over R distinct
   activation inputs (no launch can be hoisted or merged); the time of a launch
-  is the wall time of the whole scan, to `block_until_ready`, divided by R, the
-  median of `repeats` scans after `warmup` scans (the first also compiles).
-  JAX exposes no CUDA events, so host overhead is excluded by amortization:
-  one dispatch per scan, spread over R launches. Each scan step also slices
+  is the time of the whole scan divided by R, the median of `repeats` scans
+  after `warmup` scans (the first also compiles). Each scan step also slices
   its activation input out of the stacked inputs and adds one element of the
   result to a float32 carry (two tiny kernels), a small constant that is the
-  same for every tactic of an op. Only `_wall_seconds` measures time, so an
-  event-based timer can replace it there alone.
+  same for every tactic of an op.
+- timer (`TimingConfig.timer`): `events` (the default) times the scan on the
+  device: the program records a CUDA event (`jax_moe._ffi.record_event`) on
+  XLA's stream before the scan and another after it, and the time is the
+  elapsed time between the two, so the host's dispatch and synchronization
+  (tens of microseconds, varying from call to call) are not in it. `wall`
+  times the scan from the host, to `block_until_ready`, and only amortizes that
+  overhead over the R launches.
+- R (`_LaunchPlan.steps`) is `TimingConfig.reps`, lowered for long launches so
+  that a scan lasts about `min_scan_us` by a roofline estimate (the active
+  experts' weight bytes at `_ESTIMATE_BYTES_PER_US` and the FLOPs at
+  `_ESTIMATE_FLOPS_PER_US`, both above what the GPU reaches, so the estimate is
+  low and the scan no shorter than planned), but never below `min_reps`. The
+  estimate depends only on the cell, so the plan is the same in every run.
 - cold L2 (`TimingConfig.cold_l2`): each scan step launches C times, each on
   its own copy of the weights (drawn from their own keys) and its own
   activations, with C the smallest count whose bytes reach twice the L2 size
   (at most `max_weight_copies`), so no launch finds the previous launch's
   weights in L2. The L2 size is read from the device when JAX exposes it
   (`l2_cache_size`), else `DEFAULT_L2_BYTES` (50 MiB, the L2 of an H100/H200).
-- R is `TimingConfig.reps`, lowered where the stacked activations would
-  exceed `max_input_bytes`, so large problems stay within memory.
+- R is also lowered where the stacked activations would exceed
+  `max_input_bytes`, so large problems stay within memory.
 - Any exception of a tactic (trace, compile or launch) becomes a `Failure`.
 """
 
@@ -76,7 +86,12 @@ from jax_moe import routing
 from jax_moe.models import MoEConfig
 from jax_moe.tactic import Tactic
 from jax_moe.tuning.problem import ProblemKey
-from jax_moe.tuning.routing_generator import ProfileInputs, RoutingDistribution, profile_inputs
+from jax_moe.tuning.routing_generator import (
+    ProfileInputs,
+    RoutingDistribution,
+    balanced_expert_loads,
+    profile_inputs,
+)
 
 __all__ = [
     "BUSIEST_RANK",
@@ -85,6 +100,7 @@ __all__ = [
     "GEMM2_OP",
     "OPS",
     "REALISTIC_ROUTINGS",
+    "TIMERS",
     "Failure",
     "GpuProfiler",
     "Measurement",
@@ -94,6 +110,7 @@ __all__ = [
     "busiest_rank_first",
     "cell_expert_loads",
     "cell_inputs",
+    "estimated_launch_us",
     "key_data_of_seed",
     "l2_cache_bytes",
 ]
@@ -109,6 +126,13 @@ BUSIEST_RANK = "@busiest"
 DEFAULT_L2_BYTES = 50 * 2**20
 
 _SKEW = 0.15
+#: Event slots the profiler's programs record (jax_moe._ffi.record_event).
+_START_SLOT, _STOP_SLOT = 0, 1
+#: Roofline of the launch-time estimate that sets R (see the module docstring): bytes
+#: per microsecond and FLOPs per microsecond, above an H100's or H200's peak.
+_ESTIMATE_BYTES_PER_US = 5e6
+_ESTIMATE_FLOPS_PER_US = 1.2e9
+TIMERS = ("events", "wall")
 # fold_in tags of keys derived from a cell's key (the core uses 0..2 for its inputs).
 _WEIGHTS_TAG = 101
 _ACTIVATION_TAG = 102
@@ -335,6 +359,11 @@ class TimingConfig:
       max_weight_copies: at most this many weight copies with `cold_l2`.
       max_input_bytes: the stacked activations of one scan stay below this.
       compile_threads: threads compiling a cell's tactics in parallel.
+      timer: `events` (device time between CUDA events around the scan) or
+        `wall` (host time to `block_until_ready`).
+      min_scan_us: R is lowered for long launches so that a scan lasts about
+        this long by the estimate (see the module docstring).
+      min_reps: R never goes below this (but `reps` if smaller).
     """
 
     reps: int = 20
@@ -345,10 +374,25 @@ class TimingConfig:
     max_weight_copies: int = 16
     max_input_bytes: int = 2 * 2**30
     compile_threads: int = 8
+    timer: str = "events"
+    min_scan_us: float = 2000.0
+    min_reps: int = 3
 
     def __post_init__(self) -> None:
+        if self.timer not in TIMERS:
+            raise ValueError(f"TimingConfig.timer={self.timer!r}; expected one of {TIMERS}")
+        if (
+            isinstance(self.min_scan_us, bool)
+            or not isinstance(self.min_scan_us, (int, float))
+            or not self.min_scan_us >= 0
+            or not math.isfinite(self.min_scan_us)
+        ):
+            raise ValueError(
+                f"TimingConfig.min_scan_us={self.min_scan_us!r}; expected a finite float >= 0"
+            )
         for name in (
             "reps",
+            "min_reps",
             "repeats",
             "warmup",
             "max_weight_copies",
@@ -371,10 +415,7 @@ class TimingConfig:
 
 
 def _wall_seconds(run: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    """Wall seconds of `repeats` calls of `run` (to block_until_ready) after `warmup` calls.
-
-    The only timer of the GPU profiler: an event-based timer would replace this.
-    """
+    """Wall seconds of `repeats` calls of `run` (to block_until_ready) after `warmup` calls."""
     for _ in range(warmup):
         jax.block_until_ready(run())
     seconds = []
@@ -383,6 +424,43 @@ def _wall_seconds(run: Callable[[], Any], warmup: int, repeats: int) -> list[flo
         jax.block_until_ready(run())
         seconds.append(time.perf_counter() - start)
     return seconds
+
+
+def _event_seconds(run: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    """Device seconds between the start and stop events that each call of `run` records,
+    for `repeats` calls after `warmup` calls."""
+    from jax_moe import _ffi
+
+    for _ in range(warmup):
+        jax.block_until_ready(run())
+    seconds = []
+    for _ in range(repeats):
+        jax.block_until_ready(run())
+        seconds.append(_ffi.event_elapsed_ms(_START_SLOT, _STOP_SLOT) * 1e-3)
+    return seconds
+
+
+def estimated_launch_us(op: str, cell: TuneCell) -> float:
+    """A lower estimate of one launch of `op` on `cell` in microseconds (roofline of the
+    active experts' weight bytes and the routed rows' FLOPs; see the module docstring)."""
+    m = cell.model
+    if cell.routing == "balanced":  # The plan itself: no inputs need drawing.
+        loads = tuple(
+            int(x)
+            for x in balanced_expert_loads(
+                cell.num_tokens, m.num_experts, m.top_k, cell.num_local_experts
+            )
+        )
+    else:
+        loads = cell_expert_loads(cell)
+    active = sum(1 for load in loads if load)
+    rows = sum(loads)
+    if op == GEMM1_OP:
+        weights, flops = 2 * m.intermediate * m.hidden, 2 * rows * 2 * m.intermediate * m.hidden
+    else:
+        weights, flops = m.hidden * m.intermediate, 2 * rows * m.hidden * m.intermediate
+    weight_bytes = active * weights * 9 // 16  # 4-bit codes + one byte per 16
+    return max(weight_bytes / _ESTIMATE_BYTES_PER_US, flops / _ESTIMATE_FLOPS_PER_US, 1.0)
 
 
 def _nbytes(arrays: Sequence[Any]) -> int:
@@ -492,7 +570,11 @@ class GpuProfiler(Profiler):
         if self.timing.cold_l2:
             set_bytes = _nbytes(weights) + _nbytes([activation])
             copies = min(self.timing.max_weight_copies, max(1, -(-2 * self.l2_bytes // set_bytes)))
-        steps = max(1, -(-self.timing.reps // copies))
+        reps = self.timing.reps
+        if self.timing.min_scan_us > 0:
+            wanted = math.ceil(self.timing.min_scan_us / estimated_launch_us(op, cell))
+            reps = min(reps, max(self.timing.min_reps, wanted))
+        steps = max(1, -(-reps // copies))
         per_step = copies * _nbytes([activation])
         steps = max(1, min(steps, self.timing.max_input_bytes // max(per_step, 1)))
         return _LaunchPlan(op, block_m, m_pad, copies, steps, activation, weights)
@@ -548,6 +630,8 @@ class GpuProfiler(Profiler):
                 return _ffi.moe_gemm1(x, *meta, *weights, top_k, variant=tactic)
             return _ffi.moe_gemm2(x, *meta, *weights, slots, variant=tactic)
 
+        events = self.timing.timer == "events"
+
         def program(xs, meta, weights, slots):
             def step(acc, step_xs):
                 for x, w in zip(step_xs, weights, strict=True):
@@ -555,7 +639,13 @@ class GpuProfiler(Profiler):
                     acc = acc + y[0, 0].astype(jnp.float32)  # keeps every launch alive
                 return acc, None
 
-            return jax.lax.scan(step, jnp.zeros((), jnp.float32), xs)[0]
+            acc = jnp.zeros((), jnp.float32)
+            if events:  # The scan reads the started carry, the stop reads its result.
+                acc = _ffi.record_event(acc, slot=_START_SLOT)
+            acc = jax.lax.scan(step, acc, xs)[0]
+            if events:
+                acc = _ffi.record_event(acc, slot=_STOP_SLOT)
+            return acc
 
         return jax.jit(program)
 
@@ -609,7 +699,8 @@ class GpuProfiler(Profiler):
                 self._group = (op, tactic.block_m)
             args = self._group_args
             timing = self.timing
-            seconds = _wall_seconds(lambda: compiled(*args), timing.warmup, repeats)
+            timer = _event_seconds if timing.timer == "events" else _wall_seconds
+            seconds = timer(lambda: compiled(*args), timing.warmup, repeats)
         except Exception as error:  # noqa: BLE001 - a failing tactic is data, not fatal
             return Failure(f"{type(error).__name__}: {error}")
         samples = tuple(s / plan.launches * 1e6 for s in seconds)
