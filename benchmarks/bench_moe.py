@@ -3,6 +3,8 @@
 For each token count N it times, on the default JAX device:
 
 * ``fused_moe``: ``jax_moe.fused_moe`` (the GPU kernels on CUDA), prepared NVFP4 weights;
+* ``fused_moe_jax_routing``: the same with the routing metadata built by the jitted
+  JAX version (``jax_moe.routing_metadata``) instead of the routing kernel;
 * ``xla_nvfp4``: ``fused_moe(..., implementation="xla")``, i.e. dequantize the
   NVFP4 weights to bf16 inside the step, then ``ragged_dot``;
 * ``ragged_bf16``: ``jax.lax.ragged_dot`` with weights already in bf16, over all
@@ -203,6 +205,19 @@ def _bf16_ragged_layer(x, w13_t, w2_t, topk_ids, topk_weights, *, offset, num_lo
     return per_slot.reshape(n, k, -1).sum(1).astype(x.dtype)
 
 
+def _with_jax_routing(step):
+    """`step` traced with the jitted JAX routing metadata instead of the routing kernel."""
+    from unittest import mock
+
+    from jax_moe import gpu
+
+    def run(*args):
+        with mock.patch.object(gpu, "uses_routing_kernel", lambda problem: False):
+            return step(*args)
+
+    return run
+
+
 def _print_breakdown(cfg, num_local, x, prepared, ids, wts, kernels) -> None:
     """fused_moe's tactics and its device time per kernel name (largest first)."""
     from jax_moe import gpu
@@ -265,6 +280,13 @@ def main(argv):
                     jax_moe.fused_moe, num_local_experts=num_local, num_experts=cfg.num_experts
                 )
                 t, fused_kernels = _time_scan(step, xs, prepared, ids, wts)
+            elif name == "fused_moe_jax_routing":
+                step = _with_jax_routing(
+                    functools.partial(
+                        jax_moe.fused_moe, num_local_experts=num_local, num_experts=cfg.num_experts
+                    )
+                )
+                t, _ = _time_scan(step, xs, prepared, ids, wts)
             elif name == "xla_nvfp4":
                 step = functools.partial(
                     moe.fused_moe,

@@ -55,7 +55,7 @@ fi
 if has tests; then
   # TESTS: test files (default: every file with GPU tests).
   timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rs -p no:cacheprovider --durations=10 \
-    ${TESTS:-tests/test_ffi_gpu.py tests/test_moe_gemm_gpu.py tests/test_fused_moe.py tests/test_tune.py} \
+    ${TESTS:-tests/test_ffi_gpu.py tests/test_moe_gemm_gpu.py tests/test_fused_moe.py tests/test_tune.py tests/test_routing_kernel.py} \
     > "$OUT/tests.txt" 2>&1
   echo "tests rc=$?: $(tail -n 1 "$OUT/tests.txt")" | tee -a "$log"
 fi

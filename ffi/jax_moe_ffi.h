@@ -21,6 +21,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -44,6 +45,11 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm1Execute);
 #if defined(JAX_MOE_HAS_MOE_GEMM2)
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm2Instantiate);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm2Execute);
+#endif
+#if defined(JAX_MOE_HAS_ROUTING)
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeRoutingInstantiate);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeRoutingExecute);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeRoutingCheck);  // CPU, checks only
 #endif
 // timer.cc: records a CUDA event on XLA's stream (execute stage only).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeRecordEvent);

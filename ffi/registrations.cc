@@ -50,6 +50,9 @@ NB_MODULE(_jax_moe_ffi, m) {
         targets["jax_moe_moe_gemm2"] =
             Stages(JaxMoeMoeGemm2Instantiate, JaxMoeMoeGemm2Execute);
 #endif
+#if defined(JAX_MOE_HAS_ROUTING)
+        targets["jax_moe_routing"] = Stages(JaxMoeRoutingInstantiate, JaxMoeRoutingExecute);
+#endif
         nb::dict record_event;
         record_event["execute"] = EncapsulateHandler(JaxMoeRecordEvent);
         targets["jax_moe_record_event"] = record_event;
@@ -64,6 +67,9 @@ NB_MODULE(_jax_moe_ffi, m) {
         nb::dict targets;
 #if defined(JAX_MOE_HAS_COMBINE)
         targets["jax_moe_combine_check"] = EncapsulateHandler(JaxMoeCombineCheck);
+#endif
+#if defined(JAX_MOE_HAS_ROUTING)
+        targets["jax_moe_routing_check"] = EncapsulateHandler(JaxMoeRoutingCheck);
 #endif
         return targets;
       },

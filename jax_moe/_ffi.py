@@ -34,6 +34,11 @@ Ops and their FFI signatures (`T = m_pad / block_m`, `E` = local experts):
     w2_global float32 `(E,)`, topk_weights float32 `(num_tokens * top_k,)`;
     result: y float32 `(m_pad, hidden)`;
     attributes: variant int32.
+`routing` (target `jax_moe_routing`)
+    operand: topk_ids int32 `(num_slots,)`; results: sorted_slots int32 `(m_pad,)`,
+    tile_expert int32 `(m_pad / block_m,)`, slot_row int32 `(num_slots,)` (the
+    contract of `jax_moe.routing_metadata`); attributes: num_local_experts,
+    block_m, local_expert_offset, variant (int32).
 `record_event` (target `jax_moe_record_event`, execute stage only)
     operand: x of any shape and dtype, aliased to the result; attribute: slot int32.
     Records a CUDA event for device-time measurements (`event_elapsed_ms`).
@@ -65,6 +70,7 @@ __all__ = [
     "record_event",
     "register",
     "register_cpu_checks",
+    "routing_metadata",
     "variant_id",
 ]
 
@@ -164,7 +170,7 @@ def register_cpu_checks() -> None:
 def _call(
     op: str,
     variant: Any,
-    result: jax.ShapeDtypeStruct,
+    result: jax.ShapeDtypeStruct | Sequence[jax.ShapeDtypeStruct],
     operands: Sequence[jax.Array],
     aliases: dict[int, int] | None = None,
     **attributes: np.int32,
@@ -439,3 +445,67 @@ def event_elapsed_ms(start: int, stop: int) -> float:
     slot was never recorded or both were not recorded on one device.
     """
     return float(extension().event_elapsed_ms(_check_slot(start), _check_slot(stop)))
+
+
+def _default_routing_variant() -> str:
+    from jax_moe.kernels.routing_config import DEFAULT_ROUTING_SM90_TACTIC
+
+    return str(DEFAULT_ROUTING_SM90_TACTIC)
+
+
+def routing_metadata(
+    topk_ids: jax.Array,
+    *,
+    num_local_experts: int,
+    block_m: int,
+    local_expert_offset: int = 0,
+    variant: Any = None,
+) -> Any:
+    """`jax_moe.routing_metadata.routing_metadata` in one CUDA kernel (`routing_sm90`).
+
+    Same arguments and the same `RoutingMetadata`, bit for bit. Integer ids wider
+    than int32 are mapped to int32 first with their locality kept (non-local ids
+    become -1). Raises NotImplementedError for more local experts than the
+    kernel serves (`routing_config.MAX_LOCAL_EXPERTS`) or sizes past 2^31.
+    """
+    from jax_moe.kernels.routing_config import MAX_LOCAL_EXPERTS
+    from jax_moe.routing_metadata import RoutingMetadata, padded_rows
+
+    if not hasattr(topk_ids, "ndim") or topk_ids.ndim != 2:
+        raise ValueError(
+            f"topk_ids has shape {getattr(topk_ids, 'shape', None)}; expected (num_tokens, top_k)"
+        )
+    if not jnp.issubdtype(topk_ids.dtype, jnp.integer):
+        raise TypeError(f"topk_ids has dtype {topk_ids.dtype}; expected an integer dtype")
+    num_local = _check_int("num_local_experts", num_local_experts, 1)
+    block_m = _check_int("block_m", block_m, 1)
+    offset = _check_int("local_expert_offset", local_expert_offset, 0)
+    if num_local > MAX_LOCAL_EXPERTS:
+        raise NotImplementedError(
+            f"num_local_experts={num_local}; the routing kernel serves at most {MAX_LOCAL_EXPERTS}"
+        )
+    num_slots = topk_ids.shape[0] * topk_ids.shape[1]
+    m_pad = padded_rows(num_slots, num_local, block_m)
+    limit = np.iinfo(np.int32).max
+    if m_pad > limit or offset + num_local > limit:
+        raise NotImplementedError(f"m_pad={m_pad} or the expert ids exceed int32")
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != jnp.int32:
+        local = (ids >= offset) & (ids < offset + num_local)
+        ids = jnp.where(local, ids, -1).astype(jnp.int32)
+    i32 = jnp.int32
+    results = (
+        jax.ShapeDtypeStruct((m_pad,), i32),
+        jax.ShapeDtypeStruct((m_pad // block_m,), i32),
+        jax.ShapeDtypeStruct((num_slots,), i32),
+    )
+    sorted_slots, tile_expert, slot_row = _call(
+        "routing",
+        _default_routing_variant() if variant is None else variant,
+        results,
+        (ids,),
+        num_local_experts=np.int32(num_local),
+        block_m=np.int32(block_m),
+        local_expert_offset=np.int32(offset),
+    )
+    return RoutingMetadata(sorted_slots, tile_expert, slot_row)

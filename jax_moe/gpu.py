@@ -2,7 +2,8 @@
 
 Data path (all on XLA's stream, no host synchronization)::
 
-    routing metadata (jitted JAX, jax_moe.routing_metadata)
+    jax_moe_routing        routing metadata                      (CuTe DSL kernel; the
+                           jitted JAX jax_moe.routing_metadata for > 256 local experts)
       -> jax_moe_moe_gemm1   gathered tokens x W13, fused SwiGLU   (CuTe DSL kernel)
       -> jax_moe_moe_gemm2   activations x W2, router weight        (CuTe DSL kernel)
       -> jax_moe_combine     each token's top_k rows in slot order  (CuTe DSL kernel)
@@ -32,7 +33,14 @@ from jax_moe.routing_metadata import padded_rows, routing_metadata
 from jax_moe.tuning import ProblemKey, device_identity, lookup_tactic, shipped_table
 from jax_moe.weights import MoEWeights
 
-__all__ = ["check_supported", "fused_moe_cuda", "is_available", "select_tactics"]
+__all__ = [
+    "check_supported",
+    "fused_moe_cuda",
+    "is_available",
+    "metadata",
+    "select_tactics",
+    "uses_routing_kernel",
+]
 
 logger = logging.getLogger("jax_moe")
 
@@ -158,6 +166,31 @@ def _closest_with_block_m(variants: list[Any], like: Any, block_m: int) -> Any:
     return min(same, key=lambda t: sum(getattr(t, f) != getattr(like, f) for f in fields))
 
 
+def uses_routing_kernel(problem: Any) -> bool:
+    """Whether the routing metadata of ``problem`` comes from the CUDA kernel
+    (``routing_sm90``: up to ``MAX_LOCAL_EXPERTS`` local experts) rather than the
+    jitted JAX version (same result, a dozen small XLA kernels)."""
+    from jax_moe.kernels.routing_config import MAX_LOCAL_EXPERTS
+
+    return (
+        "routing" in _ffi.kernel_variants()
+        and problem.num_local_experts <= MAX_LOCAL_EXPERTS
+        and problem.local_expert_offset + problem.num_local_experts < 2**31
+    )
+
+
+def metadata(topk_ids: jax.Array, problem: Any, block_m: int) -> Any:
+    """The routing metadata of ``problem`` for row tiles of ``block_m``."""
+    args = dict(
+        num_local_experts=problem.num_local_experts,
+        block_m=block_m,
+        local_expert_offset=problem.local_expert_offset,
+    )
+    if uses_routing_kernel(problem):
+        return _ffi.routing_metadata(topk_ids, **args)
+    return routing_metadata(topk_ids, **args)
+
+
 def fused_moe_cuda(
     hidden_states: jax.Array,
     weights: MoEWeights | PreparedMoEWeights,
@@ -186,12 +219,7 @@ def fused_moe_cuda(
             "pass jax_moe.prepare.prepare(weights) instead"
         )
         weights = prepare(weights)
-    meta = routing_metadata(
-        topk_ids,
-        num_local_experts=problem.num_local_experts,
-        block_m=gemm1.block_m,
-        local_expert_offset=problem.local_expert_offset,
-    )
+    meta = metadata(topk_ids, problem, gemm1.block_m)
     act = _ffi.moe_gemm1(
         hidden_states,
         meta.sorted_slots,

@@ -63,13 +63,14 @@ Adding a kernel op
 
 from __future__ import annotations
 
-from jax_moe.kernels import combine_config, moe_gemm_config
+from jax_moe.kernels import combine_config, moe_gemm_config, routing_config
 
-__all__ = ["KERNEL_MODULES", "combine_config", "moe_gemm_config"]
+__all__ = ["KERNEL_MODULES", "combine_config", "moe_gemm_config", "routing_config"]
 
 # op name -> kernel module, in table order. Each module follows the interface above.
 KERNEL_MODULES: dict[str, str] = {
     "combine": "jax_moe.kernels.combine_sm90",
     "moe_gemm1": "jax_moe.kernels.moe_gemm1_sm90",
     "moe_gemm2": "jax_moe.kernels.moe_gemm2_sm90",
+    "routing": "jax_moe.kernels.routing_sm90",
 }
