@@ -447,12 +447,6 @@ def event_elapsed_ms(start: int, stop: int) -> float:
     return float(extension().event_elapsed_ms(_check_slot(start), _check_slot(stop)))
 
 
-def _default_routing_variant() -> str:
-    from jax_moe.kernels.routing_config import DEFAULT_ROUTING_SM90_TACTIC
-
-    return str(DEFAULT_ROUTING_SM90_TACTIC)
-
-
 def routing_metadata(
     topk_ids: jax.Array,
     *,
@@ -463,12 +457,13 @@ def routing_metadata(
 ) -> Any:
     """`jax_moe.routing_metadata.routing_metadata` in one CUDA kernel (`routing_sm90`).
 
-    Same arguments and the same `RoutingMetadata`, bit for bit. Integer ids wider
+    Same arguments and the same `RoutingMetadata`, bit for bit. `variant`: a
+    `RoutingSm90Tactic` (default: `routing_config.routing_tactic`). Integer ids wider
     than int32 are mapped to int32 first with their locality kept (non-local ids
     become -1). Raises NotImplementedError for more local experts than the
     kernel serves (`routing_config.MAX_LOCAL_EXPERTS`) or sizes past 2^31.
     """
-    from jax_moe.kernels.routing_config import MAX_LOCAL_EXPERTS
+    from jax_moe.kernels.routing_config import MAX_LOCAL_EXPERTS, routing_tactic
     from jax_moe.routing_metadata import RoutingMetadata, padded_rows
 
     if not hasattr(topk_ids, "ndim") or topk_ids.ndim != 2:
@@ -501,7 +496,7 @@ def routing_metadata(
     )
     sorted_slots, tile_expert, slot_row = _call(
         "routing",
-        _default_routing_variant() if variant is None else variant,
+        routing_tactic(num_slots) if variant is None else variant,
         results,
         (ids,),
         num_local_experts=np.int32(num_local),

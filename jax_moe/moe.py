@@ -279,12 +279,10 @@ def fused_moe(
     impl = implementation if implementation is not None else _default_implementation()
     if impl not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {impl!r}")
-    # Ids outside [0, num_experts) (only possible under jit) become -1, "not local",
-    # before narrowing to int32 so that no 64-bit id can wrap onto a valid one.
-    valid = (topk_ids >= 0) & (topk_ids < problem.num_experts)
-    topk_ids = jnp.where(valid, topk_ids, -1).astype(jnp.int32)
     topk_weights = topk_weights.astype(jnp.float32)
     if impl == "cuda":
+        # The routing metadata decides locality in the ids' own dtype, so ids outside
+        # [0, num_experts) (only possible under jit) are simply not local there.
         from jax_moe import gpu
 
         try:
@@ -295,6 +293,10 @@ def fused_moe(
             if implementation is not None:
                 raise
             _log_fallback_once(str(error))
+    # Ids outside [0, num_experts) become -1, "not local", before narrowing to int32
+    # so that no 64-bit id can wrap onto a valid one.
+    valid = (topk_ids >= 0) & (topk_ids < problem.num_experts)
+    topk_ids = jnp.where(valid, topk_ids, -1).astype(jnp.int32)
     if not isinstance(weights, MoEWeights):
         from jax_moe.prepare import unprepare
 

@@ -17,7 +17,10 @@ from jax_moe import _ffi
 from jax_moe.kernels.routing_config import (
     DEFAULT_ROUTING_SM90_TACTIC,
     MAX_LOCAL_EXPERTS,
+    ROUTING_SM90_TACTICS,
+    SMALL_ROUTING_SLOTS,
     RoutingSm90Tactic,
+    routing_tactic,
 )
 from jax_moe.routing_metadata import padded_rows, routing_metadata
 
@@ -33,10 +36,10 @@ def _random_ids(seed: int, num_tokens: int, top_k: int, num_experts: int) -> np.
     return np.argsort(keys, axis=1)[:, :top_k].astype(np.int32)
 
 
-def _check_same(ids: np.ndarray, num_local: int, block_m: int, offset: int) -> None:
+def _check_same(ids: np.ndarray, num_local: int, block_m: int, offset: int, variant=None) -> None:
     args = dict(num_local_experts=num_local, block_m=block_m, local_expert_offset=offset)
     want = jax.jit(lambda x: routing_metadata(x, **args))(jnp.asarray(ids))
-    got = jax.jit(lambda x: _ffi.routing_metadata(x, **args))(jnp.asarray(ids))
+    got = jax.jit(lambda x: _ffi.routing_metadata(x, **args, variant=variant))(jnp.asarray(ids))
     for name, w, g in zip(want._fields, want, got, strict=True):
         w, g = np.asarray(w), np.asarray(g)
         assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape)
@@ -61,15 +64,17 @@ CASES = [
 
 
 @requires_gpu
+@pytest.mark.parametrize("variant", ROUTING_SM90_TACTICS, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
-def test_kernel_matches_the_jax_metadata(case):
+def test_kernel_matches_the_jax_metadata(case, variant):
     num_tokens, top_k, num_experts, num_local, block_m, offset = case
     ids = _random_ids(sum(case), num_tokens, top_k, num_experts)
-    _check_same(ids, num_local, block_m, offset)
+    _check_same(ids, num_local, block_m, offset, variant)
 
 
 @requires_gpu
 def test_kernel_edge_routings():
+    # Default variant choice (routing_tactic): 4 warps up to 1024 slots, else 32.
     rng = np.random.default_rng(0)
     # Every token on the same local expert (first choice), the rest elsewhere.
     ids = np.stack([np.full(500, 3), 40 + rng.integers(0, 200, 500)], axis=1).astype(np.int32)
@@ -115,6 +120,8 @@ def test_wrapper_rejects_bad_arguments():
 
 def test_tactic_fields_are_validated():
     assert DEFAULT_ROUTING_SM90_TACTIC.warps == 32
+    assert routing_tactic(1).warps == 4 and routing_tactic(SMALL_ROUTING_SLOTS).warps == 4
+    assert routing_tactic(SMALL_ROUTING_SLOTS + 1).warps == 32
     with pytest.raises(ValueError, match="threads=256"):
         RoutingSm90Tactic(threads=256)
     with pytest.raises(ValueError, match="max_local_experts=512"):

@@ -22,11 +22,13 @@ __all__ = [
     "MAX_LOCAL_EXPERTS",
     "ROUTING_SM90_TACTICS",
     "RoutingSm90Tactic",
+    "SMALL_ROUTING_SLOTS",
+    "routing_tactic",
 ]
 
 #: Local experts the kernel's shared-memory counters cover.
 MAX_LOCAL_EXPERTS = 256
-_THREADS = (1024,)
+_THREADS = (128, 1024)
 _UNROLLS = (8,)
 
 
@@ -36,8 +38,10 @@ class RoutingSm90Tactic(Tactic):
     """Launch shape of the routing-metadata kernel.
 
     Attributes:
-      threads: threads of the one thread block (1024: 32 warps, each owning a
-        contiguous range of slots).
+      threads: threads of the one thread block (128 or 1024: 4 or 32 warps,
+        each owning a contiguous range of slots). Fewer warps have less
+        shared memory to clear and fewer counters per expert to sum, more warps
+        walk long slot lists in parallel.
       unroll: 32-slot chunks whose expert ids a warp loads before it processes
         them one after another (loads in flight per lane).
       max_local_experts: local experts the shared-memory counters cover (the
@@ -80,6 +84,17 @@ class RoutingSm90Tactic(Tactic):
 
 
 # Every tactic the exporter compiles, in table order (a tactic's position is its id).
-ROUTING_SM90_TACTICS: tuple[RoutingSm90Tactic, ...] = (RoutingSm90Tactic(),)
+ROUTING_SM90_TACTICS: tuple[RoutingSm90Tactic, ...] = (
+    RoutingSm90Tactic(threads=1024),
+    RoutingSm90Tactic(threads=128),
+)
 
 DEFAULT_ROUTING_SM90_TACTIC = ROUTING_SM90_TACTICS[0]
+#: Up to this many slots `routing_tactic` picks the 4-warp block.
+SMALL_ROUTING_SLOTS = 1024
+
+
+def routing_tactic(num_slots: int) -> RoutingSm90Tactic:
+    """The tactic for `num_slots` slots: 4 warps for few slots (each walks at most
+    8 chunks of 32), else 32."""
+    return ROUTING_SM90_TACTICS[1] if num_slots <= SMALL_ROUTING_SLOTS else ROUTING_SM90_TACTICS[0]

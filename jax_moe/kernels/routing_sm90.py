@@ -18,9 +18,9 @@ counters per warp.
    the group's size to the warp's counter of that expert. `unroll` chunks of
    expert ids are loaded before they are processed, so several loads are in
    flight per lane.
-2. Segments: thread `e` sums expert `e`'s counters over the warps and rounds
+2. Segments: one thread per expert sums the expert's counters over the warps and rounds
    the total up to `block_m`; warp 0 turns these into segment starts (an
-   exclusive prefix sum, 8 experts per lane and a shuffle scan); thread `e`
+   exclusive prefix sum, 8 experts per lane and a shuffle scan); that thread
    then replaces its counters by the first row of each warp's share, and every
    thread fills `tile_expert` by a binary search over the segment ends.
 3. Place: each warp walks its range again in the same order; a slot's row is
@@ -109,9 +109,9 @@ def make_routing(tactic: RoutingSm90Tactic):
         num_chunks = per_warp // 32
         below = cute.arch.lanemask_lt()
 
-        if tid < max_local:
+        for e in cutlass.range(tid, max_local, threads, unroll=1):
             for w in cutlass.range_constexpr(warps):
-                counters[tid, w] = 0
+                counters[e, w] = 0
         for p in cutlass.range(tid, m_pad, threads, unroll=1):
             sorted_slots[p] = -1
         cute.arch.sync_threads()
@@ -140,12 +140,12 @@ def make_routing(tactic: RoutingSm90Tactic):
         cute.arch.sync_threads()
 
         # 2. Segments: padded totals, then their exclusive prefix sum.
-        if tid < max_local:
+        for e in cutlass.range(tid, max_local, threads, unroll=1):
             total = cutlass.Int32(0)
-            if tid < num_local:
+            if e < num_local:
                 for w in cutlass.range_constexpr(warps):
-                    total = total + counters[tid, w]
-            starts[tid] = (total + block_m - 1) // block_m * block_m
+                    total = total + counters[e, w]
+            starts[e] = (total + block_m - 1) // block_m * block_m
         cute.arch.sync_threads()
         if warp == 0:
             running = cutlass.Int32(0)
@@ -165,11 +165,11 @@ def make_routing(tactic: RoutingSm90Tactic):
             if lane == 31:
                 starts[max_local] = start
         cute.arch.sync_threads()
-        if tid < num_local:
-            row = starts[tid]
+        for e in cutlass.range(tid, num_local, threads, unroll=1):
+            row = starts[e]
             for w in cutlass.range_constexpr(warps):
-                count = counters[tid, w]
-                counters[tid, w] = row
+                count = counters[e, w]
+                counters[e, w] = row
                 row = row + count
         # tile_expert[t]: the number of experts whose segment ends at or before the
         # tile's first row (segment ends are starts[e + 1]), -1 when that is num_local.
