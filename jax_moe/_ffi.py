@@ -464,17 +464,11 @@ def routing_metadata(
     kernel serves (`routing_config.MAX_LOCAL_EXPERTS`) or sizes past 2^31.
     """
     from jax_moe.kernels.routing_config import MAX_LOCAL_EXPERTS, routing_tactic
-    from jax_moe.routing_metadata import RoutingMetadata, padded_rows
+    from jax_moe.routing_metadata import RoutingMetadata, check_metadata_args, padded_rows
 
-    if not hasattr(topk_ids, "ndim") or topk_ids.ndim != 2:
-        raise ValueError(
-            f"topk_ids has shape {getattr(topk_ids, 'shape', None)}; expected (num_tokens, top_k)"
-        )
-    if not jnp.issubdtype(topk_ids.dtype, jnp.integer):
-        raise TypeError(f"topk_ids has dtype {topk_ids.dtype}; expected an integer dtype")
-    num_local = _check_int("num_local_experts", num_local_experts, 1)
-    block_m = _check_int("block_m", block_m, 1)
-    offset = _check_int("local_expert_offset", local_expert_offset, 0)
+    num_local, block_m, offset = check_metadata_args(
+        topk_ids, num_local_experts, block_m, local_expert_offset
+    )
     if num_local > MAX_LOCAL_EXPERTS:
         raise NotImplementedError(
             f"num_local_experts={num_local}; the routing kernel serves at most {MAX_LOCAL_EXPERTS}"

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jax_moe._checks import check_int as _check_int
 
-__all__ = ["RoutingMetadata", "padded_rows", "routing_metadata"]
+__all__ = ["RoutingMetadata", "check_metadata_args", "padded_rows", "routing_metadata"]
 
 
 class RoutingMetadata(NamedTuple):
@@ -74,6 +74,17 @@ def routing_metadata(
     Returns:
       `RoutingMetadata(sorted_slots, tile_expert, slot_row)`, all int32.
     """
+    num_local, block_m, offset = check_metadata_args(
+        topk_ids, num_local_experts, block_m, local_expert_offset
+    )
+    return _routing_metadata(topk_ids, num_local, block_m, offset)
+
+
+def check_metadata_args(
+    topk_ids: jax.Array, num_local_experts: int, block_m: int, local_expert_offset: int
+) -> tuple[int, int, int]:
+    """Validates the arguments of `routing_metadata` (shared with the CUDA kernel's
+    wrapper); returns `(num_local_experts, block_m, local_expert_offset)` as ints."""
     if not hasattr(topk_ids, "ndim") or topk_ids.ndim != 2:
         raise ValueError(
             f"topk_ids has shape {getattr(topk_ids, 'shape', None)}; expected (num_tokens, top_k)"
@@ -85,7 +96,7 @@ def routing_metadata(
     local_expert_offset = _check_int("local_expert_offset", local_expert_offset, 0)
     if topk_ids.shape[1] < 1:
         raise ValueError(f"topk_ids has shape {topk_ids.shape}; expected top_k >= 1")
-    return _routing_metadata(topk_ids, num_local_experts, block_m, local_expert_offset)
+    return num_local_experts, block_m, local_expert_offset
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

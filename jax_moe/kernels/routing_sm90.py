@@ -116,107 +116,90 @@ def make_routing(tactic: RoutingSm90Tactic):
             sorted_slots[p] = -1
         cute.arch.sync_threads()
 
-        # 1. Count. Bucket: local expert, num_local for a non-local slot,
-        # num_local + 1 past the range.
+        # 1. Count and 3. Place walk the same chunks in the same order. Bucket: the
+        # local expert, num_local for a non-local slot, num_local + 1 past the range.
         buckets = cute.make_rmem_tensor((unroll,), cutlass.Int32)
-        for group in cutlass.range(0, num_chunks, unroll, unroll=1):
-            for u in cutlass.range_constexpr(unroll):
-                slot = begin + (group + u) * 32 + lane
-                bucket = num_local + 1
-                if slot < end:
-                    expert = topk_ids[slot] - offset
-                    bucket = num_local
-                    if expert >= 0:
-                        if expert < num_local:
-                            bucket = expert
-                buckets[u] = bucket
-            for u in cutlass.range_constexpr(unroll):
-                bucket = buckets[u]
-                peers = cute.arch.match_sync(_FULL_MASK, bucket)
-                if bucket < num_local:
-                    if (peers & below) == 0:
-                        counters[bucket, warp] = counters[bucket, warp] + cute.arch.popc(peers)
-                cute.arch.sync_warp()
-        cute.arch.sync_threads()
-
-        # 2. Segments: padded totals, then their exclusive prefix sum.
-        for e in cutlass.range(tid, max_local, threads, unroll=1):
-            total = cutlass.Int32(0)
-            if e < num_local:
-                for w in cutlass.range_constexpr(warps):
-                    total = total + counters[e, w]
-            starts[e] = (total + block_m - 1) // block_m * block_m
-        cute.arch.sync_threads()
-        if warp == 0:
-            running = cutlass.Int32(0)
-            for i in cutlass.range_constexpr(_SCAN_PER_LANE):
-                running = running + starts[lane * _SCAN_PER_LANE + i]
-            inclusive = running
-            for shift in cutlass.range_constexpr(5):
-                other = cute.arch.shuffle_sync_up(inclusive, 1 << shift)
-                if lane >= (1 << shift):
-                    inclusive = inclusive + other
-            start = inclusive - running
-            cute.arch.sync_warp()  # every lane has read its padded totals
-            for i in cutlass.range_constexpr(_SCAN_PER_LANE):
-                padded = starts[lane * _SCAN_PER_LANE + i]
-                starts[lane * _SCAN_PER_LANE + i] = start
-                start = start + padded
-            if lane == 31:
-                starts[max_local] = start
-        cute.arch.sync_threads()
-        for e in cutlass.range(tid, num_local, threads, unroll=1):
-            row = starts[e]
-            for w in cutlass.range_constexpr(warps):
-                count = counters[e, w]
-                counters[e, w] = row
-                row = row + count
-        # tile_expert[t]: the number of experts whose segment ends at or before the
-        # tile's first row (segment ends are starts[e + 1]), -1 when that is num_local.
-        for t in cutlass.range(tid, num_tiles, threads, unroll=1):
-            first_row = t * block_m
-            lo = cutlass.Int32(0)
-            hi = num_local
-            for _ in cutlass.range_constexpr(search_steps):
-                if lo < hi:
-                    mid = (lo + hi) // 2
-                    if starts[mid + 1] <= first_row:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-            owner = cutlass.Int32(-1)
-            if lo < num_local:
-                owner = lo
-            tile_expert[t] = owner
-        cute.arch.sync_threads()
-
-        # 3. Place, in the counting order.
-        for group in cutlass.range(0, num_chunks, unroll, unroll=1):
-            for u in cutlass.range_constexpr(unroll):
-                slot = begin + (group + u) * 32 + lane
-                bucket = num_local + 1
-                if slot < end:
-                    expert = topk_ids[slot] - offset
-                    bucket = num_local
-                    if expert >= 0:
-                        if expert < num_local:
-                            bucket = expert
-                buckets[u] = bucket
-            for u in cutlass.range_constexpr(unroll):
-                slot = begin + (group + u) * 32 + lane
-                bucket = buckets[u]
-                peers = cute.arch.match_sync(_FULL_MASK, bucket)
-                if bucket < num_local:
-                    row = counters[bucket, warp] + cute.arch.popc(peers & below)
-                    sorted_slots[row] = slot
-                    slot_row[slot] = row
-                if bucket == num_local:
-                    slot_row[slot] = -1
-                cute.arch.sync_warp()  # every lane has read the counter
-                if bucket < num_local:
-                    if (peers & below) == 0:
-                        counters[bucket, warp] = counters[bucket, warp] + cute.arch.popc(peers)
-                cute.arch.sync_warp()
+        for phase in cutlass.range_constexpr(2):
+            if cutlass.const_expr(phase == 1):
+                # 2. Segments: padded totals, then their exclusive prefix sum.
+                for e in cutlass.range(tid, max_local, threads, unroll=1):
+                    total = cutlass.Int32(0)
+                    if e < num_local:
+                        for w in cutlass.range_constexpr(warps):
+                            total = total + counters[e, w]
+                    starts[e] = (total + block_m - 1) // block_m * block_m
+                cute.arch.sync_threads()
+                if warp == 0:
+                    running = cutlass.Int32(0)
+                    for i in cutlass.range_constexpr(_SCAN_PER_LANE):
+                        running = running + starts[lane * _SCAN_PER_LANE + i]
+                    inclusive = running
+                    for shift in cutlass.range_constexpr(5):
+                        other = cute.arch.shuffle_sync_up(inclusive, 1 << shift)
+                        if lane >= (1 << shift):
+                            inclusive = inclusive + other
+                    start = inclusive - running
+                    cute.arch.sync_warp()  # every lane has read its padded totals
+                    for i in cutlass.range_constexpr(_SCAN_PER_LANE):
+                        padded = starts[lane * _SCAN_PER_LANE + i]
+                        starts[lane * _SCAN_PER_LANE + i] = start
+                        start = start + padded
+                    if lane == 31:
+                        starts[max_local] = start
+                cute.arch.sync_threads()
+                for e in cutlass.range(tid, num_local, threads, unroll=1):
+                    row = starts[e]
+                    for w in cutlass.range_constexpr(warps):
+                        count = counters[e, w]
+                        counters[e, w] = row
+                        row = row + count
+                # tile_expert[t]: the number of experts whose segment ends at or before the
+                # tile's first row (segment ends are starts[e + 1]), -1 when that is num_local.
+                for t in cutlass.range(tid, num_tiles, threads, unroll=1):
+                    first_row = t * block_m
+                    lo = cutlass.Int32(0)
+                    hi = num_local
+                    for _ in cutlass.range_constexpr(search_steps):
+                        if lo < hi:
+                            mid = (lo + hi) // 2
+                            if starts[mid + 1] <= first_row:
+                                lo = mid + 1
+                            else:
+                                hi = mid
+                    owner = cutlass.Int32(-1)
+                    if lo < num_local:
+                        owner = lo
+                    tile_expert[t] = owner
+                cute.arch.sync_threads()
+            for group in cutlass.range(0, num_chunks, unroll, unroll=1):
+                for u in cutlass.range_constexpr(unroll):
+                    slot = begin + (group + u) * 32 + lane
+                    bucket = num_local + 1
+                    if slot < end:
+                        expert = topk_ids[slot] - offset
+                        bucket = num_local
+                        if expert >= 0:
+                            if expert < num_local:
+                                bucket = expert
+                    buckets[u] = bucket
+                for u in cutlass.range_constexpr(unroll):
+                    slot = begin + (group + u) * 32 + lane
+                    bucket = buckets[u]
+                    peers = cute.arch.match_sync(_FULL_MASK, bucket)
+                    if cutlass.const_expr(phase == 1):
+                        if bucket < num_local:
+                            row = counters[bucket, warp] + cute.arch.popc(peers & below)
+                            sorted_slots[row] = slot
+                            slot_row[slot] = row
+                        if bucket == num_local:
+                            slot_row[slot] = -1
+                        cute.arch.sync_warp()  # every lane has read the counter
+                    if bucket < num_local:
+                        if (peers & below) == 0:
+                            counters[bucket, warp] = counters[bucket, warp] + cute.arch.popc(peers)
+                    cute.arch.sync_warp()
+            if cutlass.const_expr(phase == 0):
+                cute.arch.sync_threads()
 
     @cute.jit
     def routing(
