@@ -175,3 +175,18 @@ def test_handler_checks_on_cpu():
         message = _raw_check(*args)
         assert message is not None, f"the handler accepted the bad call {name!r}"
         assert expected in message and "INVALID_ARGUMENT" in message, (name, message)
+
+
+@requires_extension
+def test_fused_moe_uses_the_kernel_up_to_its_expert_limit():
+    from types import SimpleNamespace
+
+    from jax_moe import gpu
+
+    def problem(num_local, offset=0):
+        return SimpleNamespace(num_local_experts=num_local, local_expert_offset=offset)
+
+    assert gpu.uses_routing_kernel(problem(MAX_LOCAL_EXPERTS))
+    assert gpu.uses_routing_kernel(problem(1, 255))
+    assert not gpu.uses_routing_kernel(problem(MAX_LOCAL_EXPERTS + 1))
+    assert not gpu.uses_routing_kernel(problem(8, 2**31 - 4))  # ids past int32

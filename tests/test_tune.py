@@ -342,6 +342,8 @@ def test_explicit_shapes_and_usage_errors(tmp_path):
         (["--max_tokens=6"], "power of two"),
         (["--distribution=gauss"], "distribution"),
         (["--model=gpt5"], "unknown model preset"),
+        (["--timer=cycles"], "timer"),
+        (["--min_scan_us=-1"], "min_scan_us"),
     ]:
         with pytest.raises((app.UsageError, ValueError), match=message):
             _cli(tmp_path, *flags)
@@ -561,6 +563,23 @@ def test_gpu_profiler_scans_lower_for_cuda_with_matching_inputs():
     plan = profiler._plan(GEMM2_OP, 128, big)
     assert plan.copies == 1 and plan.steps * plan.activation.shape[0] * 2048 * 2 <= 2**30
     assert profiler._plan(GEMM1_OP, 16, TuneCell(TINY, 1, 1, ARCH)).launches == 20
+
+
+def test_timer_flags_reach_the_profiler_settings(tmp_path):
+    tune.run_cli(
+        [
+            "jax_moe.tune",
+            "--model=tiny",
+            f"--out={tmp_path / 'tactics.json'}",
+            "--timer=wall",
+            "--min_scan_us=500",
+            "--reps=7",
+        ],
+        profiler=CostModelProfiler(),
+        stream=io.StringIO(),
+    )
+    timing = tune.config_from_flags().timing
+    assert (timing.timer, timing.min_scan_us, timing.reps) == ("wall", 500.0, 7)
 
 
 def test_timing_config_validates_the_timer_fields():
