@@ -13,6 +13,7 @@
 //   block_m              int32  row tile, >= 1
 //   local_expert_offset  int32  global id of the first local expert, >= 0
 //   variant              int32  index into jax_moe_routing_variants
+#include <limits>
 #include <string>
 
 #include "jax_moe_ffi.h"
@@ -75,7 +76,17 @@ ffi::Error CheckRouting(const ffi::AnyBuffer& topk_ids, const ffi::AnyBuffer& so
     return Invalid(kOp, "slot_row has " + std::to_string(slot_row.dimensions()[0]) +
                             " entries; expected num_slots = " + std::to_string(num_slots));
   }
-  return CheckInt32(kOp, "m_pad", m_pad);
+  if (static_cast<int64_t>(offset) + num_local > std::numeric_limits<int32_t>::max()) {
+    return Invalid(kOp, "local_expert_offset + num_local_experts exceeds int32");
+  }
+  // The kernel's slot and row arithmetic (ranges rounded up to warps * 32 slots,
+  // strided loops) stays below 2^31 with this margin.
+  constexpr int64_t kMargin = 2048;
+  if (m_pad > std::numeric_limits<int32_t>::max() - kMargin) {
+    return Invalid(kOp, "m_pad = " + std::to_string(m_pad) + " must be below 2^31 - " +
+                            std::to_string(kMargin));
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error RoutingExecute(cudaStream_t stream, ffi::AnyBuffer topk_ids,

@@ -10,8 +10,8 @@
 // Attributes:
 //   slot  int32 in [0, kEventSlots): which event to record
 //
-// Events live in a process-wide table, one per (slot, device). A record
-// overwrites the slot's previous record. The handler is not command-buffer
+// Events live in a process-wide table, one per (slot, device), shared by every
+// program of the process. A record overwrites the slot's previous record. The handler is not command-buffer
 // compatible on purpose: it runs as its own step on the stream, never inside a
 // captured CUDA graph.
 #include <array>
@@ -119,6 +119,10 @@ std::string EventElapsedMs(int32_t start, int32_t stop, float* ms) {
   if (status != cudaSuccess) {
     return std::string("cudaEventElapsedTime failed: ") + cudaGetErrorName(status) +
            ": " + cudaGetErrorString(status);
+  }
+  if (*ms < 0.0f) {
+    return "slot " + std::to_string(start) + " was recorded after slot " +
+           std::to_string(stop);
   }
   return "";
 }

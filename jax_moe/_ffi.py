@@ -422,8 +422,10 @@ def record_event(x: jax.Array, *, slot: int) -> jax.Array:
     after the record: `record_event(a, slot=0)` before a loop that reads the
     result and `record_event(b, slot=1)` on the loop's output bracket the loop,
     and `event_elapsed_ms(0, 1)` after the program ran is its device time. The
-    call has a side effect, so XLA neither drops nor merges it. A slot keeps
-    only its latest record.
+    call has a side effect, so XLA neither drops nor merges it. The slots are
+    shared by the whole process, and a slot keeps only its latest record. Ops that
+    do not consume the result are not ordered by it: route the loop's other
+    inputs through `jax.lax.optimization_barrier` together with the result.
     """
     slot = _check_slot(slot)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -459,12 +461,17 @@ def routing_metadata(
 
     Same arguments and the same `RoutingMetadata`, bit for bit. `variant`: a
     `RoutingSm90Tactic` (default: `routing_config.routing_tactic`). Integer ids wider
-    than int32 are mapped to int32 first with their locality kept (non-local ids
-    become -1). Raises NotImplementedError for more local experts than the
+    than int32 are mapped to int32 first with their locality kept
+    (`routing_metadata.ids_as_int32`). Raises NotImplementedError for more local experts than the
     kernel serves (`routing_config.MAX_LOCAL_EXPERTS`) or sizes past 2^31.
     """
     from jax_moe.kernels.routing_config import MAX_LOCAL_EXPERTS, routing_tactic
-    from jax_moe.routing_metadata import RoutingMetadata, check_metadata_args, padded_rows
+    from jax_moe.routing_metadata import (
+        RoutingMetadata,
+        check_metadata_args,
+        ids_as_int32,
+        padded_rows,
+    )
 
     num_local, block_m, offset = check_metadata_args(
         topk_ids, num_local_experts, block_m, local_expert_offset
@@ -476,12 +483,9 @@ def routing_metadata(
     num_slots = topk_ids.shape[0] * topk_ids.shape[1]
     m_pad = padded_rows(num_slots, num_local, block_m)
     limit = np.iinfo(np.int32).max
-    if m_pad > limit or offset + num_local > limit:
-        raise NotImplementedError(f"m_pad={m_pad} or the expert ids exceed int32")
-    ids = topk_ids.reshape(-1)
-    if ids.dtype != jnp.int32:
-        local = (ids >= offset) & (ids < offset + num_local)
-        ids = jnp.where(local, ids, -1).astype(jnp.int32)
+    if m_pad > limit - 2048:  # the kernel's slot and row arithmetic stays in int32
+        raise NotImplementedError(f"m_pad={m_pad}; the routing kernel needs < 2^31 - 2048")
+    ids = ids_as_int32(topk_ids, num_local, offset)
     i32 = jnp.int32
     results = (
         jax.ShapeDtypeStruct((m_pad,), i32),

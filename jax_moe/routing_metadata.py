@@ -32,7 +32,15 @@ import jax.numpy as jnp
 
 from jax_moe._checks import check_int as _check_int
 
-__all__ = ["RoutingMetadata", "check_metadata_args", "padded_rows", "routing_metadata"]
+_INT32_MAX = 2**31 - 1
+
+__all__ = [
+    "RoutingMetadata",
+    "check_metadata_args",
+    "ids_as_int32",
+    "padded_rows",
+    "routing_metadata",
+]
 
 
 class RoutingMetadata(NamedTuple):
@@ -96,7 +104,27 @@ def check_metadata_args(
     local_expert_offset = _check_int("local_expert_offset", local_expert_offset, 0)
     if topk_ids.shape[1] < 1:
         raise ValueError(f"topk_ids has shape {topk_ids.shape}; expected top_k >= 1")
+    if local_expert_offset + num_local_experts > _INT32_MAX:
+        raise ValueError(
+            f"local_expert_offset={local_expert_offset} + num_local_experts="
+            f"{num_local_experts} exceeds int32; expert ids are int32"
+        )
     return num_local_experts, block_m, local_expert_offset
+
+
+def ids_as_int32(topk_ids: jax.Array, num_local_experts: int, offset: int) -> jax.Array:
+    """`topk_ids` flattened to int32 `(num_slots,)`, every slot as local as before.
+
+    Ids of a dtype that int32 holds exactly are converted. Wider ids (int64, uint32,
+    uint64) are compared with `[offset, offset + num_local_experts)` in their own dtype
+    first, and non-local ones become -1, so that no id can wrap onto a local expert.
+    Needs `offset + num_local_experts < 2^31` (checked by `check_metadata_args`).
+    """
+    ids = topk_ids.reshape(-1)
+    if jnp.can_cast(ids.dtype, jnp.int32, casting="safe"):
+        return ids.astype(jnp.int32)
+    local = (ids >= offset) & (ids < offset + num_local_experts)
+    return jnp.where(local, (ids - offset).astype(jnp.int32) + offset, -1)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -108,8 +136,7 @@ def _routing_metadata(
     num_tiles = m_pad // block_m
 
     # Local expert of each slot; non-local slots go to the sentinel bucket `num_local`.
-    # Locality is decided in the ids' own dtype (narrowing first could wrap a 64-bit id).
-    expert = topk_ids.reshape(-1) - offset
+    expert = ids_as_int32(topk_ids, num_local, offset) - offset
     is_local = (expert >= 0) & (expert < num_local)
     bucket = jnp.where(is_local, expert, num_local).astype(jnp.int32)
 

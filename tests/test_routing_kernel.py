@@ -91,6 +91,27 @@ def test_kernel_edge_routings():
 
 
 @requires_gpu
+@pytest.mark.parametrize(
+    "dtype, num_experts, num_local, offset",
+    [(np.uint8, 256, 32, 224), (np.int8, 128, 200, 0), (np.uint32, 300, 100, 200)],
+)
+def test_kernel_takes_narrow_and_unsigned_ids(dtype, num_experts, num_local, offset):
+    ids = _random_ids(num_local, 300, 4, num_experts)
+    want = jax.jit(
+        lambda x: routing_metadata(
+            x, num_local_experts=num_local, block_m=16, local_expert_offset=offset
+        )
+    )(jnp.asarray(ids))  # int32 ids: the reference
+    got = jax.jit(
+        lambda x: _ffi.routing_metadata(
+            x, num_local_experts=num_local, block_m=16, local_expert_offset=offset
+        )
+    )(jnp.asarray(ids.astype(dtype)))
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@requires_gpu
 def test_kernel_is_deterministic_and_writes_every_entry():
     ids = jnp.asarray(_random_ids(7, 4096, 8, 256))
     fn = jax.jit(lambda x: _ffi.routing_metadata(x, num_local_experts=32, block_m=32))
@@ -169,6 +190,7 @@ def test_handler_checks_on_cpu():
         "zero_local": ((16, m_pad, m_pad // 8, 16, 0, 8, 0), "expected [1, 256]"),
         "block_m": ((16, m_pad, m_pad // 8, 16, 4, 0, 0), "block_m = 0"),
         "offset": ((16, m_pad, m_pad // 8, 16, 4, 8, -1), "local_expert_offset = -1"),
+        "offset_past_int32": ((16, m_pad, m_pad // 8, 16, 4, 8, 2**31 - 2), "exceeds int32"),
         "variant": ((16, m_pad, m_pad // 8, 16, 4, 8, 0, 5), "variant = 5"),
     }
     for name, (args, expected) in bad.items():

@@ -120,6 +120,45 @@ def test_under_jit_with_int64_ids():
         np.testing.assert_array_equal(np.asarray(g), w)
 
 
+# (dtype, num_experts, num_local, offset): the last rank's range ends at the dtype's limit,
+# or the local range is wider than the dtype.
+NARROW_CASES = [
+    (np.uint8, 256, 32, 224),
+    (np.uint8, 256, 4, 252),
+    (np.int8, 128, 200, 0),
+    (np.int8, 128, 64, 64),
+    (np.int16, 300, 100, 200),
+    (np.uint16, 300, 100, 200),
+    (np.uint32, 300, 100, 200),
+]
+
+
+@pytest.mark.parametrize("case", NARROW_CASES, ids=[str(c) for c in NARROW_CASES])
+def test_narrow_and_unsigned_ids_give_the_int32_result(case):
+    dtype, num_experts, num_local, offset = case
+    rng = np.random.default_rng(num_local + offset)
+    topk_ids = _random_topk_ids(rng, 40, 4, num_experts)
+    want = _numpy_metadata(topk_ids, num_local, 8, offset)
+    got = routing_metadata(
+        jnp.asarray(topk_ids.astype(dtype)),
+        num_local_experts=num_local,
+        block_m=8,
+        local_expert_offset=offset,
+    )
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def test_offset_past_int32_is_rejected():
+    with pytest.raises(ValueError, match="exceeds int32"):
+        routing_metadata(
+            jnp.zeros((2, 2), jnp.int32),
+            num_local_experts=8,
+            block_m=8,
+            local_expert_offset=2**31 - 4,
+        )
+
+
 @pytest.mark.parametrize(
     "kwargs, error",
     [

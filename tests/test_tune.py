@@ -625,10 +625,12 @@ def test_event_timer_brackets_the_scan():
         text = profiler._lower(GEMM1_OP, tactic, cell, ("cuda",)).as_text()
         assert text.count("@jax_moe_record_event(") == records
         if records:
-            # Start before the loop (on the initial carry), stop on the loop's result.
+            # Start, then a barrier that every loop input passes, then the loop, then
+            # the stop on the loop's result.
             start = text.index("slot = 0 : i32")
+            barrier = text.index("stablehlo.optimization_barrier")
             stop = text.index("slot = 1 : i32")
-            assert start < text.index("stablehlo.while") < stop
+            assert start < barrier < text.index("stablehlo.while") < stop
     with pytest.raises(ValueError, match="slot=16"):
         _ffi.record_event(jnp.zeros(()), slot=16)
     with pytest.raises(ValueError, match="slot=True"):

@@ -640,8 +640,13 @@ class GpuProfiler(Profiler):
                 return acc, None
 
             acc = jnp.zeros((), jnp.float32)
-            if events:  # The scan reads the started carry, the stop reads its result.
+            if events:
+                # Every launch reads an output of the barrier, which waits for the start
+                # record (even if XLA unrolls the loop); the stop reads the loop's result.
                 acc = _ffi.record_event(acc, slot=_START_SLOT)
+                acc, xs, meta, weights, slots = jax.lax.optimization_barrier(
+                    (acc, xs, meta, weights, slots)
+                )
             acc = jax.lax.scan(step, acc, xs)[0]
             if events:
                 acc = _ffi.record_event(acc, slot=_STOP_SLOT)
