@@ -474,6 +474,12 @@ def test_cells_validate_their_fields():
     cell = TuneCell(TINY, 2, 8, ARCH, "zipf:1.50", key_data_of_seed(1))
     assert cell.routing == "zipf:1.5" and str(cell) == "tiny EP=2 N=8 zipf:1.5"
     assert sum(cell_expert_loads(TuneCell(TINY, 1, 8, ARCH))) == 8 * TINY.top_k
+    # Balanced cells answer from the plan; it is what the drawn routing holds.
+    for ep, n in ((1, 8), (2, 5), (4, 1)):
+        balanced = TuneCell(TINY, ep, n, ARCH)
+        ids = np.asarray(cell_inputs(balanced).topk_ids).ravel()
+        drawn = np.bincount(ids[ids < balanced.num_local_experts], minlength=TINY.num_experts // ep)
+        assert cell_expert_loads(balanced) == tuple(int(x) for x in drawn)
 
 
 def test_the_shipped_h100_table_is_used_by_default():

@@ -332,7 +332,16 @@ def cell_inputs(cell: TuneCell) -> ProfileInputs:
 
 @functools.lru_cache(maxsize=256)
 def cell_expert_loads(cell: TuneCell) -> tuple[int, ...]:
-    """Routed rows of each local expert of `cell` (length `num_local_experts`)."""
+    """Routed rows of each local expert of `cell` (length `num_local_experts`).
+
+    Under the balanced routing these are its plan exactly, so no inputs are drawn.
+    """
+    m = cell.model
+    if cell.routing == "balanced":
+        plan = balanced_expert_loads(
+            cell.num_tokens, m.num_experts, m.top_k, cell.num_local_experts
+        )
+        return tuple(int(x) for x in plan)
     ids = np.asarray(cell_inputs(cell).topk_ids).ravel()
     local = ids[ids < cell.num_local_experts]
     return tuple(int(x) for x in np.bincount(local, minlength=cell.num_local_experts))
@@ -414,29 +423,22 @@ class TimingConfig:
             )
 
 
-def _wall_seconds(run: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    """Wall seconds of `repeats` calls of `run` (to block_until_ready) after `warmup` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(run())
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
-def _event_seconds(run: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    """Device seconds between the start and stop events that each call of `run` records,
-    for `repeats` calls after `warmup` calls."""
+def _seconds(run: Callable[[], Any], warmup: int, repeats: int, timer: str) -> list[float]:
+    """Seconds of `repeats` calls of `run` after `warmup` calls: host time to
+    block_until_ready (`wall`), or device time between the start and stop events that
+    each call records (`events`)."""
     from jax_moe import _ffi
 
     for _ in range(warmup):
         jax.block_until_ready(run())
     seconds = []
     for _ in range(repeats):
+        start = time.perf_counter()
         jax.block_until_ready(run())
-        seconds.append(_ffi.event_elapsed_ms(_START_SLOT, _STOP_SLOT) * 1e-3)
+        if timer == "events":
+            seconds.append(_ffi.event_elapsed_ms(_START_SLOT, _STOP_SLOT) * 1e-3)
+        else:
+            seconds.append(time.perf_counter() - start)
     return seconds
 
 
@@ -444,15 +446,7 @@ def estimated_launch_us(op: str, cell: TuneCell) -> float:
     """A lower estimate of one launch of `op` on `cell` in microseconds (roofline of the
     active experts' weight bytes and the routed rows' FLOPs; see the module docstring)."""
     m = cell.model
-    if cell.routing == "balanced":  # The plan itself: no inputs need drawing.
-        loads = tuple(
-            int(x)
-            for x in balanced_expert_loads(
-                cell.num_tokens, m.num_experts, m.top_k, cell.num_local_experts
-            )
-        )
-    else:
-        loads = cell_expert_loads(cell)
+    loads = cell_expert_loads(cell)
     active = sum(1 for load in loads if load)
     rows = sum(loads)
     if op == GEMM1_OP:
@@ -704,8 +698,7 @@ class GpuProfiler(Profiler):
                 self._group = (op, tactic.block_m)
             args = self._group_args
             timing = self.timing
-            timer = _event_seconds if timing.timer == "events" else _wall_seconds
-            seconds = timer(lambda: compiled(*args), timing.warmup, repeats)
+            seconds = _seconds(lambda: compiled(*args), timing.warmup, repeats, timing.timer)
         except Exception as error:  # noqa: BLE001 - a failing tactic is data, not fatal
             return Failure(f"{type(error).__name__}: {error}")
         samples = tuple(s / plan.launches * 1e6 for s in seconds)
