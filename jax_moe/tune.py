@@ -38,7 +38,7 @@ from jax_moe.tuning.profiler import (
     TimingConfig,
     key_data_of_seed,
 )
-from jax_moe.tuning.routing_generator import RoutingDistribution
+from jax_moe.tuning.routing_generator import join_profile, split_profile
 from jax_moe.tuning.tactic_table import TacticTable
 from jax_moe.tuning.tuner import (
     CellResult,
@@ -87,7 +87,9 @@ _MAX_TOKENS = flags.DEFINE_integer(
 _DISTRIBUTION = flags.DEFINE_string(
     "distribution",
     "balanced",
-    "Profiling routing: balanced, uniform or zipf:S.",
+    "Profiling routing: balanced, spread, uniform or zipf:S; several joined by '+' "
+    "(balanced+spread) choose the pair with the smallest worst-case slowdown over them "
+    "(the first is the primary routing; see docs/TUNING.md).",
     flag_values=FLAGS,
 )
 _SEED = flags.DEFINE_integer(
@@ -163,7 +165,9 @@ class TuneConfig:
       models: layer shapes to tune.
       eps: expert-parallel sizes.
       max_tokens: largest token bucket (<= DEFAULT_MAX_TOKENS, which lookup caps at).
-      distribution: profiling routing, `str(RoutingDistribution)`.
+      distribution: profiling routing, `str(RoutingDistribution)`, or a profile of
+        several joined by `+` (`balanced+spread`): the first is the cells' routing,
+        the others become `search.secondary` (which must then be empty here).
       seed: seed of the inputs' key.
       out: the tactic file written.
       merge: merge into an existing `out` instead of replacing it.
@@ -189,7 +193,13 @@ class TuneConfig:
     search: SearchConfig = SearchConfig()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "distribution", str(RoutingDistribution.parse(self.distribution)))
+        primary, secondary = split_profile(self.distribution)
+        object.__setattr__(self, "distribution", join_profile(primary, secondary))
+        if self.search.secondary:
+            raise ValueError(
+                f"search.secondary={self.search.secondary!r}; give secondary routings in "
+                f"distribution instead (e.g. '{primary}+spread')"
+            )
         if self.evaluate is None and not self.models:
             raise ValueError(
                 "no model to tune: give --model or --hidden/--intermediate/--num_experts/--top_k"
@@ -372,6 +382,8 @@ def run(
     if config.evaluate is not None:
         return _evaluate(config, profiler, stream)
     key_data = key_data_of_seed(config.seed)
+    primary, secondary = split_profile(config.distribution)
+    search = dataclasses.replace(config.search, secondary=secondary)
     cells = []
     for model in config.models:
         eps = [ep for ep in config.eps if model.num_experts % ep == 0]
@@ -382,7 +394,7 @@ def run(
             eps,
             config.max_tokens,
             arch=profiler.arch,
-            routing=config.distribution,
+            routing=primary,
             key_data=key_data,
         )
     stream.write(
@@ -391,7 +403,7 @@ def run(
         f"seed {config.seed}\n"
     )
     stream.flush()
-    results = tuple(tune_cells(profiler, cells, config.search, stream))
+    results = tuple(tune_cells(profiler, cells, search, stream))
     table = build_table(
         results,
         device_name=profiler.device_name,

@@ -7,6 +7,7 @@ the cell's routing. The GPU profiler itself is checked by `requires_gpu` tests.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -53,9 +54,11 @@ from jax_moe.tuning.tuner import (
     SearchConfig,
     candidates,
     choose_pair,
+    choose_robust_pair,
     exported_variants,
     format_summary,
     measure_cell,
+    secondary_candidates,
 )
 
 DEVICE = "NVIDIA H100 80GB HBM3"
@@ -312,6 +315,113 @@ def test_screening_times_fully_only_the_close_candidates():
     assert (GEMM1_OP, bad) not in {(op, t) for op, t, _ in profiler.calls}
     with pytest.raises(ValueError, match="screen"):
         SearchConfig(screen=-0.1)
+
+
+def test_robust_choice_minimizes_the_worst_normalized_time():
+    a16, b16 = _variant(GEMM1_OP, 16), _variant(GEMM1_OP, 16, 1)
+    a32, c16, c32 = _variant(GEMM1_OP, 32), _variant(GEMM2_OP, 16), _variant(GEMM2_OP, 32)
+    primary = {
+        GEMM1_OP: {a16: Measurement(10.0), b16: Measurement(10.2), a32: Measurement(10.4)},
+        GEMM2_OP: {c16: Measurement(5.0), c32: Measurement(5.0)},
+    }
+    # Primary: a16+c16 15.0 (best), b16+c16 15.2, a32+c32 15.4.
+    # Secondary: a16+c16 15.0, b16+c16 12.0 (best), a32+c32 12.6.
+    other = {
+        GEMM1_OP: {a16: Measurement(10.0), b16: Measurement(7.0), a32: Measurement(7.6)},
+        GEMM2_OP: {c16: Measurement(5.0), c32: Measurement(5.0)},
+    }
+    plain = choose_pair(primary, SearchConfig(tie_tolerance=0.0))
+    assert plain.tactics == (a16, c16)
+    # Worst ratios: a16+c16 max(1, 1.25) = 1.25; b16+c16 max(1.013, 1) = 1.013;
+    # a32+c32 max(1.027, 1.05) = 1.05.
+    robust = choose_robust_pair(primary, {"spread": other}, SearchConfig(tie_tolerance=0.0))
+    assert robust.tactics == (b16, c16) and robust.block_m == 16
+    assert robust.gemm1.time_us == 10.2  # primary times are reported
+    assert robust.gemm1.runner_up == a16 and robust.gemm1.runner_up_time_us == 10.0
+    # A tie tolerance of 5 % makes the first pair in block_m/variant order within it win.
+    tied = choose_robust_pair(primary, {"spread": other}, SearchConfig(tie_tolerance=0.05))
+    assert tied.tactics == (b16, c16)
+    # Tactics not timed (or failed) under a secondary routing cannot be chosen.
+    other[GEMM1_OP][b16] = Failure("boom")
+    again = choose_robust_pair(primary, {"spread": other}, SearchConfig(tie_tolerance=0.0))
+    assert again.tactics == (a32, c32)
+    # No pair timed under every routing: the plain choice.
+    none = {GEMM1_OP: {}, GEMM2_OP: {}}
+    assert choose_robust_pair(primary, {"spread": none}).tactics == plain.tactics
+    assert choose_robust_pair(primary, {}).tactics == plain.tactics
+
+
+def test_secondary_candidates_keep_the_close_tactics_of_close_block_ms():
+    a16, b16 = _variant(GEMM1_OP, 16), _variant(GEMM1_OP, 16, 1)
+    a32, a64 = _variant(GEMM1_OP, 32), _variant(GEMM1_OP, 64)
+    c16, c32, c64 = _variant(GEMM2_OP, 16), _variant(GEMM2_OP, 32), _variant(GEMM2_OP, 64)
+    timings = {
+        GEMM1_OP: {
+            a16: Measurement(10.0),
+            b16: Measurement(13.0),
+            a32: Measurement(11.0),
+            a64: Measurement(30.0),
+        },
+        GEMM2_OP: {c16: Measurement(5.0), c32: Measurement(5.0), c64: Failure("x")},
+    }
+    kept = secondary_candidates(timings, 0.25)
+    # Pairs: 16 -> 15, 32 -> 16 (within 25 %), 64 has no GEMM2; b16 is 30 % over a16.
+    assert kept == {GEMM1_OP: (a16, a32), GEMM2_OP: (c16, c32)}
+    assert secondary_candidates(timings, 0.4)[GEMM1_OP] == (a16, b16, a32)
+    assert secondary_candidates({GEMM1_OP: {}, GEMM2_OP: {}}, 0.25) == {
+        GEMM1_OP: (),
+        GEMM2_OP: (),
+    }
+
+
+def test_measure_cell_times_promising_candidates_again_under_secondary_routings():
+    cell = TuneCell(TINY, 1, 16, ARCH)
+    profiler = CostModelProfiler()
+    search = SearchConfig(secondary=("spread",), secondary_margin=0.1)
+    result = measure_cell(profiler, cell, search)
+    kept = secondary_candidates(result.timings, 0.1)
+    assert set(result.secondary) == {"spread"}
+    spread = dataclasses.replace(cell, routing="spread")
+    for op in OPS:
+        assert tuple(result.secondary["spread"][op]) == kept[op]
+        assert {t for o, t, c in profiler.calls if c == spread and o == op} == set(kept[op])
+        for tactic, measurement in result.secondary["spread"][op].items():
+            assert measurement.time_us == model_time(op, tactic, spread)
+    assert (spread, {op: len(kept[op]) for op in OPS}) in profiler.prepared
+    assert 0 < sum(len(kept[op]) for op in OPS) < sum(len(result.timings[op]) for op in OPS)
+    with pytest.raises(ValueError, match="secondary"):
+        SearchConfig(secondary=("spread", "spread"))
+    with pytest.raises(ValueError, match="distribution"):
+        SearchConfig(secondary=("bogus",))
+    with pytest.raises(TypeError, match="secondary"):
+        SearchConfig(secondary="spread")
+    with pytest.raises(ValueError, match="secondary_margin"):
+        SearchConfig(secondary_margin=-1.0)
+
+
+def test_tune_with_a_robust_profile_records_it_and_evaluation_repeats_it(tmp_path):
+    outcome, output, profiler = _cli(
+        tmp_path, "--ep=2", "--max_tokens=8", "--distribution=balanced+spread"
+    )
+    table = TacticTable.load(str(tmp_path / "tactics.json"))
+    assert table.metadata.distribution == "balanced+spread"
+    assert {c.routing for _, _, c in profiler.calls} == {"balanced", "spread"}
+    assert ", " in output and " again" in output
+    for result in outcome.results:
+        want = choose_robust_pair(result.timings, result.secondary, SearchConfig())
+        assert result.choice.tactics == want.tactics
+    path = str(tmp_path / "tactics.json")
+    evaluated, _, profiler = _cli(tmp_path, f"--evaluate={path}")
+    routings = {c.routing for _, _, c in profiler.calls}
+    assert routings == {"softmax", "skewed", "balanced", "spread"}
+    rep = evaluated.report.reproducibility
+    assert rep.same == rep.total == 4
+    with pytest.raises(app.UsageError, match="twice"):
+        _cli(tmp_path, "--distribution=balanced+balanced")
+    with pytest.raises(ValueError, match="secondary"):
+        tune.TuneConfig(
+            models=(TINY,), distribution="balanced", search=SearchConfig(secondary=("spread",))
+        )
 
 
 def test_infeasible_balanced_cells_are_skipped(tmp_path):

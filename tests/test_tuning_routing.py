@@ -17,7 +17,9 @@ from jax_moe.tuning import (
     balanced_routing,
     profile_inputs,
     profile_routing,
+    spread_expert_loads,
 )
+from jax_moe.tuning.routing_generator import join_profile, split_profile
 
 _SETTINGS = hypothesis.settings(
     max_examples=30,
@@ -220,7 +222,7 @@ def _float_ops(jaxpr) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("distribution", ["balanced", "uniform", "zipf:1.2"])
+@pytest.mark.parametrize("distribution", ["balanced", "spread", "uniform", "zipf:1.2"])
 def test_routing_uses_integer_ops_only(distribution):
     # No floating-point op decides an assignment, so CPU and GPU agree bit for bit.
     fn = lambda key: profile_routing(  # noqa: E731
@@ -297,10 +299,10 @@ def test_zipf_is_skewed_and_uniform_is_not():
 
 
 def test_distribution_parse_and_str():
-    for text in ["balanced", "uniform", "zipf:1", "zipf:1.2", "zipf:0"]:
+    for text in ["balanced", "spread", "uniform", "zipf:1", "zipf:1.2", "zipf:0"]:
         assert str(RoutingDistribution.parse(text)) == text
     assert RoutingDistribution.parse("zipf") == RoutingDistribution("zipf", 1.0)
-    for bad in ["gaussian", "uniform:2", "zipf:x", "zipf:-1", ""]:
+    for bad in ["gaussian", "uniform:2", "spread:1", "zipf:x", "zipf:-1", ""]:
         with pytest.raises(ValueError):
             RoutingDistribution.parse(bad)
     with pytest.raises(ValueError, match="only meaningful"):
@@ -339,3 +341,66 @@ def test_profile_inputs_are_seeded_and_derived():
     assert not np.array_equal(
         np.asarray(other.hidden_states, np.float32), np.asarray(inputs.hidden_states, np.float32)
     )
+
+
+def _binomial_cdf(n, p, i):
+    return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(i + 1))
+
+
+@_SETTINGS
+@hypothesis.given(_balanced_cases())
+def test_spread_plan_and_routing_invariants(case):
+    num_tokens, num_experts, top_k, num_local, offset, seed = case
+    plan = spread_expert_loads(num_tokens, num_experts, top_k, num_local)
+    ep = num_experts // num_local
+    total = num_tokens * top_k
+    want = total if ep == 1 else min(total, math.ceil(total / ep))
+    assert plan.dtype == np.int32 and plan.shape == (num_local,)
+    assert int(plan.sum()) == want and plan.min() >= 0 and plan.max() <= num_tokens
+    assert np.all(np.diff(plan) >= 0)
+    np.testing.assert_array_equal(
+        plan, spread_expert_loads(num_tokens, num_experts, top_k, num_local)
+    )
+    ids = np.asarray(
+        profile_routing(
+            jax.random.key(seed),
+            num_tokens,
+            num_experts,
+            top_k,
+            distribution="spread",
+            num_local_experts=num_local,
+            local_expert_offset=offset,
+        )
+    )
+    _check_valid(ids, num_tokens, num_experts, top_k)
+    loads = np.bincount(ids.ravel(), minlength=num_experts)[offset : offset + num_local]
+    np.testing.assert_array_equal(np.sort(loads), plan)
+
+
+def test_spread_plan_follows_the_binomial_quantiles():
+    # DeepSeek-V3 EP=8: a typical rank's one slot at N=1; uneven loads around 32 at N=1024.
+    np.testing.assert_array_equal(spread_expert_loads(1, 256, 8, 32), [0] * 31 + [1])
+    plan = spread_expert_loads(1024, 256, 8, 32)
+    assert plan.sum() == 1024 and plan.min() < 26 and plan.max() > 40
+    assert (plan <= 32).sum() >= 14  # about half the experts fit a 32-row tile
+    # Small exact case: quantiles of Binomial(20, 2/8) at (j + 1/2) / 4, sum ceil(40 / 2).
+    n, p = 20, 2 / 8
+    quantiles = []
+    for j in range(4):
+        q = (j + 0.5) / 4
+        quantiles.append(next(i for i in range(n + 1) if _binomial_cdf(n, p, i) >= q - 1e-12))
+    plan = spread_expert_loads(n, 8, 2, 4)
+    assert plan.sum() == 20
+    assert np.abs(plan - np.array(quantiles)).sum() <= abs(20 - sum(quantiles)) + 0
+    # No expert parallelism: every slot is local.
+    assert spread_expert_loads(64, 128, 8, 128).sum() == 512
+
+
+def test_profiles_split_and_join():
+    assert split_profile("balanced") == ("balanced", ())
+    assert split_profile("balanced+spread") == ("balanced", ("spread",))
+    assert split_profile(" balanced + zipf:1.0 ") == ("balanced", ("zipf:1",))
+    assert join_profile(*split_profile("balanced+spread+uniform")) == "balanced+spread+uniform"
+    for bad in ["", "balanced+", "balanced+balanced", "balanced+bogus"]:
+        with pytest.raises(ValueError):
+            split_profile(bad)

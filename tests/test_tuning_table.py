@@ -322,6 +322,11 @@ def test_metadata_versions_and_validation():
         _metadata(arch="gpu")
     with pytest.raises(ValueError, match="distribution"):
         _metadata(distribution="zipf:1.0")  # Not canonical: 'zipf:1'.
+    robust = _metadata(distribution="balanced+spread")  # A robust profile.
+    assert TableMetadata.from_json(robust.to_json()) == robust
+    for bad in ("balanced+balanced", "balanced+bogus", "balanced + spread"):
+        with pytest.raises(ValueError, match="distribution"):
+            _metadata(distribution=bad)
     with pytest.raises(ValueError, match="profile_key"):
         _metadata(profile_key=(-1,))
 

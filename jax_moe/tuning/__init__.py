@@ -1,8 +1,8 @@
 """Tuning core: profiling inputs, problem keys, tactic tables and lookup.
 
-- `balanced_routing`, `balanced_expert_loads`, `profile_routing`,
-  `profile_inputs`, `RoutingDistribution`: deterministic profiling inputs from
-  `jax.random` keys (routing_generator.py).
+- `balanced_routing`, `balanced_expert_loads`, `spread_expert_loads`,
+  `profile_routing`, `profile_inputs`, `RoutingDistribution`: deterministic
+  profiling inputs from `jax.random` keys (routing_generator.py).
 - `ProblemKey`, `token_bucket`, `token_buckets`: what a tactic is tuned for
   (problem.py).
 - `TacticTable`, `TacticEntry`, `TableMetadata`, `TacticFileError`: the tuned
@@ -22,6 +22,7 @@ from jax_moe.tuning.routing_generator import (
     balanced_routing,
     profile_inputs,
     profile_routing,
+    spread_expert_loads,
 )
 from jax_moe.tuning.shipped import shipped_table
 from jax_moe.tuning.tactic_table import (
@@ -52,6 +53,7 @@ __all__ = [
     "profile_inputs",
     "profile_routing",
     "shipped_table",
+    "spread_expert_loads",
     "token_bucket",
     "token_buckets",
 ]

@@ -20,9 +20,10 @@ over all; the regret of the default heuristic pair is shown beside it. A cell
 whose tuned tactics fail now counts as a failure, not a number.
 
 Reproducibility. The table's cells are tuned again with the table's own
-distribution and profile key (`TableMetadata.distribution`, `profile_key`),
-and the report counts the cells whose new (GEMM1, GEMM2) pair equals the
-table's.
+distribution and profile key (`TableMetadata.distribution`, `profile_key`;
+a profile such as `balanced+spread` also brings back its secondary routings
+and robust choice), and the report counts the cells whose new (GEMM1, GEMM2)
+pair equals the table's.
 
 Targets (`TARGETS`): mean regret <= 2 %, max regret <= 5 %, the same pair in
 >= 95 % of the cells.
@@ -45,6 +46,7 @@ from jax_moe.tuning.profiler import (
     Profiler,
     TuneCell,
 )
+from jax_moe.tuning.routing_generator import split_profile
 from jax_moe.tuning.tactic_table import TacticTable
 from jax_moe.tuning.tuner import (
     CellResult,
@@ -179,12 +181,13 @@ def table_cells(
     """The tuned cells of `table` and their (GEMM1, GEMM2) tactics.
 
     A cell needs entries for both ops; `routing` defaults to the table's
-    distribution and the cells carry the table's profile key.
+    distribution (the primary routing of its profile) and the cells carry the
+    table's profile key.
     """
     metadata = table.metadata
     if metadata is None:
         return []
-    routing = metadata.distribution if routing is None else routing
+    routing = split_profile(metadata.distribution)[0] if routing is None else routing
     out = []
     for problem in table.entries:
         if problem.op != GEMM1_OP:
@@ -235,9 +238,10 @@ def evaluate_table(
     config = config or EvaluationConfig()
     tuned_cells = table_cells(table)
     regrets = []
-    # Regret needs every candidate timed fully: no screening here (only the repeated
-    # tuning below uses the search as the original run did).
-    full = dataclasses.replace(config.search, screen=0.0)
+    # Regret needs every candidate timed fully under one routing: no screening or
+    # secondary routing here (only the repeated tuning below searches as the original
+    # run did, with the table's secondary routings).
+    full = dataclasses.replace(config.search, screen=0.0, secondary=())
     for routing in config.routings:
         cells = [dataclasses.replace(cell, routing=routing) for cell, _ in tuned_cells]
         results = tune_cells(profiler, cells, full, stream)
@@ -245,7 +249,9 @@ def evaluate_table(
             regrets.append(regret_of(result, tuned))
     reproducibility = None
     if config.repeat_tuning:
-        results = tune_cells(profiler, [c for c, _ in tuned_cells], config.search, stream)
+        secondary = () if table.metadata is None else split_profile(table.metadata.distribution)[1]
+        search = dataclasses.replace(config.search, secondary=secondary)
+        results = tune_cells(profiler, [c for c, _ in tuned_cells], search, stream)
         same, differing = 0, []
         for result, (cell, tuned) in zip(results, tuned_cells, strict=True):
             again = None if result.choice is None else result.choice.tactics

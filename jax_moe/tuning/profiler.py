@@ -7,8 +7,9 @@ routing the inputs are drawn under and the raw data of the `jax.random` key
 they are drawn from. Its inputs (`cell_inputs`) come from the tuning core's
 seeded generators, so a cell names its inputs exactly:
 
-- `balanced`, `uniform`, `zipf:S`: `jax_moe.tuning.profile_inputs` (the
-  balanced generator by default, see docs/TUNING.md);
+- `balanced`, `spread`, `uniform`, `zipf:S`: `jax_moe.tuning.profile_inputs`
+  (the balanced generator by default; `spread` is the same generator with a
+  typical rank's uneven loads; see docs/TUNING.md);
 - `softmax`: realistic routing, the top-k of a softmax of standard normal
   logits (`jax_moe.routing.topk_softmax`);
 - `skewed`: the same with a per-expert bias `-0.15 * log(1 + rank)` over a
@@ -87,9 +88,10 @@ from jax_moe.models import MoEConfig
 from jax_moe.tactic import Tactic
 from jax_moe.tuning.problem import ProblemKey
 from jax_moe.tuning.routing_generator import (
+    PLANNED_KINDS,
     ProfileInputs,
     RoutingDistribution,
-    balanced_expert_loads,
+    planned_expert_loads,
     profile_inputs,
 )
 
@@ -160,7 +162,7 @@ def _check_routing(routing: str) -> str:
         return str(RoutingDistribution.parse(routing))
     except (TypeError, ValueError):
         raise ValueError(
-            f"routing={routing!r}; expected 'balanced', 'uniform', 'zipf:S', "
+            f"routing={routing!r}; expected 'balanced', 'spread', 'uniform', 'zipf:S', "
             f"{' or '.join(repr(r) for r in REALISTIC_ROUTINGS)}, optionally with "
             f"{BUSIEST_RANK!r}"
         ) from None
@@ -176,7 +178,8 @@ class TuneCell:
       ep: expert-parallel size; rank 0 holds experts `[0, num_experts // ep)`.
       num_tokens: tokens of the batch (the token bucket being tuned).
       arch: GPU arch of the problem keys, e.g. `sm_90a`.
-      routing: `balanced`, `uniform`, `zipf:S`, `softmax` or `skewed`.
+      routing: `balanced`, `spread`, `uniform`, `zipf:S`, `softmax` or `skewed`
+        (the last two optionally with `@busiest`).
       key_data: raw data of the `jax.random` key the inputs are drawn from.
       dtype: activation dtype name.
     """
@@ -334,17 +337,23 @@ def cell_inputs(cell: TuneCell) -> ProfileInputs:
 def cell_expert_loads(cell: TuneCell) -> tuple[int, ...]:
     """Routed rows of each local expert of `cell` (length `num_local_experts`).
 
-    Under the balanced routing these are its plan exactly, so no inputs are drawn.
+    Under a planned routing (`balanced`, `spread`) these are its plan exactly, so no
+    inputs are drawn.
     """
     m = cell.model
-    if cell.routing == "balanced":
-        plan = balanced_expert_loads(
-            cell.num_tokens, m.num_experts, m.top_k, cell.num_local_experts
+    if cell.routing in PLANNED_KINDS:
+        plan = planned_expert_loads(
+            cell.routing, cell.num_tokens, m.num_experts, m.top_k, cell.num_local_experts
         )
         return tuple(int(x) for x in plan)
     ids = np.asarray(cell_inputs(cell).topk_ids).ravel()
     local = ids[ids < cell.num_local_experts]
     return tuple(int(x) for x in np.bincount(local, minlength=cell.num_local_experts))
+
+
+def _shape_of(cell: TuneCell) -> tuple[Any, ...]:
+    """What the shapes of a cell's programs depend on, besides the launch plan."""
+    return cell.model, cell.ep, cell.num_tokens, cell.arch, cell.dtype
 
 
 def l2_cache_bytes(device: Any) -> int:
@@ -513,7 +522,8 @@ class GpuProfiler(Profiler):
         self._cell: TuneCell | None = None
         self._weights_key: Any = None
         self._weights: list[Any] = []  # prepared weight copies of the current layer slice
-        self._compiled: dict[tuple[str, Tactic], Any] = {}
+        # (op, tactic, launch plan) -> compiled scan or its error, for one cell shape.
+        self._compiled: dict[tuple[str, Tactic, _LaunchPlan], Any] = {}
         self._group: tuple[str, int] | None = None
         self._group_args: tuple[Any, ...] = ()
 
@@ -522,7 +532,10 @@ class GpuProfiler(Profiler):
     def _enter(self, cell: TuneCell) -> None:
         if cell == self._cell:
             return
-        self._cell, self._compiled, self._group, self._group_args = cell, {}, None, ()
+        # Cells that differ only in routing or key share programs of equal launch plans.
+        if self._cell is None or _shape_of(self._cell) != _shape_of(cell):
+            self._compiled = {}
+        self._cell, self._group, self._group_args = cell, None, ()
         weights_key = (cell.model, cell.ep, cell.key_data)
         if weights_key != self._weights_key:
             self._weights_key, self._weights = weights_key, []
@@ -664,17 +677,21 @@ class GpuProfiler(Profiler):
         """Compiles every candidate of `cell` in parallel threads (errors kept for `time`)."""
         self._enter(cell)
         jobs = [(op, t) for op, tactics in candidates.items() for t in tactics]
-        jobs = [job for job in jobs if job not in self._compiled]
+        jobs = [job for job in jobs if self._compile_key(*job, cell) not in self._compiled]
         if not jobs:
             return
         threads = min(self.timing.compile_threads, len(jobs), os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
             futures = {job: pool.submit(self._compile, *job, cell) for job in jobs}
             for job, future in futures.items():
+                key = self._compile_key(*job, cell)
                 try:
-                    self._compiled[job] = future.result()
+                    self._compiled[key] = future.result()
                 except Exception as error:  # noqa: BLE001 - recorded, reported by time()
-                    self._compiled[job] = error
+                    self._compiled[key] = error
+
+    def _compile_key(self, op: str, tactic: Tactic, cell: TuneCell) -> tuple[Any, ...]:
+        return op, tactic, self._plan(op, tactic.block_m, cell)
 
     def time(self, op: str, tactic: Tactic, cell: TuneCell) -> Measurement | Failure:
         return self._time(op, tactic, cell, self.timing.repeats)
@@ -686,9 +703,10 @@ class GpuProfiler(Profiler):
     def _time(self, op: str, tactic: Tactic, cell: TuneCell, repeats: int) -> Measurement | Failure:
         try:
             self._enter(cell)
-            compiled = self._compiled.get((op, tactic))
+            key = self._compile_key(op, tactic, cell)
+            compiled = self._compiled.get(key)
             if compiled is None:
-                compiled = self._compiled[(op, tactic)] = self._compile(op, tactic, cell)
+                compiled = self._compiled[key] = self._compile(op, tactic, cell)
             if isinstance(compiled, BaseException):
                 raise compiled
             plan = self._plan(op, tactic.block_m, cell)

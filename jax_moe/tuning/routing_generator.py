@@ -55,11 +55,32 @@ integer scatter-add and cumulative sums. So a key gives the same routing bit
 for bit on CPU and GPU (for a given JAX version and `jax_threefry_partitionable`
 setting); a different key gives a different assignment.
 
+The spread plan (`spread_expert_loads`)
+---------------------------------------
+The balanced plan is the busiest rank with every expert evenly filled. A router
+that spreads tokens uniformly over the experts gives a typical rank fewer slots
+(about `avg`), unevenly: each expert's load is Binomial(N, k/E), so at N=1 on
+a 32-expert slice of 256 experts (top 8) one expert holds the rank's one slot,
+and at N=1024 the loads range from about 20 to 45 around a mean of 32. The
+spread plan is that rank's loads made deterministic:
+
+    T       = N*k                    when ep == 1, else min(N*k, ceil(avg))
+    q[j]    = the ((j + 1/2) / L)-quantile of Binomial(N, k/E),  j = 0..L-1
+    plan    = q adjusted by one row at a time until it sums to T: rows are added
+              to the largest loads below N first (in decreasing index order) and
+              removed from the largest loads first
+
+(exact binomial quantiles from the log-probabilities, no sampling). Its loads
+satisfy `plan[j] <= N` and `T >= avg`, so the generator above builds a routing
+from it with the same guarantees (step 4's argument needs only `T >= avg`).
+
 Other distributions (`profile_routing`)
 ---------------------------------------
-For users whose routing is known to be skewed, `RoutingDistribution` selects
-one of:
-- `balanced` (default): the generator above.
+`RoutingDistribution` selects one of:
+- `balanced` (default): the generator above with the balanced plan.
+- `spread`: the same generator with the spread plan (a typical rank's uneven
+  loads, deterministic); the tuner profiles under it as a second routing
+  (docs/TUNING.md, "Robust choice").
 - `uniform`: each token takes k distinct experts uniformly at random.
 - `zipf:S`: expert popularity follows Zipf's law with exponent S over a random
   ranking of the experts (the expert of rank r has weight `1/(r+1)**S`); each
@@ -74,6 +95,7 @@ import dataclasses
 import functools
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -83,15 +105,22 @@ import numpy as np
 from jax_moe._checks import check_int as _check_int
 
 __all__ = [
+    "PLANNED_KINDS",
     "ProfileInputs",
     "RoutingDistribution",
     "balanced_expert_loads",
     "balanced_routing",
+    "join_profile",
+    "planned_expert_loads",
     "profile_inputs",
     "profile_routing",
+    "split_profile",
+    "spread_expert_loads",
 ]
 
-_KINDS = ("balanced", "uniform", "zipf")
+_KINDS = ("balanced", "spread", "uniform", "zipf")
+#: Distributions whose local loads are a deterministic plan (no random loads).
+PLANNED_KINDS = ("balanced", "spread")
 # Fixed fold_in tags that derive each profile input's key from the user's key,
 # so that e.g. the routing does not change with the hidden size.
 _ROUTING_STREAM = 0
@@ -162,6 +191,67 @@ def balanced_expert_loads(
     """
     _check_shape_args(num_tokens, num_experts, top_k, num_local_experts, 0)
     return _plan(num_tokens, num_experts, top_k, num_local_experts)
+
+
+def _binomial_quantiles(n: int, p: float, probabilities: np.ndarray) -> np.ndarray:
+    """The `probabilities`-quantiles of Binomial(n, p): the smallest i with CDF(i) >= q."""
+    if p >= 1.0:
+        return np.full(len(probabilities), n, dtype=np.int64)
+    i = np.arange(n + 1, dtype=np.float64)
+    lgamma = np.vectorize(math.lgamma, otypes=[np.float64])
+    log_pmf = (
+        math.lgamma(n + 1)
+        - lgamma(i + 1)
+        - lgamma(n - i + 1)
+        + i * math.log(p)
+        + (n - i) * math.log1p(-p)
+    )
+    cdf = np.cumsum(np.exp(log_pmf))
+    cdf /= cdf[-1]
+    return np.minimum(np.searchsorted(cdf, probabilities, side="left"), n).astype(np.int64)
+
+
+def spread_expert_loads(
+    num_tokens: int, num_experts: int, top_k: int, num_local_experts: int
+) -> np.ndarray:
+    """The spread plan: a typical rank's uneven loads under a uniform router.
+
+    Returns an int32 numpy array of shape `(num_local_experts,)`, ascending, that
+    sums to `T` (the module docstring gives `T` and the quantile rule); every
+    entry is at most `num_tokens`. Deterministic: no key is involved.
+    """
+    _check_shape_args(num_tokens, num_experts, top_k, num_local_experts, 0)
+    n, e, k, local = int(num_tokens), int(num_experts), int(top_k), int(num_local_experts)
+    ep = e // local
+    total = n * k if ep == 1 else min(n * k, math.ceil(n * k / ep))
+    quantiles = _binomial_quantiles(n, k / e, (np.arange(local) + 0.5) / local)
+    plan = np.minimum(quantiles, n)
+    diff = total - int(plan.sum())
+    # One row at a time, cycling from the largest loads down (quantiles are ascending).
+    while diff:
+        step = 1 if diff > 0 else -1
+        moved = False
+        for j in range(local - 1, -1, -1):
+            if diff == 0:
+                break
+            if 0 <= plan[j] + step <= n:
+                plan[j] += step
+                diff -= step
+                moved = True
+        if not moved:  # Unreachable: 0 <= total <= n * local.
+            raise RuntimeError(f"spread plan of {total} rows does not fit {local} experts")
+    return np.sort(plan).astype(np.int32)
+
+
+def planned_expert_loads(
+    kind: str, num_tokens: int, num_experts: int, top_k: int, num_local_experts: int
+) -> np.ndarray:
+    """The plan of a planned distribution `kind` (`balanced` or `spread`)."""
+    if kind == "balanced":
+        return balanced_expert_loads(num_tokens, num_experts, top_k, num_local_experts)
+    if kind == "spread":
+        return spread_expert_loads(num_tokens, num_experts, top_k, num_local_experts)
+    raise ValueError(f"kind={kind!r}; expected one of {PLANNED_KINDS}")
 
 
 def _random_orders(bits: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -257,10 +347,31 @@ def balanced_routing(
     Raises ValueError for invalid arguments or an infeasible plan. Under
     `jax.jit` the sizes must be static.
     """
+    return _planned_routing(
+        "balanced",
+        key,
+        num_tokens,
+        num_experts,
+        top_k,
+        num_local_experts=num_local_experts,
+        local_expert_offset=local_expert_offset,
+    )
+
+
+def _planned_routing(
+    kind: str,
+    key: jax.Array,
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    num_local_experts: int | None,
+    local_expert_offset: int,
+) -> jax.Array:
     if num_local_experts is None:
         num_local_experts = num_experts
     _check_shape_args(num_tokens, num_experts, top_k, num_local_experts, local_expert_offset)
-    plan = _plan(num_tokens, num_experts, top_k, num_local_experts)
+    plan = planned_expert_loads(kind, num_tokens, num_experts, top_k, num_local_experts)
     return _balanced_routing(
         key,
         num_tokens=int(num_tokens),
@@ -273,7 +384,7 @@ def balanced_routing(
 
 @dataclasses.dataclass(frozen=True)
 class RoutingDistribution:
-    """How profiling routings are drawn: `balanced`, `uniform` or `zipf:S`.
+    """How profiling routings are drawn: `balanced`, `spread`, `uniform` or `zipf:S`.
 
     `zipf_exponent` (S >= 0) is used by `zipf` only and must keep its default
     for the other kinds. `str()` and `parse()` are inverses.
@@ -300,16 +411,16 @@ class RoutingDistribution:
 
     @classmethod
     def parse(cls, text: str | RoutingDistribution) -> RoutingDistribution:
-        """`'balanced'`, `'uniform'`, `'zipf'` (exponent 1) or `'zipf:1.2'`."""
+        """`'balanced'`, `'spread'`, `'uniform'`, `'zipf'` (exponent 1) or `'zipf:1.2'`."""
         if isinstance(text, RoutingDistribution):
             return text
         if not isinstance(text, str):
             raise TypeError(f"distribution={text!r}; expected a str or RoutingDistribution")
-        match = re.fullmatch(r"(balanced|uniform|zipf)(?::([0-9.eE+-]+))?", text.strip())
+        match = re.fullmatch(r"(balanced|spread|uniform|zipf)(?::([0-9.eE+-]+))?", text.strip())
         if match is None or (match.group(2) is not None and match.group(1) != "zipf"):
             raise ValueError(
-                f"distribution={text!r}; expected 'balanced', 'uniform', 'zipf' or "
-                "'zipf:<exponent>'"
+                f"distribution={text!r}; expected 'balanced', 'spread', 'uniform', 'zipf' "
+                "or 'zipf:<exponent>'"
             )
         if match.group(2) is None:
             return cls(match.group(1))
@@ -324,6 +435,23 @@ class RoutingDistribution:
             return self.kind
         exponent = repr(self.zipf_exponent)  # Shortest text that reads back exactly.
         return f"zipf:{exponent.removesuffix('.0')}"
+
+
+def split_profile(profile: str) -> tuple[str, tuple[str, ...]]:
+    """`(primary, secondary)` routings of a profile `'balanced+spread'`: the cells'
+    routing and `SearchConfig.secondary`. Each part is a `RoutingDistribution`
+    (canonical text); parts must differ. ValueError otherwise."""
+    if not isinstance(profile, str) or not profile.strip():
+        raise ValueError(f"profile={profile!r}; expected routings joined by '+'")
+    parts = tuple(str(RoutingDistribution.parse(p)) for p in profile.split("+"))
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"profile={profile!r} names a routing twice")
+    return parts[0], parts[1:]
+
+
+def join_profile(primary: str, secondary: Sequence[str] = ()) -> str:
+    """The canonical profile text of `primary` and `secondary` routings."""
+    return "+".join((primary, *secondary))
 
 
 @functools.partial(jax.jit, static_argnames=("num_tokens", "num_experts", "top_k"))
@@ -397,16 +525,18 @@ def profile_routing(
 ) -> jax.Array:
     """int32 `(num_tokens, top_k)` expert ids drawn from `key` under `distribution`.
 
-    `balanced` is `balanced_routing`; `uniform` and `zipf:S` ignore the local
-    range apart from validating it. Every token has top_k distinct ids in
-    `[0, num_experts)`; the output is bit-identical for a key on every backend.
+    `balanced` is `balanced_routing`, `spread` the same generator with the spread
+    plan; `uniform` and `zipf:S` ignore the local range apart from validating it.
+    Every token has top_k distinct ids in `[0, num_experts)`; the output is
+    bit-identical for a key on every backend.
     """
     distribution = RoutingDistribution.parse(distribution)
     if num_local_experts is None:
         num_local_experts = num_experts
     _check_shape_args(num_tokens, num_experts, top_k, num_local_experts, local_expert_offset)
-    if distribution.kind == "balanced":
-        return balanced_routing(
+    if distribution.kind in PLANNED_KINDS:
+        return _planned_routing(
+            distribution.kind,
             key,
             num_tokens,
             num_experts,

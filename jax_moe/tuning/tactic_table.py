@@ -53,7 +53,7 @@ from typing import Any, Literal
 
 from jax_moe.tactic import Tactic, tactic_from_json
 from jax_moe.tuning.problem import ProblemKey
-from jax_moe.tuning.routing_generator import RoutingDistribution
+from jax_moe.tuning.routing_generator import RoutingDistribution, join_profile, split_profile
 
 __all__ = [
     "FILE_FORMAT",
@@ -108,7 +108,9 @@ class TableMetadata:
       arch: e.g. `sm_90a`; every problem in the table has this arch.
       jax_moe_version, dsl_version: library versions used for tuning.
       created: UTC time of tuning, ISO 8601.
-      distribution: the profiling routing distribution, `str(RoutingDistribution)`.
+      distribution: the profiling routing, `str(RoutingDistribution)`, or a profile of
+        several joined by `+` (`balanced+spread`: the first is the cells' routing,
+        the others the robust choice's secondary routings; see `jax_moe.tuning.tuner`).
       profile_key: the raw data of the `jax.random` key the inputs came from.
     """
 
@@ -127,7 +129,10 @@ class TableMetadata:
                 raise ValueError(f"TableMetadata.{name}={value!r}; expected a non-empty str")
         if not _ARCH_NAME.match(self.arch):
             raise ValueError(f"TableMetadata.arch={self.arch!r}; expected a name like 'sm_90a'")
-        canonical = str(RoutingDistribution.parse(self.distribution))
+        try:
+            canonical = join_profile(*split_profile(self.distribution))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"TableMetadata.distribution: {error}") from None
         if canonical != self.distribution:
             raise ValueError(
                 f"TableMetadata.distribution={self.distribution!r}; expected {canonical!r}"
@@ -164,7 +169,11 @@ class TableMetadata:
             jax_moe_version=_package_version("jax_moe", "jax_moe"),
             dsl_version=_package_version("nvidia-cutlass-dsl"),
             created=created,
-            distribution=str(RoutingDistribution.parse(distribution)),
+            distribution=(
+                join_profile(*split_profile(distribution))
+                if isinstance(distribution, str)
+                else str(distribution)
+            ),
             profile_key=_key_data(profile_key),
         )
 

@@ -18,6 +18,23 @@ fastest counts as tied, and among tied ones the first in the exported variant
 order (for `block_m`: the smallest) wins. The chosen pair is then within about
 `2 * tie_tolerance` of the fastest pair.
 
+Robust choice (`SearchConfig.secondary`, a profile such as `balanced+spread`).
+The cell's routing is the primary profile; each secondary routing (by default
+none) re-times the promising candidates: per op and `block_m`, the tactics
+within `1 + secondary_margin` of the fastest under the primary routing, of the
+`block_m`s whose best pair is within that margin of the best pair. Over every
+pair of those with a time under every routing, the score of a pair is its worst
+normalized time
+
+    score(pair) = max over routings r of  time_r(pair) / min over pairs of time_r
+
+and the pair with the smallest score is chosen (ties within `tie_tolerance` go
+to the first in `block_m`, then variant, order). A pair that is fastest under
+one routing but slow under another loses to one that is close to the best under
+both: the balanced plan is a busy rank with evenly filled experts, the spread
+plan a typical rank's uneven loads (`jax_moe.tuning.routing_generator`), and a
+served batch lies between the two.
+
 `table_entries` writes one `TacticEntry` per op: the chosen tactic, its time and
 as runner-up the fastest other timed tactic of the op with the same `block_m`
 (so it can replace the chosen one without changing the routing metadata).
@@ -43,7 +60,12 @@ from jax_moe.tuning.profiler import (
     Profiler,
     TuneCell,
 )
-from jax_moe.tuning.routing_generator import balanced_expert_loads
+from jax_moe.tuning.routing_generator import (
+    RoutingDistribution,
+    balanced_expert_loads,
+    join_profile,
+    split_profile,
+)
 from jax_moe.tuning.tactic_table import TableMetadata, TacticEntry, TacticTable
 
 __all__ = [
@@ -58,8 +80,12 @@ __all__ = [
     "default_pair",
     "exported_variants",
     "format_summary",
+    "choose_robust_pair",
+    "join_profile",
     "make_cells",
     "measure_cell",
+    "secondary_candidates",
+    "split_profile",
     "table_entries",
     "tune_cells",
 ]
@@ -125,18 +151,35 @@ class SearchConfig:
         chosen pair is unchanged while one scan's error stays below about half
         the margin (a best tactic read high and a rival read low must still be
         within `1 + screen` of each other).
+      secondary: routings (`RoutingDistribution` texts, e.g. `('spread',)`) under
+        which the promising candidates are timed again for the robust choice
+        (module docstring); empty (default): the plain choice.
+      secondary_margin: which candidates are promising (module docstring).
     """
 
     tie_tolerance: float = 0.005
     screen: float = 0.0
+    secondary: tuple[str, ...] = ()
+    secondary_margin: float = 0.25
 
     def __post_init__(self) -> None:
         tol = self.tie_tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 0.5:
             raise ValueError(f"SearchConfig.tie_tolerance={tol!r}; expected a float in [0, 0.5)")
-        margin = self.screen
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
-            raise ValueError(f"SearchConfig.screen={margin!r}; expected a float >= 0")
+        for name in ("screen", "secondary_margin"):
+            margin = getattr(self, name)
+            if (
+                isinstance(margin, bool)
+                or not isinstance(margin, (int, float))
+                or not 0 <= margin < float("inf")
+            ):
+                raise ValueError(f"SearchConfig.{name}={margin!r}; expected a float >= 0")
+        if isinstance(self.secondary, str):
+            raise TypeError(f"SearchConfig.secondary={self.secondary!r}; expected a tuple of str")
+        secondary = tuple(str(RoutingDistribution.parse(r)) for r in self.secondary)
+        if len(set(secondary)) != len(secondary):
+            raise ValueError(f"SearchConfig.secondary={self.secondary!r} names a routing twice")
+        object.__setattr__(self, "secondary", secondary)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +223,8 @@ class CellResult:
       choice: the chosen pair, None if no block_m had timed tactics of both ops.
       skipped: why the cell was not timed at all (e.g. an infeasible balanced plan).
       seconds: wall time spent on the cell.
+      secondary: routing -> timings of the candidates re-timed under that
+        secondary routing (`SearchConfig.secondary`); empty without.
     """
 
     cell: TuneCell
@@ -188,6 +233,7 @@ class CellResult:
     choice: PairChoice | None = None
     skipped: str | None = None
     seconds: float = 0.0
+    secondary: Mapping[str, Timings] = dataclasses.field(default_factory=dict)
 
     def times(self, op: str) -> dict[Tactic, float]:
         """Tactic -> microseconds of the successfully timed tactics of `op`."""
@@ -217,7 +263,11 @@ def _first_within(times: Mapping[Tactic, float], tolerance: float) -> Tactic:
 
 
 def _op_choice(times: Mapping[Tactic, float], tolerance: float) -> OpChoice:
-    chosen = _first_within(times, tolerance)
+    return _op_choice_of(times, _first_within(times, tolerance))
+
+
+def _op_choice_of(times: Mapping[Tactic, float], chosen: Tactic) -> OpChoice:
+    """`chosen` with its time and the fastest other tactic of `times` as runner-up."""
     others = {t: us for t, us in times.items() if t != chosen}
     if not others:
         return OpChoice(chosen, times[chosen])
@@ -229,13 +279,7 @@ def choose_pair(timings: Timings, search: SearchConfig | None = None) -> PairCho
     """The best (GEMM1, GEMM2) pair sharing a block_m (see the module docstring)."""
     search = search or SearchConfig()
     by_block: dict[int, tuple[OpChoice, OpChoice]] = {}
-    per_op = []
-    for op in OPS:
-        times: dict[int, dict[Tactic, float]] = {}
-        for tactic, result in timings.get(op, {}).items():
-            if isinstance(result, Measurement):
-                times.setdefault(tactic.block_m, {})[tactic] = result.time_us
-        per_op.append(times)
+    per_op = _measured(timings)
     for block_m in sorted(set(per_op[0]) & set(per_op[1])):
         by_block[block_m] = tuple(_op_choice(t[block_m], search.tie_tolerance) for t in per_op)
     if not by_block:
@@ -244,6 +288,74 @@ def choose_pair(timings: Timings, search: SearchConfig | None = None) -> PairCho
     fastest = min(sums.values())
     block_m = next(bm for bm, us in sums.items() if us <= fastest * (1 + search.tie_tolerance))
     return PairChoice(block_m, *by_block[block_m])
+
+
+def _measured(timings: Timings) -> list[dict[int, dict[Tactic, float]]]:
+    """Per op (in `OPS` order): block_m -> tactic -> microseconds of the measured tactics."""
+    per_op = []
+    for op in OPS:
+        times: dict[int, dict[Tactic, float]] = {}
+        for tactic, result in timings.get(op, {}).items():
+            if isinstance(result, Measurement):
+                times.setdefault(tactic.block_m, {})[tactic] = result.time_us
+        per_op.append(times)
+    return per_op
+
+
+def secondary_candidates(timings: Timings, margin: float) -> dict[str, tuple[Tactic, ...]]:
+    """op -> the promising tactics to re-time under a secondary routing (module docstring)."""
+    g1, g2 = _measured(timings)
+    blocks = sorted(set(g1) & set(g2))
+    if not blocks:
+        return {op: () for op in OPS}
+    best = {bm: min(g1[bm].values()) + min(g2[bm].values()) for bm in blocks}
+    fastest = min(best.values())
+    kept = [bm for bm in blocks if best[bm] <= fastest * (1 + margin)]
+    out = {}
+    for op, per_block in zip(OPS, (g1, g2), strict=True):
+        chosen = set()
+        for bm in kept:
+            limit = min(per_block[bm].values()) * (1 + margin)
+            chosen |= {t for t, us in per_block[bm].items() if us <= limit}
+        out[op] = tuple(t for t in timings[op] if t in chosen)  # variant order
+    return out
+
+
+def choose_robust_pair(
+    timings: Timings,
+    secondary: Mapping[str, Timings],
+    search: SearchConfig | None = None,
+) -> PairChoice | None:
+    """The pair with the smallest worst normalized time over the primary `timings` and
+    every routing of `secondary` (module docstring); the plain `choose_pair` when no
+    pair was timed under every routing. Times in the result are the primary ones."""
+    search = search or SearchConfig()
+    if not secondary:
+        return choose_pair(timings, search)
+    profiles = [timings, *secondary.values()]
+    measured = [_measured(t) for t in profiles]
+    g1_all, g2_all = measured[0]
+    pairs = []
+    for bm in sorted(set(g1_all) & set(g2_all)):
+        for g1 in g1_all[bm]:
+            for g2 in g2_all[bm]:
+                if all(g1 in m[0].get(bm, {}) and g2 in m[1].get(bm, {}) for m in measured):
+                    pairs.append((g1, g2))
+    if not pairs:
+        return choose_pair(timings, search)
+    totals = [
+        {(g1, g2): m[0][g1.block_m][g1] + m[1][g1.block_m][g2] for g1, g2 in pairs}
+        for m in measured
+    ]
+    best = [min(t.values()) for t in totals]
+    scores = {p: max(t[p] / b for t, b in zip(totals, best, strict=True)) for p in pairs}
+    lowest = min(scores.values())
+    g1, g2 = next(p for p in pairs if scores[p] <= lowest * (1 + search.tie_tolerance))
+    return PairChoice(
+        g1.block_m,
+        _op_choice_of(g1_all[g1.block_m], g1),
+        _op_choice_of(g2_all[g1.block_m], g2),
+    )
 
 
 def _timed(call, op: str, tactic: Tactic, cell: TuneCell) -> Measurement | Failure:
@@ -276,7 +388,9 @@ def measure_cell(
 ) -> CellResult:
     """Times every valid exported tactic of both ops on `cell` (no choice made).
 
-    With `search.screen > 0` the candidates are screened first (`SearchConfig`).
+    With `search.screen > 0` the candidates are screened first, and with
+    `search.secondary` the promising ones are timed again under each secondary
+    routing (`SearchConfig`).
     """
     search = search or SearchConfig()
     start = time.perf_counter()
@@ -301,7 +415,18 @@ def measure_cell(
             }
         else:
             timings[op] = {t: _timed(profiler.time, op, t, cell) for t in valid[op]}
-    return CellResult(cell, timings, rejected, seconds=time.perf_counter() - start)
+    secondary = {}
+    if search.secondary:
+        again = secondary_candidates(timings, search.secondary_margin)
+        for routing in search.secondary:
+            other = dataclasses.replace(cell, routing=routing)
+            profiler.prepare_cell(other, again)
+            secondary[routing] = {
+                op: {t: _timed(profiler.time, op, t, other) for t in again[op]} for op in OPS
+            }
+    return CellResult(
+        cell, timings, rejected, seconds=time.perf_counter() - start, secondary=secondary
+    )
 
 
 class Progress:
@@ -357,12 +482,14 @@ def _note(result: CellResult) -> str:
     if result.skipped:
         return f"skipped ({result.skipped})"
     timed = sum(len(result.times(op)) for op in OPS)
+    again = sum(len(t) for timings in result.secondary.values() for t in timings.values())
     failed = len(result.failures())
+    counts = f"{timed} timed" + (f", {again} again" if result.secondary else "")
     if result.choice is None:
-        return f"no pair ({timed} timed, {failed} failed)"
+        return f"no pair ({counts}, {failed} failed)"
     return (
         f"block_m={result.choice.block_m} {result.choice.total_us:.1f} us "
-        f"({timed} timed, {failed} failed)"
+        f"({counts}, {failed} failed)"
     )
 
 
@@ -379,7 +506,8 @@ def tune_cells(
     for cell in cells:
         result = measure_cell(profiler, cell, search)
         if not result.skipped:
-            result = dataclasses.replace(result, choice=choose_pair(result.timings, search))
+            choice = choose_robust_pair(result.timings, result.secondary, search)
+            result = dataclasses.replace(result, choice=choice)
         progress.update(result, _note(result))
         results.append(result)
     return results
