@@ -2,7 +2,9 @@
 
 The default tactics of both GEMMs compile and export in the fast suite; every
 exported variant is compiled in the test marked `slow` (about a minute on 2 cores).
-Skipped when the CuTe DSL is not installed.
+The programmatic-dependent-launch switch (`JAX_MOE_PDL`) is checked on the PTX
+and the launch configuration of one small variant of each op. Skipped when the
+CuTe DSL is not installed.
 """
 
 from __future__ import annotations
@@ -214,3 +216,102 @@ def test_scale_conversion_is_exact_for_every_e4m3_byte():
     got = halves.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
     np.testing.assert_array_equal(got[:, 0], got[:, 1])
     np.testing.assert_array_equal(got[nonzero, 0], e4m3[nonzero] * 2.0**117)
+
+
+def test_pdl_switch_parses_the_environment(monkeypatch):
+    from jax_moe.kernels import PDL_ENV, pdl_enabled
+
+    monkeypatch.delenv(PDL_ENV, raising=False)
+    assert pdl_enabled()
+    monkeypatch.setenv(PDL_ENV, "0")
+    assert not pdl_enabled()
+    monkeypatch.setenv(PDL_ENV, "1")
+    assert pdl_enabled()
+    monkeypatch.setenv(PDL_ENV, "yes")
+    with pytest.raises(ValueError, match=PDL_ENV):
+        pdl_enabled()
+
+
+def test_exported_table_header_records_the_pdl_switch():
+    from jax_moe import _export
+
+    for pdl in (True, False):
+        header = _export._generate_header([], "sm_90a", "0.0", pdl)
+        assert f"#define JAX_MOE_KERNELS_PDL {int(pdl)}" in header
+    with pytest.raises(TypeError, match="pdl"):
+        _export.export_kernels("unused", pdl=1)
+
+
+def _pdl_cases():
+    gemm_cp_async = dict(block_m=16, block_w=64, warps_m=4, warps_n=1, stages=3, cp_async=True)
+    split = dict(block_m=16, block_w=64, warps_m=4, warps_n=1, stages=2, cp_async=False, split_k=4)
+    return [
+        ("routing", None),
+        ("combine", None),
+        ("moe_gemm1", cfg.MoeGemm1Sm90Tactic(**split)),
+        ("moe_gemm2", cfg.MoeGemm2Sm90Tactic(**split)),
+        ("moe_gemm2", cfg.MoeGemm2Sm90Tactic(**gemm_cp_async)),
+    ]
+
+
+@requires_dsl
+@pytest.mark.parametrize("op, tactic", _pdl_cases(), ids=lambda x: str(x))
+def test_pdl_switch_sets_launch_attribute_and_griddepcontrol(
+    dsl, op, tactic, tmp_path, monkeypatch
+):
+    """With `JAX_MOE_PDL=1` the launch allows programmatic stream serialization and the
+    kernel waits (`griddepcontrol.wait`) before its first dependent access; with 0
+    neither appears."""
+    import importlib
+    import re
+
+    from cutlass.cutlass_dsl import cutlass as dsl_core
+
+    from jax_moe.kernels import KERNEL_MODULES, PDL_ENV
+
+    cute, _ = dsl
+    module = importlib.import_module(KERNEL_MODULES[op])
+    variant = tactic if tactic is not None else module.variants()[-1]
+    recorded = []
+    dialect = dsl_core.cuda_dialect
+    original = dialect.launch_cfg_programmatic_stream_serialization_allowed
+
+    def spy(cfg_value, value, *args, **kwargs):
+        # `value` is an i32 constant: `"arith.constant"() <{value = 1 : i32}>`.
+        recorded.append(int(re.search(r"value = (-?\d+) : i32", str(value.owner)).group(1)))
+        return original(cfg_value, value, *args, **kwargs)
+
+    monkeypatch.setattr(dialect, "launch_cfg_programmatic_stream_serialization_allowed", spy)
+    for pdl in (True, False):
+        monkeypatch.setenv(PDL_ENV, "1" if pdl else "0")
+        recorded.clear()
+        fn, fake_args = module.export_spec(variant)
+        dump = tmp_path / f"pdl{int(pdl)}"
+        dump.mkdir()
+        compiled = cute.compile(fn, *fake_args, options=f"--keep-ptx --dump-dir={dump}")
+        ptx = compiled.__ptx__
+        assert ptx and ".target sm_90a" in ptx
+        assert recorded == [int(pdl)], recorded
+        if not pdl:
+            assert "griddepcontrol" not in ptx
+            continue
+        assert ptx.count("griddepcontrol.launch_dependents") == 1
+        wait = ptx.index("griddepcontrol.wait")
+        trigger = ptx.index("griddepcontrol.launch_dependents")
+        before_wait = ptx[:wait]
+        assert "st.global" not in before_wait
+        if op in ("routing", "moe_gemm1"):
+            # The first kernel waits for the stream; GEMM1 for routing's metadata.
+            assert "ld.global" not in before_wait and trigger > wait
+        elif op == "combine":
+            # Only routing's slot_row is read (from L2) before waiting for GEMM2's rows.
+            assert "ld.global.cg.b32" in before_wait
+            assert "ld.global.v4" not in before_wait and "ld.global.b32" not in before_wait
+        else:
+            # GEMM2: routing's tile_expert (from L2) and the first weight K steps are
+            # loaded before the wait for GEMM1's activations that precedes the trigger.
+            assert "ld.global.cg.b32" in before_wait
+            loads = ("ld.global.v4", "cp.async.cg")
+            assert any(load in ptx[:trigger] for load in loads)
+            assert ptx.count("griddepcontrol.wait") == 2  # + inactive first tile
+            assert "ldmatrix" not in ptx[:trigger] and "st.global" not in ptx[:trigger]

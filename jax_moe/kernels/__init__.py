@@ -45,6 +45,43 @@ into `libjax_moe_kernels.a`, and writes `jax_moe_kernels.h`, which declares
 
 and `jax_moe_kernels.cc`, the table itself.
 
+Programmatic dependent launch
+=============================
+
+The layer's four kernels run back to back on one stream: routing -> GEMM1 ->
+GEMM2 -> combine. With programmatic dependent launch (PDL) each kernel is
+launched with the programmatic-stream-serialization attribute, so its CTAs may
+start while the previous kernel is still running, and synchronizes on the
+device instead:
+
+* `griddepcontrol.wait` (`cute.arch.griddepcontrol_wait`) blocks until the
+  previous grid has completed and its memory is visible. Every kernel executes
+  it before its first read of a buffer written by an earlier kernel of the
+  layer and before its first global write (a new output may reuse the memory
+  of a buffer the previous kernel still reads). Every CTA of every kernel
+  waits, except GEMM2's inactive row tiles (`tile_expert < 0`), which write
+  nothing; of those, the CTAs of the first row tile's first weight tile wait
+  too, so every grid has a CTA that waits and never completes before its
+  predecessor (hence before every earlier kernel).
+* `griddepcontrol.launch_dependents` lets the next kernel start once every CTA
+  has issued it or exited. A CTA issues it only after its own wait, so when a
+  kernel starts, the kernel two back has completed: GEMM2 reads routing's
+  `tile_expert` and loads its first weight K steps before its wait, and the
+  combine reads routing's `slot_row` before its wait. Those early reads of
+  routing's output use `ld.global.cg` (L2), never a possibly stale L1 line.
+
+A launch that does not follow a PDL-enabled kernel, or one without the
+attribute, behaves as before (`griddepcontrol.wait` returns at once), so the
+kernels stay correct when launched on their own. Results are unchanged, bit
+for bit.
+
+PDL is a build-time switch: the environment variable `JAX_MOE_PDL` (`1`, the
+default, or `0`) read by `pdl_enabled()` when a kernel is built. With `0` the
+kernels contain no `griddepcontrol` instruction and their launch sets the
+attribute to 0 (no overlap): the same kernels as before PDL was added.
+`python -m jax_moe._export --pdl {0,1}` sets it for the export and records it
+in `manifest.json` (`"pdl"`) and `jax_moe_kernels.h` (`JAX_MOE_KERNELS_PDL`).
+
 Adding a kernel op
 ==================
 
@@ -63,9 +100,35 @@ Adding a kernel op
 
 from __future__ import annotations
 
+import os
+
 from jax_moe.kernels import combine_config, moe_gemm_config, routing_config
 
-__all__ = ["KERNEL_MODULES", "combine_config", "moe_gemm_config", "routing_config"]
+__all__ = [
+    "KERNEL_MODULES",
+    "PDL_ENV",
+    "combine_config",
+    "moe_gemm_config",
+    "pdl_enabled",
+    "routing_config",
+]
+
+#: Environment variable of the programmatic-dependent-launch switch ("1" or "0").
+PDL_ENV = "JAX_MOE_PDL"
+
+
+def pdl_enabled() -> bool:
+    """Whether kernels are built with programmatic dependent launch (`JAX_MOE_PDL`).
+
+    Unset or empty means on. Raises ValueError for anything but "0" or "1".
+    """
+    value = os.environ.get(PDL_ENV, "").strip()
+    if value in ("", "1"):
+        return True
+    if value == "0":
+        return False
+    raise ValueError(f"{PDL_ENV}={value!r}; expected '1' (default) or '0'")
+
 
 # op name -> kernel module, in table order. Each module follows the interface above.
 KERNEL_MODULES: dict[str, str] = {

@@ -22,6 +22,17 @@ with one 16-byte store; a block of `threads` threads spans `threads * vector`
 columns; the grid is `(num_tokens, ceil(hidden / (threads * vector)))`. Every
 load and store of a warp is contiguous and coalesced.
 
+Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): `y` is
+the output of GEMM2, the kernel right before, and `out` may reuse memory an
+earlier kernel still reads, so every thread executes `griddepcontrol.wait`
+before its first read of `y` and its store, then issues `launch_dependents`.
+Before the wait it loads its token's first `PREFETCH_SLOTS` entries of
+`slot_row` into registers (from L2, `ld.global.cg`): they were written by the
+routing kernel, which has completed once this grid runs (every GEMM1 CTA waited
+for it before GEMM2 could start), so after the wait the `y` loads need not wait
+for them. The sum keeps its order. Without `pdl` the kernel reads `slot_row`
+inside its loop.
+
 `variants()` and `export_spec()` follow the kernel-module interface of
 `jax_moe.kernels` (ahead-of-time export). Importing this module needs the
 CuTe DSL (`nvidia-cutlass-dsl`); the tactics live in the DSL-free
@@ -37,19 +48,25 @@ import cutlass.cute as cute
 from cuda.bindings import driver as cuda
 from cutlass.cute.runtime import make_fake_compact_tensor
 
+from jax_moe.kernels import pdl_enabled
 from jax_moe.kernels.combine_config import COMBINE_SM90_TACTICS, CombineSm90Tactic
+from jax_moe.kernels.nvfp4_decode_sm90 import load_global_cg_i32
 
-__all__ = ["OP", "export_spec", "make_combine", "variants"]
+__all__ = ["OP", "PREFETCH_SLOTS", "export_spec", "make_combine", "variants"]
 
 # The FFI op this module implements (target `jax_moe_combine`).
 OP = "combine"
+# slot_row entries per token loaded before griddepcontrol.wait (with PDL).
+PREFETCH_SLOTS = 8
 
 
-def make_combine(tactic: CombineSm90Tactic):
+def make_combine(tactic: CombineSm90Tactic, pdl: bool | None = None):
     """The `@cute.jit` host function of the combine kernel for `tactic`.
 
-    Signature: `combine(y, slot_row, out, top_k: Int32, stream: CUstream)`.
+    Signature: `combine(y, slot_row, out, top_k: Int32, stream: CUstream)`. `pdl`:
+    programmatic dependent launch (default: `jax_moe.kernels.pdl_enabled()`).
     """
+    use_pdl = pdl_enabled() if pdl is None else bool(pdl)
     threads = tactic.threads
     vector = tactic.vector
 
@@ -64,10 +81,27 @@ def make_combine(tactic: CombineSm90Tactic):
         token, column_block, _ = cute.arch.block_idx()
         column = column_block * threads + tidx
         num_rows = cute.size(y_tiles, mode=[1, 0])
+        if cutlass.const_expr(use_pdl):
+            rows = cute.make_rmem_tensor((PREFETCH_SLOTS,), cutlass.Int32)
+            # Routing's slot_row is complete; GEMM2's y is not until the wait.
+            for j in cutlass.range_constexpr(PREFETCH_SLOTS):
+                rows[j] = -1
+                if j < top_k:
+                    rows[j] = load_global_cg_i32(slot_row, token * top_k + j)
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
         if column < cute.size(out_tiles, mode=[1, 1]):
             acc = cute.make_rmem_tensor(((1, vector),), cutlass.Float32)
             acc.fill(0.0)
-            for j in cutlass.range(top_k):
+            first = 0
+            if cutlass.const_expr(use_pdl):
+                first = PREFETCH_SLOTS
+                for j in cutlass.range_constexpr(PREFETCH_SLOTS):
+                    early = rows[j]
+                    if early >= 0:
+                        if early < num_rows:
+                            acc.store(acc.load() + y_tiles[(None, (early, column))].load())
+            for j in cutlass.range(first, top_k):
                 row = slot_row[token * top_k + j]
                 if row >= 0:
                     if row < num_rows:
@@ -87,7 +121,10 @@ def make_combine(tactic: CombineSm90Tactic):
         num_tokens = cute.size(out, mode=[0])
         column_blocks = cute.ceil_div(cute.size(out_tiles, mode=[1, 1]), threads)
         combine_kernel(y_tiles, slot_row, out_tiles, top_k).launch(
-            grid=(num_tokens, column_blocks, 1), block=(threads, 1, 1), stream=stream
+            grid=(num_tokens, column_blocks, 1),
+            block=(threads, 1, 1),
+            stream=stream,
+            use_pdl=use_pdl,
         )
 
     return combine

@@ -36,6 +36,12 @@ top_k (not checked by the kernel).
 
 Grid: ``(2 * intermediate / block_w, m_pad / block_m, split_k)``, 128 threads; with
 ``split_k > 1`` the CTAs of one tile form a cluster and split the K loop.
+
+Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): the
+routing kernel right before writes `tile_expert` and `sorted_slots`, so every
+CTA, active or not and in every split-K rank, executes `griddepcontrol.wait`
+first (only index arithmetic precedes it), then `launch_dependents`, then reads
+`tile_expert`. Its global writes (`act`) all follow the wait.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import cutlass.cute as cute
 from cutlass.cute.runtime import make_fake_compact_tensor
 from cutlass.memory import SmemAllocator
 
+from jax_moe.kernels import pdl_enabled
 from jax_moe.kernels.moe_gemm_config import MoeGemm1Sm90Tactic, gemm1_variants
 from jax_moe.kernels.nvfp4_decode_sm90 import (
     DECODE_EXPONENT_SHIFT,
@@ -61,9 +68,12 @@ OP = "moe_gemm1"
 
 
 class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
-    """GEMM1 kernel for one tactic; `cute.compile(MoeGemm1Sm90(t), *args)`."""
+    """GEMM1 kernel for one tactic; `cute.compile(MoeGemm1Sm90(t), *args)`.
 
-    def __init__(self, tactic: MoeGemm1Sm90Tactic):
+    `pdl`: programmatic dependent launch (default: `jax_moe.kernels.pdl_enabled()`).
+    """
+
+    def __init__(self, tactic: MoeGemm1Sm90Tactic, pdl: bool | None = None):
         super().__init__(
             tactic.block_w,
             tactic.block_m,
@@ -72,6 +82,7 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
             tactic.stages,
             tactic.cp_async,
             tactic.split_k,
+            pdl_enabled() if pdl is None else pdl,
         )
         self.tactic = tactic
 
@@ -110,6 +121,9 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
     ):
         tidx, _, _ = cute.arch.thread_idx()
         bid_w, bid_t, _ = cute.arch.block_idx()
+        # Routing (the previous kernel) wrote tile_expert and sorted_slots.
+        self.dependency_wait()
+        self.launch_dependents()
         expert = tile_expert[bid_t]
         if expert >= 0:
             smem = SmemAllocator()

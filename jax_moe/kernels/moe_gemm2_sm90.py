@@ -30,6 +30,18 @@ and `y`; `tile_expert` entries < num_local_experts and slots < len(topk_weights)
 
 Grid: ``(hidden / block_w, m_pad / block_m, split_k)``, 128 threads; with ``split_k > 1``
 the CTAs of one tile form a cluster and split the K loop.
+
+Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): this
+kernel starts only once every GEMM1 CTA has waited for the routing kernel and
+triggered (or exited), so routing's `tile_expert` is complete and is read before
+the wait (from L2, `ld.global.cg`), as are the weights (inputs of the layer). An
+active CTA (every rank of a split-K cluster) loads its first `stages` K steps of
+weights, then executes `griddepcontrol.wait` (GEMM1's `act` is complete and
+visible), then `launch_dependents`, then reads `act`, `sorted_slots` and
+`topk_weights` and writes `y`. An inactive CTA (``tile_expert[t] < 0``) writes
+nothing and exits without waiting, except those of the first row tile's first
+weight tile (inactive only when no slot is local): they wait before exiting, so
+at least one CTA waits and the grid never completes before GEMM1.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ import cutlass.cute as cute
 from cutlass.cute.runtime import make_fake_compact_tensor
 from cutlass.memory import SmemAllocator
 
+from jax_moe.kernels import pdl_enabled
 from jax_moe.kernels.moe_gemm_config import MoeGemm2Sm90Tactic, gemm2_variants
 from jax_moe.kernels.nvfp4_decode_sm90 import (
     DECODE_EXPONENT_SHIFT,
@@ -55,9 +68,12 @@ OP = "moe_gemm2"
 
 
 class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
-    """GEMM2 kernel for one tactic; `cute.compile(MoeGemm2Sm90(t), *args)`."""
+    """GEMM2 kernel for one tactic; `cute.compile(MoeGemm2Sm90(t), *args)`.
 
-    def __init__(self, tactic: MoeGemm2Sm90Tactic):
+    `pdl`: programmatic dependent launch (default: `jax_moe.kernels.pdl_enabled()`).
+    """
+
+    def __init__(self, tactic: MoeGemm2Sm90Tactic, pdl: bool | None = None):
         super().__init__(
             tactic.block_w,
             tactic.block_m,
@@ -66,6 +82,7 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
             tactic.stages,
             tactic.cp_async,
             tactic.split_k,
+            pdl_enabled() if pdl is None else pdl,
         )
         self.tactic = tactic
 
@@ -104,7 +121,13 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
     ):
         tidx, _, _ = cute.arch.thread_idx()
         bid_w, bid_t, _ = cute.arch.block_idx()
-        expert = tile_expert[bid_t]
+        # Written by routing, two kernels back: complete once this grid runs.
+        expert = self.read_before_wait(tile_expert, bid_t)
+        if cutlass.const_expr(self.pdl):
+            if expert < 0:
+                if bid_t + bid_w == 0:
+                    # Keeps the grid from completing before GEMM1 when no tile is active.
+                    self.dependency_wait()
         if expert >= 0:
             smem = SmemAllocator()
 
@@ -123,6 +146,7 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
                 tidx,
                 smem,
                 tiled_mma,
+                wait_before_tokens=True,  # waits for GEMM1's act after the first weights
             )
 
             global_scale = w2_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)

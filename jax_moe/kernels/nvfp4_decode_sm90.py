@@ -25,6 +25,14 @@ the two GEMMs; this module holds everything else:
   `stages` K steps ahead, into a register ring (default) or through a cp.async
   shared-memory ring (`cp_async`). The fp32 tile is then staged in shared memory
   (``s_c[q, j]``) for the epilogue, which applies the global scale.
+* programmatic dependent launch (`pdl`, see :mod:`jax_moe.kernels`): the kernels
+  launch with the programmatic-stream-serialization attribute, and
+  :meth:`SwapAbNvfp4GemmSm90.dependency_wait` / :meth:`~SwapAbNvfp4GemmSm90.launch_dependents`
+  emit ``griddepcontrol.wait`` / ``griddepcontrol.launch_dependents``. With
+  ``mainloop(..., wait_before_tokens=True)`` the main loop loads its first
+  `stages` K steps of weights, then waits (and triggers), then loads the token
+  rows: the weights are inputs of the layer, the token rows the previous kernel's
+  output.
 
 Exactness of the decode. A prepared code word (layout in :mod:`jax_moe.prepare`)
 places the three magnitude bits ``e1 e0 m`` of an e2m1 code in bf16 bits 8..6 and
@@ -61,6 +69,7 @@ __all__ = [
     "SwapAbNvfp4GemmSm90",
     "decode_word_pair",
     "fake_routed_weight_args",
+    "load_global_cg_i32",
     "mul_bf16x2",
     "scale_bf16x2",
 ]
@@ -123,6 +132,17 @@ def load_dsmem_f32(address: cutlass.Int32, *, loc=None, ip=None) -> cutlass.Floa
     return cutlass.Float32(result)
 
 
+def load_global_cg_i32(tensor: cute.Tensor, index) -> cutlass.Int32:
+    """`tensor[index]` of a global int32 tensor read with `ld.global.cg` (L2, not L1).
+
+    For reads before `griddepcontrol.wait` of data written by a kernel that has
+    completed (see :mod:`jax_moe.kernels`): L2 holds its writes, an SM's L1 might
+    still hold a line cached before them.
+    """
+    address = tensor.iterator + cute.crd2idx(index, tensor.layout)
+    return cute.arch.load(address.llvm_ptr, cutlass.Int32, cop="cg")
+
+
 def scale_bf16x2(spread, u32=cutlass.Uint32):
     """bf16x2 `(scale, scale) * 2**117` of a prepared scale byte spread to both halves.
 
@@ -182,6 +202,8 @@ class SwapAbNvfp4GemmSm90:
         of their fp32 tiles in rank order (read through distributed shared memory, so
         the result does not depend on timing), and `split_done` keeps every CTA's
         shared memory alive until the whole cluster has read it.
+      pdl: launch with programmatic dependent launch and emit the `griddepcontrol`
+        instructions of `dependency_wait` and `launch_dependents` (no-ops when False).
 
     Subclasses define a `@cute.kernel` method `kernel(*args, tiled_mma)`, launched by
     `launch_kernel`; it sets up each token chunk's source row (`b_rows`), calls
@@ -198,7 +220,10 @@ class SwapAbNvfp4GemmSm90:
         stages: int = 1,
         cp_async: bool = False,
         split_k: int = 1,
+        pdl: bool = False,
     ):
+        if not isinstance(pdl, bool):
+            raise TypeError(f"pdl={pdl!r}; expected a bool")
         if split_k not in (1, 2, 4, 8):
             raise ValueError(f"split_k={split_k}; expected 1, 2, 4 or 8")
         if split_k > 1 and cp_async:
@@ -215,6 +240,7 @@ class SwapAbNvfp4GemmSm90:
             )
         self.stages = stages
         self.cp_async = cp_async
+        self.pdl = pdl
         self.split_k = split_k
         self.block_w = block_w
         self.block_m = block_m
@@ -350,7 +376,9 @@ class SwapAbNvfp4GemmSm90:
 
         Grid: `(w_packed.shape[1] / block_w, len(tile_expert), split_k)` CTAs of
         `NUM_THREADS` threads with `smem_bytes()` of dynamic shared memory; with
-        `split_k > 1`, clusters of `(1, 1, split_k)`.
+        `split_k > 1`, clusters of `(1, 1, split_k)`. With `pdl`, the launch allows
+        programmatic stream serialization (the kernel may start before the previous
+        one on the stream has finished; it must call `dependency_wait`).
         """
         tiled_mma = self._tiled_mma()
         num_w_tiles = w_packed.shape[1] // self.block_w
@@ -362,6 +390,7 @@ class SwapAbNvfp4GemmSm90:
                 cluster=(1, 1, self.split_k),
                 smem=self.smem_bytes(),
                 stream=stream,
+                use_pdl=self.pdl,
             )
         else:
             self.kernel(*kernel_args, tiled_mma).launch(
@@ -369,7 +398,33 @@ class SwapAbNvfp4GemmSm90:
                 block=(NUM_THREADS, 1, 1),
                 smem=self.smem_bytes(),
                 stream=stream,
+                use_pdl=self.pdl,
             )
+
+    # ------------------------------------------------------------------ dependent launch
+    def dependency_wait(self) -> None:
+        """`griddepcontrol.wait` with `pdl`: blocks until the previous kernel on the stream
+        has completed and its writes are visible (returns at once without a PDL launch).
+        Must precede every read of the previous kernel's output and every global write."""
+        if cutlass.const_expr(self.pdl):
+            cute.arch.griddepcontrol_wait()
+
+    def read_before_wait(self, tensor: cute.Tensor, index) -> cutlass.Int32:
+        """`tensor[index]` (int32) for a read before `dependency_wait` of data written by a
+        kernel that has completed once this one runs (two or more kernels back).
+
+        With `pdl` the load is `ld.global.cg`: it reads L2, where the finished kernel's
+        writes are, and never an L1 line cached before them. Without `pdl`, a plain read.
+        """
+        if cutlass.const_expr(self.pdl):
+            return load_global_cg_i32(tensor, index)
+        return tensor[index]
+
+    def launch_dependents(self) -> None:
+        """`griddepcontrol.launch_dependents` with `pdl`: the next kernel may start once every
+        CTA has issued it or exited. Issued only after `dependency_wait`."""
+        if cutlass.const_expr(self.pdl):
+            cute.arch.griddepcontrol_launch_dependents()
 
     # ------------------------------------------------------------------ split-K epilogue
     def split_rank(self):
@@ -514,11 +569,14 @@ class SwapAbNvfp4GemmSm90:
         s_b: cute.Tensor,
         s_c: cute.Tensor,
         tiled_mma: cute.TiledMma,
+        wait_before_tokens: bool = False,
     ):
         """Runs the K loop and leaves the fp32 tile in `s_c` (synchronized).
 
         With split-K, this CTA covers K steps `[k_begin, k_end)` of its rank; a rank
-        past the end accumulates nothing (its tile is zero).
+        past the end accumulates nothing (its tile is zero). With `wait_before_tokens`
+        (and `pdl`), the first `stages` K steps of weights are loaded, then the CTA
+        waits for the previous kernel and triggers its dependents, then loads tokens.
         """
         num_k_steps = m_packed.shape[2] // (BLOCK_K // 2)
         k_begin = cutlass.Int32(0)
@@ -543,12 +601,24 @@ class SwapAbNvfp4GemmSm90:
         # unrolled by `depth` so every buffer index is a compile-time constant. The token
         # tile alternates between two shared-memory stages, so one barrier per step
         # suffices: a stage is rewritten only after every warp passed the next barrier.
-        for d in cutlass.range_constexpr(depth):
-            first = cutlass.min(k_begin + d, num_k_steps - 1)
-            self.load_a_step(
-                tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
-            )
-            self.load_b_step(m_b, b_rows, first, tidx, r_b[None, None, d])
+        if cutlass.const_expr(self.pdl and wait_before_tokens):
+            for d in cutlass.range_constexpr(depth):
+                first = cutlass.min(k_begin + d, num_k_steps - 1)
+                self.load_a_step(
+                    tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
+                )
+            self.dependency_wait()
+            self.launch_dependents()
+            for d in cutlass.range_constexpr(depth):
+                first = cutlass.min(k_begin + d, num_k_steps - 1)
+                self.load_b_step(m_b, b_rows, first, tidx, r_b[None, None, d])
+        else:
+            for d in cutlass.range_constexpr(depth):
+                first = cutlass.min(k_begin + d, num_k_steps - 1)
+                self.load_a_step(
+                    tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
+                )
+                self.load_b_step(m_b, b_rows, first, tidx, r_b[None, None, d])
         for k_group in cutlass.range(k_begin, k_end, depth, unroll=1):
             for d in cutlass.range_constexpr(depth):
                 k_step = k_group + d
@@ -569,12 +639,38 @@ class SwapAbNvfp4GemmSm90:
         cute.arch.sync_threads()
 
     @cute.jit
-    def mainloop(self, m_b, b_rows, m_packed, m_scale, expert, w_row0, tidx, smem, tiled_mma):
-        """Allocates shared memory, runs the K loop; returns `s_c` holding the fp32 tile."""
+    def mainloop(
+        self,
+        m_b,
+        b_rows,
+        m_packed,
+        m_scale,
+        expert,
+        w_row0,
+        tidx,
+        smem,
+        tiled_mma,
+        wait_before_tokens: bool = False,
+    ):
+        """Allocates shared memory, runs the K loop; returns `s_c` holding the fp32 tile.
+
+        `wait_before_tokens` (with `pdl`): `dependency_wait` and `launch_dependents` run
+        inside, after the first weight loads and before the first read of `m_b`.
+        """
         s_b, s_c, s_raw, s_scale = self._allocate_smem(smem)
         if cutlass.const_expr(not self.cp_async):
             self.mainloop_registers(
-                m_b, b_rows, m_packed, m_scale, expert, w_row0, tidx, s_b, s_c, tiled_mma
+                m_b,
+                b_rows,
+                m_packed,
+                m_scale,
+                expert,
+                w_row0,
+                tidx,
+                s_b,
+                s_c,
+                tiled_mma,
+                wait_before_tokens,
             )
         else:
             self.mainloop_cp_async(
@@ -590,6 +686,7 @@ class SwapAbNvfp4GemmSm90:
                 s_raw,
                 s_scale,
                 tiled_mma,
+                wait_before_tokens,
             )
         return s_c
 
@@ -606,11 +703,14 @@ class SwapAbNvfp4GemmSm90:
         s_b,
         s_raw,
         s_scale,
+        weights: bool = True,
+        tokens: bool = True,
     ):
         """cp.async of one K step's raw weight bytes, scales and token rows into `stage`.
 
         `tiles` is `weight_tiles(...)` of the CTA's expert. The CTA's bands are copied
         block by block: band `i` of the tile at `512 * i` of `s_raw` (`64 * i` of `s_scale`).
+        `weights` / `tokens` select the weight and scale copies and the token-row copies.
         """
         atom_w = cute.make_copy_atom(
             cute.nvgpu.cpasync.CopyG2SOp(cache_mode=cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
@@ -627,22 +727,24 @@ class SwapAbNvfp4GemmSm90:
         )
         codes, scales = tiles
         band0 = w_row0 // TILE_ROWS
-        for u in cutlass.range_constexpr(self.w_units):
-            unit = u * NUM_THREADS + tidx
-            src = cute.local_tile(codes[None, k_step, band0 + unit // 32], (16,), (unit % 32,))
-            dst = cute.local_tile(s_raw[None, stage], (16,), (unit,))
-            cute.copy(atom_w, src, dst)
-        if tidx < self.block_w:
-            ssrc = cute.local_tile(scales[None, k_step, band0 + tidx // 16], (4,), (tidx % 16,))
-            sdst = cute.local_tile(s_scale[None, stage], (4,), (tidx,))
-            cute.copy(atom_s, ssrc, sdst)
-        for c in cutlass.range_constexpr(self.b_chunks):
-            chunk = c * NUM_THREADS + tidx
-            row = chunk // (BLOCK_K // 8)
-            col = chunk % (BLOCK_K // 8)
-            bsrc = cute.local_tile(m_b[b_rows[c], None], (8,), (k_step * (BLOCK_K // 8) + col,))
-            bdst = cute.local_tile(s_b[row, None, stage], (8,), (col,))
-            cute.copy(atom_b, bsrc, bdst)
+        if cutlass.const_expr(weights):
+            for u in cutlass.range_constexpr(self.w_units):
+                unit = u * NUM_THREADS + tidx
+                src = cute.local_tile(codes[None, k_step, band0 + unit // 32], (16,), (unit % 32,))
+                dst = cute.local_tile(s_raw[None, stage], (16,), (unit,))
+                cute.copy(atom_w, src, dst)
+            if tidx < self.block_w:
+                ssrc = cute.local_tile(scales[None, k_step, band0 + tidx // 16], (4,), (tidx % 16,))
+                sdst = cute.local_tile(s_scale[None, stage], (4,), (tidx,))
+                cute.copy(atom_s, ssrc, sdst)
+        if cutlass.const_expr(tokens):
+            for c in cutlass.range_constexpr(self.b_chunks):
+                chunk = c * NUM_THREADS + tidx
+                row = chunk // (BLOCK_K // 8)
+                col = chunk % (BLOCK_K // 8)
+                bsrc = cute.local_tile(m_b[b_rows[c], None], (8,), (k_step * (BLOCK_K // 8) + col,))
+                bdst = cute.local_tile(s_b[row, None, stage], (8,), (col,))
+                cute.copy(atom_b, bsrc, bdst)
 
     @cute.jit
     def load_a_smem(self, stage, tidx, s_raw, s_scale, r_codes, r_scales):
@@ -671,12 +773,16 @@ class SwapAbNvfp4GemmSm90:
         s_raw: cute.Tensor,
         s_scale: cute.Tensor,
         tiled_mma: cute.TiledMma,
+        wait_before_tokens: bool = False,
     ):
         """K loop with a `stages`-deep cp.async ring of raw weights, scales and token rows.
 
         `b_rows[c]` must be a valid row of `m_b` for every chunk (callers clamp invalid
         rows to a real one; their results are never read). One barrier per step: the
-        stage refilled at step k is the one read at step k - 1.
+        stage refilled at step k is the one read at step k - 1. With
+        `wait_before_tokens` (and `pdl`) the weight copies of the first `stages - 1`
+        steps are issued before `dependency_wait`; they join the first commit group,
+        which the first step waits for anyway.
         """
         num_k_steps = m_packed.shape[2] // (BLOCK_K // 2)
         r_codes = cute.make_rmem_tensor((16, self.mma_m), cutlass.Uint8)
@@ -685,12 +791,27 @@ class SwapAbNvfp4GemmSm90:
         frags = self._fragments(tiled_mma, tidx, s_b, s_c)
         tiles = self.weight_tiles(m_packed, m_scale, expert)
 
-        for st in cutlass.range_constexpr(self.stages - 1):
-            step = cutlass.min(st, num_k_steps - 1)
-            self.issue_step_cp_async(
-                m_b, b_rows, tiles, w_row0, step, st, tidx, s_b, s_raw, s_scale
-            )
-            cute.arch.cp_async_commit_group()
+        if cutlass.const_expr(self.pdl and wait_before_tokens):
+            for st in cutlass.range_constexpr(self.stages - 1):
+                step = cutlass.min(st, num_k_steps - 1)
+                self.issue_step_cp_async(
+                    m_b, b_rows, tiles, w_row0, step, st, tidx, s_b, s_raw, s_scale, True, False
+                )
+            self.dependency_wait()
+            self.launch_dependents()
+            for st in cutlass.range_constexpr(self.stages - 1):
+                step = cutlass.min(st, num_k_steps - 1)
+                self.issue_step_cp_async(
+                    m_b, b_rows, tiles, w_row0, step, st, tidx, s_b, s_raw, s_scale, False, True
+                )
+                cute.arch.cp_async_commit_group()
+        else:
+            for st in cutlass.range_constexpr(self.stages - 1):
+                step = cutlass.min(st, num_k_steps - 1)
+                self.issue_step_cp_async(
+                    m_b, b_rows, tiles, w_row0, step, st, tidx, s_b, s_raw, s_scale
+                )
+                cute.arch.cp_async_commit_group()
 
         for k_step in cutlass.range(num_k_steps, unroll=1):
             stage = k_step % self.stages

@@ -31,6 +31,13 @@ Ranges, chunks and lanes are visited in ascending slot order, so the order
 inside an expert is ascending, as the contract requires; nothing depends on
 timing. `sorted_slots` is filled with -1 first (padding rows stay -1).
 
+Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): this
+kernel is the first of the layer. Every thread executes `griddepcontrol.wait`
+before anything else (the previous kernel on the stream may still be writing
+`topk_ids` or reading memory this kernel's outputs reuse), then
+`launch_dependents`, so GEMM1's CTAs can be resident while the metadata is
+built; GEMM1 waits for this kernel before it reads any of it.
+
 `variants()` and `export_spec()` follow the kernel-module interface of
 `jax_moe.kernels`. Importing this module needs the CuTe DSL; the tactics live
 in the DSL-free `jax_moe.kernels.routing_config`.
@@ -46,6 +53,7 @@ from cuda.bindings import driver as cuda
 from cutlass.cute.runtime import make_fake_compact_tensor
 from cutlass.memory import SmemAllocator
 
+from jax_moe.kernels import pdl_enabled
 from jax_moe.kernels.routing_config import ROUTING_SM90_TACTICS, RoutingSm90Tactic
 
 __all__ = ["OP", "export_spec", "make_routing", "smem_bytes", "variants"]
@@ -64,12 +72,14 @@ def smem_bytes(tactic: RoutingSm90Tactic) -> int:
     return counters + starts + 64  # + alignment slack of the two allocations
 
 
-def make_routing(tactic: RoutingSm90Tactic):
+def make_routing(tactic: RoutingSm90Tactic, pdl: bool | None = None):
     """The `@cute.jit` host function of the routing kernel for `tactic`.
 
     Signature: `routing(topk_ids, sorted_slots, tile_expert, slot_row, num_local:
-    Int32, block_m: Int32, offset: Int32, stream: CUstream)`.
+    Int32, block_m: Int32, offset: Int32, stream: CUstream)`. `pdl`: programmatic
+    dependent launch (default: `jax_moe.kernels.pdl_enabled()`).
     """
+    use_pdl = pdl_enabled() if pdl is None else bool(pdl)
     threads = tactic.threads
     warps = tactic.warps
     unroll = tactic.unroll
@@ -88,6 +98,9 @@ def make_routing(tactic: RoutingSm90Tactic):
         block_m: cutlass.Int32,
         offset: cutlass.Int32,
     ):
+        if cutlass.const_expr(use_pdl):
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
         tid, _, _ = cute.arch.thread_idx()
         warp = tid // 32
         lane = tid % 32
@@ -214,7 +227,13 @@ def make_routing(tactic: RoutingSm90Tactic):
     ):
         routing_kernel(
             topk_ids, sorted_slots, tile_expert, slot_row, num_local, block_m, offset
-        ).launch(grid=(1, 1, 1), block=(threads, 1, 1), smem=smem_bytes(tactic), stream=stream)
+        ).launch(
+            grid=(1, 1, 1),
+            block=(threads, 1, 1),
+            smem=smem_bytes(tactic),
+            stream=stream,
+            use_pdl=use_pdl,
+        )
 
     return routing
 
