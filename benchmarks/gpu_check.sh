@@ -6,8 +6,13 @@
 #   python -m jax_moe._export --out .gpu/kernels
 # and pass that folder as KERNEL_DIR (default .gpu/kernels when it exists).
 #
-#   bash benchmarks/gpu_check.sh [build] [tests] [memcheck] [ncu] [dsl_memcheck] [dsl_ncu]
-#                                [example] [bench] [tune] [evaluate]
+#   bash benchmarks/gpu_check.sh [build] [site] [tests] [memcheck] [ncu] [dsl_memcheck]
+#                                [dsl_ncu] [example] [bench] [tune] [evaluate]
+#
+# site: instead of the editable install of `build`, installs the package built from
+# KERNEL_DIR into the folder SITE (pip --target), so that several builds (say, kernels
+# exported with and without JAX_MOE_PDL) sit side by side: run Python with
+# PYTHONPATH=$SITE from a folder other than the checkout (which would shadow it).
 #
 # memcheck: compute-sanitizer over benchmarks/memcheck_kernels.py (every compiled
 # variant on a small EP slice), with XLA's platform allocator so that every buffer
@@ -50,6 +55,17 @@ if has build; then
     -Ccmake.define.JAX_MOE_REQUIRE_EXTENSION=ON > "$OUT/build.txt" 2>&1
   echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$log"
   (cd /tmp && python3 -c "import jax_moe._jax_moe_ffi as m; print('extension', m.__file__)") 2>&1 | tee -a "$log"
+fi
+
+if has site; then
+  : "${SITE:?site needs SITE, the folder to install into}"
+  define=()
+  [ -n "$KERNEL_DIR" ] && define=(-Ccmake.define.JAX_MOE_KERNEL_DIR="$KERNEL_DIR")
+  start=$(date +%s)
+  python3 -m pip install -q --no-build-isolation --no-deps --target "$SITE" . "${define[@]}" \
+    -Ccmake.define.JAX_MOE_REQUIRE_EXTENSION=ON > "$OUT/site_$(basename "$SITE").txt" 2>&1
+  echo "site $SITE from ${KERNEL_DIR:-the DSL} rc=$? in $(( $(date +%s) - start )) s" | tee -a "$log"
+  (cd /tmp && PYTHONPATH=$SITE python3 -c "import jax_moe._jax_moe_ffi as m; print('extension', m.__file__)") 2>&1 | tee -a "$log"
 fi
 
 if has tests; then

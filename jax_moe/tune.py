@@ -115,6 +115,20 @@ _EVALUATE_ROUTINGS = flags.DEFINE_list(
     "expert-parallel rank's slice instead of rank 0's).",
     flag_values=FLAGS,
 )
+_EVALUATE_REPEAT = flags.DEFINE_bool(
+    "evaluate_repeat",
+    True,
+    "With --evaluate: also tune the table's cells again and count identical choices "
+    "(--noevaluate_repeat measures the regret only).",
+    flag_values=FLAGS,
+)
+_EVALUATE_ALSO = flags.DEFINE_list(
+    "evaluate_also",
+    [],
+    "With --evaluate: more tactic files whose regret is computed from the same timings "
+    "(compares tables without run-to-run noise).",
+    flag_values=FLAGS,
+)
 _PLOT = flags.DEFINE_string(
     "plot",
     None,
@@ -174,6 +188,8 @@ class TuneConfig:
       evaluate: evaluate this tactic file instead of tuning.
       evaluate_routings: the routings of the evaluation (`softmax`, `skewed`, each
         optionally with the suffix `@busiest`).
+      evaluate_repeat: the evaluation also tunes the cells again (reproducibility).
+      evaluate_also: more tactic files compared on the evaluation's timings.
       plot: PNG written after tuning.
       timing: profiler settings.
       search: choice settings.
@@ -188,6 +204,8 @@ class TuneConfig:
     merge: bool = False
     evaluate: str | None = None
     evaluate_routings: tuple[str, ...] = ("softmax", "skewed")
+    evaluate_repeat: bool = True
+    evaluate_also: tuple[str, ...] = ()
     plot: str | None = None
     timing: TimingConfig = TimingConfig()
     search: SearchConfig = SearchConfig()
@@ -274,6 +292,8 @@ def config_from_flags() -> TuneConfig:
             merge=_MERGE.value,
             evaluate=_EVALUATE.value,
             evaluate_routings=tuple(r.strip() for r in _EVALUATE_ROUTINGS.value),
+            evaluate_repeat=_EVALUATE_REPEAT.value,
+            evaluate_also=tuple(p.strip() for p in _EVALUATE_ALSO.value if p.strip()),
             plot=_PLOT.value,
             timing=TimingConfig(
                 reps=_REPS.value,
@@ -357,9 +377,21 @@ def _evaluate(config: TuneConfig, profiler: Profiler, stream: TextIO) -> TuneOut
     table = TacticTable.load(
         config.evaluate, expect_device=profiler.device_name, expect_arch=profiler.arch
     )
-    evaluation = EvaluationConfig(routings=config.evaluate_routings, search=config.search)
+    others = tuple(
+        (
+            path,
+            TacticTable.load(path, expect_device=profiler.device_name, expect_arch=profiler.arch),
+        )
+        for path in config.evaluate_also
+    )
+    evaluation = EvaluationConfig(
+        routings=config.evaluate_routings,
+        repeat_tuning=config.evaluate_repeat,
+        search=config.search,
+        others=others,
+    )
     report = evaluate_table(profiler, table, evaluation, stream)
-    stream.write(format_report(report) + "\n")
+    stream.write(format_report(report, others=tuple(name for name, _ in others)) + "\n")
     return TuneOutcome(table=table, report=report)
 
 

@@ -543,6 +543,33 @@ def test_evaluate_on_the_busiest_rank(tmp_path):
         tmp_path, f"--evaluate={path}", "--evaluate_routings=softmax@busiest,skewed"
     )
     assert {r.cell.routing for r in evaluated.report.regrets} == {"softmax@busiest", "skewed"}
+    regret_only, output, _ = _cli(tmp_path, f"--evaluate={path}", "--noevaluate_repeat")
+    assert regret_only.report.reproducibility is None and "same pair" not in output
+
+
+def test_evaluate_also_compares_tables_on_the_same_timings(tmp_path):
+    _cli(tmp_path, "--ep=2", "--max_tokens=4")
+    path = str(tmp_path / "tactics.json")
+    other = tmp_path / "other.json"
+    # Another table: tuned on a device where one tactic looked 50 % slower.
+    table = TacticTable.load(path)
+    slow = next(iter(table.entries.values())).tactic
+    tune.run_cli(
+        ["jax_moe.tune", "--model=tiny", "--ep=2", "--max_tokens=2", f"--out={other}"],
+        profiler=CostModelProfiler(penalty={str(slow): 1.5}),
+        stream=io.StringIO(),
+    )
+    evaluated, output, _ = _cli(
+        tmp_path, f"--evaluate={path}", f"--evaluate_also={other},{path}", "--noevaluate_repeat"
+    )
+    report = evaluated.report
+    for r in report.regrets:
+        assert len(r.other_regrets) == 2
+        assert r.other_regrets[1] == r.regret  # the same table, the same timings
+        if r.cell.num_tokens == 4:  # not in the other table
+            assert r.other_regrets[0] is None
+    assert report.mean_regret(other=1) == report.mean_regret()
+    assert f"other1: the regret of {other}" in output and f"regret of {other}, all" in output
     with pytest.raises(app.UsageError, match="evaluate_routings"):
         _cli(tmp_path, f"--evaluate={path}", "--evaluate_routings=balanced@busiest")
 

@@ -15,7 +15,9 @@ again on that routing's inputs. With
     tuned = time(tuned GEMM1) + time(tuned GEMM2)          (same run)
 
 the regret of the cell is `tuned / best - 1` (0 when the tuned pair is the
-fastest). The report gives it per cell and its mean and maximum, per routing and
+fastest). Other tables (`EvaluationConfig.others`, `--evaluate_also`) get their
+regret from the same timings, so two tables are compared without run-to-run
+noise. The report gives it per cell and its mean and maximum, per routing and
 over all; the regret of the default heuristic pair is shown beside it. A cell
 whose tuned tactics fail now counts as a failure, not a number.
 
@@ -90,11 +92,14 @@ class EvaluationConfig:
       routings: routings of the regret measurement (see the module docstring).
       repeat_tuning: also tune the cells again and count identical choices.
       search: how the repeated tuning chooses (as in the original run).
+      others: `(name, table)` pairs whose regret is computed from the same timings
+        (cells they do not cover count as not measurable).
     """
 
     routings: tuple[str, ...] = REALISTIC_ROUTINGS
     repeat_tuning: bool = True
     search: SearchConfig = SearchConfig()
+    others: tuple[tuple[str, TacticTable], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +114,7 @@ class CellRegret:
       best_us: its time.
       regret: `tuned_us / best_us - 1`, None if not measurable.
       default_regret: the same for the default heuristic pair.
+      other_regrets: the same for the pairs of `EvaluationConfig.others`, in order.
     """
 
     cell: TuneCell
@@ -118,6 +124,7 @@ class CellRegret:
     best_us: float | None
     regret: float | None
     default_regret: float | None
+    other_regrets: tuple[float | None, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,20 +147,21 @@ class EvaluationReport:
     regrets: tuple[CellRegret, ...]
     reproducibility: Reproducibility | None
 
-    def values(self, routing: str | None = None) -> list[float]:
-        """The measurable regrets, of one routing or all."""
-        return [
-            r.regret
-            for r in self.regrets
-            if r.regret is not None and (routing is None or r.cell.routing == routing)
-        ]
+    def values(self, routing: str | None = None, other: int | None = None) -> list[float]:
+        """The measurable regrets, of one routing or all, of the table or of `others[other]`."""
+        out = []
+        for r in self.regrets:
+            value = r.regret if other is None else r.other_regrets[other]
+            if value is not None and (routing is None or r.cell.routing == routing):
+                out.append(value)
+        return out
 
-    def mean_regret(self, routing: str | None = None) -> float:
-        values = self.values(routing)
+    def mean_regret(self, routing: str | None = None, other: int | None = None) -> float:
+        values = self.values(routing, other)
         return statistics.fmean(values) if values else math.nan
 
-    def max_regret(self, routing: str | None = None) -> float:
-        values = self.values(routing)
+    def max_regret(self, routing: str | None = None, other: int | None = None) -> float:
+        values = self.values(routing, other)
         return max(values) if values else math.nan
 
     @property
@@ -208,8 +216,21 @@ def table_cells(
     return sorted(out, key=lambda item: (item[0].model.name, item[0].ep, item[0].num_tokens))
 
 
-def regret_of(result: CellResult, tuned: tuple[Tactic, Tactic]) -> CellRegret:
-    """The `CellRegret` of `tuned` from the timings of one cell (plain minimum as best)."""
+def _pair_in(table: TacticTable, cell: TuneCell) -> tuple[Tactic, Tactic] | None:
+    """`table`'s (GEMM1, GEMM2) for `cell`'s problem, None unless it has both."""
+    entries = [table.entries.get(cell.problem_key(op)) for op in (GEMM1_OP, GEMM2_OP)]
+    if None in entries:
+        return None
+    return entries[0].tactic, entries[1].tactic
+
+
+def regret_of(
+    result: CellResult,
+    tuned: tuple[Tactic, Tactic],
+    others: tuple[tuple[Tactic, Tactic] | None, ...] = (),
+) -> CellRegret:
+    """The `CellRegret` of `tuned` (and of the `others` pairs) from the timings of one
+    cell (plain minimum as best)."""
     best = choose_pair(result.timings, SearchConfig(tie_tolerance=0.0))
     tuned_us = result.pair_us(tuned)
     best_us = None if best is None else best.total_us
@@ -225,6 +246,7 @@ def regret_of(result: CellResult, tuned: tuple[Tactic, Tactic]) -> CellRegret:
         best_us,
         regret(tuned_us),
         regret(result.pair_us(default_pair(result.cell))),
+        tuple(None if pair is None else regret(result.pair_us(pair)) for pair in others),
     )
 
 
@@ -245,8 +267,9 @@ def evaluate_table(
     for routing in config.routings:
         cells = [dataclasses.replace(cell, routing=routing) for cell, _ in tuned_cells]
         results = tune_cells(profiler, cells, full, stream)
-        for result, (_, tuned) in zip(results, tuned_cells, strict=True):
-            regrets.append(regret_of(result, tuned))
+        for result, (cell, tuned) in zip(results, tuned_cells, strict=True):
+            others = tuple(_pair_in(table, cell) for _, table in config.others)
+            regrets.append(regret_of(result, tuned, others))
     reproducibility = None
     if config.repeat_tuning:
         secondary = () if table.metadata is None else split_profile(table.metadata.distribution)[1]
@@ -267,11 +290,17 @@ def _percent(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
 
 
-def format_report(report: EvaluationReport, targets: Targets = TARGETS) -> str:
-    """The per-cell regrets, their mean and max, reproducibility and the targets."""
+def format_report(
+    report: EvaluationReport, targets: Targets = TARGETS, others: tuple[str, ...] = ()
+) -> str:
+    """The per-cell regrets, their mean and max, reproducibility and the targets;
+    `others`: names of `EvaluationConfig.others` (for their columns)."""
+    names = list(others)
     lines = [
-        f"{'cell':<40} {'tuned_us':>10} {'best_us':>10} {'regret':>8} {'default':>8}",
+        f"{'cell':<40} {'tuned_us':>10} {'best_us':>10} {'regret':>8} {'default':>8}"
+        + "".join(f" {f'other{i + 1}':>8}" for i in range(len(names))),
         "(default: the regret of the default heuristic pair)",
+        *(f"(other{i + 1}: the regret of {name}'s pair)" for i, name in enumerate(names)),
     ]
     for r in report.regrets:
         tuned = "failed" if r.tuned_us is None else f"{r.tuned_us:.1f}"
@@ -279,6 +308,7 @@ def format_report(report: EvaluationReport, targets: Targets = TARGETS) -> str:
         lines.append(
             f"{str(r.cell):<40} {tuned:>10} {best:>10} {_percent(r.regret):>8} "
             f"{_percent(r.default_regret):>8}"
+            + "".join(f" {_percent(x):>8}" for x in r.other_regrets)
         )
     lines.append("")
     routings = sorted({r.cell.routing for r in report.regrets})
@@ -288,6 +318,14 @@ def format_report(report: EvaluationReport, targets: Targets = TARGETS) -> str:
             f"regret {name}: mean {_percent(report.mean_regret(routing))}, "
             f"max {_percent(report.max_regret(routing))} over {len(report.values(routing))} cells"
         )
+    for i, name in enumerate(names):
+        for routing in [*routings, None]:
+            label = "all routings" if routing is None else routing
+            lines.append(
+                f"regret of {name}, {label}: mean {_percent(report.mean_regret(routing, i))}, "
+                f"max {_percent(report.max_regret(routing, i))} over "
+                f"{len(report.values(routing, i))} cells"
+            )
     if report.failed:
         lines.append(f"cells whose tuned tactics failed: {len(report.failed)}")
     mean, worst = report.mean_regret(), report.max_regret()
