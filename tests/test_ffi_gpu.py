@@ -489,9 +489,10 @@ def test_handler_rejects_bad_input(name):
     Each case runs in a fresh process (this file run as a script), so a crash is
     reported as a failure of that case.
     """
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    )
+    # The caller's PYTHONPATH first: it may hold the build under test (a `pip --target`
+    # install), which the checkout's own sources would otherwise shadow.
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*paths, str(REPO)]))
     result = subprocess.run(
         [sys.executable, __file__, name],
         capture_output=True,
