@@ -36,6 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from jax_moe.routing_metadata import padded_rows  # noqa: E402
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
@@ -70,7 +72,7 @@ def routing_metadata(topk_ids: np.ndarray, num_local: int, offset: int, block_m:
     experts = topk_ids.reshape(-1).astype(np.int64) - offset
     slots = np.arange(n * k)
     local = (experts >= 0) & (experts < num_local)
-    m_pad = -(-(n * k + num_local * (block_m - 1)) // block_m) * block_m
+    m_pad = padded_rows(n * k, num_local, block_m)  # the layer's row tiles, as fused_moe
     sorted_slots = np.full(m_pad, -1, np.int32)
     tile_expert = np.full(m_pad // block_m, -1, np.int32)
     slot_row = np.full(n * k, -1, np.int32)

@@ -22,8 +22,8 @@ the prefix `jax_moe_<op>_<id>`. `DIR` then holds:
 * `manifest.json` - arch, DSL version, programmatic dependent launch (`pdl`),
   ops and variant names, in table order.
 
-Programmatic dependent launch (see `jax_moe.kernels`) is on unless
-`JAX_MOE_PDL=0` is set or `--pdl 0` is given (`--pdl` overrides the variable
+Programmatic dependent launch (see `jax_moe.kernels`) is off unless
+`JAX_MOE_PDL=1` is set or `--pdl 1` is given (`--pdl` overrides the variable
 and is passed on to the compile processes); the table header defines
 `JAX_MOE_KERNELS_PDL` as 0 or 1.
 
@@ -427,7 +427,7 @@ def export_kernels(
       jobs: compile in this many processes (default: one per CPU). The output
         does not depend on it.
       pdl: build with programmatic dependent launch (default: the environment
-        variable `JAX_MOE_PDL`, on unless it is "0"). Sets that variable for the
+        variable `JAX_MOE_PDL`, off unless it is "1"). Sets that variable for the
         compile processes.
 
     Returns:
@@ -535,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--pdl",
         choices=("0", "1"),
         default=None,
-        help="programmatic dependent launch (default: $JAX_MOE_PDL, else 1)",
+        help="programmatic dependent launch (default: $JAX_MOE_PDL, else 0)",
     )
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)

@@ -86,7 +86,7 @@ _MAX_TOKENS = flags.DEFINE_integer(
 )
 _DISTRIBUTION = flags.DEFINE_string(
     "distribution",
-    "balanced",
+    "balanced+spread",
     "Profiling routing: balanced, spread, uniform or zipf:S; several joined by '+' "
     "(balanced+spread) choose the pair with the smallest worst-case slowdown over them "
     "(the first is the primary routing; see docs/TUNING.md).",
@@ -198,7 +198,7 @@ class TuneConfig:
     models: tuple[models.MoEConfig, ...] = ()
     eps: tuple[int, ...] = (1,)
     max_tokens: int = DEFAULT_MAX_TOKENS
-    distribution: str = "balanced"
+    distribution: str = "balanced+spread"
     seed: int = 0
     out: str = "tactics.json"
     merge: bool = False

@@ -222,7 +222,7 @@ def test_pdl_switch_parses_the_environment(monkeypatch):
     from jax_moe.kernels import PDL_ENV, pdl_enabled
 
     monkeypatch.delenv(PDL_ENV, raising=False)
-    assert pdl_enabled()
+    assert not pdl_enabled()
     monkeypatch.setenv(PDL_ENV, "0")
     assert not pdl_enabled()
     monkeypatch.setenv(PDL_ENV, "1")

@@ -182,7 +182,12 @@ def test_near_ties_go_to_the_first_variant():
 
 def test_tune_writes_a_table_with_metadata_progress_and_summary(tmp_path):
     outcome, output, profiler = _cli(
-        tmp_path, "--ep=1,2", "--max_tokens=8", "--seed=3", "--tie_tolerance=0"
+        tmp_path,
+        "--ep=1,2",
+        "--max_tokens=8",
+        "--seed=3",
+        "--tie_tolerance=0",
+        "--distribution=balanced",
     )
     path = tmp_path / "tactics.json"
     assert sorted(os.listdir(tmp_path)) == ["tactics.json"]  # atomic write, no leftovers
@@ -400,9 +405,7 @@ def test_measure_cell_times_promising_candidates_again_under_secondary_routings(
 
 
 def test_tune_with_a_robust_profile_records_it_and_evaluation_repeats_it(tmp_path):
-    outcome, output, profiler = _cli(
-        tmp_path, "--ep=2", "--max_tokens=8", "--distribution=balanced+spread"
-    )
+    outcome, output, profiler = _cli(tmp_path, "--ep=2", "--max_tokens=8")  # the default
     table = TacticTable.load(str(tmp_path / "tactics.json"))
     assert table.metadata.distribution == "balanced+spread"
     assert {c.routing for _, _, c in profiler.calls} == {"balanced", "spread"}
@@ -418,6 +421,10 @@ def test_tune_with_a_robust_profile_records_it_and_evaluation_repeats_it(tmp_pat
     assert rep.same == rep.total == 4
     with pytest.raises(app.UsageError, match="twice"):
         _cli(tmp_path, "--distribution=balanced+balanced")
+    plain, _, profiler = _cli(tmp_path, "--ep=2", "--max_tokens=2", "--distribution=balanced")
+    assert {c.routing for _, _, c in profiler.calls} == {"balanced"}
+    assert plain.table.metadata.distribution == "balanced"
+    assert all(not r.secondary for r in plain.results)
     with pytest.raises(ValueError, match="secondary"):
         tune.TuneConfig(
             models=(TINY,), distribution="balanced", search=SearchConfig(secondary=("spread",))
@@ -619,32 +626,48 @@ def test_cells_validate_their_fields():
         assert cell_expert_loads(balanced) == tuple(int(x) for x in drawn)
 
 
-def test_the_shipped_h100_table_is_used_by_default():
+@pytest.mark.parametrize(
+    "device, presets",
+    [
+        (DEVICE, [("deepseek_v3", (256, 32, 16))]),
+        ("NVIDIA H200", [("deepseek_v3", (256, 32, 16)), ("qwen3_30b_a3b", (128,))]),
+    ],
+)
+def test_the_shipped_tables_are_used_by_default(device, presets):
     from jax_moe import gpu
     from jax_moe.kernels import moe_gemm_config
     from jax_moe.moe import MoEProblem
 
     shipped.shipped_table.cache_clear()
-    table = shipped.shipped_table(DEVICE, ARCH)
-    assert table is not None and table.metadata.device_name == DEVICE
+    table = shipped.shipped_table(device, ARCH)
+    assert table is not None and table.metadata.device_name == device
     exported = set(moe_gemm_config.gemm1_variants() + moe_gemm_config.gemm2_variants())
     assert all(table.lookup(key) in exported for key in table)
-    assert shipped.shipped_table("NVIDIA H200", ARCH) is None  # no H200 table yet
-    # DeepSeek-V3 as EP=8 and EP=16 slices: every bucket is tuned, the pair shares block_m.
-    cfg = models.get_preset("deepseek_v3")
-    for local in (32, 16):
-        for n in (1, 3, 64, 1000, 16384):
-            problem = MoEProblem(
-                n, cfg.hidden, cfg.intermediate, cfg.top_k, cfg.num_experts, local, 0, "bfloat16"
-            )
-            gemm1, gemm2 = gpu.select_tactics(problem, None, arch=ARCH, device_name=DEVICE)
-            key1 = gpu._problem_key("moe_gemm1", problem, ARCH)
-            key2 = gpu._problem_key("moe_gemm2", problem, ARCH)
-            assert (gemm1, gemm2) == (table.lookup(key1), table.lookup(key2))
-            assert gemm1.block_m == gemm2.block_m
+    # Every tuned slice: every bucket is covered and the pair shares block_m.
+    for name, locals_ in presets:
+        cfg = models.get_preset(name)
+        for local in locals_:
+            for n in (1, 3, 64, 1000, 16384):
+                problem = MoEProblem(
+                    n,
+                    cfg.hidden,
+                    cfg.intermediate,
+                    cfg.top_k,
+                    cfg.num_experts,
+                    local,
+                    0,
+                    "bfloat16",
+                )
+                gemm1, gemm2 = gpu.select_tactics(problem, None, arch=ARCH, device_name=device)
+                key1 = gpu._problem_key("moe_gemm1", problem, ARCH)
+                key2 = gpu._problem_key("moe_gemm2", problem, ARCH)
+                assert (gemm1, gemm2) == (table.lookup(key1), table.lookup(key2))
+                assert gemm1.block_m == gemm2.block_m
     # Elsewhere (another device, a user table) the shipped table is not used.
+    cfg = models.get_preset("deepseek_v3")
     problem = MoEProblem(1, cfg.hidden, cfg.intermediate, 8, 256, 32, 0, "bfloat16")
-    assert gpu.select_tactics(problem, None, arch=ARCH, device_name="NVIDIA H200") == tuple(
+    assert shipped.shipped_table("NVIDIA H800", ARCH) is None
+    assert gpu.select_tactics(problem, None, arch=ARCH, device_name="NVIDIA H800") == tuple(
         moe_gemm_config.default_tactic(op, 1, 8, 32, cfg.hidden, cfg.intermediate, num_experts=256)
         for op in ("moe_gemm1", "moe_gemm2")
     )
