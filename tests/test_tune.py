@@ -522,6 +522,9 @@ def test_evaluate_reports_regret_and_reproducibility(tmp_path):
     rep = evaluated.report.reproducibility
     assert rep.total - rep.same == len(hit) and str(hit[0].cell) in output
     assert evaluated.report.max_regret() > 0
+    worst = max(evaluated.report.regrets, key=lambda r: r.regret)
+    assert worst.regret > 0.05  # listed with the pair that beat it
+    assert f"  {worst.cell}: tuned {worst.tuned[0]}" in output and "; best " in output
 
 
 def test_busiest_rank_routing_profiles_the_most_loaded_slice():

@@ -310,6 +310,14 @@ def format_report(
             f"{_percent(r.default_regret):>8}"
             + "".join(f" {_percent(x):>8}" for x in r.other_regrets)
         )
+    misses = [r for r in report.regrets if r.regret is not None and r.regret > targets.max_regret]
+    if misses:
+        lines.append("")
+        lines.append(f"cells above {_percent(targets.max_regret)}: the tuned pair and the best one")
+        for r in misses:
+            tuned = " + ".join(str(t) for t in r.tuned)
+            best = " + ".join(str(t) for t in r.best)
+            lines.append(f"  {r.cell}: tuned {tuned}; best {best}")
     lines.append("")
     routings = sorted({r.cell.routing for r in report.regrets})
     for routing in [*routings, None]:
