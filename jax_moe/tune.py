@@ -21,6 +21,7 @@ whole tool without flags and `run_cli(argv, profiler=...)` parses `argv` first
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from jax_moe.tuning.tuner import (
     build_table,
     format_summary,
     make_cells,
+    timing_rows,
     tune_cells,
 )
 
@@ -129,6 +131,13 @@ _EVALUATE_ALSO = flags.DEFINE_list(
     "(compares tables without run-to-run noise).",
     flag_values=FLAGS,
 )
+_TIMINGS_OUT = flags.DEFINE_string(
+    "timings_out",
+    None,
+    "Also write every timing of the run (tuning or --evaluate) to this JSON file, one row "
+    "per (cell, routing, op, tactic), for analysis without a GPU.",
+    flag_values=FLAGS,
+)
 _PLOT = flags.DEFINE_string(
     "plot",
     None,
@@ -190,6 +199,7 @@ class TuneConfig:
         optionally with the suffix `@busiest`).
       evaluate_repeat: the evaluation also tunes the cells again (reproducibility).
       evaluate_also: more tactic files compared on the evaluation's timings.
+      timings_out: JSON file that receives every timing of the run (`timing_rows`).
       plot: PNG written after tuning.
       timing: profiler settings.
       search: choice settings.
@@ -206,6 +216,7 @@ class TuneConfig:
     evaluate_routings: tuple[str, ...] = ("softmax", "skewed")
     evaluate_repeat: bool = True
     evaluate_also: tuple[str, ...] = ()
+    timings_out: str | None = None
     plot: str | None = None
     timing: TimingConfig = TimingConfig()
     search: SearchConfig = SearchConfig()
@@ -294,6 +305,7 @@ def config_from_flags() -> TuneConfig:
             evaluate_routings=tuple(r.strip() for r in _EVALUATE_ROUTINGS.value),
             evaluate_repeat=_EVALUATE_REPEAT.value,
             evaluate_also=tuple(p.strip() for p in _EVALUATE_ALSO.value if p.strip()),
+            timings_out=_TIMINGS_OUT.value,
             plot=_PLOT.value,
             timing=TimingConfig(
                 reps=_REPS.value,
@@ -365,6 +377,26 @@ def plot_results(results: Sequence[CellResult], path: str | os.PathLike) -> None
     plt.close(fig)
 
 
+def _write_timings(
+    config: TuneConfig, profiler: Profiler, results: Sequence[CellResult], stream: TextIO
+) -> None:
+    """Writes `--timings_out` (if given): the device and every timing of `results`."""
+    if config.timings_out is None:
+        return
+    rows = timing_rows(results)
+    data = {
+        "format": "jax_moe.timings",
+        "device_name": profiler.device_name,
+        "arch": profiler.arch,
+        "rows": rows,
+    }
+    path = os.path.abspath(config.timings_out)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    stream.write(f"wrote {len(rows)} timings to {config.timings_out}\n")
+
+
 def _default_profiler(config: TuneConfig) -> Profiler:
     from jax_moe.tuning.profiler import GpuProfiler
 
@@ -392,6 +424,7 @@ def _evaluate(config: TuneConfig, profiler: Profiler, stream: TextIO) -> TuneOut
     )
     report = evaluate_table(profiler, table, evaluation, stream)
     stream.write(format_report(report, others=tuple(name for name, _ in others)) + "\n")
+    _write_timings(config, profiler, report.results, stream)
     return TuneOutcome(table=table, report=report)
 
 
@@ -457,6 +490,7 @@ def run(
     stream.write(format_summary(results) + "\n")
     failures = sum(len(r.failures()) for r in results)
     stream.write(f"wrote {len(table)} entries to {config.out}; {failures} tactic failures\n")
+    _write_timings(config, profiler, results, stream)
     if config.plot is not None:
         plot_results(results, config.plot)
         stream.write(f"wrote {config.plot}\n")

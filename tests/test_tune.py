@@ -24,6 +24,7 @@ from conftest import requires_gpu
 from jax_moe import _ffi, gpu, models, tune
 from jax_moe.kernels import moe_gemm_config
 from jax_moe.moe import MoEProblem
+from jax_moe.tactic import tactic_from_json
 from jax_moe.tuning import TacticTable, shipped
 from jax_moe.tuning.evaluate import (
     CellRegret,
@@ -555,6 +556,38 @@ def test_evaluate_on_the_busiest_rank(tmp_path):
     assert {r.cell.routing for r in evaluated.report.regrets} == {"softmax@busiest", "skewed"}
     regret_only, output, _ = _cli(tmp_path, f"--evaluate={path}", "--noevaluate_repeat")
     assert regret_only.report.reproducibility is None and "same pair" not in output
+
+
+def test_timings_out_writes_every_timing(tmp_path):
+    out = tmp_path / "timings" / "tune.json"
+    outcome, output, profiler = _cli(tmp_path, "--ep=2", "--max_tokens=2", f"--timings_out={out}")
+    data = json.loads(out.read_text())
+    assert data["format"] == "jax_moe.timings" and data["device_name"] == DEVICE
+    rows = data["rows"]
+    assert len(rows) == len(profiler.calls) and f"wrote {len(rows)} timings" in output
+    result = outcome.results[0]
+    cell = result.cell
+    for row in rows[:5]:
+        tactic = tactic_from_json(row["tactic"])
+        routed = dataclasses.replace(cell, routing=row["routing"], num_tokens=row["num_tokens"])
+        assert row["time_us"] == model_time(row["op"], tactic, routed)
+    assert {r["routing"] for r in rows} == {"balanced", "spread"}
+    path = str(tmp_path / "tactics.json")
+    evaluated, _, profiler = _cli(
+        tmp_path, f"--evaluate={path}", "--noevaluate_repeat", f"--timings_out={out}"
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(profiler.calls)
+    assert {r["routing"] for r in rows} == {"softmax", "skewed"}
+    failed = _cli(
+        tmp_path,
+        "--ep=2",
+        "--max_tokens=1",
+        f"--timings_out={out}",
+        profiler=CostModelProfiler(fail={str(result.choice.gemm1.tactic)}),
+    )[0]
+    errors = [r for r in json.loads(out.read_text())["rows"] if "error" in r]
+    assert failed.results and len(errors) >= 1 and "launch failed" in errors[0]["error"]
 
 
 def test_evaluate_also_compares_tables_on_the_same_timings(tmp_path):

@@ -142,10 +142,12 @@ class Reproducibility:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationReport:
-    """Regrets of every (cell, routing) and the reproducibility count (or None)."""
+    """Regrets of every (cell, routing), the reproducibility count (or None) and every
+    cell result measured on the way (regret passes, then the repeated tuning)."""
 
     regrets: tuple[CellRegret, ...]
     reproducibility: Reproducibility | None
+    results: tuple[CellResult, ...] = ()
 
     def values(self, routing: str | None = None, other: int | None = None) -> list[float]:
         """The measurable regrets, of one routing or all, of the table or of `others[other]`."""
@@ -259,7 +261,7 @@ def evaluate_table(
     """Regret and reproducibility of `table` on `profiler`'s device (module docstring)."""
     config = config or EvaluationConfig()
     tuned_cells = table_cells(table)
-    regrets = []
+    regrets, measured = [], []
     # Regret needs every candidate timed fully under one routing: no screening or
     # secondary routing here (only the repeated tuning below searches as the original
     # run did, with the table's secondary routings).
@@ -267,6 +269,7 @@ def evaluate_table(
     for routing in config.routings:
         cells = [dataclasses.replace(cell, routing=routing) for cell, _ in tuned_cells]
         results = tune_cells(profiler, cells, full, stream)
+        measured += results
         for result, (cell, tuned) in zip(results, tuned_cells, strict=True):
             others = tuple(_pair_in(table, cell) for _, table in config.others)
             regrets.append(regret_of(result, tuned, others))
@@ -275,6 +278,7 @@ def evaluate_table(
         secondary = () if table.metadata is None else split_profile(table.metadata.distribution)[1]
         search = dataclasses.replace(config.search, secondary=secondary)
         results = tune_cells(profiler, [c for c, _ in tuned_cells], search, stream)
+        measured += results
         same, differing = 0, []
         for result, (cell, tuned) in zip(results, tuned_cells, strict=True):
             again = None if result.choice is None else result.choice.tactics
@@ -283,7 +287,7 @@ def evaluate_table(
             else:
                 differing.append((cell, tuned, again))
         reproducibility = Reproducibility(same, len(tuned_cells), tuple(differing))
-    return EvaluationReport(tuple(regrets), reproducibility)
+    return EvaluationReport(tuple(regrets), reproducibility, tuple(measured))
 
 
 def _percent(value: float | None) -> str:

@@ -46,7 +46,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from jax_moe.models import MoEConfig
 from jax_moe.tactic import Tactic
@@ -87,6 +87,7 @@ __all__ = [
     "secondary_candidates",
     "split_profile",
     "table_entries",
+    "timing_rows",
     "tune_cells",
 ]
 
@@ -557,6 +558,38 @@ def build_table(
         device_name=device_name, arch=arch, distribution=distribution, profile_key=list(key_data)
     )
     return TacticTable(metadata, table_entries(results))
+
+
+def timing_rows(results: Iterable[CellResult]) -> list[dict[str, Any]]:
+    """Every timing of `results` as JSON-ready rows, one per (cell, routing, op, tactic).
+
+    Each row: `model`, `ep`, `num_tokens`, `routing` (the cell's, or a secondary
+    routing's), `op`, `tactic` (`Tactic.to_json()`), `time_us` and `samples_us` of a
+    Measurement, or `error` of a Failure. For analysis without a GPU (say, the regret
+    of another heuristic on the timings of an evaluation).
+    """
+    rows = []
+    for result in results:
+        cell = result.cell
+        profiles = [(cell.routing, result.timings), *result.secondary.items()]
+        for routing, timings in profiles:
+            for op, per_tactic in timings.items():
+                for tactic, outcome in per_tactic.items():
+                    row = {
+                        "model": cell.model.name,
+                        "ep": cell.ep,
+                        "num_tokens": cell.num_tokens,
+                        "routing": routing,
+                        "op": op,
+                        "tactic": tactic.to_json(),
+                    }
+                    if isinstance(outcome, Measurement):
+                        row["time_us"] = outcome.time_us
+                        row["samples_us"] = list(outcome.samples_us)
+                    else:
+                        row["error"] = outcome.message
+                    rows.append(row)
+    return rows
 
 
 def _format_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
