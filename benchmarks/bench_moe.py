@@ -287,6 +287,8 @@ def main(argv):
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     if _timer() == "events" and (jax.default_backend() != "gpu" or not _ffi.is_available()):
         raise app.UsageError("--timer=events needs a GPU and the jax_moe CUDA extension")
+    if _BREAKDOWN.value and _timer() != "profiler":
+        print("--breakdown needs --timer=profiler (the per-kernel times come from its trace)")
     print(f"timer: {_timer()}")
     header = f"{'N':>6} {'active':>6} {'floor_bytes_ms':>14} {'floor_flops_ms':>14} " + " ".join(
         f"{name + '_ms':>14}" for name in _PEERS.value

@@ -250,6 +250,8 @@ class TuneConfig:
                 "fused_moe looks up (larger batches use that bucket)"
             )
         key_data_of_seed(self.seed)  # Validates the seed.
+        if self.evaluate is None and (self.evaluate_also or not self.evaluate_repeat):
+            raise ValueError("--evaluate_also and --noevaluate_repeat need --evaluate")
         routings = self.evaluate_routings
         if not routings or any(r not in _EVALUATION_ROUTINGS for r in routings):
             raise ValueError(

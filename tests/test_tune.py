@@ -61,6 +61,7 @@ from jax_moe.tuning.tuner import (
     measure_cell,
     secondary_candidates,
 )
+from jax_moe.tuning.tuner import _note as tuner_note
 
 DEVICE = "NVIDIA H100 80GB HBM3"
 ARCH = "sm_90a"
@@ -250,6 +251,9 @@ def test_merge_adds_cells_and_rejects_other_inputs(tmp_path):
         _cli(tmp_path, "--ep=2", "--max_tokens=4", "--merge", "--seed=1")
     _cli(tmp_path, "--ep=2", "--max_tokens=2")  # without --merge: replaced
     assert len(TacticTable.load(path)) == 4
+    # Another profile: rejected, with the flag that would match.
+    with pytest.raises(ValueError, match="--distribution=balanced\\+spread"):
+        _cli(tmp_path, "--ep=1", "--max_tokens=2", "--merge", "--distribution=balanced")
 
 
 def test_failing_tactics_are_recorded_and_skipped(tmp_path):
@@ -344,9 +348,17 @@ def test_robust_choice_minimizes_the_worst_normalized_time():
     assert robust.tactics == (b16, c16) and robust.block_m == 16
     assert robust.gemm1.time_us == 10.2  # primary times are reported
     assert robust.gemm1.runner_up == a16 and robust.gemm1.runner_up_time_us == 10.0
-    # A tie tolerance of 5 % makes the first pair in block_m/variant order within it win.
-    tied = choose_robust_pair(primary, {"spread": other}, SearchConfig(tie_tolerance=0.05))
-    assert tied.tactics == (b16, c16)
+    # Ties: a pair within tie_tolerance of the lowest score that comes first in block_m,
+    # then variant order, wins. a16+c16 scores 1.25 unless the secondary makes it 1.02.
+    close = {
+        GEMM1_OP: {a16: Measurement(8.1), b16: Measurement(7.0), a32: Measurement(7.6)},
+        GEMM2_OP: {c16: Measurement(5.0), c32: Measurement(5.0)},
+    }
+    # Scores: a16+c16 max(1.0, 13.1/12) = 1.0917; b16+c16 1.0133; a32+c32 1.05.
+    strict = choose_robust_pair(primary, {"spread": close}, SearchConfig(tie_tolerance=0.0))
+    assert strict.tactics == (b16, c16)
+    tied = choose_robust_pair(primary, {"spread": close}, SearchConfig(tie_tolerance=0.08))
+    assert tied.tactics == (a16, c16)  # within 8 % of 1.0133 and first in order
     # Tactics not timed (or failed) under a secondary routing cannot be chosen.
     other[GEMM1_OP][b16] = Failure("boom")
     again = choose_robust_pair(primary, {"spread": other}, SearchConfig(tie_tolerance=0.0))
@@ -403,6 +415,80 @@ def test_measure_cell_times_promising_candidates_again_under_secondary_routings(
         SearchConfig(secondary="spread")
     with pytest.raises(ValueError, match="secondary_margin"):
         SearchConfig(secondary_margin=-1.0)
+
+
+class SecondaryTroubleProfiler(CostModelProfiler):
+    """Fails `bad` tactics only under the `spread` routing."""
+
+    def __init__(self, bad=(), **kwargs):
+        super().__init__(**kwargs)
+        self.bad = set(bad)
+
+    def time(self, op, tactic, cell):
+        if cell.routing == "spread" and (op, tactic) in self.bad:
+            self.calls.append((op, tactic, cell))
+            return Failure("launch failed under spread")
+        return super().time(op, tactic, cell)
+
+
+def test_secondary_failures_and_infeasible_secondary_routings_are_reported():
+    cell = TuneCell(TINY, 1, 16, ARCH)
+    search = SearchConfig(secondary=("spread",))
+    plain = measure_cell(CostModelProfiler(), cell, search)
+    kept = secondary_candidates(plain.timings, search.secondary_margin)
+    # One GEMM1 candidate fails under spread only: listed with the routing, not chosen.
+    victim = kept[GEMM1_OP][0]
+    result = measure_cell(SecondaryTroubleProfiler(bad={(GEMM1_OP, victim)}), cell, search)
+    assert (GEMM1_OP, victim, "under spread: launch failed under spread") in result.failures()
+    choice = choose_robust_pair(result.timings, result.secondary, search)
+    assert result.robust and choice.gemm1.tactic != victim
+    # Every GEMM1 candidate fails under spread: the plain choice, said in the note.
+    bad = {(GEMM1_OP, t) for t in kept[GEMM1_OP]}
+    result = measure_cell(SecondaryTroubleProfiler(bad=bad), cell, search)
+    assert not result.robust
+    assert choose_robust_pair(result.timings, result.secondary, search) == choose_pair(
+        result.timings, search
+    )
+    result = dataclasses.replace(result, choice=choose_pair(result.timings, search))
+    assert "plain choice" in tuner_note(result)
+    # A balanced secondary routing whose plan is infeasible is skipped, not fatal.
+    narrow = models.MoEConfig(name="narrow", num_experts=8, top_k=4, hidden=256, intermediate=128)
+    cell = TuneCell(narrow, 8, 1, ARCH, "spread")
+    result = measure_cell(CostModelProfiler(), cell, SearchConfig(secondary=("balanced",)))
+    assert result.secondary == {} and result.secondary_skipped[0][0] == "balanced"
+    assert "infeasible" in result.secondary_skipped[0][1]
+    assert "balanced skipped: infeasible" in tuner_note(result)
+
+
+def test_gpu_profiler_shares_compiled_scans_across_routings_of_one_shape(monkeypatch):
+    profiler = GpuProfiler.__new__(GpuProfiler)
+    profiler._setup(TimingConfig(), DEVICE, ARCH, l2_bytes=50 << 20)
+    compiled = []
+    monkeypatch.setattr(
+        profiler, "_compile", lambda op, tactic, cell: compiled.append((op, tactic, cell)) or op
+    )
+    tactics = {GEMM1_OP: exported_variants(GEMM1_OP)[:2], GEMM2_OP: ()}
+    cell = TuneCell(TINY, 1, 16, ARCH)
+    profiler.prepare_cell(cell, tactics)
+    assert len(compiled) == 2
+    # Same shape, another routing with the same launch plans: nothing compiled again.
+    profiler.prepare_cell(dataclasses.replace(cell, routing="spread"), tactics)
+    assert len(compiled) == 2
+    # Another shape: compiled again.
+    profiler.prepare_cell(dataclasses.replace(cell, num_tokens=32), tactics)
+    assert len(compiled) == 4
+
+
+def test_evaluating_a_balanced_table_repeats_the_plain_search(tmp_path):
+    _cli(tmp_path, "--ep=2", "--max_tokens=2", "--distribution=balanced")
+    path = str(tmp_path / "tactics.json")
+    evaluated, _, profiler = _cli(tmp_path, f"--evaluate={path}")
+    assert {c.routing for _, _, c in profiler.calls} == {"softmax", "skewed", "balanced"}
+    assert evaluated.report.reproducibility.same == 2
+    with pytest.raises(app.UsageError, match="need --evaluate"):
+        _cli(tmp_path, "--noevaluate_repeat")
+    with pytest.raises(app.UsageError, match="need --evaluate"):
+        _cli(tmp_path, f"--evaluate_also={path}")
 
 
 def test_tune_with_a_robust_profile_records_it_and_evaluation_repeats_it(tmp_path):

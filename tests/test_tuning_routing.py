@@ -404,3 +404,5 @@ def test_profiles_split_and_join():
     for bad in ["", "balanced+", "balanced+balanced", "balanced+bogus"]:
         with pytest.raises(ValueError):
             split_profile(bad)
+    with pytest.raises(TypeError, match="profile"):
+        split_profile(None)

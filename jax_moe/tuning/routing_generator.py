@@ -441,7 +441,9 @@ def split_profile(profile: str) -> tuple[str, tuple[str, ...]]:
     """`(primary, secondary)` routings of a profile `'balanced+spread'`: the cells'
     routing and `SearchConfig.secondary`. Each part is a `RoutingDistribution`
     (canonical text); parts must differ. ValueError otherwise."""
-    if not isinstance(profile, str) or not profile.strip():
+    if not isinstance(profile, str):
+        raise TypeError(f"profile={profile!r}; expected a str of routings joined by '+'")
+    if not profile.strip():
         raise ValueError(f"profile={profile!r}; expected routings joined by '+'")
     parts = tuple(str(RoutingDistribution.parse(p)) for p in profile.split("+"))
     if len(set(parts)) != len(parts):

@@ -351,9 +351,12 @@ class TacticTable:
         mine, theirs = self._metadata, other._metadata
         for name in ("device_name", "arch", "distribution", "profile_key"):
             if getattr(mine, name) != getattr(theirs, name):
+                hint = ""
+                if name == "distribution":
+                    hint = f" (tune with --distribution={mine.distribution} to add to this table)"
                 raise ValueError(
                     f"cannot merge tactic tables with different {name}: "
-                    f"{getattr(mine, name)!r} and {getattr(theirs, name)!r}"
+                    f"{getattr(mine, name)!r} and {getattr(theirs, name)!r}{hint}"
                 )
         merged = dict(self._entries)
         for problem, entry in other._entries.items():

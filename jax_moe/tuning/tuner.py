@@ -175,9 +175,12 @@ class SearchConfig:
                 or not 0 <= margin < float("inf")
             ):
                 raise ValueError(f"SearchConfig.{name}={margin!r}; expected a float >= 0")
-        if isinstance(self.secondary, str):
+        if isinstance(self.secondary, str) or not isinstance(self.secondary, (tuple, list)):
             raise TypeError(f"SearchConfig.secondary={self.secondary!r}; expected a tuple of str")
-        secondary = tuple(str(RoutingDistribution.parse(r)) for r in self.secondary)
+        try:
+            secondary = tuple(str(RoutingDistribution.parse(r)) for r in self.secondary)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"SearchConfig.secondary={self.secondary!r}: {error}") from None
         if len(set(secondary)) != len(secondary):
             raise ValueError(f"SearchConfig.secondary={self.secondary!r} names a routing twice")
         object.__setattr__(self, "secondary", secondary)
@@ -226,6 +229,8 @@ class CellResult:
       seconds: wall time spent on the cell.
       secondary: routing -> timings of the candidates re-timed under that
         secondary routing (`SearchConfig.secondary`); empty without.
+      secondary_skipped: `(routing, reason)` of secondary routings not timed for this
+        cell (an infeasible balanced plan).
     """
 
     cell: TuneCell
@@ -235,6 +240,7 @@ class CellResult:
     skipped: str | None = None
     seconds: float = 0.0
     secondary: Mapping[str, Timings] = dataclasses.field(default_factory=dict)
+    secondary_skipped: tuple[tuple[str, str], ...] = ()
 
     def times(self, op: str) -> dict[Tactic, float]:
         """Tactic -> microseconds of the successfully timed tactics of `op`."""
@@ -243,13 +249,32 @@ class CellResult:
         }
 
     def failures(self) -> list[tuple[str, Tactic, str]]:
-        """`(op, tactic, message)` of every failed tactic."""
+        """`(op, tactic, message)` of every failed tactic; failures under a secondary
+        routing have the message prefixed with `under <routing>: `."""
+        profiles = [("", self.timings)]
+        profiles += [(f"under {r}: ", t) for r, t in self.secondary.items()]
         return [
-            (op, t, r.message)
-            for op, results in self.timings.items()
+            (op, t, prefix + r.message)
+            for prefix, timings in profiles
+            for op, results in timings.items()
             for t, r in results.items()
             if isinstance(r, Failure)
         ]
+
+    @property
+    def robust(self) -> bool:
+        """Whether the choice used the secondary routings (some pair was timed under all);
+        False for a plain search and for the fallback to the plain choice."""
+        if not self.secondary:
+            return False
+        measured = [_measured(t) for t in (self.timings, *self.secondary.values())]
+        g1, g2 = measured[0]
+        return any(
+            all(a in m[0].get(bm, {}) and b in m[1].get(bm, {}) for m in measured)
+            for bm in set(g1) & set(g2)
+            for a in g1[bm]
+            for b in g2[bm]
+        )
 
     def pair_us(self, pair: Sequence[Tactic]) -> float | None:
         """GEMM1 + GEMM2 time of `pair`, None unless both were timed."""
@@ -395,39 +420,62 @@ def measure_cell(
     """
     search = search or SearchConfig()
     start = time.perf_counter()
-    if cell.routing == "balanced":
-        m = cell.model
-        try:
-            balanced_expert_loads(cell.num_tokens, m.num_experts, m.top_k, cell.num_local_experts)
-        except ValueError as error:
-            return CellResult(cell, skipped=str(error))
+    reason = _infeasible(cell)
+    if reason is not None:
+        return CellResult(cell, skipped=reason)
     valid, rejected = {}, {}
     for op in OPS:
         valid[op], rejected[op] = candidates(op, cell.problem_key(op))
     profiler.prepare_cell(cell, valid)
-    timings = {}
+    timings: dict[str, dict[Tactic, Measurement | Failure]] = {}
+    fully = {}  # op -> the tactics timed fully (not only screened)
     for op in OPS:
         if search.screen > 0:
             screened = {t: _timed(profiler.screen, op, t, cell) for t in valid[op]}
-            keep = _survivors(screened, search.screen)
+            fully[op] = keep = _survivors(screened, search.screen)
             timings[op] = {
                 t: _timed(profiler.time, op, t, cell) if t in keep else screened[t]
                 for t in valid[op]
             }
         else:
             timings[op] = {t: _timed(profiler.time, op, t, cell) for t in valid[op]}
-    secondary = {}
+            fully[op] = set(valid[op])
+    secondary, skipped = {}, []
     if search.secondary:
-        again = secondary_candidates(timings, search.secondary_margin)
+        # Only fully timed candidates: a single screening scan is too rough to score.
+        fully_timed = {op: {t: timings[op][t] for t in fully[op]} for op in OPS}
+        kept = secondary_candidates(fully_timed, search.secondary_margin)
+        again = {op: tuple(t for t in valid[op] if t in kept[op]) for op in OPS}
         for routing in search.secondary:
             other = dataclasses.replace(cell, routing=routing)
+            reason = _infeasible(other)
+            if reason is not None:
+                skipped.append((routing, reason))
+                continue
             profiler.prepare_cell(other, again)
             secondary[routing] = {
                 op: {t: _timed(profiler.time, op, t, other) for t in again[op]} for op in OPS
             }
     return CellResult(
-        cell, timings, rejected, seconds=time.perf_counter() - start, secondary=secondary
+        cell,
+        timings,
+        rejected,
+        seconds=time.perf_counter() - start,
+        secondary=secondary,
+        secondary_skipped=tuple(skipped),
     )
+
+
+def _infeasible(cell: TuneCell) -> str | None:
+    """Why `cell`'s routing cannot be built (an infeasible balanced plan), else None."""
+    if cell.routing != "balanced":
+        return None
+    m = cell.model
+    try:
+        balanced_expert_loads(cell.num_tokens, m.num_experts, m.top_k, cell.num_local_experts)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 class Progress:
@@ -486,11 +534,15 @@ def _note(result: CellResult) -> str:
     again = sum(len(t) for timings in result.secondary.values() for t in timings.values())
     failed = len(result.failures())
     counts = f"{timed} timed" + (f", {again} again" if result.secondary else "")
+    notes = [f"{routing} skipped: {reason}" for routing, reason in result.secondary_skipped]
+    if result.secondary and not result.robust:
+        notes.append("no pair timed under every routing: plain choice")
+    extra = "".join(f"; {n}" for n in notes)
     if result.choice is None:
-        return f"no pair ({counts}, {failed} failed)"
+        return f"no pair ({counts}, {failed} failed{extra})"
     return (
         f"block_m={result.choice.block_m} {result.choice.total_us:.1f} us "
-        f"({counts}, {failed} failed)"
+        f"({counts}, {failed} failed{extra})"
     )
 
 
