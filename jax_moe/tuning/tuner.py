@@ -268,13 +268,7 @@ class CellResult:
         if not self.secondary:
             return False
         measured = [_measured(t) for t in (self.timings, *self.secondary.values())]
-        g1, g2 = measured[0]
-        return any(
-            all(a in m[0].get(bm, {}) and b in m[1].get(bm, {}) for m in measured)
-            for bm in set(g1) & set(g2)
-            for a in g1[bm]
-            for b in g2[bm]
-        )
+        return bool(_pairs_timed_everywhere(measured))
 
     def pair_us(self, pair: Sequence[Tactic]) -> float | None:
         """GEMM1 + GEMM2 time of `pair`, None unless both were timed."""
@@ -347,6 +341,21 @@ def secondary_candidates(timings: Timings, margin: float) -> dict[str, tuple[Tac
     return out
 
 
+def _pairs_timed_everywhere(
+    measured: Sequence[list[dict[int, dict[Tactic, float]]]],
+) -> list[tuple[Tactic, Tactic]]:
+    """The (GEMM1, GEMM2) pairs sharing a block_m with a time in every `_measured` profile,
+    in block_m, then variant, order."""
+    g1_all, g2_all = measured[0]
+    return [
+        (g1, g2)
+        for bm in sorted(set(g1_all) & set(g2_all))
+        for g1 in g1_all[bm]
+        for g2 in g2_all[bm]
+        if all(g1 in m[0].get(bm, {}) and g2 in m[1].get(bm, {}) for m in measured)
+    ]
+
+
 def choose_robust_pair(
     timings: Timings,
     secondary: Mapping[str, Timings],
@@ -356,19 +365,11 @@ def choose_robust_pair(
     every routing of `secondary` (module docstring); the plain `choose_pair` when no
     pair was timed under every routing. Times in the result are the primary ones."""
     search = search or SearchConfig()
-    if not secondary:
+    measured = [_measured(t) for t in (timings, *secondary.values())]
+    pairs = _pairs_timed_everywhere(measured)
+    if not secondary or not pairs:
         return choose_pair(timings, search)
-    profiles = [timings, *secondary.values()]
-    measured = [_measured(t) for t in profiles]
     g1_all, g2_all = measured[0]
-    pairs = []
-    for bm in sorted(set(g1_all) & set(g2_all)):
-        for g1 in g1_all[bm]:
-            for g2 in g2_all[bm]:
-                if all(g1 in m[0].get(bm, {}) and g2 in m[1].get(bm, {}) for m in measured):
-                    pairs.append((g1, g2))
-    if not pairs:
-        return choose_pair(timings, search)
     totals = [
         {(g1, g2): m[0][g1.block_m][g1] + m[1][g1.block_m][g2] for g1, g2 in pairs}
         for m in measured
