@@ -47,6 +47,7 @@ from jax_moe.tuning.tuner import (
     build_table,
     format_summary,
     make_cells,
+    results_from_rows,
     timing_rows,
     tune_cells,
 )
@@ -131,6 +132,13 @@ _EVALUATE_ALSO = flags.DEFINE_list(
     "(compares tables without run-to-run noise).",
     flag_values=FLAGS,
 )
+_ANALYZE = flags.DEFINE_string(
+    "analyze",
+    None,
+    "Instead of tuning: read a --timings_out file and print, per cell and routing, the "
+    "regret of the default heuristic and of each --evaluate_also table (no GPU needed).",
+    flag_values=FLAGS,
+)
 _TIMINGS_OUT = flags.DEFINE_string(
     "timings_out",
     None,
@@ -200,6 +208,7 @@ class TuneConfig:
       evaluate_repeat: the evaluation also tunes the cells again (reproducibility).
       evaluate_also: more tactic files compared on the evaluation's timings.
       timings_out: JSON file that receives every timing of the run (`timing_rows`).
+      analyze: a `timings_out` file to analyze instead of tuning (no GPU needed).
       plot: PNG written after tuning.
       timing: profiler settings.
       search: choice settings.
@@ -217,6 +226,7 @@ class TuneConfig:
     evaluate_repeat: bool = True
     evaluate_also: tuple[str, ...] = ()
     timings_out: str | None = None
+    analyze: str | None = None
     plot: str | None = None
     timing: TimingConfig = TimingConfig()
     search: SearchConfig = SearchConfig()
@@ -229,7 +239,7 @@ class TuneConfig:
                 f"search.secondary={self.search.secondary!r}; give secondary routings in "
                 f"distribution instead (e.g. '{primary}+spread')"
             )
-        if self.evaluate is None and not self.models:
+        if self.evaluate is None and self.analyze is None and not self.models:
             raise ValueError(
                 "no model to tune: give --model or --hidden/--intermediate/--num_experts/--top_k"
             )
@@ -250,8 +260,12 @@ class TuneConfig:
                 "fused_moe looks up (larger batches use that bucket)"
             )
         key_data_of_seed(self.seed)  # Validates the seed.
-        if self.evaluate is None and (self.evaluate_also or not self.evaluate_repeat):
-            raise ValueError("--evaluate_also and --noevaluate_repeat need --evaluate")
+        if self.evaluate is not None and self.analyze is not None:
+            raise ValueError("give --evaluate or --analyze, not both")
+        if self.evaluate is None and self.analyze is None and self.evaluate_also:
+            raise ValueError("--evaluate_also needs --evaluate or --analyze")
+        if self.evaluate is None and not self.evaluate_repeat:
+            raise ValueError("--noevaluate_repeat needs --evaluate")
         routings = self.evaluate_routings
         if not routings or any(r not in _EVALUATION_ROUTINGS for r in routings):
             raise ValueError(
@@ -308,6 +322,7 @@ def config_from_flags() -> TuneConfig:
             evaluate_repeat=_EVALUATE_REPEAT.value,
             evaluate_also=tuple(p.strip() for p in _EVALUATE_ALSO.value if p.strip()),
             timings_out=_TIMINGS_OUT.value,
+            analyze=_ANALYZE.value,
             plot=_PLOT.value,
             timing=TimingConfig(
                 reps=_REPS.value,
@@ -399,6 +414,27 @@ def _write_timings(
     stream.write(f"wrote {len(rows)} timings to {config.timings_out}\n")
 
 
+def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
+    from jax_moe.tuning.evaluate import analyze_timings
+
+    try:
+        with open(config.analyze, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--analyze={config.analyze}: cannot read it: {error}") from None
+    if not isinstance(data, dict) or data.get("format") != "jax_moe.timings":
+        raise ValueError(f"--analyze={config.analyze}: not a timings file (--timings_out)")
+    device, arch = data.get("device_name"), data.get("arch")
+    results = results_from_rows(data.get("rows", []))
+    tables = tuple(
+        (path, TacticTable.load(path, expect_device=device, expect_arch=arch))
+        for path in config.evaluate_also
+    )
+    stream.write(f"timings of {device} ({arch}): {len(results)} cells\n")
+    stream.write(analyze_timings(results, tables) + "\n")
+    return TuneOutcome(results=tuple(results))
+
+
 def _default_profiler(config: TuneConfig) -> Profiler:
     from jax_moe.tuning.profiler import GpuProfiler
 
@@ -441,6 +477,8 @@ def run(
     without a GPU).
     """
     stream = stream if stream is not None else sys.stdout
+    if config.analyze is not None:
+        return _analyze(config, stream)
     if config.plot is not None:
         _pyplot()  # Fail before hours of tuning, not after.
     if profiler is None:

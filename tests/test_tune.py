@@ -59,7 +59,9 @@ from jax_moe.tuning.tuner import (
     exported_variants,
     format_summary,
     measure_cell,
+    results_from_rows,
     secondary_candidates,
+    timing_rows,
 )
 from jax_moe.tuning.tuner import _note as tuner_note
 
@@ -674,6 +676,38 @@ def test_timings_out_writes_every_timing(tmp_path):
     )[0]
     errors = [r for r in json.loads(out.read_text())["rows"] if "error" in r]
     assert failed.results and len(errors) >= 1 and "launch failed" in errors[0]["error"]
+
+
+def test_analyze_reads_saved_timings_without_a_gpu(tmp_path):
+    _cli(tmp_path, "--ep=2", "--max_tokens=4")
+    path = str(tmp_path / "tactics.json")
+    out = tmp_path / "eval_timings.json"
+    evaluated, _, _ = _cli(
+        tmp_path, f"--evaluate={path}", "--noevaluate_repeat", f"--timings_out={out}"
+    )
+    rows = json.loads(out.read_text())["rows"]
+    results = results_from_rows(rows)
+    assert timing_rows(results) == rows  # a round trip
+    # No profiler is needed; the table's regret on the saved timings is the evaluation's.
+    stream = io.StringIO()
+    outcome = tune.run_cli(
+        ["jax_moe.tune", f"--analyze={out}", f"--evaluate_also={path}"], stream=stream
+    )
+    text = stream.getvalue()
+    report = evaluated.report
+    assert len(outcome.results) == len(report.regrets)
+    assert f"regret of {path}: mean {100 * report.mean_regret():.2f}%" in text
+    defaults = [r.default_regret for r in report.regrets]
+    assert f"regret of default: mean {100 * sum(defaults) / len(defaults):.2f}%" in text
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "jax_moe.timings", "rows": [{"op": "x"}]}))
+    with pytest.raises(ValueError, match="timing row 0 is malformed"):
+        tune.run_cli(["jax_moe.tune", f"--analyze={bad}"], stream=io.StringIO())
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="not a timings file"):
+        tune.run_cli(["jax_moe.tune", f"--analyze={bad}"], stream=io.StringIO())
+    with pytest.raises(app.UsageError, match="not both"):
+        _cli(tmp_path, f"--analyze={out}", f"--evaluate={path}")
 
 
 def test_evaluate_also_compares_tables_on_the_same_timings(tmp_path):

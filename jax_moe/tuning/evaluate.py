@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from collections.abc import Sequence
 from typing import TextIO
 
 from jax_moe import models
@@ -61,6 +62,7 @@ from jax_moe.tuning.tuner import (
 __all__ = [
     "TARGETS",
     "CellRegret",
+    "analyze_timings",
     "EvaluationConfig",
     "EvaluationReport",
     "Reproducibility",
@@ -288,6 +290,46 @@ def evaluate_table(
                 differing.append((cell, tuned, again))
         reproducibility = Reproducibility(same, len(tuned_cells), tuple(differing))
     return EvaluationReport(tuple(regrets), reproducibility, tuple(measured))
+
+
+def analyze_timings(
+    results: Sequence[CellResult], tables: Sequence[tuple[str, TacticTable]] = ()
+) -> str:
+    """Offline regrets from saved timings (`tune --analyze`, rows of `--timings_out`).
+
+    For every cell and every routing it was timed under: the best pair's time, the
+    regret of the default heuristic's pair and of each table's pair for the cell (`-`
+    where the table has no entry or the pair was not timed), then their mean and max.
+    """
+    header = f"{'cell':<40} {'best_us':>10} {'default':>8}" + "".join(
+        f" {f'table{i + 1}':>8}" for i in range(len(tables))
+    )
+    lines = [header, *(f"(table{i + 1}: {name})" for i, (name, _) in enumerate(tables))]
+    columns: list[list[float]] = [[] for _ in range(1 + len(tables))]
+    for result in results:
+        profiles = [(result.cell.routing, result.timings), *result.secondary.items()]
+        for routing, timings in profiles:
+            cell = dataclasses.replace(result.cell, routing=routing)
+            one = CellResult(cell, timings)
+            pairs = [default_pair(cell), *(_pair_in(table, cell) for _, table in tables)]
+            regret = regret_of(one, pairs[0], tuple(pairs[1:]))
+            values = [regret.regret, *regret.other_regrets]
+            for column, value in zip(columns, values, strict=True):
+                if value is not None:
+                    column.append(value)
+            best = "-" if regret.best_us is None else f"{regret.best_us:.1f}"
+            lines.append(
+                f"{str(cell):<40} {best:>10}" + "".join(f" {_percent(v):>8}" for v in values)
+            )
+    lines.append("")
+    for name, column in zip(["default", *(n for n, _ in tables)], columns, strict=True):
+        mean = statistics.fmean(column) if column else math.nan
+        worst = max(column) if column else math.nan
+        lines.append(
+            f"regret of {name}: mean {_percent(mean)}, max {_percent(worst)} over "
+            f"{len(column)} cells"
+        )
+    return "\n".join(lines)
 
 
 def _percent(value: float | None) -> str:

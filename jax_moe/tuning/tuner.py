@@ -84,6 +84,7 @@ __all__ = [
     "join_profile",
     "make_cells",
     "measure_cell",
+    "results_from_rows",
     "secondary_candidates",
     "split_profile",
     "table_entries",
@@ -616,22 +617,30 @@ def build_table(
 def timing_rows(results: Iterable[CellResult]) -> list[dict[str, Any]]:
     """Every timing of `results` as JSON-ready rows, one per (cell, routing, op, tactic).
 
-    Each row: `model`, `ep`, `num_tokens`, `routing` (the cell's, or a secondary
-    routing's), `op`, `tactic` (`Tactic.to_json()`), `time_us` and `samples_us` of a
-    Measurement, or `error` of a Failure. For analysis without a GPU (say, the regret
-    of another heuristic on the timings of an evaluation).
+    Each row: the cell (`model` name, `shape` = num_experts, top_k, hidden and
+    intermediate, `ep`, `num_tokens`, `arch`, `dtype`, `key_data`, `cell_routing`),
+    `routing` (the cell's, or a secondary routing's), `op`, `tactic`
+    (`Tactic.to_json()`), `time_us` and `samples_us` of a Measurement, or `error` of a
+    Failure. `results_from_rows` reads them back. For analysis without a GPU (say, the
+    regret of another heuristic on the timings of an evaluation).
     """
     rows = []
     for result in results:
         cell = result.cell
+        m = cell.model
         profiles = [(cell.routing, result.timings), *result.secondary.items()]
         for routing, timings in profiles:
             for op, per_tactic in timings.items():
                 for tactic, outcome in per_tactic.items():
                     row = {
-                        "model": cell.model.name,
+                        "model": m.name,
+                        "shape": [m.num_experts, m.top_k, m.hidden, m.intermediate],
                         "ep": cell.ep,
                         "num_tokens": cell.num_tokens,
+                        "arch": cell.arch,
+                        "dtype": cell.dtype,
+                        "key_data": list(cell.key_data),
+                        "cell_routing": cell.routing,
                         "routing": routing,
                         "op": op,
                         "tactic": tactic.to_json(),
@@ -643,6 +652,50 @@ def timing_rows(results: Iterable[CellResult]) -> list[dict[str, Any]]:
                         row["error"] = outcome.message
                     rows.append(row)
     return rows
+
+
+def results_from_rows(rows: Iterable[Mapping[str, Any]]) -> list[CellResult]:
+    """The `CellResult`s (timings and secondary timings, no choice) of `timing_rows`
+    output, in first-seen order. ValueError for a malformed row."""
+    from jax_moe.tactic import tactic_from_json
+
+    cells: dict[TuneCell, CellResult] = {}
+    for i, row in enumerate(rows):
+        try:
+            experts, top_k, hidden, intermediate = (int(x) for x in row["shape"])
+            model = MoEConfig(
+                name=str(row["model"]),
+                num_experts=experts,
+                top_k=top_k,
+                hidden=hidden,
+                intermediate=intermediate,
+            )
+            cell = TuneCell(
+                model,
+                int(row["ep"]),
+                int(row["num_tokens"]),
+                str(row["arch"]),
+                str(row["cell_routing"]),
+                tuple(row["key_data"]),
+                str(row["dtype"]),
+            )
+            tactic = tactic_from_json(row["tactic"])
+            op, routing = str(row["op"]), str(row["routing"])
+            if op not in OPS:
+                raise ValueError(f"op {op!r}")
+            outcome = (
+                Measurement(float(row["time_us"]), tuple(row.get("samples_us", ())))
+                if "time_us" in row
+                else Failure(str(row["error"]))
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"timing row {i} is malformed: {error}") from None
+        result = cells.setdefault(cell, CellResult(cell, {}, {}, secondary={}))
+        timings = (
+            result.timings if routing == cell.routing else result.secondary.setdefault(routing, {})
+        )
+        timings.setdefault(op, {})[tactic] = outcome
+    return list(cells.values())
 
 
 def _format_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
