@@ -487,9 +487,9 @@ def test_evaluating_a_balanced_table_repeats_the_plain_search(tmp_path):
     evaluated, _, profiler = _cli(tmp_path, f"--evaluate={path}")
     assert {c.routing for _, _, c in profiler.calls} == {"softmax", "skewed", "balanced"}
     assert evaluated.report.reproducibility.same == 2
-    with pytest.raises(app.UsageError, match="need --evaluate"):
+    with pytest.raises(app.UsageError, match="needs --evaluate"):
         _cli(tmp_path, "--noevaluate_repeat")
-    with pytest.raises(app.UsageError, match="need --evaluate"):
+    with pytest.raises(app.UsageError, match="needs --evaluate"):
         _cli(tmp_path, f"--evaluate_also={path}")
 
 
