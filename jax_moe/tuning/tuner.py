@@ -331,14 +331,11 @@ def secondary_candidates(timings: Timings, margin: float) -> dict[str, tuple[Tac
         return {op: () for op in OPS}
     best = {bm: min(g1[bm].values()) + min(g2[bm].values()) for bm in blocks}
     fastest = min(best.values())
-    kept = [bm for bm in blocks if best[bm] <= fastest * (1 + margin)]
+    kept = {bm for bm in blocks if best[bm] <= fastest * (1 + margin)}
     out = {}
-    for op, per_block in zip(OPS, (g1, g2), strict=True):
-        chosen = set()
-        for bm in kept:
-            limit = min(per_block[bm].values()) * (1 + margin)
-            chosen |= {t for t, us in per_block[bm].items() if us <= limit}
-        out[op] = tuple(t for t in timings[op] if t in chosen)  # variant order
+    for op in OPS:
+        close = _survivors(timings[op], margin)  # within the margin of their block_m's best
+        out[op] = tuple(t for t in timings[op] if t in close and t.block_m in kept)
     return out
 
 
