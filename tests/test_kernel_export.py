@@ -171,10 +171,15 @@ def test_default_tactic_regimes_and_errors():
 def test_split_k_is_a_decode_tactic():
     split = [t for t in cfg.gemm1_variants() if t.split_k > 1]
     assert split and all(t.block_m <= 32 and not t.cp_async for t in split)
-    # The ids of the unsplit variants come first.
-    assert [t.split_k for t in cfg.gemm1_variants()][: -len(split)] == [1] * (
-        len(cfg.gemm1_variants()) - len(split)
-    )
+    # The ids of the unsplit register-ring variants (stages <= 4) come first, then the
+    # split-K ones, then the deep-prefetch decode ones (so earlier ids never move).
+    variants = cfg.gemm1_variants()
+    first_split = next(i for i, t in enumerate(variants) if t.split_k > 1)
+    first_deep = next(i for i, t in enumerate(variants) if t.stages > 4)
+    assert all(t.split_k == 1 and t.stages <= 4 for t in variants[:first_split])
+    assert first_split < first_deep
+    assert all(t.stages <= 4 for t in variants[first_split:first_deep])
+    assert all(t.block_m == 16 and t.stages > 4 for t in variants[first_deep:])
     tactic = cfg.MoeGemm1Sm90Tactic(
         block_m=16, block_w=64, warps_m=4, warps_n=1, stages=2, cp_async=False, split_k=4
     )
@@ -315,3 +320,16 @@ def test_pdl_switch_sets_launch_attribute_and_griddepcontrol(
             assert any(load in ptx[:trigger] for load in loads)
             assert ptx.count("griddepcontrol.wait") == 2  # + inactive first tile
             assert "ldmatrix" not in ptx[:trigger] and "st.global" not in ptx[:trigger]
+
+
+def test_deep_prefetch_is_a_decode_tactic():
+    deep = [t for t in cfg.gemm2_variants() if t.stages > 4]
+    assert deep and all(t.block_m == 16 and not t.cp_async for t in deep)
+    tactic = deep[0]
+    tactic.check(_problem("moe_gemm2", token_bucket=512))  # 16 rows per expert
+    with pytest.raises(ValueError, match="stages=8 is a decode tactic"):
+        tactic.check(_problem("moe_gemm2", token_bucket=1024))
+    with pytest.raises(ValueError, match="registers"):
+        cfg.MoeGemm1Sm90Tactic(
+            block_m=16, block_w=128, warps_m=4, warps_n=1, stages=8, cp_async=False
+        )

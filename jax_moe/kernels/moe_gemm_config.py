@@ -19,7 +19,8 @@ with `4 x 1` every warp reads the whole token tile by `ldmatrix`. `block_w` is 1
 or 64 to put more CTAs on the weights when few experts are active.
 
 `stages` is how many 64-wide K steps of weights and tokens are loaded ahead: in a
-register ring (`cp_async=False`, 1 to 4 deep, limited by a register estimate), or in
+register ring (`cp_async=False`, 1 to 4 deep, limited by a register estimate; 6 or 8
+deep as a decode tactic for short K loops, `_DEEP_VARIANTS`), or in
 a cp.async shared-memory ring of raw weight bytes (`cp_async=True`, 3 to 6 deep;
 correct but slower on the measured shapes, so not exported).
 
@@ -49,7 +50,9 @@ each regime in `_REGIMES`, `block_w` in (128, 64) x register `stages` in (1, 2, 
 4 only for tiles up to 32 x 128, only 1 for block_m=128, and none whose register
 estimate exceeds the budget (which leaves out the 128 x 128 tile and, with `2 x 2`
 warps, 64 x 128 with 2 stages and 64 x 64 with 4: 22 variants); then the 6
-split-K variants of `_SPLIT_K_VARIANTS` (their ids come after the others).
+split-K variants of `_SPLIT_K_VARIANTS` and the 3 deep-prefetch decode variants of
+`_DEEP_VARIANTS` (their ids come after the others). The tuner's default search
+leaves out the `2 x 2` grids and the 128-row tiles (`searched_by_default`).
 """
 
 from __future__ import annotations
@@ -65,13 +68,16 @@ __all__ = [
     "default_tactic",
     "gemm1_variants",
     "gemm2_variants",
+    "searched_by_default",
     "swap_ab_smem_bytes",
 ]
 
 _ARCHS = ("sm_90a",)
 _BLOCK_K = 64
 # K steps loaded ahead: register ring depths, cp.async shared-memory ring depths.
-_REGISTER_STAGES = (1, 2, 3, 4)
+_REGISTER_STAGES = (1, 2, 3, 4, 6, 8)
+# Register rings deeper than this are decode tactics (see `_DEEP_VARIANTS`).
+_DEEP_STAGES = 4
 _CP_ASYNC_STAGES = (3, 4, 6)
 # Prefetch + accumulator registers per thread (`register_estimate`) above which the
 # kernel spills or runs at one CTA per SM (ptxas, weights decoded in registers: 64 x 128
@@ -97,13 +103,14 @@ def _check_common(tactic, problem) -> None:
         raise NotImplementedError(
             f"{tactic}: activation dtype {problem.activation_dtype!r}; only bfloat16 is supported"
         )
-    if tactic.split_k > 1:
+    if tactic.split_k > 1 or tactic.stages > _DEEP_STAGES:
         rows = _expected_rows_per_expert(problem.token_bucket, problem.top_k, problem.num_experts)
         if rows > _SPLIT_K_MAX_ROW_TILES * tactic.block_m:
+            what = f"split_k={tactic.split_k}" if tactic.split_k > 1 else f"stages={tactic.stages}"
             raise ValueError(
-                f"{tactic}: split_k={tactic.split_k} is a decode tactic; the problem expects "
+                f"{tactic}: {what} is a decode tactic; the problem expects "
                 f"{rows:g} routed rows per expert (> {_SPLIT_K_MAX_ROW_TILES * tactic.block_m}), "
-                "where the grid is full without splitting K"
+                "where the grid is full without it"
             )
 
 
@@ -232,6 +239,13 @@ _REGIMES = ((16, 4, 1), (32, 4, 1), (64, 2, 2), (128, 2, 2), (64, 4, 1), (128, 4
 
 # (block_m, block_w, stages, split_k values) of the exported split-K variants.
 _SPLIT_K_VARIANTS = ((16, 64, 2, (2, 4, 8)), (16, 128, 4, (2, 4)), (32, 128, 2, (2,)))
+# Deep register prefetch, (block_m, block_w, stages, split_k values): a decode tactic
+# (valid while the expected routed rows per expert fit in one row tile) for short K
+# loops, which it keeps in flight almost whole. It costs occupancy (128-208 registers
+# per thread instead of 56-126): on DeepSeek-V3 it was 1.3-2x slower than 2 stages in
+# every cell; on Qwen3-30B-A3B (12-32 K steps) it won N=1-2 by 8-20 %. Deeper splits
+# (4, 8) were slower everywhere and are not exported.
+_DEEP_VARIANTS = ((16, 64, 8, (1, 2)), (16, 128, 6, (1,)))
 # Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
 # and the CTAs per SM it aims to keep resident.
 _PLANNED_SMS = 132
@@ -254,6 +268,8 @@ def _variants(cls):
     # tactic names to them, so tables never store ids.)
     for bm, bw, st, splits in _SPLIT_K_VARIANTS:
         specs.extend((bm, bw, 4, 1, st, split) for split in splits)
+    for bm, bw, st, splits in _DEEP_VARIANTS:
+        specs.extend((bm, bw, 4, 1, st, split) for split in splits)
     out = []
     for bm, bw, wm, wn, st, split in specs:
         try:
@@ -269,9 +285,22 @@ def _variants(cls):
                 )
             )
         except ValueError:
-            if split > 1:  # the split-K list is fixed: it must be valid
+            if split > 1 or st > 4:  # the split-K and deep lists are fixed: they must be valid
                 raise
     return out
+
+
+def searched_by_default(tactic: _SwapAbTactic) -> bool:
+    """Whether the tuner times `tactic` in its default search (all exported variants
+    stay usable, and `python -m jax_moe.tune --all_variants` times them all).
+
+    Left out: the `2 x 2` warp grids and the 128-row tiles. In the shipped tables' tunes
+    (H100 and H200; DeepSeek-V3 EP=1/8/16 and Qwen3-30B-A3B; 210 op entries, every
+    exported variant timed) a `2 x 2` grid was chosen once and a 128-row tile never;
+    they are also the slowest variants to time at large N. An evaluation (`--evaluate`)
+    still times every variant, so a loss from leaving them out shows as regret.
+    """
+    return tactic.warps_n == 1 and tactic.block_m <= 64
 
 
 def gemm1_variants() -> list[MoeGemm1Sm90Tactic]:

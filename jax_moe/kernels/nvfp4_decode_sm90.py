@@ -586,6 +586,9 @@ class SwapAbNvfp4GemmSm90:
             k_begin = self.split_rank() * per_split
             k_end = cutlass.min(k_begin + per_split, num_k_steps)
 
+        # Loads ahead of the last K step of this CTA's range re-read that step (an L1/L2
+        # hit) instead of streaming the next split's weights a second time.
+        last = k_end - 1
         depth = self.stages
         r_codes = cute.make_rmem_tensor((16, self.mma_m, depth), cutlass.Uint8)
         r_scales = cute.make_rmem_tensor((8, self.mma_m, depth), cutlass.Uint8)
@@ -603,18 +606,18 @@ class SwapAbNvfp4GemmSm90:
         # suffices: a stage is rewritten only after every warp passed the next barrier.
         if cutlass.const_expr(self.pdl and wait_before_tokens):
             for d in cutlass.range_constexpr(depth):
-                first = cutlass.min(k_begin + d, num_k_steps - 1)
+                first = cutlass.min(k_begin + d, last)
                 self.load_a_step(
                     tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
                 )
             self.dependency_wait()
             self.launch_dependents()
             for d in cutlass.range_constexpr(depth):
-                first = cutlass.min(k_begin + d, num_k_steps - 1)
+                first = cutlass.min(k_begin + d, last)
                 self.load_b_step(m_b, b_rows, first, tidx, r_b[None, None, d])
         else:
             for d in cutlass.range_constexpr(depth):
-                first = cutlass.min(k_begin + d, num_k_steps - 1)
+                first = cutlass.min(k_begin + d, last)
                 self.load_a_step(
                     tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
                 )
@@ -628,7 +631,7 @@ class SwapAbNvfp4GemmSm90:
                     cute.arch.sync_threads()
                     cute.autovec_copy(r_codes[None, None, d], cur_codes)
                     cute.autovec_copy(r_scales[None, None, d], cur_scales)
-                    ahead = cutlass.min(k_step + depth, num_k_steps - 1)
+                    ahead = cutlass.min(k_step + depth, last)
                     self.load_a_step(
                         tiles, band0, ahead, tidx, r_codes[None, None, d], r_scales[None, None, d]
                     )
