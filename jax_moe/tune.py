@@ -187,6 +187,14 @@ _SCREEN = flags.DEFINE_float(
     flag_values=FLAGS,
 )
 
+_ALL_VARIANTS = flags.DEFINE_bool(
+    "all_variants",
+    False,
+    "Time every exported variant, not only those of the default search (which leaves out "
+    "the 2 x 2 warp grids and 128-row tiles; an evaluation always times every variant).",
+    flag_values=FLAGS,
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
@@ -331,7 +339,11 @@ def config_from_flags() -> TuneConfig:
                 timer=_TIMER.value,
                 min_scan_us=_MIN_SCAN_US.value,
             ),
-            search=SearchConfig(tie_tolerance=_TIE_TOLERANCE.value, screen=_SCREEN.value),
+            search=SearchConfig(
+                tie_tolerance=_TIE_TOLERANCE.value,
+                screen=_SCREEN.value,
+                all_variants=_ALL_VARIANTS.value,
+            ),
         )
     except (TypeError, ValueError) as error:
         raise app.UsageError(str(error)) from error

@@ -23,6 +23,7 @@ from conftest import requires_gpu
 
 from jax_moe import _ffi, gpu, models, tune
 from jax_moe.kernels import moe_gemm_config
+from jax_moe.kernels.moe_gemm_config import searched_by_default
 from jax_moe.moe import MoEProblem
 from jax_moe.tactic import tactic_from_json
 from jax_moe.tuning import TacticTable, shipped
@@ -141,6 +142,29 @@ def test_candidates_are_the_valid_exported_variants():
     assert not valid and "not supported" in rejected[0][1]
 
 
+def test_default_search_leaves_out_2x2_grids_and_128_row_tiles(tmp_path):
+    cell = TuneCell(models.get_preset("deepseek_v3"), 8, 4096, ARCH)
+    for op in (GEMM1_OP, GEMM2_OP):
+        valid, rejected = candidates(op, cell.problem_key(op), all_variants=False)
+        left_out = [t for t in exported_variants(op) if t.warps_n == 2 or t.block_m == 128]
+        assert left_out and not set(left_out) & set(valid)
+        assert {t for t, why in rejected if "--all_variants" in why} == set(left_out)
+        assert all(searched_by_default(t) for t in valid)
+    # The CLI times the subset by default and every variant with --all_variants.
+    _, _, default = _cli(tmp_path, "--ep=1", "--max_tokens=1")
+    _, _, every = _cli(tmp_path, "--ep=1", "--max_tokens=1", "--all_variants")
+    timed = {t for _, t, _ in every.calls} - {t for _, t, _ in default.calls}
+    assert timed and all(not searched_by_default(t) for t in timed)
+
+
+def test_evaluation_times_every_variant_for_regret(tmp_path):
+    _cli(tmp_path, "--ep=2", "--max_tokens=2")
+    table = TacticTable.load(str(tmp_path / "tactics.json"))
+    profiler = CostModelProfiler()
+    evaluate_table(profiler, table, EvaluationConfig(repeat_tuning=False))
+    assert any(not searched_by_default(t) for _, t, _ in profiler.calls)
+
+
 def _variant(op, block_m, index=0):
     return [t for t in exported_variants(op) if t.block_m == block_m][index]
 
@@ -207,13 +231,14 @@ def test_tune_writes_a_table_with_metadata_progress_and_summary(tmp_path):
         g2 = table.entries[cell.problem_key(GEMM2_OP)]
         assert g1.tactic.block_m == g2.tactic.block_m
         times = [
-            {t: model_time(op, t, cell) for t in exported_variants(op)}
+            {t: model_time(op, t, cell) for t in exported_variants(op) if searched_by_default(t)}
             for op in (GEMM1_OP, GEMM2_OP)
         ]
         assert math.isclose(g1.time_us + g2.time_us, _pair_time(times))
         assert g1.runner_up is not None and g1.runner_up.block_m == g1.tactic.block_m
-    # Every valid tactic of both ops was timed once per cell, after prepare_cell.
-    assert len(profiler.calls) == 8 * 2 * len(exported_variants(GEMM1_OP))
+    # Every tactic of the default search was timed once per cell, after prepare_cell.
+    searched = [t for t in exported_variants(GEMM1_OP) if searched_by_default(t)]
+    assert len(profiler.calls) == 8 * 2 * len(searched)
     assert [p[0] for p in profiler.prepared] == [r.cell for r in outcome.results]
     progress = [line for line in output.splitlines() if line.startswith("[")]
     assert len(progress) == 8 and "8/8" in progress[-1] and "eta" in progress[0]

@@ -264,10 +264,10 @@ def evaluate_table(
     config = config or EvaluationConfig()
     tuned_cells = table_cells(table)
     regrets, measured = [], []
-    # Regret needs every candidate timed fully under one routing: no screening or
-    # secondary routing here (only the repeated tuning below searches as the original
-    # run did, with the table's secondary routings).
-    full = dataclasses.replace(config.search, screen=0.0, secondary=())
+    # Regret needs every exported variant timed fully under one routing: no screening,
+    # no secondary routing, no default-search subset here (only the repeated tuning
+    # below searches as the original run did, with the table's secondary routings).
+    full = dataclasses.replace(config.search, screen=0.0, secondary=(), all_variants=True)
     for routing in config.routings:
         cells = [dataclasses.replace(cell, routing=routing) for cell, _ in tuned_cells]
         results = tune_cells(profiler, cells, full, stream)

@@ -105,10 +105,13 @@ def exported_variants(op: str) -> tuple[Tactic, ...]:
 
 
 def candidates(
-    op: str, problem: ProblemKey
+    op: str, problem: ProblemKey, all_variants: bool = True
 ) -> tuple[tuple[Tactic, ...], tuple[tuple[Tactic, str], ...]]:
     """`(valid, rejected)`: exported tactics of `op` that pass `check(problem)`, and the
-    others with the reason."""
+    others with the reason. Without `all_variants`, tactics outside the default search
+    (`moe_gemm_config.searched_by_default`) are rejected too."""
+    from jax_moe.kernels.moe_gemm_config import searched_by_default
+
     valid, rejected = [], []
     for tactic in exported_variants(op):
         try:
@@ -116,7 +119,10 @@ def candidates(
         except (ValueError, NotImplementedError) as error:
             rejected.append((tactic, str(error)))
         else:
-            valid.append(tactic)
+            if all_variants or searched_by_default(tactic):
+                valid.append(tactic)
+            else:
+                rejected.append((tactic, "not in the default search (--all_variants times it)"))
     return tuple(valid), tuple(rejected)
 
 
@@ -157,12 +163,15 @@ class SearchConfig:
         which the promising candidates are timed again for the robust choice
         (module docstring); empty (default): the plain choice.
       secondary_margin: which candidates are promising (module docstring).
+      all_variants: time every exported variant; False (default): only those of the
+        default search (`moe_gemm_config.searched_by_default`).
     """
 
     tie_tolerance: float = 0.005
     screen: float = 0.0
     secondary: tuple[str, ...] = ()
     secondary_margin: float = 0.25
+    all_variants: bool = False
 
     def __post_init__(self) -> None:
         tol = self.tie_tolerance
@@ -424,7 +433,7 @@ def measure_cell(
         return CellResult(cell, skipped=reason)
     valid, rejected = {}, {}
     for op in OPS:
-        valid[op], rejected[op] = candidates(op, cell.problem_key(op))
+        valid[op], rejected[op] = candidates(op, cell.problem_key(op), search.all_variants)
     profiler.prepare_cell(cell, valid)
     timings: dict[str, dict[Tactic, Measurement | Failure]] = {}
     fully = {}  # op -> the tactics timed fully (not only screened)
