@@ -80,6 +80,11 @@ _TIMER = flags.DEFINE_enum(
     "per-kernel breakdown); events: device time between CUDA events around the scan "
     "(gaps counted); wall: host time. Default: profiler on GPUs, wall elsewhere.",
 )
+_TACTICS = flags.DEFINE_string(
+    "tactics",
+    None,
+    "Tactic table (JSON file) for fused_moe; default: the table shipped for the device.",
+)
 _PEERS = flags.DEFINE_list(
     "impls",
     ["fused_moe", "xla_nvfp4", "ragged_bf16", "ragged_bf16_local"],
@@ -244,6 +249,12 @@ def _with_jax_routing(step):
     return run
 
 
+@functools.cache
+def _table():
+    """The `--tactics` table, loaded once (None: the shipped table)."""
+    return None if _TACTICS.value is None else jax_moe.tuning.load_tactic_table(_TACTICS.value)
+
+
 def _print_breakdown(cfg, num_local, x, prepared, ids, wts, kernels) -> None:
     """fused_moe's tactics and its device time per kernel name (largest first)."""
     from jax_moe import gpu
@@ -251,7 +262,7 @@ def _print_breakdown(cfg, num_local, x, prepared, ids, wts, kernels) -> None:
     problem = moe.validate_moe_args(
         x, prepared, ids, wts, num_local_experts=num_local, num_experts=cfg.num_experts
     )
-    g1, g2 = gpu.select_tactics(problem)
+    g1, g2 = gpu.select_tactics(problem, _table())
     print(f"    tactics: {g1} / {g2}")
     total = sum(kernels.values())
     for name, t in sorted(kernels.items(), key=lambda kv: -kv[1])[:8]:
@@ -308,13 +319,19 @@ def main(argv):
         for name in _PEERS.value:
             if name == "fused_moe":
                 step = functools.partial(
-                    jax_moe.fused_moe, num_local_experts=num_local, num_experts=cfg.num_experts
+                    jax_moe.fused_moe,
+                    num_local_experts=num_local,
+                    num_experts=cfg.num_experts,
+                    tactics=_table(),
                 )
                 t, fused_kernels = _time_scan(step, xs, prepared, ids, wts, whole=not on_gpu)
             elif name == "fused_moe_jax_routing":
                 step = _with_jax_routing(
                     functools.partial(
-                        jax_moe.fused_moe, num_local_experts=num_local, num_experts=cfg.num_experts
+                        jax_moe.fused_moe,
+                        num_local_experts=num_local,
+                        num_experts=cfg.num_experts,
+                        tactics=_table(),
                     )
                 )
                 t, _ = _time_scan(step, xs, prepared, ids, wts, whole=not on_gpu)
