@@ -154,9 +154,12 @@ def test_default_tactic_regimes_and_errors():
     decode = cfg.default_tactic("moe_gemm1", 1, 8, 32, 7168, 2048, num_experts=256)
     assert (decode.block_m, decode.block_w, decode.stages) == (16, 64, 2)
     middle = cfg.default_tactic("moe_gemm2", 64, 2, 8, 4096, 14336)
-    assert (middle.block_m, middle.block_w, middle.stages) == (32, 128, 2)
-    prefill = cfg.default_tactic("moe_gemm1", 1000, 8, 32, 7168, 2048, num_experts=256)
-    assert (prefill.block_m, prefill.block_w, prefill.stages) == (64, 128, 1)
+    assert (middle.block_m, middle.block_w, middle.stages) == (32, 128, 1)
+    # Expected routed rows per expert m = N * top_k / num_experts: 32-row tiles up to
+    # m = 128, 64-row tiles beyond.
+    for n, block_m in ((1000, 32), (4096, 32), (4097, 64), (16384, 64)):
+        tactic = cfg.default_tactic("moe_gemm1", n, 8, 32, 7168, 2048, num_experts=256)
+        assert (tactic.block_m, tactic.block_w, tactic.stages) == (block_m, 128, 1)
     for n in (1, 3, 64, 128, 1000, 16384):
         pair = [
             cfg.default_tactic(op, n, 8, 32, 7168, 2048, num_experts=256)
