@@ -125,6 +125,13 @@ _EVALUATE_REPEAT = flags.DEFINE_bool(
     "(--noevaluate_repeat measures the regret only).",
     flag_values=FLAGS,
 )
+_EVALUATE_SEED = flags.DEFINE_integer(
+    "evaluate_seed",
+    None,
+    "With --evaluate: seed of the key the regret passes draw their inputs and routings "
+    "from (default: the table's own key); the repeated tuning keeps the table's key.",
+    flag_values=FLAGS,
+)
 _EVALUATE_ALSO = flags.DEFINE_list(
     "evaluate_also",
     [],
@@ -215,6 +222,7 @@ class TuneConfig:
         optionally with the suffix `@busiest`).
       evaluate_repeat: the evaluation also tunes the cells again (reproducibility).
       evaluate_also: more tactic files compared on the evaluation's timings.
+      evaluate_seed: seed of the regret passes' key (None: the table's key).
       timings_out: JSON file that receives every timing of the run (`timing_rows`).
       analyze: a `timings_out` file to analyze instead of tuning (no GPU needed).
       plot: PNG written after tuning.
@@ -233,6 +241,7 @@ class TuneConfig:
     evaluate_routings: tuple[str, ...] = ("softmax", "skewed")
     evaluate_repeat: bool = True
     evaluate_also: tuple[str, ...] = ()
+    evaluate_seed: int | None = None
     timings_out: str | None = None
     analyze: str | None = None
     plot: str | None = None
@@ -274,6 +283,10 @@ class TuneConfig:
             raise ValueError("--evaluate_also needs --evaluate or --analyze")
         if self.evaluate is None and not self.evaluate_repeat:
             raise ValueError("--noevaluate_repeat needs --evaluate")
+        if self.evaluate_seed is not None:
+            if self.evaluate is None:
+                raise ValueError("--evaluate_seed needs --evaluate")
+            key_data_of_seed(self.evaluate_seed)  # Validates the seed.
         routings = self.evaluate_routings
         if not routings or any(r not in _EVALUATION_ROUTINGS for r in routings):
             raise ValueError(
@@ -329,6 +342,7 @@ def config_from_flags() -> TuneConfig:
             evaluate_routings=tuple(r.strip() for r in _EVALUATE_ROUTINGS.value),
             evaluate_repeat=_EVALUATE_REPEAT.value,
             evaluate_also=tuple(p.strip() for p in _EVALUATE_ALSO.value if p.strip()),
+            evaluate_seed=_EVALUATE_SEED.value,
             timings_out=_TIMINGS_OUT.value,
             analyze=_ANALYZE.value,
             plot=_PLOT.value,
@@ -471,7 +485,10 @@ def _evaluate(config: TuneConfig, profiler: Profiler, stream: TextIO) -> TuneOut
         repeat_tuning=config.evaluate_repeat,
         search=config.search,
         others=others,
+        key_data=None if config.evaluate_seed is None else key_data_of_seed(config.evaluate_seed),
     )
+    if config.evaluate_seed is not None:
+        stream.write(f"regret routings and inputs drawn with seed {config.evaluate_seed}\n")
     report = evaluate_table(profiler, table, evaluation, stream)
     stream.write(format_report(report, others=tuple(name for name, _ in others)) + "\n")
     _write_timings(config, profiler, report.results, stream)

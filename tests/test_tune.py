@@ -774,6 +774,21 @@ def test_evaluate_times_regret_fully_even_with_screening(tmp_path):
     assert profiler.screened  # the repeated tuning screens as the original run would
 
 
+def test_evaluate_seed_draws_the_regret_passes_from_another_key(tmp_path):
+    _cli(tmp_path, "--ep=2", "--max_tokens=2")
+    path = str(tmp_path / "tactics.json")
+    evaluated, output, profiler = _cli(tmp_path, f"--evaluate={path}", "--evaluate_seed=7")
+    keys = {(c.routing, c.key_data) for _, _, c in profiler.calls}
+    assert {k for r, k in keys if r in ("softmax", "skewed")} == {key_data_of_seed(7)}
+    # The repeated tuning (balanced, then spread) keeps the table's key.
+    assert {k for r, k in keys if r not in ("softmax", "skewed")} == {key_data_of_seed(0)}
+    assert "drawn with seed 7" in output and evaluated.report.reproducibility is not None
+    with pytest.raises(app.UsageError, match="needs --evaluate"):
+        _cli(tmp_path, "--evaluate_seed=7")
+    with pytest.raises(app.UsageError, match="seed"):
+        _cli(tmp_path, f"--evaluate={path}", "--evaluate_seed=-1")
+
+
 def test_plot_needs_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     profiler = CostModelProfiler()

@@ -96,12 +96,16 @@ class EvaluationConfig:
       search: how the repeated tuning chooses (as in the original run).
       others: `(name, table)` pairs whose regret is computed from the same timings
         (cells they do not cover count as not measurable).
+      key_data: the `jax.random` key data of the regret passes' inputs and routings;
+        None (default): the table's profile key. Another key evaluates the table on a
+        sample it was not tuned on (the repeated tuning always uses the table's key).
     """
 
     routings: tuple[str, ...] = REALISTIC_ROUTINGS
     repeat_tuning: bool = True
     search: SearchConfig = SearchConfig()
     others: tuple[tuple[str, TacticTable], ...] = ()
+    key_data: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +273,8 @@ def evaluate_table(
     # below searches as the original run did, with the table's secondary routings).
     full = dataclasses.replace(config.search, screen=0.0, secondary=(), all_variants=True)
     for routing in config.routings:
-        cells = [dataclasses.replace(cell, routing=routing) for cell, _ in tuned_cells]
+        key = {} if config.key_data is None else {"key_data": tuple(config.key_data)}
+        cells = [dataclasses.replace(cell, routing=routing, **key) for cell, _ in tuned_cells]
         results = tune_cells(profiler, cells, full, stream)
         measured += results
         for result, (cell, tuned) in zip(results, tuned_cells, strict=True):
