@@ -13,9 +13,10 @@ For each token count N it times, on the default JAX device:
   on the host here, so the gathered matrix has exactly those rows): the best case
   for the peer.
 
-``--breakdown`` (profiler timer) prints, for ``fused_moe``, the device time per
-layer of each kernel it ran (routing metadata ops, GEMM1, GEMM2, combine, copies)
-and the tactics it picked.
+``--tactics=FILE`` makes ``fused_moe`` use that tactic table instead of the one
+shipped for the device. ``--breakdown`` (profiler timer) prints, for ``fused_moe``,
+the device time per layer of each kernel it ran (routing metadata ops, GEMM1, GEMM2,
+combine, copies) and the tactics it picked.
 
 Timing: a jitted ``lax.scan`` runs the layer ``--reps`` times back to back on
 ``--reps`` different inputs (so nothing is hoisted out of the loop). Each output is

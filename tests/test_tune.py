@@ -131,11 +131,11 @@ def _pair_time(op_times):
 def test_candidates_are_the_valid_exported_variants():
     cell = TuneCell(models.get_preset("deepseek_v3"), 8, 128, ARCH)
     for op in (GEMM1_OP, GEMM2_OP):
-        valid, rejected = candidates(op, cell.problem_key(op))
+        valid, rejected = candidates(op, cell.problem_key(op), all_variants=True)
         assert valid == exported_variants(op) and not rejected
     odd = models.MoEConfig(name="odd", num_experts=4, top_k=2, hidden=192, intermediate=128)
     key = TuneCell(odd, 1, 4, ARCH).problem_key(GEMM2_OP)
-    valid, rejected = candidates(GEMM2_OP, key)
+    valid, rejected = candidates(GEMM2_OP, key, all_variants=True)
     assert not valid and len(rejected) == len(exported_variants(GEMM2_OP))
     assert "multiple of 128" in rejected[0][1]
     valid, rejected = candidates(GEMM1_OP, TuneCell(TINY, 1, 4, "sm_80").problem_key(GEMM1_OP))

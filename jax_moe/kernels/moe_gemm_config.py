@@ -42,14 +42,14 @@ metadata. For `block_m=16` the split grows through 1, 2, 4, 8 until the expected
 count (expected active local experts x weight-row tiles x split) reaches 4 per SM of
 132 SMs, or until a larger split would leave fewer than 4 K steps per split. The
 `block_m` boundaries and the single stage of the larger tiles follow the best pairs
-under realistic routings on an H200 (DeepSeek-V3 EP=1 and EP=8, Qwen3-30B-A3B EP=1;
-120 evaluated cells, every variant timed): `block_m=32` was best or within 1 % from
-m = 32 to m = 128 (at m = 16 the 16- and 32-row tiles were 0-9 % apart), `block_m=64`
-from m = 256 (the former switch to 64 at m > 24 cost up to 36 %; mean regret of the
-heuristic over those cells 7.4 % before, 4.7 % now, computed from the saved timings).
-The `4 x 1` grid follows the tuner on an H100 (DeepSeek-V3 EP=8, N = 1024 .. 16384:
-every tuned pair used `4 x 1`; the former `2 x 2` default was 18-48 % slower than the
-tuned pair there). Shipped tables (:mod:`jax_moe.tuning`) override it.
+under realistic routings on an H200 (DeepSeek-V3 EP=1 and EP=8, Qwen3-30B-A3B EP=1; four
+evaluations, 120 cell-routings, every variant timed; an in-sample fit): `block_m=32` was
+best or within 1 % from m = 32 to m = 128 (at m = 16 the 16- and 32-row tiles were 0-9 %
+apart), `block_m=64` from m = 256 (the former switch to 64 at m > 24 cost up to 36 %;
+mean regret of the heuristic over those cells 7.4 % before, 4.7 % now, computed from the
+saved timings). The `4 x 1` grid follows the tuner on an H100 (DeepSeek-V3 EP=8, N =
+1024 .. 16384: every tuned pair used `4 x 1`; the former `2 x 2` default was 18-48 %
+slower than the tuned pair there). Shipped tables (:mod:`jax_moe.tuning`) override it.
 
 Exported variants (`gemm1_variants` / `gemm2_variants`, identical tile lists): for
 each regime in `_REGIMES`, `block_w` in (128, 64) x register `stages` in (1, 2, 4):
@@ -247,10 +247,11 @@ _REGIMES = ((16, 4, 1), (32, 4, 1), (64, 2, 2), (128, 2, 2), (64, 4, 1), (128, 4
 _SPLIT_K_VARIANTS = ((16, 64, 2, (2, 4, 8)), (16, 128, 4, (2, 4)), (32, 128, 2, (2,)))
 # Deep register prefetch, (block_m, block_w, stages, split_k values): a decode tactic
 # (valid while the expected routed rows per expert fit in one row tile) for short K
-# loops, which it keeps in flight almost whole. It costs occupancy (128-208 registers
-# per thread instead of 56-126): on DeepSeek-V3 it was 1.3-2x slower than 2 stages in
-# every cell; on Qwen3-30B-A3B (12-32 K steps) it won N=1-2 by 8-20 %. Deeper splits
-# (4, 8) were slower everywhere and are not exported.
+# loops, which it keeps in flight almost whole. It costs occupancy (128-200 registers
+# per thread instead of 56-68 for 16x64 with 2 stages): on DeepSeek-V3, 8 stages against
+# 2 were 0.97-1.50x unsplit and 1.10-2.87x split (H200); on Qwen3-30B-A3B (12-32 K steps)
+# they won N=1-2 by 8-20 % under the balanced plan. Splits 4 and 8 were slower everywhere
+# and are not exported.
 _DEEP_VARIANTS = ((16, 64, 8, (1, 2)), (16, 128, 6, (1,)))
 # Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
 # and the CTAs per SM it aims to keep resident.
@@ -291,7 +292,7 @@ def _variants(cls):
                 )
             )
         except ValueError:
-            if split > 1 or st > 4:  # the split-K and deep lists are fixed: they must be valid
+            if split > 1 or st > _DEEP_STAGES:  # the fixed split-K and deep lists must be valid
                 raise
     return out
 

@@ -105,11 +105,11 @@ def exported_variants(op: str) -> tuple[Tactic, ...]:
 
 
 def candidates(
-    op: str, problem: ProblemKey, all_variants: bool = True
+    op: str, problem: ProblemKey, *, all_variants: bool = False
 ) -> tuple[tuple[Tactic, ...], tuple[tuple[Tactic, str], ...]]:
     """`(valid, rejected)`: exported tactics of `op` that pass `check(problem)`, and the
-    others with the reason. Without `all_variants`, tactics outside the default search
-    (`moe_gemm_config.searched_by_default`) are rejected too."""
+    others with the reason. Without `all_variants` (as in `SearchConfig`), tactics
+    outside the default search (`moe_gemm_config.searched_by_default`) are rejected too."""
     from jax_moe.kernels.moe_gemm_config import searched_by_default
 
     valid, rejected = [], []
@@ -433,7 +433,9 @@ def measure_cell(
         return CellResult(cell, skipped=reason)
     valid, rejected = {}, {}
     for op in OPS:
-        valid[op], rejected[op] = candidates(op, cell.problem_key(op), search.all_variants)
+        valid[op], rejected[op] = candidates(
+            op, cell.problem_key(op), all_variants=search.all_variants
+        )
     profiler.prepare_cell(cell, valid)
     timings: dict[str, dict[Tactic, Measurement | Failure]] = {}
     fully = {}  # op -> the tactics timed fully (not only screened)
