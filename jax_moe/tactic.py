@@ -205,8 +205,10 @@ def _find_family(family: str) -> type[Tactic] | None:
 def tactic_from_json(data: Mapping[str, Any]) -> Tactic:
     """Rebuilds a tactic from `Tactic.to_json()` output.
 
-    Raises ValueError for an unknown family, missing or unexpected params, or
-    values of the wrong type or out of range.
+    Params of fields with a default may be left out (they take the default, so
+    tables written before a family gained a field still load). Raises ValueError
+    for an unknown family, missing or unexpected params, or values of the wrong
+    type or out of range.
     """
     if not isinstance(data, Mapping) or set(data) != {"family", "params"}:
         raise ValueError(
@@ -225,7 +227,13 @@ def tactic_from_json(data: Mapping[str, Any]) -> Tactic:
     if not isinstance(params, Mapping):
         raise ValueError(f"params of tactic family {family!r} is {params!r}; expected an object")
     types = _field_types(cls)
-    missing, unexpected = set(types) - set(params), set(params) - set(types)
+    # Fields with a default (added to a family later) may be absent: they take it.
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing, unexpected = required - set(params), set(params) - set(types)
     if missing or unexpected:
         raise ValueError(
             f"params of tactic family {family!r}: missing {sorted(missing)}, "
@@ -233,6 +241,8 @@ def tactic_from_json(data: Mapping[str, Any]) -> Tactic:
         )
     values = {}
     for name, field_type in types.items():
+        if name not in params:
+            continue
         value = params[name]
         if isinstance(field_type, type) and issubclass(field_type, enum.Enum):
             if not isinstance(value, str) or value not in field_type.__members__:
