@@ -9,6 +9,7 @@ CuTe DSL is not installed.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import time
@@ -111,6 +112,68 @@ def test_tactics_round_trip_through_json():
     assert str(cfg.gemm1_variants()[0]).startswith("moe_gemm1_sm90[block_m=16,block_w=128")
 
 
+def test_tactic_json_without_a_later_field_takes_its_default():
+    """Tables written before `wgmma` existed still load (as `mma.sync` tactics); an
+    unknown or missing required param is still an error."""
+    from jax_moe.tactic import tactic_from_json
+
+    tactic = cfg.gemm2_variants()[0]
+    data = tactic.to_json()
+    old = {"family": data["family"], "params": dict(data["params"])}
+    del old["params"]["wgmma"]
+    assert tactic_from_json(old) == tactic and not tactic.wgmma
+    del old["params"]["split_k"]
+    assert tactic_from_json(old).split_k == 1
+    missing = {"family": data["family"], "params": dict(data["params"])}
+    del missing["params"]["block_m"]
+    with pytest.raises(ValueError, match="missing \\['block_m'\\]"):
+        tactic_from_json(missing)
+    extra = {"family": data["family"], "params": {**data["params"], "raster": 1}}
+    with pytest.raises(ValueError, match="unexpected \\['raster'\\]"):
+        tactic_from_json(extra)
+
+
+def test_wgmma_variants_are_exported_for_every_regime():
+    wgmma = [t for t in cfg.gemm1_variants() if t.wgmma]
+    assert {t.block_m for t in wgmma} == {16, 32, 64, 128}
+    assert {t.split_k for t in wgmma} == {1, 2, 4, 8}
+    assert all((t.warps_m, t.warps_n, t.cp_async) == (4, 1, False) for t in wgmma)
+    # No token rows in registers: the 128-row wgmma tiles fit the budget and are
+    # searched by default, the mma.sync ones are not.
+    assert all(t.register_estimate() <= 140 for t in wgmma)
+    for t in wgmma:
+        sync = dataclasses.replace(t, wgmma=False) if t.block_m < 128 else None
+        assert sync is None or t.register_estimate() < sync.register_estimate()
+    assert all(cfg.searched_by_default(t) for t in wgmma)
+    assert not any(
+        cfg.searched_by_default(t) for t in cfg.gemm1_variants() if t.block_m == 128 and not t.wgmma
+    )
+
+
+@requires_dsl
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_wgmma_variant_emits_warpgroup_mmas(dsl, op, tmp_path):
+    """A wgmma tactic's PTX has register-A warpgroup MMAs over the whole token tile, the
+    proxy fence after the token stores, and no `ldmatrix`; its `mma.sync` twin none."""
+    cute, modules = dsl
+    module = modules[op]
+    tactic = next(t for t in module.variants() if t.wgmma and t.block_m == 32)
+    for variant in (tactic, dataclasses.replace(tactic, wgmma=False)):
+        fn, fake_args = module.export_spec(variant)
+        dump = tmp_path / f"wgmma{int(variant.wgmma)}"
+        dump.mkdir()
+        ptx = cute.compile(fn, *fake_args, options=f"--keep-ptx --dump-dir={dump}").__ptx__
+        if not variant.wgmma:
+            assert "wgmma" not in ptx and "ldmatrix" in ptx and "mma.sync" in ptx
+            continue
+        shape = f"wgmma.mma_async.sync.aligned.m64n{tactic.block_m}k16.f32.bf16.bf16"
+        # Per K step: 4 MMAs of 16 columns for each 64-row wgmma tile.
+        assert ptx.count(shape) % (4 * tactic.block_w // 64) == 0 and shape in ptx
+        assert "ldmatrix" not in ptx and "mma.sync" not in ptx
+        assert "fence.proxy.async.shared::cta" in ptx
+        assert "wgmma.commit_group" in ptx and "wgmma.wait_group.sync.aligned \t0" in ptx
+
+
 def test_tactic_check_rejects_unsupported_problems():
     t1 = cfg.default_tactic("moe_gemm1", 4, 8, 32, 7168, 2048, num_experts=256)
     t2 = cfg.default_tactic("moe_gemm2", 4, 8, 32, 7168, 2048, num_experts=256)
@@ -141,6 +204,9 @@ def test_tactic_check_rejects_unsupported_problems():
         (dict(split_k=16), ValueError),
         (dict(stages=3, cp_async=True, split_k=2), ValueError),
         (dict(block_m=16.0), TypeError),
+        (dict(block_m=32, warps_m=2, warps_n=2, wgmma=True), ValueError),
+        (dict(stages=3, cp_async=True, wgmma=True), ValueError),
+        (dict(wgmma=1), TypeError),
     ],
 )
 def test_tactic_validation(kwargs, error):
@@ -155,11 +221,19 @@ def test_default_tactic_regimes_and_errors():
     assert (decode.block_m, decode.block_w, decode.stages) == (16, 64, 2)
     middle = cfg.default_tactic("moe_gemm2", 64, 2, 8, 4096, 14336)
     assert (middle.block_m, middle.block_w, middle.stages) == (32, 128, 1)
-    # Expected routed rows per expert m = N * top_k / num_experts: 32-row tiles up to
-    # m = 128, 64-row tiles beyond.
-    for n, block_m in ((1000, 32), (4096, 32), (4097, 64), (16384, 64)):
+    assert not middle.wgmma
+    # Expected routed rows per expert m = N * top_k / num_experts: 32-row tiles below
+    # m = 64 (warpgroup MMAs above m = 16), 64-row warpgroup-MMA tiles from m = 64.
+    for n, block_m, wgmma in (
+        (512, 32, False),
+        (513, 32, True),
+        (2047, 32, True),
+        (2048, 64, True),
+        (16384, 64, True),
+    ):
         tactic = cfg.default_tactic("moe_gemm1", n, 8, 32, 7168, 2048, num_experts=256)
         assert (tactic.block_m, tactic.block_w, tactic.stages) == (block_m, 128, 1)
+        assert tactic.wgmma == wgmma
     for n in (1, 3, 64, 128, 1000, 16384):
         pair = [
             cfg.default_tactic(op, n, 8, 32, 7168, 2048, num_experts=256)
@@ -175,14 +249,17 @@ def test_split_k_is_a_decode_tactic():
     split = [t for t in cfg.gemm1_variants() if t.split_k > 1]
     assert split and all(t.block_m <= 32 and not t.cp_async for t in split)
     # The ids of the unsplit register-ring variants (stages <= 4) come first, then the
-    # split-K ones, then the deep-prefetch decode ones (so earlier ids never move).
+    # split-K ones, then the deep-prefetch decode ones, then the wgmma ones (so earlier
+    # ids never move).
     variants = cfg.gemm1_variants()
     first_split = next(i for i, t in enumerate(variants) if t.split_k > 1)
     first_deep = next(i for i, t in enumerate(variants) if t.stages > 4)
+    first_wgmma = next(i for i, t in enumerate(variants) if t.wgmma)
     assert all(t.split_k == 1 and t.stages <= 4 for t in variants[:first_split])
-    assert first_split < first_deep
+    assert first_split < first_deep < first_wgmma
     assert all(t.stages <= 4 for t in variants[first_split:first_deep])
-    assert all(t.block_m == 16 and t.stages > 4 for t in variants[first_deep:])
+    assert all(t.block_m == 16 and t.stages > 4 for t in variants[first_deep:first_wgmma])
+    assert all(t.wgmma and t.stages <= 4 for t in variants[first_wgmma:])
     tactic = cfg.MoeGemm1Sm90Tactic(
         block_m=16, block_w=64, warps_m=4, warps_n=1, stages=2, cp_async=False, split_k=4
     )

@@ -83,6 +83,7 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
             tactic.cp_async,
             tactic.split_k,
             pdl_enabled() if pdl is None else pdl,
+            tactic.wgmma,
         )
         self.tactic = tactic
 
@@ -135,7 +136,8 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
                 slot = sorted_slots[row0 + local_row]
                 token = slot // top_k
                 if slot < 0:
-                    # Register path: -1 loads a zero row; cp.async path: any real row.
+                    # -1: a zero row (register ring and wgmma); the cp.async ring of
+                    # `cp_async` copies any real row instead.
                     token = cutlass.Int32(0 if self.cp_async else -1)
                 b_rows[c] = token
 

@@ -83,6 +83,7 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
             tactic.cp_async,
             tactic.split_k,
             pdl_enabled() if pdl is None else pdl,
+            tactic.wgmma,
         )
         self.tactic = tactic
 

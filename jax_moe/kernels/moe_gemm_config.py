@@ -34,31 +34,43 @@ Default heuristic (`default_tactic`): with the expected routed rows per expert
 `m = num_tokens * top_k / num_experts`,
 
     m <= 8:        block_m=16, block_w=64,  stages=2  (decode: most CTAs over the weights)
-    8 < m <= 128:  block_m=32, block_w=128, stages=1
-    m > 128:       block_m=64, block_w=128, stages=1
+    8 < m <= 16:   block_m=32, block_w=128, stages=1
+    16 < m < 64:   block_m=32, block_w=128, stages=1, wgmma
+    m >= 64:       block_m=64, block_w=128, stages=1, wgmma
 
 all with `4 x 1` warps, the same for both GEMMs, so their defaults share routing
 metadata. For `block_m=16` the split grows through 1, 2, 4, 8 until the expected CTA
 count (expected active local experts x weight-row tiles x split) reaches 4 per SM of
 132 SMs, or until a larger split would leave fewer than 4 K steps per split. The
-`block_m` boundaries and the single stage of the larger tiles follow the best pairs
-under realistic routings on an H200 (DeepSeek-V3 EP=1 and EP=8, Qwen3-30B-A3B EP=1; four
-evaluations, 120 cell-routings, every variant timed; an in-sample fit): `block_m=32` was
-best or within 1 % from m = 32 to m = 128 (at m = 16 the 16- and 32-row tiles were 0-9 %
-apart), `block_m=64` from m = 256 (the former switch to 64 at m > 24 cost up to 36 %;
-mean regret of the heuristic over those cells 7.4 % before, 4.7 % now, computed from the
-saved timings). The `4 x 1` grid follows the tuner on an H100 (DeepSeek-V3 EP=8, N =
-1024 .. 16384: every tuned pair used `4 x 1`; the former `2 x 2` default was 18-48 %
-slower than the tuned pair there). Shipped tables (:mod:`jax_moe.tuning`) override it.
+`block_m` boundaries up to m = 16 and the single stage of the 32-row tile follow the
+best pairs under realistic routings on an H200 (DeepSeek-V3 EP=1 and EP=8, Qwen3-30B-A3B
+EP=1; four evaluations of the `mma.sync` build, 120 cell-routings, every variant timed;
+an in-sample fit). The warpgroup MMA above m = 16 and the 64-row tile from m = 64
+follow the balanced-plan tunes of the wgmma build on an H200 (DeepSeek-V3 EP=8 and
+Qwen3-30B-A3B EP=1; in-sample): at m >= 64 the wgmma `64 x 128` pair was the best pair
+or within 1 % of it in all 9 such cells, where the former `mma.sync` rule was 1.14-1.37x
+the best; at m = 32 the two models disagree (their best pairs use 64- and 32-row
+tiles) and the wgmma 32-row pair is 1.08-1.39x the best (`mma.sync`: 1.11-1.45x). The
+`4 x 1` grid follows the tuner on an H100 (DeepSeek-V3 EP=8, N = 1024 .. 16384: every
+tuned pair used `4 x 1`; the former `2 x 2` default was 18-48 % slower there). Shipped
+tables (:mod:`jax_moe.tuning`) override the heuristic.
 
 Exported variants (`gemm1_variants` / `gemm2_variants`, identical tile lists): for
 each regime in `_REGIMES`, `block_w` in (128, 64) x register `stages` in (1, 2, 4):
 4 only for tiles up to 32 x 128, only 1 for block_m=128, and none whose register
 estimate exceeds the budget (which leaves out the 128 x 128 tile and, with `2 x 2`
 warps, 64 x 128 with 2 stages and 64 x 64 with 4: 22 variants); then the 6
-split-K variants of `_SPLIT_K_VARIANTS` and the 3 deep-prefetch decode variants of
-`_DEEP_VARIANTS` (their ids come after the others). The tuner's default search
-leaves out the `2 x 2` grids and the 128-row tiles (`searched_by_default`).
+split-K variants of `_SPLIT_K_VARIANTS`, the 3 deep-prefetch decode variants of
+`_DEEP_VARIANTS` and the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS` (each list's
+ids after the previous ones). The tuner's default search leaves out the `2 x 2` grids
+and the `mma.sync` 128-row tiles (`searched_by_default`).
+
+`wgmma`: the MMAs run as warpgroup MMAs (`wgmma.mma_async`, A = the decoded weights in
+registers, B = the token rows in shared memory, copied there by cp.async) instead of
+`mma.sync` with `ldmatrix`; `4 x 1` warps only. Measured on an H200 (DeepSeek-V3 EP=8,
+balanced plan): 0.71-0.76x the best `mma.sync` GEMM1 and 0.77-0.94x the best GEMM2 from
+N = 1024 (m = 32) up; 1.04-1.16x (GEMM1) and 0.97-1.08x (GEMM2) at decode sizes, where
+the tuner mostly keeps `mma.sync`.
 """
 
 from __future__ import annotations
@@ -91,6 +103,8 @@ _CP_ASYNC_STAGES = (3, 4, 6)
 # estimate 112, uses 252 registers without spilling).
 _REGISTER_BUDGET = 140
 _SMEM_LIMIT = 227 * 1024
+#: Alignment (bytes) of the wgmma variants' 128-byte-swizzled token tile.
+WGMMA_SMEM_ALIGN = 1024
 # K splits: the CTAs of one output tile form a thread block cluster along the grid's
 # z axis (at most 8, the portable cluster size) and reduce through distributed
 # shared memory in rank order.
@@ -120,7 +134,9 @@ def _check_common(tactic, problem) -> None:
             )
 
 
-def swap_ab_smem_bytes(block_w: int, block_m: int, stages: int, cp_async: bool) -> int:
+def swap_ab_smem_bytes(
+    block_w: int, block_m: int, stages: int, cp_async: bool, wgmma: bool = False
+) -> int:
     """Dynamic shared memory of one CTA of the swap-AB GEMMs (their `_allocate_smem`).
 
     bf16 token tiles `(block_m, 64)` with 8 elements of row padding (two of them with
@@ -128,7 +144,16 @@ def swap_ab_smem_bytes(block_w: int, block_m: int, stages: int, cp_async: bool) 
     `(block_m, block_w + 4)`, with cp.async the raw weight bytes and scales of every
     stage (`36 * block_w` bytes each), and a fixed 768 bytes. The weights never pass
     through shared memory with register prefetch: they are decoded in registers.
+    With `wgmma` the token tiles (a cp.async ring of `stages + 1`) are unpadded
+    (swizzled) and aligned to `WGMMA_SMEM_ALIGN` bytes (counted in full as padding).
     """
+    if wgmma:
+        return (
+            2 * _BLOCK_K * (stages + 1) * block_m
+            + WGMMA_SMEM_ALIGN
+            + 4 * (block_w + 4) * block_m
+            + 6 * 128
+        )
     row = _BLOCK_K + 8
     b_stages = stages if cp_async else 2
     ring = stages if cp_async else 0
@@ -146,10 +171,16 @@ class _SwapAbTactic(Tactic):
     stages: int
     cp_async: bool
     split_k: int = 1
+    wgmma: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        if self.wgmma and (self.cp_async or (self.warps_m, self.warps_n) != (4, 1)):
+            raise ValueError(
+                f"{name}: wgmma=1 needs the register path (cp_async=0) and 4 x 1 warps; got "
+                f"cp_async={int(self.cp_async)}, warps=({self.warps_m}, {self.warps_n})"
+            )
         if self.split_k not in _SPLIT_K:
             raise ValueError(f"{name}.split_k={self.split_k}; expected one of {_SPLIT_K}")
         if self.split_k > 1 and self.cp_async:
@@ -192,16 +223,19 @@ class _SwapAbTactic(Tactic):
         """32-bit registers per thread held by the prefetch ring and the accumulators.
 
         Per ring stage: 4 code words and 2 scale words per 16-row MMA tile of the
-        warp, 4 words per 16-byte chunk of token rows.
+        warp, 4 words per 16-byte chunk of token rows (none with `wgmma`: its token
+        rows go to shared memory by cp.async).
         """
         mma_m = self.block_w // (16 * self.warps_m)
-        b_chunks = max(1, self.block_m * 8 // 128)
+        b_chunks = 0 if self.wgmma else max(1, self.block_m * 8 // 128)
         ring = 0 if self.cp_async else self.stages * (6 * mma_m + 4 * b_chunks)
         return ring + self.block_m * self.block_w // 128
 
     def smem_bytes(self) -> int:
         """Dynamic shared memory of one CTA."""
-        return swap_ab_smem_bytes(self.block_w, self.block_m, self.stages, self.cp_async)
+        return swap_ab_smem_bytes(
+            self.block_w, self.block_m, self.stages, self.cp_async, self.wgmma
+        )
 
 
 @register_tactic_family
@@ -253,6 +287,21 @@ _SPLIT_K_VARIANTS = ((16, 64, 2, (2, 4, 8)), (16, 128, 4, (2, 4)), (32, 128, 2, 
 # they won N=1-2 by 8-20 % under the balanced plan. Splits 4 and 8 were slower everywhere
 # and are not exported.
 _DEEP_VARIANTS = ((16, 64, 8, (1, 2)), (16, 128, 6, (1,)))
+# Warpgroup-MMA variants, (block_m, block_w, stages, split_k values), all `4 x 1`
+# warps (one warpgroup): the `4 x 1` register-path tiles that fit the register budget,
+# and the decode tile with its splits.
+_WGMMA_VARIANTS = (
+    (16, 64, 2, (1, 2, 4, 8)),
+    (16, 128, 2, (1,)),
+    (32, 64, 2, (1,)),
+    (32, 128, 1, (1,)),
+    (32, 128, 2, (1,)),
+    (64, 64, 2, (1,)),
+    (64, 128, 1, (1,)),
+    (64, 128, 2, (1,)),
+    (128, 64, 1, (1,)),
+    (128, 128, 1, (1,)),
+)
 # Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
 # and the CTAs per SM it aims to keep resident.
 _PLANNED_SMS = 132
@@ -262,7 +311,7 @@ _MIN_K_STEPS_PER_SPLIT = 4
 
 
 def _variants(cls):
-    specs = []  # (block_m, block_w, warps_m, warps_n, stages, split_k)
+    specs = []  # (block_m, block_w, warps_m, warps_n, stages, split_k, wgmma)
     for bm, wm, wn in _REGIMES:
         for bw in (128, 64):
             for st in (1, 2, 4):
@@ -270,15 +319,17 @@ def _variants(cls):
                     continue
                 if st > 1 and bm == 128:  # 128-row tiles spill with deeper prefetch
                     continue
-                specs.append((bm, bw, wm, wn, st, 1))
+                specs.append((bm, bw, wm, wn, st, 1, False))
     # Split-K decode variants, after the others. (Ids are per build: the extension maps
     # tactic names to them, so tables never store ids.)
     for bm, bw, st, splits in _SPLIT_K_VARIANTS:
-        specs.extend((bm, bw, 4, 1, st, split) for split in splits)
+        specs.extend((bm, bw, 4, 1, st, split, False) for split in splits)
     for bm, bw, st, splits in _DEEP_VARIANTS:
-        specs.extend((bm, bw, 4, 1, st, split) for split in splits)
+        specs.extend((bm, bw, 4, 1, st, split, False) for split in splits)
+    for bm, bw, st, splits in _WGMMA_VARIANTS:
+        specs.extend((bm, bw, 4, 1, st, split, True) for split in splits)
     out = []
-    for bm, bw, wm, wn, st, split in specs:
+    for bm, bw, wm, wn, st, split, wgmma in specs:
         try:
             out.append(
                 cls(
@@ -289,10 +340,11 @@ def _variants(cls):
                     stages=st,
                     cp_async=False,
                     split_k=split,
+                    wgmma=wgmma,
                 )
             )
         except ValueError:
-            if split > 1 or st > _DEEP_STAGES:  # the fixed split-K and deep lists must be valid
+            if split > 1 or st > _DEEP_STAGES or wgmma:  # the fixed lists must be valid
                 raise
     return out
 
@@ -301,13 +353,15 @@ def searched_by_default(tactic: _SwapAbTactic) -> bool:
     """Whether the tuner times `tactic` in its default search (all exported variants
     stay usable, and `python -m jax_moe.tune --all_variants` times them all).
 
-    Left out: the `2 x 2` warp grids and the 128-row tiles. In the shipped tables' tunes
+    Left out: the `2 x 2` warp grids and the `mma.sync` 128-row tiles (the wgmma ones
+    stay: with the token rows in shared memory they fit 128 registers). In the
+    `mma.sync` tables' tunes
     (H100 and H200; DeepSeek-V3 EP=1/8/16 and Qwen3-30B-A3B; 210 op entries, every
     exported variant timed) a `2 x 2` grid was chosen once and a 128-row tile never;
     they are also the slowest variants to time at large N. An evaluation (`--evaluate`)
     still times every variant, so a loss from leaving them out shows as regret.
     """
-    return tactic.warps_n == 1 and tactic.block_m <= 64
+    return tactic.warps_n == 1 and (tactic.block_m <= 64 or tactic.wgmma)
 
 
 def gemm1_variants() -> list[MoeGemm1Sm90Tactic]:
@@ -362,12 +416,15 @@ def default_tactic(
         cls = MoeGemm2Sm90Tactic
     else:
         raise ValueError(f"op={op!r}; expected 'moe_gemm1' or 'moe_gemm2'")
+    wgmma = False
     if rows <= 8:
         block_m, block_w, stages = 16, 64, 2
-    elif rows <= 128:
+    elif rows <= 16:
         block_m, block_w, stages = 32, 128, 1
+    elif rows < 64:
+        block_m, block_w, stages, wgmma = 32, 128, 1, True
     else:
-        block_m, block_w, stages = 64, 128, 1
+        block_m, block_w, stages, wgmma = 64, 128, 1, True
     warps_m, warps_n = 4, 1
     split_k = 1
     if block_m == 16:
@@ -388,6 +445,7 @@ def default_tactic(
         stages=stages,
         cp_async=False,
         split_k=split_k,
+        wgmma=wgmma,
     )
 
 

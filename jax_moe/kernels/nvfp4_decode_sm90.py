@@ -55,10 +55,11 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 from cutlass._mlir.dialects import llvm
+from cutlass.cute.nvgpu import warpgroup
 from cutlass.cute.runtime import make_fake_compact_tensor
 from cutlass.cutlass_dsl import dsl_user_op
 
-from jax_moe.kernels.moe_gemm_config import swap_ab_smem_bytes
+from jax_moe.kernels.moe_gemm_config import WGMMA_SMEM_ALIGN, swap_ab_smem_bytes
 from jax_moe.prepare import DECODE_TERMS, SCALE_BF16_BIAS, TILE_ROWS
 
 __all__ = [
@@ -204,6 +205,14 @@ class SwapAbNvfp4GemmSm90:
         shared memory alive until the whole cluster has read it.
       pdl: launch with programmatic dependent launch and emit the `griddepcontrol`
         instructions of `dependency_wait` and `launch_dependents` (no-ops when False).
+      wgmma: run the MMAs as warpgroup MMAs (`wgmma.mma_async.m64nNk16`, N =
+        `block_m`) with A from registers and B from shared memory, instead of
+        `mma.sync.m16n8k16` with B by `ldmatrix` (`4 x 1` warps, register path only).
+        A warp's A fragment of a 64-row wgmma tile is its 16-row band in the same
+        register order as the `mma.sync` A fragment, so the decode is shared. The
+        token rows are copied by cp.async into a 128-byte-swizzled ring (the wgmma
+        K-major layout) of `stages + 1` steps and read by the MMA itself: no register
+        ring of token rows and no `ldmatrix` (`mainloop_wgmma`).
 
     Subclasses define a `@cute.kernel` method `kernel(*args, tiled_mma)`, launched by
     `launch_kernel`; it sets up each token chunk's source row (`b_rows`), calls
@@ -221,9 +230,18 @@ class SwapAbNvfp4GemmSm90:
         cp_async: bool = False,
         split_k: int = 1,
         pdl: bool = False,
+        wgmma: bool = False,
     ):
         if not isinstance(pdl, bool):
             raise TypeError(f"pdl={pdl!r}; expected a bool")
+        if not isinstance(wgmma, bool):
+            raise TypeError(f"wgmma={wgmma!r}; expected a bool")
+        if wgmma and (cp_async or (warps_m, warps_n) != (4, 1)):
+            raise ValueError(
+                "wgmma needs the register path (cp_async=False) and 4 x 1 warps (one "
+                f"warpgroup over the weight rows); got cp_async={cp_async}, "
+                f"warps=({warps_m}, {warps_n})"
+            )
         if split_k not in (1, 2, 4, 8):
             raise ValueError(f"split_k={split_k}; expected 1, 2, 4 or 8")
         if split_k > 1 and cp_async:
@@ -241,6 +259,7 @@ class SwapAbNvfp4GemmSm90:
         self.stages = stages
         self.cp_async = cp_async
         self.pdl = pdl
+        self.wgmma = wgmma
         self.split_k = split_k
         self.block_w = block_w
         self.block_m = block_m
@@ -253,6 +272,9 @@ class SwapAbNvfp4GemmSm90:
         # Stages of the shared-memory token tile: double-buffered with register
         # prefetch (one barrier per K step), the ring depth with cp.async.
         self.b_stages = stages if cp_async else 2
+        if wgmma:
+            # Token rows: a cp.async ring one step deeper than the weights' lookahead.
+            self.b_stages = stages + 1
         # Token work units: 16-byte chunks (8 bf16) of a token row's 64-wide K step.
         self.b_chunks = max(1, block_m * (BLOCK_K // 8) // NUM_THREADS)
         if block_m * (BLOCK_K // 8) % NUM_THREADS:
@@ -261,19 +283,33 @@ class SwapAbNvfp4GemmSm90:
     # ------------------------------------------------------------------ layouts
     def smem_bytes(self) -> int:
         """Dynamic shared memory of one CTA (`_allocate_smem`)."""
-        return swap_ab_smem_bytes(self.block_w, self.block_m, self.stages, self.cp_async)
+        return swap_ab_smem_bytes(
+            self.block_w, self.block_m, self.stages, self.cp_async, self.wgmma
+        )
 
     def _allocate_smem(self, smem):
         """(s_b, s_c, s_raw, s_scale); s_b has a trailing stage mode (`b_stages`),
         s_raw/s_scale are None without the cp.async pipeline."""
-        row = BLOCK_K + SMEM_PAD
-        s_b = smem.allocate_tensor(
-            cutlass.BFloat16,
-            cute.make_layout(
-                (self.block_m, BLOCK_K, self.b_stages), stride=(row, 1, row * self.block_m)
-            ),
-            16,
-        )
+        if cutlass.const_expr(self.wgmma):
+            # K-major, 128-byte swizzle (one 64-wide K step of a token row is 128 bytes).
+            atom = warpgroup.make_smem_layout_atom(
+                warpgroup.SmemLayoutAtomKind.K_SW128, cutlass.BFloat16
+            )
+            layout = cute.tile_to_shape(
+                atom, (self.block_m, BLOCK_K, self.b_stages), order=(0, 1, 2)
+            )
+            s_b = smem.allocate_tensor(
+                cutlass.BFloat16, layout.outer, WGMMA_SMEM_ALIGN, swizzle=layout.inner
+            )
+        else:
+            row = BLOCK_K + SMEM_PAD
+            s_b = smem.allocate_tensor(
+                cutlass.BFloat16,
+                cute.make_layout(
+                    (self.block_m, BLOCK_K, self.b_stages), stride=(row, 1, row * self.block_m)
+                ),
+                16,
+            )
         s_c = smem.allocate_tensor(
             cutlass.Float32,
             cute.make_layout((self.block_w, self.block_m), stride=(1, self.block_w + 4)),
@@ -291,6 +327,16 @@ class SwapAbNvfp4GemmSm90:
         return s_b, s_c, s_raw, s_scale
 
     def _tiled_mma(self):
+        if cutlass.const_expr(self.wgmma):
+            op = warpgroup.MmaF16BF16Op(
+                cutlass.BFloat16,
+                cutlass.Float32,
+                (64, self.block_m, 16),
+                warpgroup.OperandSource.RMEM,
+                cute.nvgpu.OperandMajorMode.K,
+                cute.nvgpu.OperandMajorMode.K,
+            )
+            return cute.make_tiled_mma(cute.make_mma_atom(op), (1, 1, 1))
         op = cute.nvgpu.warp.MmaF16BF16Op(cutlass.BFloat16, cutlass.Float32, (16, 8, 16))
         return cute.make_tiled_mma(
             op,
@@ -301,11 +347,24 @@ class SwapAbNvfp4GemmSm90:
     def _fragments(self, tiled_mma, tidx, s_b, s_c) -> _Fragments:
         """This thread's MMA fragments, the ldmatrix copy of B and a zeroed fp32 accumulator."""
         thr_mma = tiled_mma.get_slice(tidx)
-        t_ra = tiled_mma.make_fragment_A(tiled_mma.partition_shape_A((self.block_w, BLOCK_K)))
-        t_rb = tiled_mma.make_fragment_B(thr_mma.partition_B(s_b[None, None, 0]))
+        a_shape = tiled_mma.partition_shape_A((self.block_w, BLOCK_K))
+        t_ra = tiled_mma.make_fragment_A(a_shape)
         t_sc = thr_mma.partition_C(s_c)
         acc = tiled_mma.make_fragment_C(t_sc)
         acc.fill(0.0)
+        if cutlass.const_expr(self.wgmma):
+            # B: shared-memory descriptors of every stage.
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+            return _Fragments(
+                acc=acc,
+                t_sc=t_sc,
+                t_ra=t_ra,
+                t_rb=tiled_mma.make_fragment_B(thr_mma.partition_B(s_b)),
+                s2r_b=None,
+                t_sb_view=None,
+                t_rb_view=None,
+            )
+        t_rb = tiled_mma.make_fragment_B(thr_mma.partition_B(s_b[None, None, 0]))
         ldmatrix = cute.make_copy_atom(
             cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16
         )
@@ -349,7 +408,29 @@ class SwapAbNvfp4GemmSm90:
     ):
         """Accumulates one K step into `frags.acc`: per 16 columns, the token fragments
         by ldmatrix from stage `stage` of `s_b`, the weight fragments decoded from
-        registers (`decode_a`), then the MMAs."""
+        registers (`decode_a`), then the MMAs.
+
+        With `wgmma` (the caller has waited for the previous step's MMAs, which read
+        the A registers about to be rewritten): decodes the K step's four A fragments,
+        then issues four warpgroup MMAs per 64-row tile reading stage `stage` of `s_b`
+        as one commit group. (Two A buffers, decoding one step while the other's MMAs
+        run, make ptxas serialize the MMAs: its C7513 warning.)
+        """
+        if cutlass.const_expr(self.wgmma):
+            t_ra = frags.t_ra
+            for kb in cutlass.range_constexpr(BLOCK_K // 16):
+                self.decode_a(r_codes, r_scales, t_ra, kb)
+            warpgroup.fence()
+            for kb in cutlass.range_constexpr(BLOCK_K // 16):
+                cute.gemm(
+                    tiled_mma,
+                    frags.acc,
+                    t_ra[None, None, kb],
+                    frags.t_rb[None, None, kb, stage],
+                    frags.acc,
+                )
+            warpgroup.commit_group()
+            return
         for kb in cutlass.range_constexpr(BLOCK_K // 16):
             cute.copy(
                 frags.s2r_b,
@@ -642,6 +723,121 @@ class SwapAbNvfp4GemmSm90:
         cute.arch.sync_threads()
 
     @cute.jit
+    def mainloop_wgmma(
+        self,
+        m_b: cute.Tensor,
+        b_rows: cute.Tensor,
+        m_packed: cute.Tensor,
+        m_scale: cute.Tensor,
+        expert: cutlass.Int32,
+        w_row0: cutlass.Int32,
+        tidx: cutlass.Int32,
+        s_b: cute.Tensor,
+        s_c: cute.Tensor,
+        tiled_mma: cute.TiledMma,
+        wait_before_tokens: bool = False,
+    ):
+        """The K loop with warpgroup MMAs; leaves the fp32 tile in `s_c` (synchronized).
+
+        Weights: the register ring of `mainloop_registers` (`stages` K steps ahead).
+        Token rows: cp.async into the swizzled ring `s_b` of `b_stages = stages + 1`
+        steps, `stages` steps ahead; chunks with `b_rows[c] < 0` are zero in every
+        stage and never copied. Per K step: wait for the previous step's MMAs (they
+        read the A registers about to be rewritten and the token stage about to be
+        refilled) and for this step's token copies, make those visible to the MMAs'
+        async proxy, one barrier, issue the copies into the stage just freed and the
+        weight loads, decode, then four warpgroup MMAs per 64-row tile. (Waiting for
+        the MMAs later, after the loads, costs 20-30 more registers per thread in the
+        64 x 128 tile, and 3 instead of 4 CTAs per SM.) Split-K and
+        `wait_before_tokens` behave as in `mainloop_registers`.
+        """
+        num_k_steps = m_packed.shape[2] // (BLOCK_K // 2)
+        k_begin = cutlass.Int32(0)
+        k_end = num_k_steps
+        if cutlass.const_expr(self.split_k > 1):
+            per_split = (num_k_steps + self.split_k - 1) // self.split_k
+            k_begin = self.split_rank() * per_split
+            k_end = cutlass.min(k_begin + per_split, num_k_steps)
+        last = k_end - 1
+        depth = self.stages
+        ring = self.b_stages
+        ahead_tokens = ring - 1
+        r_codes = cute.make_rmem_tensor((16, self.mma_m, depth), cutlass.Uint8)
+        r_scales = cute.make_rmem_tensor((8, self.mma_m, depth), cutlass.Uint8)
+        cur_codes = cute.make_rmem_tensor((16, self.mma_m), cutlass.Uint8)
+        cur_scales = cute.make_rmem_tensor((8, self.mma_m), cutlass.Uint8)
+
+        frags = self._fragments(tiled_mma, tidx, s_b, s_c)
+        tiles = self.weight_tiles(m_packed, m_scale, expert)
+        band0 = self.first_band(w_row0, tidx)
+
+        # Padding chunks (no source row) are zero in every stage, once.
+        for c in cutlass.range_constexpr(self.b_chunks):
+            if b_rows[c] < 0:
+                chunk = c * NUM_THREADS + tidx
+                zero = cute.make_rmem_tensor((8,), cutlass.BFloat16)
+                zero.fill(0.0)
+                for st in cutlass.range_constexpr(ring):
+                    dst = cute.local_tile(
+                        s_b[chunk // (BLOCK_K // 8), None, st], (8,), (chunk % (BLOCK_K // 8),)
+                    )
+                    cute.autovec_copy(zero, dst)
+        for d in cutlass.range_constexpr(depth):
+            first = cutlass.min(k_begin + d, last)
+            self.load_a_step(
+                tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
+            )
+        if cutlass.const_expr(self.pdl and wait_before_tokens):
+            self.dependency_wait()
+            self.launch_dependents()
+        for st in cutlass.range_constexpr(ahead_tokens):
+            first = cutlass.min(k_begin + st, last)
+            self.issue_step_cp_async(
+                m_b, b_rows, tiles, w_row0, first, st, tidx, s_b, None, None, False, True
+            )
+            cute.arch.cp_async_commit_group()
+
+        for k_group in cutlass.range(k_begin, k_end, depth, unroll=1):
+            for d in cutlass.range_constexpr(depth):
+                k_step = k_group + d
+                if k_step < k_end:
+                    i = k_step - k_begin
+                    warpgroup.wait_group(0)
+                    cute.arch.cp_async_wait_group(ahead_tokens - 1)
+                    # cp.async writes are generic-proxy writes; the MMAs read through
+                    # the async proxy.
+                    cute.arch.fence_proxy("async.shared", space="cta")
+                    cute.arch.sync_threads()
+                    ahead = cutlass.min(k_step + ahead_tokens, last)
+                    self.issue_step_cp_async(
+                        m_b,
+                        b_rows,
+                        tiles,
+                        w_row0,
+                        ahead,
+                        (i + ahead_tokens) % ring,
+                        tidx,
+                        s_b,
+                        None,
+                        None,
+                        False,
+                        True,
+                    )
+                    cute.arch.cp_async_commit_group()
+                    cute.autovec_copy(r_codes[None, None, d], cur_codes)
+                    cute.autovec_copy(r_scales[None, None, d], cur_scales)
+                    ahead = cutlass.min(k_step + depth, last)
+                    self.load_a_step(
+                        tiles, band0, ahead, tidx, r_codes[None, None, d], r_scales[None, None, d]
+                    )
+                    self.mma_k_step(tiled_mma, frags, cur_codes, cur_scales, i % ring)
+
+        warpgroup.wait_group(0)
+        cute.arch.cp_async_wait_group(0)
+        cute.autovec_copy(frags.acc, frags.t_sc)
+        cute.arch.sync_threads()
+
+    @cute.jit
     def mainloop(
         self,
         m_b,
@@ -661,7 +857,21 @@ class SwapAbNvfp4GemmSm90:
         inside, after the first weight loads and before the first read of `m_b`.
         """
         s_b, s_c, s_raw, s_scale = self._allocate_smem(smem)
-        if cutlass.const_expr(not self.cp_async):
+        if cutlass.const_expr(self.wgmma):
+            self.mainloop_wgmma(
+                m_b,
+                b_rows,
+                m_packed,
+                m_scale,
+                expert,
+                w_row0,
+                tidx,
+                s_b,
+                s_c,
+                tiled_mma,
+                wait_before_tokens,
+            )
+        elif cutlass.const_expr(not self.cp_async):
             self.mainloop_registers(
                 m_b,
                 b_rows,
@@ -745,9 +955,11 @@ class SwapAbNvfp4GemmSm90:
                 chunk = c * NUM_THREADS + tidx
                 row = chunk // (BLOCK_K // 8)
                 col = chunk % (BLOCK_K // 8)
-                bsrc = cute.local_tile(m_b[b_rows[c], None], (8,), (k_step * (BLOCK_K // 8) + col,))
-                bdst = cute.local_tile(s_b[row, None, stage], (8,), (col,))
-                cute.copy(atom_b, bsrc, bdst)
+                if b_rows[c] >= 0:  # padding chunks (wgmma path) stay zero
+                    row_src = m_b[b_rows[c], None]
+                    bsrc = cute.local_tile(row_src, (8,), (k_step * (BLOCK_K // 8) + col,))
+                    bdst = cute.local_tile(s_b[row, None, stage], (8,), (col,))
+                    cute.copy(atom_b, bsrc, bdst)
 
     @cute.jit
     def load_a_smem(self, stage, tidx, s_raw, s_scale, r_codes, r_scales):
