@@ -637,6 +637,28 @@ class SwapAbNvfp4GemmSm90:
                 dst = cute.local_tile(s_b[row, None], (8,), (col,))
                 cute.autovec_copy(r_b[None, c], dst)
 
+    def k_range(self, m_packed: cute.Tensor) -> tuple:
+        """`(k_begin, k_end)`: this CTA's K steps (all of them, or its split's share; a
+        split past the end gets an empty range)."""
+        num_k_steps = m_packed.shape[2] // (BLOCK_K // 2)
+        k_begin = cutlass.Int32(0)
+        k_end = num_k_steps
+        if cutlass.const_expr(self.split_k > 1):
+            per_split = (num_k_steps + self.split_k - 1) // self.split_k
+            k_begin = self.split_rank() * per_split
+            k_end = cutlass.min(k_begin + per_split, num_k_steps)
+        return k_begin, k_end
+
+    def weight_ring(self) -> tuple:
+        """`(r_codes, r_scales, cur_codes, cur_scales)`: the register ring of `stages` K
+        steps of this lane's weight bytes (`load_a_step`) and the step being decoded."""
+        return (
+            cute.make_rmem_tensor((16, self.mma_m, self.stages), cutlass.Uint8),
+            cute.make_rmem_tensor((8, self.mma_m, self.stages), cutlass.Uint8),
+            cute.make_rmem_tensor((16, self.mma_m), cutlass.Uint8),
+            cute.make_rmem_tensor((8, self.mma_m), cutlass.Uint8),
+        )
+
     @cute.jit
     def mainloop_registers(
         self,
@@ -659,22 +681,12 @@ class SwapAbNvfp4GemmSm90:
         (and `pdl`), the first `stages` K steps of weights are loaded, then the CTA
         waits for the previous kernel and triggers its dependents, then loads tokens.
         """
-        num_k_steps = m_packed.shape[2] // (BLOCK_K // 2)
-        k_begin = cutlass.Int32(0)
-        k_end = num_k_steps
-        if cutlass.const_expr(self.split_k > 1):
-            per_split = (num_k_steps + self.split_k - 1) // self.split_k
-            k_begin = self.split_rank() * per_split
-            k_end = cutlass.min(k_begin + per_split, num_k_steps)
-
+        k_begin, k_end = self.k_range(m_packed)
         # Loads ahead of the last K step of this CTA's range re-read that step (an L1/L2
         # hit) instead of streaming the next split's weights a second time.
         last = k_end - 1
         depth = self.stages
-        r_codes = cute.make_rmem_tensor((16, self.mma_m, depth), cutlass.Uint8)
-        r_scales = cute.make_rmem_tensor((8, self.mma_m, depth), cutlass.Uint8)
-        cur_codes = cute.make_rmem_tensor((16, self.mma_m), cutlass.Uint8)
-        cur_scales = cute.make_rmem_tensor((8, self.mma_m), cutlass.Uint8)
+        r_codes, r_scales, cur_codes, cur_scales = self.weight_ring()
         r_b = cute.make_rmem_tensor((8, self.b_chunks, depth), cutlass.BFloat16)
 
         frags = self._fragments(tiled_mma, tidx, s_b, s_c)
@@ -751,21 +763,12 @@ class SwapAbNvfp4GemmSm90:
         64 x 128 tile, and 3 instead of 4 CTAs per SM.) Split-K and
         `wait_before_tokens` behave as in `mainloop_registers`.
         """
-        num_k_steps = m_packed.shape[2] // (BLOCK_K // 2)
-        k_begin = cutlass.Int32(0)
-        k_end = num_k_steps
-        if cutlass.const_expr(self.split_k > 1):
-            per_split = (num_k_steps + self.split_k - 1) // self.split_k
-            k_begin = self.split_rank() * per_split
-            k_end = cutlass.min(k_begin + per_split, num_k_steps)
+        k_begin, k_end = self.k_range(m_packed)
         last = k_end - 1
         depth = self.stages
         ring = self.b_stages
         ahead_tokens = ring - 1
-        r_codes = cute.make_rmem_tensor((16, self.mma_m, depth), cutlass.Uint8)
-        r_scales = cute.make_rmem_tensor((8, self.mma_m, depth), cutlass.Uint8)
-        cur_codes = cute.make_rmem_tensor((16, self.mma_m), cutlass.Uint8)
-        cur_scales = cute.make_rmem_tensor((8, self.mma_m), cutlass.Uint8)
+        r_codes, r_scales, cur_codes, cur_scales = self.weight_ring()
 
         frags = self._fragments(tiled_mma, tidx, s_b, s_c)
         tiles = self.weight_tiles(m_packed, m_scale, expert)
