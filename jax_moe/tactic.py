@@ -72,6 +72,9 @@ class Tactic(abc.ABC):
     """
 
     family: ClassVar[str]
+    #: Fields added to the family after tables were written: a tactic JSON may leave
+    #: them out (they take their dataclass default). Every other field is required.
+    optional_params: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         for field, field_type in _field_types(type(self)).items():
@@ -205,8 +208,8 @@ def _find_family(family: str) -> type[Tactic] | None:
 def tactic_from_json(data: Mapping[str, Any]) -> Tactic:
     """Rebuilds a tactic from `Tactic.to_json()` output.
 
-    Params of fields with a default may be left out (they take the default, so
-    tables written before a family gained a field still load). Raises ValueError
+    Params named in the family's `optional_params` may be left out (they take their
+    default, so tables written before a family gained a field still load). Raises ValueError
     for an unknown family, missing or unexpected params, or values of the wrong
     type or out of range.
     """
@@ -227,17 +230,13 @@ def tactic_from_json(data: Mapping[str, Any]) -> Tactic:
     if not isinstance(params, Mapping):
         raise ValueError(f"params of tactic family {family!r} is {params!r}; expected an object")
     types = _field_types(cls)
-    # Fields with a default (added to a family later) may be absent: they take it.
-    required = {
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    }
-    missing, unexpected = required - set(params), set(params) - set(types)
+    optional = set(cls.optional_params)
+    missing, unexpected = set(types) - optional - set(params), set(params) - set(types)
     if missing or unexpected:
+        note = f" (optional: {sorted(optional)})" if optional else ""
         raise ValueError(
             f"params of tactic family {family!r}: missing {sorted(missing)}, "
-            f"unexpected {sorted(unexpected)}; expected exactly {list(types)}"
+            f"unexpected {sorted(unexpected)}; expected {list(types)}{note}"
         )
     values = {}
     for name, field_type in types.items():

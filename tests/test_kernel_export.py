@@ -114,7 +114,7 @@ def test_tactics_round_trip_through_json():
 
 def test_tactic_json_without_a_later_field_takes_its_default():
     """Tables written before `wgmma` existed still load (as `mma.sync` tactics); an
-    unknown or missing required param is still an error."""
+    unknown param or a missing one that is not optional is still an error."""
     from jax_moe.tactic import tactic_from_json
 
     tactic = cfg.gemm2_variants()[0]
@@ -122,12 +122,11 @@ def test_tactic_json_without_a_later_field_takes_its_default():
     old = {"family": data["family"], "params": dict(data["params"])}
     del old["params"]["wgmma"]
     assert tactic_from_json(old) == tactic and not tactic.wgmma
-    del old["params"]["split_k"]
-    assert tactic_from_json(old).split_k == 1
-    missing = {"family": data["family"], "params": dict(data["params"])}
-    del missing["params"]["block_m"]
-    with pytest.raises(ValueError, match="missing \\['block_m'\\]"):
-        tactic_from_json(missing)
+    for required in ("split_k", "block_m"):
+        missing = {"family": data["family"], "params": dict(data["params"])}
+        del missing["params"][required]
+        with pytest.raises(ValueError, match=f"missing \\['{required}'\\].*optional"):
+            tactic_from_json(missing)
     extra = {"family": data["family"], "params": {**data["params"], "raster": 1}}
     with pytest.raises(ValueError, match="unexpected \\['raster'\\]"):
         tactic_from_json(extra)
@@ -221,18 +220,18 @@ def test_default_tactic_regimes_and_errors():
     assert (decode.block_m, decode.block_w, decode.stages) == (16, 64, 2)
     middle = cfg.default_tactic("moe_gemm2", 64, 2, 8, 4096, 14336)
     assert (middle.block_m, middle.block_w, middle.stages) == (32, 128, 1)
-    assert not middle.wgmma
-    # Expected routed rows per expert m = N * top_k / num_experts: 32-row tiles below
-    # m = 64 (warpgroup MMAs above m = 16), 64-row warpgroup-MMA tiles from m = 64.
-    for n, block_m, wgmma in (
-        (512, 32, False),
-        (513, 32, True),
-        (2047, 32, True),
-        (2048, 64, True),
-        (16384, 64, True),
+    assert middle.wgmma
+    # Expected routed rows per expert m = N * top_k / num_experts: 16-row mma.sync tiles
+    # up to m = 8, 32-row warpgroup-MMA tiles below m = 64, 64-row ones from m = 64.
+    for n, block_m, block_w, stages, wgmma in (
+        (256, 16, 64, 2, False),
+        (257, 32, 128, 1, True),
+        (2047, 32, 128, 1, True),
+        (2048, 64, 128, 1, True),
+        (16384, 64, 128, 1, True),
     ):
         tactic = cfg.default_tactic("moe_gemm1", n, 8, 32, 7168, 2048, num_experts=256)
-        assert (tactic.block_m, tactic.block_w, tactic.stages) == (block_m, 128, 1)
+        assert (tactic.block_m, tactic.block_w, tactic.stages) == (block_m, block_w, stages)
         assert tactic.wgmma == wgmma
     for n in (1, 3, 64, 128, 1000, 16384):
         pair = [

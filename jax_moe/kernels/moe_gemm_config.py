@@ -34,23 +34,23 @@ Default heuristic (`default_tactic`): with the expected routed rows per expert
 `m = num_tokens * top_k / num_experts`,
 
     m <= 8:        block_m=16, block_w=64,  stages=2  (decode: most CTAs over the weights)
-    8 < m <= 16:   block_m=32, block_w=128, stages=1
-    16 < m < 64:   block_m=32, block_w=128, stages=1, wgmma
+    8 < m < 64:    block_m=32, block_w=128, stages=1, wgmma
     m >= 64:       block_m=64, block_w=128, stages=1, wgmma
 
 all with `4 x 1` warps, the same for both GEMMs, so their defaults share routing
 metadata. For `block_m=16` the split grows through 1, 2, 4, 8 until the expected CTA
 count (expected active local experts x weight-row tiles x split) reaches 4 per SM of
 132 SMs, or until a larger split would leave fewer than 4 K steps per split. The
-`block_m` boundaries up to m = 16 and the single stage of the 32-row tile follow the
-best pairs under realistic routings on an H200 (DeepSeek-V3 EP=1 and EP=8, Qwen3-30B-A3B
-EP=1; four evaluations of the `mma.sync` build, 120 cell-routings, every variant timed;
-an in-sample fit). The warpgroup MMA above m = 16 and the 64-row tile from m = 64
-follow the balanced-plan tunes of the wgmma build on an H200 (DeepSeek-V3 EP=8 and
-Qwen3-30B-A3B EP=1; in-sample): at m >= 64 the wgmma `64 x 128` pair was the best pair
-or within 1 % of it in all 9 such cells, where the former `mma.sync` rule was 1.14-1.37x
-the best; at m = 32 the two models disagree (their best pairs use 64- and 32-row
-tiles) and the wgmma 32-row pair is 1.08-1.39x the best (`mma.sync`: 1.11-1.45x). The
+switch from 16- to 32-row tiles above m = 8 and the single stage of the 32-row tile
+follow the best pairs under realistic routings on an H200 (DeepSeek-V3 EP=1 and EP=8,
+Qwen3-30B-A3B EP=1; four evaluations of the `mma.sync` build, 120 cell-routings, every
+variant timed; an in-sample fit). The warpgroup MMA above m = 8 and the 64-row tile
+from m = 64 follow the balanced-plan tunes of the wgmma build on an H200 (DeepSeek-V3
+EP=8 and Qwen3-30B-A3B EP=1; in-sample): at m >= 64 the wgmma `64 x 128` pair was the
+best pair or within 1 % of it in all 9 such cells, where the former `mma.sync` rule was
+1.14-1.37x the best; at m = 16 and 32 the wgmma 32-row pair was 1.05-1.39x the best
+(`mma.sync`: 1.07-1.45x; the best pairs use 16-row tiles for Qwen3 at m = 16 and
+64-row tiles for DeepSeek-V3 at m = 32). The
 `4 x 1` grid follows the tuner on an H100 (DeepSeek-V3 EP=8, N = 1024 .. 16384: every
 tuned pair used `4 x 1`; the former `2 x 2` default was 18-48 % slower there). Shipped
 tables (:mod:`jax_moe.tuning`) override the heuristic.
@@ -173,6 +173,9 @@ class _SwapAbTactic(Tactic):
     split_k: int = 1
     wgmma: bool = False
 
+    # Tables written before the wgmma variants existed have no `wgmma` param.
+    optional_params: ClassVar[tuple[str, ...]] = ("wgmma",)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
@@ -288,8 +291,9 @@ _SPLIT_K_VARIANTS = ((16, 64, 2, (2, 4, 8)), (16, 128, 4, (2, 4)), (32, 128, 2, 
 # and are not exported.
 _DEEP_VARIANTS = ((16, 64, 8, (1, 2)), (16, 128, 6, (1,)))
 # Warpgroup-MMA variants, (block_m, block_w, stages, split_k values), all `4 x 1`
-# warps (one warpgroup): the `4 x 1` register-path tiles that fit the register budget,
-# and the decode tile with its splits.
+# warps (one warpgroup): a selection of one- and two-stage tiles of every `block_m`
+# (the 128-row ones included, which `mma.sync` cannot hold in its register budget) and
+# the decode tile with its splits.
 _WGMMA_VARIANTS = (
     (16, 64, 2, (1, 2, 4, 8)),
     (16, 128, 2, (1,)),
@@ -354,7 +358,8 @@ def searched_by_default(tactic: _SwapAbTactic) -> bool:
     stay usable, and `python -m jax_moe.tune --all_variants` times them all).
 
     Left out: the `2 x 2` warp grids and the `mma.sync` 128-row tiles (the wgmma ones
-    stay: with the token rows in shared memory they fit 128 registers). In the
+    stay: without token rows in registers, `128 x 64` takes 128 registers per thread and
+    `128 x 128` about 240, against 157-168 for the `mma.sync` `128 x 64`). In the
     `mma.sync` tables' tunes
     (H100 and H200; DeepSeek-V3 EP=1/8/16 and Qwen3-30B-A3B; 210 op entries, every
     exported variant timed) a `2 x 2` grid was chosen once and a 128-row tile never;
@@ -419,8 +424,6 @@ def default_tactic(
     wgmma = False
     if rows <= 8:
         block_m, block_w, stages = 16, 64, 2
-    elif rows <= 16:
-        block_m, block_w, stages = 32, 128, 1
     elif rows < 64:
         block_m, block_w, stages, wgmma = 32, 128, 1, True
     else:
