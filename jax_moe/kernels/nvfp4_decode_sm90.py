@@ -759,7 +759,7 @@ class SwapAbNvfp4GemmSm90:
         refilled) and for this step's token copies, make those visible to the MMAs'
         async proxy, one barrier, issue the copies into the stage just freed and the
         weight loads, decode, then four warpgroup MMAs per 64-row tile. (Waiting for
-        the MMAs later, after the loads, costs 20-30 more registers per thread in the
+        the MMAs later, after the loads, costs 26-30 more registers per thread in the
         64 x 128 tile, and 3 instead of 4 CTAs per SM.) Split-K and
         `wait_before_tokens` behave as in `mainloop_registers`.
         """
