@@ -401,6 +401,61 @@ def test_pdl_switch_sets_launch_attribute_and_griddepcontrol(
             assert "ldmatrix" not in ptx[:trigger] and "st.global" not in ptx[:trigger]
 
 
+def _cubin_registers(cubin: bytes) -> int:
+    """Registers per thread of the kernel in `cubin` (EIATTR_REGCOUNT of its .nv.info)."""
+    import struct
+
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    entsize, count, names_index = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * entsize) for i in range(count)]
+    names_offset = headers[names_index][4]
+    registers = []
+    for name, _, _, _, offset, size in headers:
+        start = names_offset + name
+        if not cubin[start : cubin.index(b"\0", start)].startswith(b".nv.info"):
+            continue
+        data, i = cubin[offset : offset + size], 0
+        while i + 2 <= len(data):
+            fmt, attr = data[i], data[i + 1]
+            i += 2
+            if fmt == 4:  # u16 size, then the value
+                value_size = struct.unpack_from("<H", data, i)[0]
+                if attr == 0x2F:  # REGCOUNT: function index, registers
+                    registers.append(struct.unpack_from("<I", data, i + 6)[0])
+                i += 2 + value_size
+            elif fmt == 3:
+                i += 2
+            elif fmt == 2:
+                i += 1
+            elif fmt != 1:
+                break
+    assert registers, "no register count in the cubin"
+    return max(registers)
+
+
+@requires_dsl
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_wgmma_tiles_keep_their_occupancy(dsl, op, tmp_path):
+    """The wgmma prefill tiles fit 128 registers per thread (4 CTAs of 128 threads per
+    SM: their measured speed depends on it) and the decode tile 64 (8 CTAs)."""
+    cute, modules = dsl
+    module = modules[op]
+    limits = {(64, 128, 1): 128, (128, 64, 1): 128, (16, 64, 2): 64}
+    tactics = {
+        (t.block_m, t.block_w, t.stages): t
+        for t in module.variants()
+        if t.wgmma and t.split_k == 1 and (t.block_m, t.block_w, t.stages) in limits
+    }
+    assert set(tactics) == set(limits)
+    for key, tactic in tactics.items():
+        fn, fake_args = module.export_spec(tactic)
+        dump = tmp_path / "_".join(map(str, key))
+        dump.mkdir()
+        compiled = cute.compile(fn, *fake_args, options=f"--keep-cubin --dump-dir={dump}")
+        registers = _cubin_registers(compiled.__cubin__)
+        assert registers <= limits[key], f"{tactic}: {registers} registers"
+
+
 def test_deep_prefetch_is_a_decode_tactic():
     deep = [t for t in cfg.gemm2_variants() if t.stages > 4]
     assert deep and all(t.block_m == 16 and not t.cp_async for t in deep)
