@@ -198,7 +198,8 @@ _ALL_VARIANTS = flags.DEFINE_bool(
     "all_variants",
     False,
     "Time every exported variant, not only those of the default search (which leaves out "
-    "the 2 x 2 warp grids and 128-row tiles; an evaluation always times every variant).",
+    "the 2 x 2 warp grids and the unsplit mma.sync tiles of 32 rows or more; an evaluation "
+    "always times every variant).",
     flag_values=FLAGS,
 )
 

@@ -142,15 +142,18 @@ def test_candidates_are_the_valid_exported_variants():
     assert not valid and "not supported" in rejected[0][1]
 
 
-def test_default_search_leaves_out_2x2_grids_and_mma_sync_128_row_tiles(tmp_path):
+def test_default_search_leaves_out_2x2_grids_and_mma_sync_prefill_tiles(tmp_path):
     cell = TuneCell(models.get_preset("deepseek_v3"), 8, 4096, ARCH)
     for op in (GEMM1_OP, GEMM2_OP):
         valid, rejected = candidates(op, cell.problem_key(op), all_variants=False)
-        # The mma.sync 128-row tiles are left out; the wgmma ones are searched.
+        # Unsplit mma.sync tiles of 32+ rows are left out; every wgmma tile is searched.
         left_out = [
-            t for t in exported_variants(op) if t.warps_n == 2 or (t.block_m == 128 and not t.wgmma)
+            t
+            for t in exported_variants(op)
+            if t.warps_n == 2 or (t.block_m >= 32 and not t.wgmma and t.split_k == 1)
         ]
-        assert any(t.block_m == 128 and t.wgmma for t in valid)
+        assert {t.block_m for t in valid if t.wgmma} == {16, 32, 64, 128}
+        assert {t.block_m for t in valid if not t.wgmma} == {16}
         assert left_out and not set(left_out) & set(valid)
         assert {t for t, why in rejected if "--all_variants" in why} == set(left_out)
         assert all(searched_by_default(t) for t in valid)
