@@ -155,7 +155,7 @@ def register_tactic_family(cls: type[Tactic]) -> type[Tactic]:
     Apply it on top of `@dataclasses.dataclass(frozen=True)`. Raises TypeError
     if `cls` is not a frozen dataclass subclass of `Tactic` with int, bool or
     enum fields, and ValueError if its `family` name is malformed or already
-    taken by another class.
+    taken by another class, or if `optional_params` names a field without a default.
     """
     if not (isinstance(cls, type) and issubclass(cls, Tactic)):
         raise TypeError(f"register_tactic_family expects a Tactic subclass, got {cls!r}")
@@ -169,6 +169,16 @@ def register_tactic_family(cls: type[Tactic]) -> type[Tactic]:
         )
     for name, field_type in _field_types(cls).items():
         _check_field_type(cls, name, field_type)
+    defaults = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    if not set(cls.optional_params) <= defaults:
+        raise ValueError(
+            f"{cls.__name__}.optional_params={cls.optional_params!r}; each must be a field "
+            f"with a default (fields with one: {sorted(defaults)})"
+        )
     with _registry_lock:
         existing = _registry.get(family)
         same_definition = existing is not None and (

@@ -198,6 +198,18 @@ def test_tactic_registration_errors():
         register_tactic_family(Duplicate)
 
     @dataclasses.dataclass(frozen=True)
+    class OptionalWithoutDefault(Tactic):
+        family: ClassVar[str] = "optional_without_default"
+        optional_params: ClassVar[tuple[str, ...]] = ("block_m",)
+        block_m: int
+
+        def check(self, problem):
+            pass
+
+    with pytest.raises(ValueError, match="optional_params"):
+        register_tactic_family(OptionalWithoutDefault)
+
+    @dataclasses.dataclass(frozen=True)
     class BadName(Tactic):
         family: ClassVar[str] = "Bad Name"
         block_m: int
