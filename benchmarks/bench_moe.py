@@ -19,7 +19,8 @@ the device time per layer of each kernel it ran (routing metadata ops, GEMM1, GE
 combine, copies) and the tactics it picked.
 
 Timing: a jitted ``lax.scan`` runs the layer ``--reps`` times back to back on
-``--reps`` different inputs (so nothing is hoisted out of the loop). Each output is
+``--reps`` different inputs (so nothing is hoisted out of the loop), unrolled into
+straight-line code unless ``--nounroll`` (no device loop to dispatch). Each output is
 added to a float32 carry: for the XLA implementations the whole output (XLA could
 otherwise compute only the part that is used), for ``fused_moe`` on a GPU only its
 first element (its last step, the combine kernel, is a custom call that always
@@ -69,6 +70,12 @@ _NUM_TOKENS = flags.DEFINE_list(
 )
 _REPS = flags.DEFINE_integer("reps", 20, "Layers per timed scan.")
 _TRIALS = flags.DEFINE_integer("trials", 5, "Timed scans; the median is reported.")
+_UNROLL = flags.DEFINE_bool(
+    "unroll",
+    True,
+    "Unroll the timed scan into straight-line layers (--nounroll: a device loop, whose "
+    "per-iteration host dispatch shows in the events and wall timers at small sizes).",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, inputs and routing.")
 _BREAKDOWN = flags.DEFINE_bool(
     "breakdown", False, "Print fused_moe's device time per kernel (profiler timer)."
@@ -142,7 +149,7 @@ def _time_scan(step, xs, *args, whole=True) -> tuple[float, dict[str, float]]:
         if events:  # As the tuner's timer: every step reads the barrier's outputs.
             acc0 = _ffi.record_event(acc0, slot=0)
             acc0, xs, args = jax.lax.optimization_barrier((acc0, xs, args))
-        acc = jax.lax.scan(body, acc0, xs)[0]
+        acc = jax.lax.scan(body, acc0, xs, unroll=_UNROLL.value)[0]
         return _ffi.record_event(acc, slot=1) if events else acc
 
     run(xs, *args).block_until_ready()

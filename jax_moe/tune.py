@@ -182,6 +182,13 @@ _TIMER = flags.DEFINE_enum(
     "events: device time between CUDA events around each timed scan; wall: host time.",
     flag_values=FLAGS,
 )
+_UNROLL = flags.DEFINE_bool(
+    "unroll",
+    True,
+    "Unroll each timed scan into straight-line launches (--nounroll: a device loop, "
+    "whose per-iteration dispatch can dominate launches of a few microseconds).",
+    flag_values=FLAGS,
+)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed scans per tactic (median).", flag_values=FLAGS)
 _TIE_TOLERANCE = flags.DEFINE_float(
     "tie_tolerance", 0.005, "Relative time difference treated as a tie.", flag_values=FLAGS
@@ -353,6 +360,7 @@ def config_from_flags() -> TuneConfig:
                 cold_l2=_COLD_L2.value,
                 timer=_TIMER.value,
                 min_scan_us=_MIN_SCAN_US.value,
+                unroll=_UNROLL.value,
             ),
             search=SearchConfig(
                 tie_tolerance=_TIE_TOLERANCE.value,

@@ -919,7 +919,14 @@ def test_gpu_profiler_scans_lower_for_cuda_with_matching_inputs():
         plan = profiler._plan(op, tactic.block_m, cell)
         assert (plan.copies, plan.steps, plan.launches) == (4, 2, 8)  # tiny weights: 4 copies
         text = profiler._lower(op, tactic, cell, ("cuda",)).as_text()
-        assert text.count(f"@jax_moe_{op}(") == 4  # one launch per copy in the scan step
+        # Unrolled (the default): the step (one launch per copy) called once per step,
+        # no device loop.
+        assert text.count(f"@jax_moe_{op}(") == 4 and "stablehlo.while" not in text
+        assert text.count("call @closed_call(") == 2
+        profiler._setup(dataclasses.replace(timing, unroll=False), DEVICE, ARCH, 1 << 20)
+        looped = profiler._lower(op, tactic, cell, ("cuda",)).as_text()
+        assert looped.count(f"@jax_moe_{op}(") == 4 and "stablehlo.while" in looped
+        profiler._setup(timing, DEVICE, ARCH, l2_bytes=1 << 20)
         assert f"variant = {_ffi.variant_id(op, tactic)} : i32" in text
         concrete = profiler._concrete_args(plan, cell)
         abstract = profiler._abstract_args(plan, cell)
@@ -943,12 +950,18 @@ def test_timer_flags_reach_the_profiler_settings(tmp_path):
             "--timer=wall",
             "--min_scan_us=500",
             "--reps=7",
+            "--nounroll",
         ],
         profiler=CostModelProfiler(),
         stream=io.StringIO(),
     )
     timing = tune.config_from_flags().timing
-    assert (timing.timer, timing.min_scan_us, timing.reps) == ("wall", 500.0, 7)
+    assert (timing.timer, timing.min_scan_us, timing.reps, timing.unroll) == (
+        "wall",
+        500.0,
+        7,
+        False,
+    )
 
 
 def test_timing_config_validates_the_timer_fields():
@@ -959,6 +972,8 @@ def test_timing_config_validates_the_timer_fields():
             TimingConfig(min_scan_us=bad)
     with pytest.raises(ValueError, match="min_reps=0"):
         TimingConfig(min_reps=0)
+    with pytest.raises(TypeError, match="unroll=1"):
+        TimingConfig(unroll=1)
 
 
 def test_long_launches_get_fewer_launches_per_scan():
@@ -990,16 +1005,18 @@ def test_event_timer_brackets_the_scan():
     cell = TuneCell(TINY, 1, 8, ARCH)
     tactic = exported_variants(GEMM1_OP)[0]
     for timer, records in (("events", 2), ("wall", 0)):
-        profiler._setup(TimingConfig(timer=timer), DEVICE, ARCH, 1 << 20)
-        text = profiler._lower(GEMM1_OP, tactic, cell, ("cuda",)).as_text()
-        assert text.count("@jax_moe_record_event(") == records
-        if records:
-            # Start, then a barrier that every loop input passes, then the loop, then
-            # the stop on the loop's result.
-            start = text.index("slot = 0 : i32")
-            barrier = text.index("stablehlo.optimization_barrier")
-            stop = text.index("slot = 1 : i32")
-            assert start < barrier < text.index("stablehlo.while") < stop
+        for unroll in (True, False):
+            profiler._setup(TimingConfig(timer=timer, unroll=unroll), DEVICE, ARCH, 1 << 20)
+            text = profiler._lower(GEMM1_OP, tactic, cell, ("cuda",)).as_text()
+            assert text.count("@jax_moe_record_event(") == records
+            if records:
+                # Start, then a barrier that every launch's input passes, then the
+                # launches (in a loop or not), then the stop on their result.
+                start = text.index("slot = 0 : i32")
+                barrier = text.index("stablehlo.optimization_barrier")
+                stop = text.index("slot = 1 : i32")
+                loop = "call @closed_call(" if unroll else "stablehlo.while"
+                assert start < barrier < text.index(loop) <= text.rindex(loop) < stop
     with pytest.raises(ValueError, match="slot=16"):
         _ffi.record_event(jnp.zeros(()), slot=16)
     with pytest.raises(ValueError, match="slot=True"):

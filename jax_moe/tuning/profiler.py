@@ -36,7 +36,10 @@ profiler compiles all of them there, in parallel threads).
   (`models.random_moe_weights` from a key derived from the cell's key, then
   `prepare`); for GEMM2, standard normal bf16 activations `(m_pad, intermediate)`;
 - timing: a jitted `lax.scan` runs R launches back to back over R distinct
-  activation inputs (no launch can be hoisted or merged); the time of a launch
+  activation inputs (no launch can be hoisted or merged), unrolled into
+  straight-line code (`TimingConfig.unroll`, the default: XLA runs no device
+  loop whose per-iteration dispatch from the host could stretch launches of a
+  few microseconds, and may run the launches as one command buffer); the time of a launch
   is the time of the whole scan divided by R, the median of `repeats` scans
   after `warmup` scans (the first also compiles). Each scan step also slices
   its activation input out of the stacked inputs and adds one element of the
@@ -382,6 +385,9 @@ class TimingConfig:
       min_scan_us: R is lowered for long launches so that a scan lasts about
         this long by the estimate (see the module docstring).
       min_reps: R never goes below this (but `reps` if smaller).
+      unroll: unroll the timed scan into straight-line launches (no device loop:
+        XLA can then run the R launches as one command buffer, so a short launch
+        is not timed together with the host's per-iteration dispatch).
     """
 
     reps: int = 20
@@ -395,6 +401,7 @@ class TimingConfig:
     timer: str = "events"
     min_scan_us: float = 2000.0
     min_reps: int = 3
+    unroll: bool = True
 
     def __post_init__(self) -> None:
         if self.timer not in TIMERS:
@@ -420,8 +427,9 @@ class TimingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TimingConfig.{name}={value!r}; expected an int >= 1")
-        if not isinstance(self.cold_l2, bool):
-            raise TypeError(f"TimingConfig.cold_l2={self.cold_l2!r}; expected a bool")
+        for name in ("cold_l2", "unroll"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TimingConfig.{name}={getattr(self, name)!r}; expected a bool")
         if self.l2_bytes is not None and (
             isinstance(self.l2_bytes, bool)
             or not isinstance(self.l2_bytes, int)
@@ -654,7 +662,7 @@ class GpuProfiler(Profiler):
                 acc, xs, meta, weights, slots = jax.lax.optimization_barrier(
                     (acc, xs, meta, weights, slots)
                 )
-            acc = jax.lax.scan(step, acc, xs)[0]
+            acc = jax.lax.scan(step, acc, xs, unroll=self.timing.unroll)[0]
             if events:
                 acc = _ffi.record_event(acc, slot=_STOP_SLOT)
             return acc
