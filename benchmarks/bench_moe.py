@@ -20,7 +20,9 @@ combine, copies) and the tactics it picked.
 
 Timing: a jitted ``lax.scan`` runs the layer ``--reps`` times back to back on
 ``--reps`` different inputs (so nothing is hoisted out of the loop), unrolled into
-straight-line code unless ``--nounroll`` (no device loop to dispatch). Each output is
+straight-line code unless ``--nounroll`` (no device loop to dispatch); each layer's
+input index depends on the previous layer's result, so the layers run one after
+another even inside one command buffer. Each output is
 added to a float32 carry: for the XLA implementations the whole output (XLA could
 otherwise compute only the part that is used), for ``fused_moe`` on a GPU only its
 first element (its last step, the combine kernel, is a custom call that always
@@ -62,6 +64,7 @@ from absl import app, flags
 import jax_moe
 from jax_moe import _ffi, models, moe
 from jax_moe.prepare import prepare
+from jax_moe.tuning.profiler import after
 
 _MODEL = flags.DEFINE_string("model", "deepseek_v3", "Model preset.")
 _EP = flags.DEFINE_integer("ep", 8, "Expert-parallel ranks; the local slice of rank 0 is run.")
@@ -141,15 +144,18 @@ def _time_scan(step, xs, *args, whole=True) -> tuple[float, dict[str, float]]:
 
     @jax.jit
     def run(xs, *args):
-        def body(acc, x):
-            out = step(x, *args)
-            return acc + (out if whole else out[:1, :1]).astype(jnp.float32), None
+        def body(i, acc):
+            # The index waits for the previous layer's result (after), so the layers
+            # run one after another and XLA cannot merge them (e.g. their weight reads).
+            index = i + after(acc[0, 0])
+            out = step(jax.lax.dynamic_index_in_dim(xs, index, keepdims=False), *args)
+            return acc + (out if whole else out[:1, :1]).astype(jnp.float32)
 
         acc0 = jnp.zeros(xs.shape[1:] if whole else (1, 1), jnp.float32)
         if events:  # As the tuner's timer: every step reads the barrier's outputs.
             acc0 = _ffi.record_event(acc0, slot=0)
             acc0, xs, args = jax.lax.optimization_barrier((acc0, xs, args))
-        acc = jax.lax.scan(body, acc0, xs, unroll=_UNROLL.value)[0]
+        acc = jax.lax.fori_loop(0, xs.shape[0], body, acc0, unroll=_UNROLL.value)
         return _ffi.record_event(acc, slot=1) if events else acc
 
     run(xs, *args).block_until_ready()

@@ -46,6 +46,7 @@ from jax_moe.tuning.profiler import (
     Profiler,
     TimingConfig,
     TuneCell,
+    after,
     cell_expert_loads,
     cell_inputs,
     estimated_launch_us,
@@ -939,6 +940,26 @@ def test_gpu_profiler_scans_lower_for_cuda_with_matching_inputs():
     plan = profiler._plan(GEMM2_OP, 128, big)
     assert plan.copies == 1 and plan.steps * plan.activation.shape[0] * 2048 * 2 <= 2**30
     assert profiler._plan(GEMM1_OP, 16, TuneCell(TINY, 1, 1, ARCH)).launches == 20
+
+
+def test_after_keeps_timed_launches_in_order_after_optimization():
+    # XLA must not fold `acc * 0` away: each step's input index would no longer wait
+    # for the previous step's result, and the steps could run concurrently.
+    weights = jnp.ones((64, 64), jnp.bfloat16)
+
+    def program(xs, chained):
+        def step(i, acc):
+            index = i + after(acc) if chained else i
+            x = jax.lax.dynamic_index_in_dim(xs, index, keepdims=False)
+            return acc + (x @ weights)[0, 0].astype(jnp.float32)
+
+        return jax.lax.fori_loop(0, len(xs), step, jnp.zeros((), jnp.float32), unroll=True)
+
+    xs = jnp.ones((4, 32, 64), jnp.bfloat16)
+    for chained, slices in ((True, 3), (False, 0)):  # the first step's index is constant
+        text = jax.jit(program, static_argnums=1).lower(xs, chained).compile().as_text()
+        assert text.count("dynamic-slice(") == slices and "while(" not in text
+    assert int(after(jnp.float32(3.5))) == 0 and after(jnp.float32(1)).dtype == jnp.int32
 
 
 def test_timer_flags_reach_the_profiler_settings(tmp_path):

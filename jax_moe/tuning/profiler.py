@@ -39,7 +39,9 @@ profiler compiles all of them there, in parallel threads).
   activation inputs (no launch can be hoisted or merged), unrolled into
   straight-line code (`TimingConfig.unroll`, the default: XLA runs no device
   loop whose per-iteration dispatch from the host could stretch launches of a
-  few microseconds, and may run the launches as one command buffer); the time of a launch
+  few microseconds, and may run the launches as one command buffer). Each
+  launch's input index is computed from the previous launch's result (`after`),
+  so the launches run one after another (never concurrently); the time of a launch
   is the time of the whole scan divided by R, the median of `repeats` scans
   after `warmup` scans (the first also compiles). Each scan step also slices
   its activation input out of the stacked inputs and adds one element of the
@@ -367,6 +369,14 @@ def l2_cache_bytes(device: Any) -> int:
     return DEFAULT_L2_BYTES
 
 
+def after(acc: jax.Array) -> jax.Array:
+    """An int32 zero computed from `acc` (`acc * 0`, which XLA does not fold for
+    floats): added to the next launch's input index, it makes that launch wait for
+    `acc`, so the launches of a timed program run one after another even where XLA
+    could run independent launches concurrently (a command buffer)."""
+    return (acc * 0).astype(jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class TimingConfig:
     """How `GpuProfiler` times a launch (see the module docstring).
@@ -648,11 +658,12 @@ class GpuProfiler(Profiler):
         events = self.timing.timer == "events"
 
         def program(xs, meta, weights, slots):
-            def step(acc, step_xs):
-                for x, w in zip(step_xs, weights, strict=True):
+            def step(i, acc):
+                for stacked, w in zip(xs, weights, strict=True):
+                    x = jax.lax.dynamic_index_in_dim(stacked, i + after(acc), keepdims=False)
                     y = launch(x, meta, w, slots)
                     acc = acc + y[0, 0].astype(jnp.float32)  # keeps every launch alive
-                return acc, None
+                return acc
 
             acc = jnp.zeros((), jnp.float32)
             if events:
@@ -662,7 +673,7 @@ class GpuProfiler(Profiler):
                 acc, xs, meta, weights, slots = jax.lax.optimization_barrier(
                     (acc, xs, meta, weights, slots)
                 )
-            acc = jax.lax.scan(step, acc, xs, unroll=self.timing.unroll)[0]
+            acc = jax.lax.fori_loop(0, len(xs[0]), step, acc, unroll=self.timing.unroll)
             if events:
                 acc = _ffi.record_event(acc, slot=_STOP_SLOT)
             return acc
