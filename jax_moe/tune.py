@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from absl import app, flags
@@ -430,9 +430,16 @@ def plot_results(results: Sequence[CellResult], path: str | os.PathLike) -> None
 
 
 def _write_timings(
-    config: TuneConfig, profiler: Profiler, results: Sequence[CellResult], stream: TextIO
+    config: TuneConfig,
+    profiler: Profiler,
+    results: Sequence[CellResult],
+    stream: TextIO | None = None,
 ) -> None:
-    """Writes `--timings_out` (if given): the device and every timing of `results`."""
+    """Writes `--timings_out` (if given): the device and every timing of `results`.
+
+    The file is replaced atomically (written beside it, then renamed), so a run
+    stopped while writing leaves the previous complete file.
+    """
     if config.timings_out is None:
         return
     rows = timing_rows(results)
@@ -444,9 +451,27 @@ def _write_timings(
     }
     path = os.path.abspath(config.timings_out)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
-    stream.write(f"wrote {len(rows)} timings to {config.timings_out}\n")
+    os.replace(partial, path)
+    if stream is not None:
+        stream.write(f"wrote {len(rows)} timings to {config.timings_out}\n")
+
+
+def _timings_saver(config: TuneConfig, profiler: Profiler) -> Callable[[CellResult], None] | None:
+    """With `--timings_out`: a callback that saves the timings of every cell measured so
+    far after each cell, so an interrupted tuning or evaluation keeps them (they can be
+    read back with `--analyze`)."""
+    if config.timings_out is None:
+        return None
+    done: list[CellResult] = []
+
+    def save(result: CellResult) -> None:
+        done.append(result)
+        _write_timings(config, profiler, done)
+
+    return save
 
 
 def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
@@ -498,7 +523,7 @@ def _evaluate(config: TuneConfig, profiler: Profiler, stream: TextIO) -> TuneOut
     )
     if config.evaluate_seed is not None:
         stream.write(f"regret routings and inputs drawn with seed {config.evaluate_seed}\n")
-    report = evaluate_table(profiler, table, evaluation, stream)
+    report = evaluate_table(profiler, table, evaluation, stream, _timings_saver(config, profiler))
     stream.write(format_report(report, others=tuple(name for name, _ in others)) + "\n")
     _write_timings(config, profiler, report.results, stream)
     return TuneOutcome(table=table, report=report)
@@ -546,7 +571,7 @@ def run(
         f"seed {config.seed}\n"
     )
     stream.flush()
-    results = tuple(tune_cells(profiler, cells, search, stream))
+    results = tuple(tune_cells(profiler, cells, search, stream, _timings_saver(config, profiler)))
     table = build_table(
         results,
         device_name=profiler.device_name,

@@ -711,6 +711,56 @@ def test_timings_out_writes_every_timing(tmp_path):
     assert failed.results and len(errors) >= 1 and "launch failed" in errors[0]["error"]
 
 
+class _StopsAt(CostModelProfiler):
+    """Interrupts the run (like Ctrl-C or a time limit) when it reaches a cell."""
+
+    def __init__(self, routing, num_tokens):
+        super().__init__()
+        self.stop = (routing, num_tokens)
+
+    def prepare_cell(self, cell, candidates):
+        if (cell.routing, cell.num_tokens) == self.stop:
+            raise KeyboardInterrupt
+        super().prepare_cell(cell, candidates)
+
+
+def test_an_interrupted_run_keeps_the_timings_of_the_cells_done(tmp_path):
+    out = tmp_path / "timings.json"
+    with pytest.raises(KeyboardInterrupt):
+        _cli(
+            tmp_path,
+            "--ep=2",
+            "--max_tokens=8",
+            f"--timings_out={out}",
+            profiler=_StopsAt("balanced", 8),
+        )
+    tuned = results_from_rows(json.loads(out.read_text())["rows"])
+    assert [r.cell.num_tokens for r in tuned] == [1, 2, 4]
+    assert not (tmp_path / "timings.json.partial").exists()
+    assert not (tmp_path / "tactics.json").exists()  # the table is written at the end only
+    _cli(tmp_path, "--ep=2", "--max_tokens=8")
+    path = str(tmp_path / "tactics.json")
+    with pytest.raises(KeyboardInterrupt):
+        _cli(
+            tmp_path,
+            f"--evaluate={path}",
+            "--noevaluate_repeat",
+            f"--timings_out={out}",
+            profiler=_StopsAt("skewed", 2),
+        )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r.cell.routing, r.cell.num_tokens) for r in results_from_rows(rows)] == [
+        ("softmax", 1),
+        ("softmax", 2),
+        ("softmax", 4),
+        ("softmax", 8),
+        ("skewed", 1),
+    ]
+    stream = io.StringIO()
+    tune.run_cli(["jax_moe.tune", f"--analyze={out}", f"--evaluate_also={path}"], stream=stream)
+    assert f"regret of {path}: mean" in stream.getvalue()
+
+
 def test_analyze_reads_saved_timings_without_a_gpu(tmp_path):
     _cli(tmp_path, "--ep=2", "--max_tokens=4")
     path = str(tmp_path / "tactics.json")

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from jax_moe import models
@@ -263,8 +263,12 @@ def evaluate_table(
     table: TacticTable,
     config: EvaluationConfig | None = None,
     stream: TextIO | None = None,
+    on_result: Callable[[CellResult], None] | None = None,
 ) -> EvaluationReport:
-    """Regret and reproducibility of `table` on `profiler`'s device (module docstring)."""
+    """Regret and reproducibility of `table` on `profiler`'s device (module docstring).
+
+    `on_result` gets every measured cell as soon as it is measured (`tune_cells`).
+    """
     config = config or EvaluationConfig()
     tuned_cells = table_cells(table)
     regrets, measured = [], []
@@ -275,7 +279,7 @@ def evaluate_table(
     for routing in config.routings:
         key = {} if config.key_data is None else {"key_data": tuple(config.key_data)}
         cells = [dataclasses.replace(cell, routing=routing, **key) for cell, _ in tuned_cells]
-        results = tune_cells(profiler, cells, full, stream)
+        results = tune_cells(profiler, cells, full, stream, on_result)
         measured += results
         for result, (cell, tuned) in zip(results, tuned_cells, strict=True):
             others = tuple(_pair_in(table, cell) for _, table in config.others)
@@ -284,7 +288,7 @@ def evaluate_table(
     if config.repeat_tuning:
         secondary = () if table.metadata is None else split_profile(table.metadata.distribution)[1]
         search = dataclasses.replace(config.search, secondary=secondary)
-        results = tune_cells(profiler, [c for c, _ in tuned_cells], search, stream)
+        results = tune_cells(profiler, [c for c, _ in tuned_cells], search, stream, on_result)
         measured += results
         same, differing = 0, []
         for result, (cell, tuned) in zip(results, tuned_cells, strict=True):

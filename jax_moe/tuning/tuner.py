@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
 from jax_moe.models import MoEConfig
@@ -561,8 +561,13 @@ def tune_cells(
     cells: Iterable[TuneCell],
     search: SearchConfig | None = None,
     stream: TextIO | None = None,
+    on_result: Callable[[CellResult], None] | None = None,
 ) -> list[CellResult]:
-    """`measure_cell` and `choose_pair` for each cell, with a progress line per cell."""
+    """`measure_cell` and `choose_pair` for each cell, with a progress line per cell.
+
+    `on_result` is called with each cell's result as soon as it is measured (e.g. to
+    save the timings so far, so that an interrupted run keeps them).
+    """
     cells = list(cells)
     progress = Progress(cells, stream)
     results = []
@@ -573,6 +578,8 @@ def tune_cells(
             result = dataclasses.replace(result, choice=choice)
         progress.update(result, _note(result))
         results.append(result)
+        if on_result is not None:
+            on_result(result)
     return results
 
 
