@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from absl import app, flags
@@ -45,6 +45,7 @@ from jax_moe.tuning.tuner import (
     CellResult,
     SearchConfig,
     build_table,
+    cell_key,
     format_summary,
     make_cells,
     results_from_rows,
@@ -137,6 +138,13 @@ _EVALUATE_ALSO = flags.DEFINE_list(
     [],
     "With --evaluate: more tactic files whose regret is computed from the same timings "
     "(compares tables without run-to-run noise).",
+    flag_values=FLAGS,
+)
+_RESUME = flags.DEFINE_bool(
+    "resume",
+    False,
+    "With --timings_out: read that file if it exists and do not measure again the cells "
+    "it already holds (a tuning or evaluation stopped earlier continues where it was).",
     flag_values=FLAGS,
 )
 _ANALYZE = flags.DEFINE_string(
@@ -232,6 +240,7 @@ class TuneConfig:
       evaluate_also: more tactic files compared on the evaluation's timings.
       evaluate_seed: seed of the regret passes' key (None: the table's key).
       timings_out: JSON file that receives every timing of the run (`timing_rows`).
+      resume: read `timings_out` first (if it exists) and reuse the cells it holds.
       analyze: a `timings_out` file to analyze instead of tuning (no GPU needed).
       plot: PNG written after tuning.
       timing: profiler settings.
@@ -251,6 +260,7 @@ class TuneConfig:
     evaluate_also: tuple[str, ...] = ()
     evaluate_seed: int | None = None
     timings_out: str | None = None
+    resume: bool = False
     analyze: str | None = None
     plot: str | None = None
     timing: TimingConfig = TimingConfig()
@@ -289,6 +299,8 @@ class TuneConfig:
             raise ValueError("give --evaluate or --analyze, not both")
         if self.evaluate is None and self.analyze is None and self.evaluate_also:
             raise ValueError("--evaluate_also needs --evaluate or --analyze")
+        if self.resume and (self.timings_out is None or self.analyze is not None):
+            raise ValueError("--resume needs --timings_out (and tuning or --evaluate)")
         if self.evaluate is None and not self.evaluate_repeat:
             raise ValueError("--noevaluate_repeat needs --evaluate")
         if self.evaluate_seed is not None:
@@ -352,6 +364,7 @@ def config_from_flags() -> TuneConfig:
             evaluate_also=tuple(p.strip() for p in _EVALUATE_ALSO.value if p.strip()),
             evaluate_seed=_EVALUATE_SEED.value,
             timings_out=_TIMINGS_OUT.value,
+            resume=_RESUME.value,
             analyze=_ANALYZE.value,
             plot=_PLOT.value,
             timing=TimingConfig(
@@ -447,6 +460,7 @@ def _write_timings(
         "format": "jax_moe.timings",
         "device_name": profiler.device_name,
         "arch": profiler.arch,
+        "run": _run_of(config),
         "rows": rows,
     }
     path = os.path.abspath(config.timings_out)
@@ -459,17 +473,63 @@ def _write_timings(
         stream.write(f"wrote {len(rows)} timings to {config.timings_out}\n")
 
 
-def _timings_saver(config: TuneConfig, profiler: Profiler) -> Callable[[CellResult], None] | None:
+def _run_of(config: TuneConfig) -> dict[str, Any]:
+    """What a timings file's rows depend on besides their cells: tuning or the
+    evaluation of which table, and the timing settings (`--resume` checks them)."""
+    return {
+        "evaluate": None if config.evaluate is None else os.path.abspath(config.evaluate),
+        "timing": dataclasses.asdict(config.timing),
+    }
+
+
+def _read_timings(path: str, flag: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{flag}={path}: cannot read it: {error}") from None
+    if not isinstance(data, dict) or data.get("format") != "jax_moe.timings":
+        raise ValueError(f"{flag}={path}: not a timings file (--timings_out)")
+    return data
+
+
+def _saved_results(
+    config: TuneConfig, profiler: Profiler, stream: TextIO
+) -> dict[tuple[Any, ...], CellResult]:
+    """With `--resume`: the cells of an existing `--timings_out` file, by `cell_key`."""
+    if not config.resume or not os.path.exists(config.timings_out):
+        return {}
+    data = _read_timings(config.timings_out, "--timings_out")
+    device, arch = data.get("device_name"), data.get("arch")
+    if (device, arch) != (profiler.device_name, profiler.arch):
+        raise ValueError(
+            f"--resume: {config.timings_out} holds timings of {device} ({arch}), "
+            f"not of this {profiler.device_name} ({profiler.arch})"
+        )
+    run = json.loads(json.dumps(_run_of(config)))  # as read back from JSON
+    if data.get("run") != run:
+        raise ValueError(
+            f"--resume: {config.timings_out} was not written by this kind of run "
+            f"(it has {data.get('run')!r}, this run {run!r}); give a new --timings_out"
+        )
+    saved = {cell_key(r.cell): r for r in results_from_rows(data.get("rows", []))}
+    stream.write(f"resuming: {len(saved)} cells already timed in {config.timings_out}\n")
+    return saved
+
+
+def _timings_saver(
+    config: TuneConfig, profiler: Profiler, saved: Mapping[tuple[Any, ...], CellResult]
+) -> Callable[[CellResult], None] | None:
     """With `--timings_out`: a callback that saves the timings of every cell measured so
-    far after each cell, so an interrupted tuning or evaluation keeps them (they can be
-    read back with `--analyze`)."""
+    far (and of the `saved` cells read back for `--resume`) after each cell, so an
+    interrupted tuning or evaluation keeps them (for `--analyze` or `--resume`)."""
     if config.timings_out is None:
         return None
-    done: list[CellResult] = []
+    done: dict[tuple[Any, ...], CellResult] = dict(saved)
 
     def save(result: CellResult) -> None:
-        done.append(result)
-        _write_timings(config, profiler, done)
+        done[cell_key(result.cell)] = result
+        _write_timings(config, profiler, list(done.values()))
 
     return save
 
@@ -477,13 +537,7 @@ def _timings_saver(config: TuneConfig, profiler: Profiler) -> Callable[[CellResu
 def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
     from jax_moe.tuning.evaluate import analyze_timings
 
-    try:
-        with open(config.analyze, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"--analyze={config.analyze}: cannot read it: {error}") from None
-    if not isinstance(data, dict) or data.get("format") != "jax_moe.timings":
-        raise ValueError(f"--analyze={config.analyze}: not a timings file (--timings_out)")
+    data = _read_timings(config.analyze, "--analyze")
     device, arch = data.get("device_name"), data.get("arch")
     results = results_from_rows(data.get("rows", []))
     tables = tuple(
@@ -523,7 +577,10 @@ def _evaluate(config: TuneConfig, profiler: Profiler, stream: TextIO) -> TuneOut
     )
     if config.evaluate_seed is not None:
         stream.write(f"regret routings and inputs drawn with seed {config.evaluate_seed}\n")
-    report = evaluate_table(profiler, table, evaluation, stream, _timings_saver(config, profiler))
+    saved = _saved_results(config, profiler, stream)
+    report = evaluate_table(
+        profiler, table, evaluation, stream, _timings_saver(config, profiler, saved), saved
+    )
     stream.write(format_report(report, others=tuple(name for name, _ in others)) + "\n")
     _write_timings(config, profiler, report.results, stream)
     return TuneOutcome(table=table, report=report)
@@ -571,7 +628,10 @@ def run(
         f"seed {config.seed}\n"
     )
     stream.flush()
-    results = tuple(tune_cells(profiler, cells, search, stream, _timings_saver(config, profiler)))
+    saved = _saved_results(config, profiler, stream)
+    results = tuple(
+        tune_cells(profiler, cells, search, stream, _timings_saver(config, profiler, saved), saved)
+    )
     table = build_table(
         results,
         device_name=profiler.device_name,

@@ -761,6 +761,46 @@ def test_an_interrupted_run_keeps_the_timings_of_the_cells_done(tmp_path):
     assert f"regret of {path}: mean" in stream.getvalue()
 
 
+def test_resume_measures_only_the_cells_not_saved(tmp_path):
+    whole, _, _ = _cli(tmp_path, "--ep=2", "--max_tokens=8")
+    path = tmp_path / "tactics.json"
+    expected = path.read_text()
+    path.unlink()
+    out = tmp_path / "timings.json"
+    flags = ("--ep=2", "--max_tokens=8", f"--timings_out={out}", "--resume")
+    with pytest.raises(KeyboardInterrupt):
+        _cli(tmp_path, *flags, profiler=_StopsAt("balanced", 8))
+    resumed, output, profiler = _cli(tmp_path, *flags)
+    assert "resuming: 3 cells already timed" in output and "(saved timings)" in output
+    assert {cell.num_tokens for cell, _ in profiler.prepared} == {8}
+    assert [r.choice for r in resumed.results] == [r.choice for r in whole.results]
+    table, again = json.loads(path.read_text()), json.loads(expected)
+    assert table["entries"] == again["entries"]
+    assert len(results_from_rows(json.loads(out.read_text())["rows"])) == 4
+    # An evaluation resumes the same way, and keeps its own timings apart.
+    ev_out = tmp_path / "eval_timings.json"
+    ev_flags = (f"--evaluate={path}", f"--timings_out={ev_out}", "--resume")
+    with pytest.raises(KeyboardInterrupt):
+        _cli(tmp_path, *ev_flags, profiler=_StopsAt("skewed", 4))
+    full, _, _ = _cli(tmp_path, f"--evaluate={path}")
+    evaluated, _, profiler = _cli(tmp_path, *ev_flags)
+    assert {(c.routing, c.num_tokens) for c, _ in profiler.prepared} == {
+        ("skewed", 4),
+        ("skewed", 8),
+        *(("balanced", n) for n in (1, 2, 4, 8)),  # the repeated tuning
+        *(("spread", n) for n in (1, 2, 4, 8)),
+    }
+    assert evaluated.report.regrets == full.report.regrets
+    assert evaluated.report.reproducibility == full.report.reproducibility
+    # Timings of another kind of run or other timing settings are not mixed in.
+    with pytest.raises(ValueError, match="not written by this kind of run"):
+        _cli(tmp_path, *flags[:-2], f"--timings_out={ev_out}", "--resume")
+    with pytest.raises(ValueError, match="not written by this kind of run"):
+        _cli(tmp_path, *flags, "--reps=7")
+    with pytest.raises(app.UsageError, match="--resume needs --timings_out"):
+        _cli(tmp_path, "--resume")
+
+
 def test_analyze_reads_saved_timings_without_a_gpu(tmp_path):
     _cli(tmp_path, "--ep=2", "--max_tokens=4")
     path = str(tmp_path / "tactics.json")

@@ -36,8 +36,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Callable, Sequence
-from typing import TextIO
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
 
 from jax_moe import models
 from jax_moe.tactic import Tactic
@@ -264,10 +264,12 @@ def evaluate_table(
     config: EvaluationConfig | None = None,
     stream: TextIO | None = None,
     on_result: Callable[[CellResult], None] | None = None,
+    saved: Mapping[tuple[Any, ...], CellResult] | None = None,
 ) -> EvaluationReport:
     """Regret and reproducibility of `table` on `profiler`'s device (module docstring).
 
-    `on_result` gets every measured cell as soon as it is measured (`tune_cells`).
+    `on_result` gets every measured cell as soon as it is measured, and cells in
+    `saved` are not measured again (`tune_cells`).
     """
     config = config or EvaluationConfig()
     tuned_cells = table_cells(table)
@@ -279,7 +281,7 @@ def evaluate_table(
     for routing in config.routings:
         key = {} if config.key_data is None else {"key_data": tuple(config.key_data)}
         cells = [dataclasses.replace(cell, routing=routing, **key) for cell, _ in tuned_cells]
-        results = tune_cells(profiler, cells, full, stream, on_result)
+        results = tune_cells(profiler, cells, full, stream, on_result, saved)
         measured += results
         for result, (cell, tuned) in zip(results, tuned_cells, strict=True):
             others = tuple(_pair_in(table, cell) for _, table in config.others)
@@ -288,7 +290,9 @@ def evaluate_table(
     if config.repeat_tuning:
         secondary = () if table.metadata is None else split_profile(table.metadata.distribution)[1]
         search = dataclasses.replace(config.search, secondary=secondary)
-        results = tune_cells(profiler, [c for c, _ in tuned_cells], search, stream, on_result)
+        results = tune_cells(
+            profiler, [c for c, _ in tuned_cells], search, stream, on_result, saved
+        )
         measured += results
         same, differing = 0, []
         for result, (cell, tuned) in zip(results, tuned_cells, strict=True):

@@ -562,21 +562,30 @@ def tune_cells(
     search: SearchConfig | None = None,
     stream: TextIO | None = None,
     on_result: Callable[[CellResult], None] | None = None,
+    saved: Mapping[tuple[Any, ...], CellResult] | None = None,
 ) -> list[CellResult]:
     """`measure_cell` and `choose_pair` for each cell, with a progress line per cell.
 
     `on_result` is called with each cell's result as soon as it is measured (e.g. to
-    save the timings so far, so that an interrupted run keeps them).
+    save the timings so far, so that an interrupted run keeps them). A cell whose
+    `cell_key` is in `saved` (results read back with `results_from_rows`) is not
+    measured again: its saved timings are used.
     """
     cells = list(cells)
     progress = Progress(cells, stream)
     results = []
+    saved = saved or {}
     for cell in cells:
-        result = measure_cell(profiler, cell, search)
+        earlier = saved.get(cell_key(cell))
+        if earlier is not None:
+            result = dataclasses.replace(earlier, cell=cell, choice=None)
+        else:
+            result = measure_cell(profiler, cell, search)
         if not result.skipped:
             choice = choose_robust_pair(result.timings, result.secondary, search)
             result = dataclasses.replace(result, choice=choice)
-        progress.update(result, _note(result))
+        note = _note(result) + (" (saved timings)" if earlier is not None else "")
+        progress.update(result, note)
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -667,6 +676,22 @@ def timing_rows(results: Iterable[CellResult]) -> list[dict[str, Any]]:
                         row["error"] = outcome.message
                     rows.append(row)
     return rows
+
+
+def cell_key(cell: TuneCell) -> tuple[Any, ...]:
+    """What identifies a cell's timings in a `timing_rows` file: the model's name and
+    shape, EP, tokens, arch, routing, key and dtype."""
+    m = cell.model
+    return (
+        m.name,
+        (m.num_experts, m.top_k, m.hidden, m.intermediate),
+        cell.ep,
+        cell.num_tokens,
+        cell.arch,
+        cell.routing,
+        tuple(cell.key_data),
+        cell.dtype,
+    )
 
 
 def results_from_rows(rows: Iterable[Mapping[str, Any]]) -> list[CellResult]:
