@@ -213,8 +213,8 @@ _ALL_VARIANTS = flags.DEFINE_bool(
     "all_variants",
     False,
     "Time every exported variant, not only those of the default search (which leaves out "
-    "the 2 x 2 warp grids and the unsplit mma.sync tiles of 32 rows or more; an evaluation "
-    "always times every variant).",
+    "the 2 x 2 warp grids, the unsplit mma.sync tiles of 32 rows or more and the wgmma "
+    "overlap variants, not yet run on a GPU; an evaluation always times every variant).",
     flag_values=FLAGS,
 )
 

@@ -121,7 +121,8 @@ def test_tactic_json_without_a_later_field_takes_its_default():
     data = tactic.to_json()
     old = {"family": data["family"], "params": dict(data["params"])}
     del old["params"]["wgmma"]
-    assert tactic_from_json(old) == tactic and not tactic.wgmma
+    del old["params"]["overlap"]
+    assert tactic_from_json(old) == tactic and not tactic.wgmma and not tactic.overlap
     for required in ("split_k", "block_m"):
         missing = {"family": data["family"], "params": dict(data["params"])}
         del missing["params"][required]
@@ -141,9 +142,9 @@ def test_wgmma_variants_are_exported_for_every_regime():
     # searched by default, the mma.sync ones are not.
     assert all(t.register_estimate() <= 140 for t in wgmma)
     for t in wgmma:
-        sync = dataclasses.replace(t, wgmma=False) if t.block_m < 128 else None
+        sync = dataclasses.replace(t, wgmma=False, overlap=False) if t.block_m < 128 else None
         assert sync is None or t.register_estimate() < sync.register_estimate()
-    assert all(cfg.searched_by_default(t) for t in wgmma)
+    assert all(cfg.searched_by_default(t) != t.overlap for t in wgmma)
     assert not any(
         cfg.searched_by_default(t) for t in cfg.gemm1_variants() if t.block_m == 128 and not t.wgmma
     )
@@ -171,6 +172,53 @@ def test_wgmma_variant_emits_warpgroup_mmas(dsl, op, tmp_path):
         assert "ldmatrix" not in ptx and "mma.sync" not in ptx
         assert "fence.proxy.async.shared::cta" in ptx
         assert "wgmma.commit_group" in ptx and "wgmma.wait_group.sync.aligned \t0" in ptx
+
+
+def test_overlap_variants_are_unsplit_wgmma_tiles_outside_the_default_search():
+    for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
+        overlap = [t for t in variants if t.overlap]
+        assert [(t.block_m, t.block_w, t.stages) for t in overlap] == [
+            (32, 128, 1),
+            (64, 128, 1),
+            (128, 64, 1),
+        ]
+        assert all(t.wgmma and t.split_k == 1 for t in overlap)
+        assert not any(cfg.searched_by_default(t) for t in overlap)
+        assert variants[-len(overlap) :] == overlap  # ids after every earlier variant
+        # One more token stage than the plain wgmma tile.
+        for t in overlap:
+            plain = dataclasses.replace(t, overlap=False)
+            assert t.smem_bytes() - plain.smem_bytes() == 2 * 64 * t.block_m
+
+
+@requires_dsl
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_overlap_variant_waits_per_slice(dsl, op, tmp_path):
+    """An `overlap` tactic's PTX commits each 16 columns of a K step as its own group
+    and waits for all but 3 groups before rewriting a slice's A registers (the plain
+    wgmma tile: one group per step and a full wait); both fit 4 or 3 CTAs per SM."""
+    cute, modules = dsl
+    module = modules[op]
+    tactic = next(t for t in module.variants() if t.overlap and t.block_m == 64)
+    counts = {}
+    for variant in (tactic, dataclasses.replace(tactic, overlap=False)):
+        fn, fake_args = module.export_spec(variant)
+        dump = tmp_path / f"overlap{int(variant.overlap)}"
+        dump.mkdir()
+        compiled = cute.compile(
+            fn, *fake_args, options=f"--keep-ptx --keep-cubin --dump-dir={dump}"
+        )
+        ptx = compiled.__ptx__
+        counts[variant.overlap] = (
+            ptx.count("wgmma.commit_group"),
+            ptx.count("wgmma.wait_group.sync.aligned \t3;"),
+            ptx.count("wgmma.wait_group.sync.aligned \t0;"),
+            ptx.count("wgmma.fence"),
+            _cubin_registers(compiled.__cubin__),
+        )
+    # The K loop's body is emitted once per register-ring stage (one here).
+    assert counts[True][:4] == (4, 4, 1, 4) and counts[False][:4] == (1, 0, 2, 1)
+    assert counts[False][4] <= 128 and counts[True][4] <= 160  # 4 and 3 CTAs per SM
 
 
 def test_tactic_check_rejects_unsupported_problems():
@@ -206,6 +254,9 @@ def test_tactic_check_rejects_unsupported_problems():
         (dict(block_m=32, warps_m=2, warps_n=2, wgmma=True), ValueError),
         (dict(stages=3, cp_async=True, wgmma=True), ValueError),
         (dict(wgmma=1), TypeError),
+        (dict(overlap=True), ValueError),  # needs wgmma
+        (dict(block_m=32, block_w=128, wgmma=True, overlap=True, split_k=2), ValueError),
+        (dict(wgmma=True, overlap=1), TypeError),
     ],
 )
 def test_tactic_validation(kwargs, error):
@@ -444,7 +495,10 @@ def test_wgmma_tiles_keep_their_occupancy(dsl, op, tmp_path):
     tactics = {
         (t.block_m, t.block_w, t.stages): t
         for t in module.variants()
-        if t.wgmma and t.split_k == 1 and (t.block_m, t.block_w, t.stages) in limits
+        if t.wgmma
+        and not t.overlap
+        and t.split_k == 1
+        and (t.block_m, t.block_w, t.stages) in limits
     }
     assert set(tactics) == set(limits)
     for key, tactic in tactics.items():

@@ -84,6 +84,7 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
             tactic.split_k,
             pdl_enabled() if pdl is None else pdl,
             tactic.wgmma,
+            tactic.overlap,
         )
         self.tactic = tactic
 

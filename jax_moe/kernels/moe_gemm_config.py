@@ -61,9 +61,10 @@ each regime in `_REGIMES`, `block_w` in (128, 64) x register `stages` in (1, 2, 
 estimate exceeds the budget (which leaves out the 128 x 128 tile and, with `2 x 2`
 warps, 64 x 128 with 2 stages and 64 x 64 with 4: 22 variants); then the 6
 split-K variants of `_SPLIT_K_VARIANTS`, the 3 deep-prefetch decode variants of
-`_DEEP_VARIANTS` and the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS` (each list's
-ids after the previous ones). The tuner's default search leaves out the `2 x 2` grids
-and the unsplit `mma.sync` tiles of 32 rows or more (`searched_by_default`).
+`_DEEP_VARIANTS`, the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS` and the 3 of
+`_OVERLAP_VARIANTS` (each list's ids after the previous ones). The tuner's default
+search leaves out the `2 x 2` grids, the unsplit `mma.sync` tiles of 32 rows or more
+and the `overlap` variants (`searched_by_default`).
 
 `wgmma`: the MMAs run as warpgroup MMAs (`wgmma.mma_async`, A = the decoded weights in
 registers, B = the token rows in shared memory, copied there by cp.async) instead of
@@ -71,6 +72,12 @@ registers, B = the token rows in shared memory, copied there by cp.async) instea
 balanced plan): 0.71-0.76x the best `mma.sync` GEMM1 and 0.77-0.94x the best GEMM2 from
 N = 1024 (m = 32) up; 1.04-1.16x (GEMM1) and 0.97-1.08x (GEMM2) at decode sizes, where
 the tuner mostly keeps `mma.sync`.
+
+`overlap` (with `wgmma`, unsplit): each 16 columns of a K step are decoded once the
+previous step's MMAs of those columns are done, and issued as their own commit group,
+so a step's decode overlaps the previous step's MMAs within the CTA; the token ring is
+one step deeper. Compiled and checked on the CPU (PTX, registers); not yet run on a GPU,
+so left out of the default search.
 """
 
 from __future__ import annotations
@@ -135,7 +142,12 @@ def _check_common(tactic, problem) -> None:
 
 
 def swap_ab_smem_bytes(
-    block_w: int, block_m: int, stages: int, cp_async: bool, wgmma: bool = False
+    block_w: int,
+    block_m: int,
+    stages: int,
+    cp_async: bool,
+    wgmma: bool = False,
+    overlap: bool = False,
 ) -> int:
     """Dynamic shared memory of one CTA of the swap-AB GEMMs (their `_allocate_smem`).
 
@@ -145,11 +157,12 @@ def swap_ab_smem_bytes(
     stage (`36 * block_w` bytes each), and a fixed 768 bytes. The weights never pass
     through shared memory with register prefetch: they are decoded in registers.
     With `wgmma` the token tiles (a cp.async ring of `stages + 1`) are unpadded
-    (swizzled) and aligned to `WGMMA_SMEM_ALIGN` bytes (counted in full as padding).
+    (swizzled) and aligned to `WGMMA_SMEM_ALIGN` bytes (counted in full as padding);
+    with `overlap` the ring has `stages + 2` steps.
     """
     if wgmma:
         return (
-            2 * _BLOCK_K * (stages + 1) * block_m
+            2 * _BLOCK_K * (stages + (2 if overlap else 1)) * block_m
             + WGMMA_SMEM_ALIGN
             + 4 * (block_w + 4) * block_m
             + 6 * 128
@@ -172,9 +185,10 @@ class _SwapAbTactic(Tactic):
     cp_async: bool
     split_k: int = 1
     wgmma: bool = False
+    overlap: bool = False
 
-    # Tables written before the wgmma variants existed have no `wgmma` param.
-    optional_params: ClassVar[tuple[str, ...]] = ("wgmma",)
+    # Tables written before these fields existed have no such params.
+    optional_params: ClassVar[tuple[str, ...]] = ("wgmma", "overlap")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -183,6 +197,11 @@ class _SwapAbTactic(Tactic):
             raise ValueError(
                 f"{name}: wgmma=1 needs the register path (cp_async=0) and 4 x 1 warps; got "
                 f"cp_async={int(self.cp_async)}, warps=({self.warps_m}, {self.warps_n})"
+            )
+        if self.overlap and (not self.wgmma or self.split_k != 1):
+            raise ValueError(
+                f"{name}: overlap=1 needs wgmma=1 and split_k=1; got wgmma={int(self.wgmma)}, "
+                f"split_k={self.split_k}"
             )
         if self.split_k not in _SPLIT_K:
             raise ValueError(f"{name}.split_k={self.split_k}; expected one of {_SPLIT_K}")
@@ -237,7 +256,7 @@ class _SwapAbTactic(Tactic):
     def smem_bytes(self) -> int:
         """Dynamic shared memory of one CTA."""
         return swap_ab_smem_bytes(
-            self.block_w, self.block_m, self.stages, self.cp_async, self.wgmma
+            self.block_w, self.block_m, self.stages, self.cp_async, self.wgmma, self.overlap
         )
 
 
@@ -306,6 +325,10 @@ _WGMMA_VARIANTS = (
     (128, 64, 1, (1,)),
     (128, 128, 1, (1,)),
 )
+# Warpgroup-MMA variants that overlap a K step's decode with the previous step's MMAs
+# (`overlap`), (block_m, block_w, stages): the one-stage prefill tiles. Not in the
+# default search: not measured on a GPU yet.
+_OVERLAP_VARIANTS = ((32, 128, 1), (64, 128, 1), (128, 64, 1))
 # Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
 # and the CTAs per SM it aims to keep resident.
 _PLANNED_SMS = 132
@@ -315,7 +338,7 @@ _MIN_K_STEPS_PER_SPLIT = 4
 
 
 def _variants(cls):
-    specs = []  # (block_m, block_w, warps_m, warps_n, stages, split_k, wgmma)
+    specs = []  # (block_m, block_w, warps_m, warps_n, stages, split_k, wgmma[, overlap])
     for bm, wm, wn in _REGIMES:
         for bw in (128, 64):
             for st in (1, 2, 4):
@@ -332,8 +355,9 @@ def _variants(cls):
         specs.extend((bm, bw, 4, 1, st, split, False) for split in splits)
     for bm, bw, st, splits in _WGMMA_VARIANTS:
         specs.extend((bm, bw, 4, 1, st, split, True) for split in splits)
+    specs.extend((bm, bw, 4, 1, st, 1, True, True) for bm, bw, st in _OVERLAP_VARIANTS)
     out = []
-    for bm, bw, wm, wn, st, split, wgmma in specs:
+    for bm, bw, wm, wn, st, split, wgmma, *overlap in specs:
         try:
             out.append(
                 cls(
@@ -345,6 +369,7 @@ def _variants(cls):
                     cp_async=False,
                     split_k=split,
                     wgmma=wgmma,
+                    overlap=bool(overlap),
                 )
             )
         except ValueError:
@@ -357,7 +382,8 @@ def searched_by_default(tactic: _SwapAbTactic) -> bool:
     """Whether the tuner times `tactic` in its default search (all exported variants
     stay usable, and `python -m jax_moe.tune --all_variants` times them all).
 
-    Searched: every wgmma variant, and the `mma.sync` ones with 16-row tiles or a K
+    Searched: every wgmma variant but the `overlap` ones (not yet run on a GPU), and
+    the `mma.sync` ones with 16-row tiles or a K
     split (the decode tactics, where `mma.sync` is still the faster family). Left out:
     the `2 x 2` warp grids and the unsplit `mma.sync` tiles of 32 rows or more. In the
     `mma.sync` tables' tunes (H100 and H200; DeepSeek-V3 EP=1/8/16 and Qwen3-30B-A3B; 210
@@ -370,7 +396,7 @@ def searched_by_default(tactic: _SwapAbTactic) -> bool:
     (`--evaluate`) still times every variant, so a loss from leaving them out shows as
     regret.
     """
-    if tactic.warps_n != 1:
+    if tactic.warps_n != 1 or tactic.overlap:
         return False
     return tactic.wgmma or tactic.block_m == 16 or tactic.split_k > 1
 

@@ -213,6 +213,10 @@ class SwapAbNvfp4GemmSm90:
         token rows are copied by cp.async into a 128-byte-swizzled ring (the wgmma
         K-major layout) of `stages + 1` steps and read by the MMA itself: no register
         ring of token rows and no `ldmatrix` (`mainloop_wgmma`).
+      overlap: with `wgmma`, overlap each K step's decode with the previous step's
+        MMAs: one commit group per 16 columns, each slice's A registers rewritten
+        once the previous step's MMAs of that slice are done (`wgmma.wait_group 3`),
+        and a token ring of `stages + 2` steps (`mma_k_step`).
 
     Subclasses define a `@cute.kernel` method `kernel(*args, tiled_mma)`, launched by
     `launch_kernel`; it sets up each token chunk's source row (`b_rows`), calls
@@ -231,11 +235,15 @@ class SwapAbNvfp4GemmSm90:
         split_k: int = 1,
         pdl: bool = False,
         wgmma: bool = False,
+        overlap: bool = False,
     ):
-        if not isinstance(pdl, bool):
-            raise TypeError(f"pdl={pdl!r}; expected a bool")
-        if not isinstance(wgmma, bool):
-            raise TypeError(f"wgmma={wgmma!r}; expected a bool")
+        for name, flag in (("pdl", pdl), ("wgmma", wgmma), ("overlap", overlap)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}={flag!r}; expected a bool")
+        if overlap and (not wgmma or split_k != 1):
+            raise ValueError(
+                f"overlap needs wgmma and split_k=1; got wgmma={wgmma}, split_k={split_k}"
+            )
         if wgmma and (cp_async or (warps_m, warps_n) != (4, 1)):
             raise ValueError(
                 "wgmma needs the register path (cp_async=False) and 4 x 1 warps (one "
@@ -260,6 +268,7 @@ class SwapAbNvfp4GemmSm90:
         self.cp_async = cp_async
         self.pdl = pdl
         self.wgmma = wgmma
+        self.overlap = overlap
         self.split_k = split_k
         self.block_w = block_w
         self.block_m = block_m
@@ -273,8 +282,9 @@ class SwapAbNvfp4GemmSm90:
         # prefetch (one barrier per K step), the ring depth with cp.async.
         self.b_stages = stages if cp_async else 2
         if wgmma:
-            # Token rows: a cp.async ring one step deeper than the weights' lookahead.
-            self.b_stages = stages + 1
+            # Token rows: a cp.async ring one step deeper than the weights' lookahead
+            # (two with `overlap`: the previous step's MMAs may still read its stage).
+            self.b_stages = stages + (2 if overlap else 1)
         # Token work units: 16-byte chunks (8 bf16) of a token row's 64-wide K step.
         self.b_chunks = max(1, block_m * (BLOCK_K // 8) // NUM_THREADS)
         if block_m * (BLOCK_K // 8) % NUM_THREADS:
@@ -284,7 +294,7 @@ class SwapAbNvfp4GemmSm90:
     def smem_bytes(self) -> int:
         """Dynamic shared memory of one CTA (`_allocate_smem`)."""
         return swap_ab_smem_bytes(
-            self.block_w, self.block_m, self.stages, self.cp_async, self.wgmma
+            self.block_w, self.block_m, self.stages, self.cp_async, self.wgmma, self.overlap
         )
 
     def _allocate_smem(self, smem):
@@ -415,7 +425,28 @@ class SwapAbNvfp4GemmSm90:
         then issues four warpgroup MMAs per 64-row tile reading stage `stage` of `s_b`
         as one commit group. (Two A buffers, decoding one step while the other's MMAs
         run, make ptxas serialize the MMAs: its C7513 warning.)
+
+        With `overlap` (the caller has not waited): per 16 columns, wait until at most
+        3 commit groups are pending, so the previous step's MMAs of these columns (4
+        groups back) are done and their A registers free, decode them, then issue
+        this slice's MMAs as its own commit group; the decode of a slice runs while
+        the previous step's later slices and this step's earlier ones multiply.
         """
+        if cutlass.const_expr(self.overlap):
+            t_ra = frags.t_ra
+            for kb in cutlass.range_constexpr(BLOCK_K // 16):
+                warpgroup.wait_group(BLOCK_K // 16 - 1)
+                self.decode_a(r_codes, r_scales, t_ra, kb)
+                warpgroup.fence()
+                cute.gemm(
+                    tiled_mma,
+                    frags.acc,
+                    t_ra[None, None, kb],
+                    frags.t_rb[None, None, kb, stage],
+                    frags.acc,
+                )
+                warpgroup.commit_group()
+            return
         if cutlass.const_expr(self.wgmma):
             t_ra = frags.t_ra
             for kb in cutlass.range_constexpr(BLOCK_K // 16):
@@ -753,21 +784,24 @@ class SwapAbNvfp4GemmSm90:
 
         Weights: the register ring of `mainloop_registers` (`stages` K steps ahead).
         Token rows: cp.async into the swizzled ring `s_b` of `b_stages = stages + 1`
-        steps, `stages` steps ahead; chunks with `b_rows[c] < 0` are zero in every
+        steps (`stages + 2` with `overlap`), `stages` steps ahead; chunks with
+        `b_rows[c] < 0` are zero in every
         stage and never copied. Per K step: wait for the previous step's MMAs (they
         read the A registers about to be rewritten and the token stage about to be
         refilled) and for this step's token copies, make those visible to the MMAs'
         async proxy, one barrier, issue the copies into the stage just freed and the
         weight loads, decode, then four warpgroup MMAs per 64-row tile. (Waiting for
         the MMAs later, after the loads, costs 26-30 more registers per thread in the
-        64 x 128 tile, and 3 instead of 4 CTAs per SM.) Split-K and
-        `wait_before_tokens` behave as in `mainloop_registers`.
+        64 x 128 tile, and 3 instead of 4 CTAs per SM.) With `overlap` the step does
+        not wait for the previous step's MMAs: `mma_k_step` waits per 16 columns, and
+        the stage refilled is the one read two steps back, whose MMAs are done. Split-K
+        and `wait_before_tokens` behave as in `mainloop_registers`.
         """
         k_begin, k_end = self.k_range(m_packed)
         last = k_end - 1
         depth = self.stages
         ring = self.b_stages
-        ahead_tokens = ring - 1
+        ahead_tokens = ring - (2 if self.overlap else 1)
         r_codes, r_scales, cur_codes, cur_scales = self.weight_ring()
 
         frags = self._fragments(tiled_mma, tidx, s_b, s_c)
@@ -805,7 +839,8 @@ class SwapAbNvfp4GemmSm90:
                 k_step = k_group + d
                 if k_step < k_end:
                     i = k_step - k_begin
-                    warpgroup.wait_group(0)
+                    if cutlass.const_expr(not self.overlap):
+                        warpgroup.wait_group(0)
                     cute.arch.cp_async_wait_group(ahead_tokens - 1)
                     # cp.async writes are generic-proxy writes; the MMAs read through
                     # the async proxy.
