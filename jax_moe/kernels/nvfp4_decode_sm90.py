@@ -408,6 +408,18 @@ class SwapAbNvfp4GemmSm90:
                 dst[p] = mul_bf16x2(decode_word_pair(word, p), row_scales[p % 2])
 
     @cute.jit
+    def wgmma_slice(self, tiled_mma: cute.TiledMma, frags: _Fragments, kb: int, stage: Any):
+        """Issues the warpgroup MMAs of columns `16 kb .. 16 kb + 15` of a K step: the
+        decoded A registers of slice `kb` times stage `stage` of the token ring."""
+        cute.gemm(
+            tiled_mma,
+            frags.acc,
+            frags.t_ra[None, None, kb],
+            frags.t_rb[None, None, kb, stage],
+            frags.acc,
+        )
+
+    @cute.jit
     def mma_k_step(
         self,
         tiled_mma: cute.TiledMma,
@@ -438,13 +450,7 @@ class SwapAbNvfp4GemmSm90:
                 warpgroup.wait_group(BLOCK_K // 16 - 1)
                 self.decode_a(r_codes, r_scales, t_ra, kb)
                 warpgroup.fence()
-                cute.gemm(
-                    tiled_mma,
-                    frags.acc,
-                    t_ra[None, None, kb],
-                    frags.t_rb[None, None, kb, stage],
-                    frags.acc,
-                )
+                self.wgmma_slice(tiled_mma, frags, kb, stage)
                 warpgroup.commit_group()
             return
         if cutlass.const_expr(self.wgmma):
@@ -453,13 +459,7 @@ class SwapAbNvfp4GemmSm90:
                 self.decode_a(r_codes, r_scales, t_ra, kb)
             warpgroup.fence()
             for kb in cutlass.range_constexpr(BLOCK_K // 16):
-                cute.gemm(
-                    tiled_mma,
-                    frags.acc,
-                    t_ra[None, None, kb],
-                    frags.t_rb[None, None, kb, stage],
-                    frags.acc,
-                )
+                self.wgmma_slice(tiled_mma, frags, kb, stage)
             warpgroup.commit_group()
             return
         for kb in cutlass.range_constexpr(BLOCK_K // 16):
