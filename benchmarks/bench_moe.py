@@ -18,7 +18,7 @@ shipped for the device. ``--breakdown`` (profiler timer) prints, for ``fused_moe
 the device time per layer of each kernel it ran (routing metadata ops, GEMM1, GEMM2,
 combine, copies) and the tactics it picked.
 
-Timing: a jitted ``lax.scan`` runs the layer ``--reps`` times back to back on
+Timing: a jitted loop (``lax.fori_loop``) runs the layer ``--reps`` times back to back on
 ``--reps`` different inputs (so nothing is hoisted out of the loop), unrolled into
 straight-line code unless ``--nounroll`` (no device loop to dispatch); each layer's
 input index depends on the previous layer's result, so the layers run one after

@@ -21,10 +21,12 @@ whole tool without flags and `run_cli(argv, profiler=...)` parses `argv` first
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from absl import app, flags
@@ -214,7 +216,8 @@ _ALL_VARIANTS = flags.DEFINE_bool(
     False,
     "Time every exported variant, not only those of the default search (which leaves out "
     "the 2 x 2 warp grids, the unsplit mma.sync tiles of 32 rows or more and the wgmma "
-    "overlap variants, not yet run on a GPU; an evaluation always times every variant).",
+    "overlap variants, not yet run on a GPU; an evaluation times every variant but these "
+    "last ones, and them too with this flag).",
     flag_values=FLAGS,
 )
 
@@ -379,6 +382,7 @@ def config_from_flags() -> TuneConfig:
                 tie_tolerance=_TIE_TOLERANCE.value,
                 screen=_SCREEN.value,
                 all_variants=_ALL_VARIANTS.value,
+                untested=_ALL_VARIANTS.value,
             ),
         )
     except (TypeError, ValueError) as error:
@@ -448,10 +452,11 @@ def _write_timings(
     results: Sequence[CellResult],
     stream: TextIO | None = None,
 ) -> None:
-    """Writes `--timings_out` (if given): the device and every timing of `results`.
+    """Writes `--timings_out` (if given): the device, the run (`_run_of`) and every
+    timing of `results`.
 
-    The file is replaced atomically (written beside it, then renamed), so a run
-    stopped while writing leaves the previous complete file.
+    The file is replaced atomically (a temporary file beside it, synced, then
+    renamed), so a run stopped while writing leaves the previous complete file.
     """
     if config.timings_out is None:
         return
@@ -464,21 +469,47 @@ def _write_timings(
         "rows": rows,
     }
     path = os.path.abspath(config.timings_out)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(partial, path)
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise
     if stream is not None:
         stream.write(f"wrote {len(rows)} timings to {config.timings_out}\n")
 
 
+def _digest(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:16]
+
+
 def _run_of(config: TuneConfig) -> dict[str, Any]:
-    """What a timings file's rows depend on besides their cells: tuning or the
-    evaluation of which table, and the timing settings (`--resume` checks them)."""
+    """What a timings file's rows depend on besides their cells, which `--resume`
+    checks: tuning (with which profile) or the evaluation of which table (its
+    content), the search settings that pick the candidates, the timing settings, and
+    the exported kernel variants."""
+    from jax_moe.tuning.profiler import OPS
+    from jax_moe.tuning.tuner import exported_variants
+
+    table = None
+    if config.evaluate is not None:
+        with open(config.evaluate, "rb") as f:
+            table = _digest(f.read())
+    search = dataclasses.asdict(config.search)
+    del search["tie_tolerance"]  # the choice only, not the timings
     return {
-        "evaluate": None if config.evaluate is None else os.path.abspath(config.evaluate),
+        "evaluate": table,
+        "distribution": None if config.evaluate is not None else config.distribution,
+        "search": search,
         "timing": dataclasses.asdict(config.timing),
+        "variants": _digest("\n".join(str(t) for op in OPS for t in exported_variants(op))),
     }
 
 
@@ -517,21 +548,26 @@ def _saved_results(
     return saved
 
 
-def _timings_saver(
-    config: TuneConfig, profiler: Profiler, saved: Mapping[tuple[Any, ...], CellResult]
-) -> Callable[[CellResult], None] | None:
-    """With `--timings_out`: a callback that saves the timings of every cell measured so
-    far (and of the `saved` cells read back for `--resume`) after each cell, so an
-    interrupted tuning or evaluation keeps them (for `--analyze` or `--resume`)."""
-    if config.timings_out is None:
-        return None
-    done: dict[tuple[Any, ...], CellResult] = dict(saved)
+class _TimingsFile:
+    """`--timings_out` kept current: every cell measured so far (and the `saved` cells
+    read back for `--resume`) is written after each cell, so an interrupted tuning or
+    evaluation keeps them (for `--analyze` or `--resume`)."""
 
-    def save(result: CellResult) -> None:
-        done[cell_key(result.cell)] = result
-        _write_timings(config, profiler, list(done.values()))
+    def __init__(
+        self,
+        config: TuneConfig,
+        profiler: Profiler,
+        saved: Mapping[tuple[Any, ...], CellResult],
+    ):
+        self.config, self.profiler = config, profiler
+        self.done: dict[tuple[Any, ...], CellResult] = dict(saved)
 
-    return save
+    def add(self, result: CellResult) -> None:
+        self.done[cell_key(result.cell)] = result
+        self.write()
+
+    def write(self, stream: TextIO | None = None) -> None:
+        _write_timings(self.config, self.profiler, list(self.done.values()), stream)
 
 
 def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
@@ -578,11 +614,13 @@ def _evaluate(config: TuneConfig, profiler: Profiler, stream: TextIO) -> TuneOut
     if config.evaluate_seed is not None:
         stream.write(f"regret routings and inputs drawn with seed {config.evaluate_seed}\n")
     saved = _saved_results(config, profiler, stream)
+    timings = _TimingsFile(config, profiler, saved) if config.timings_out else None
     report = evaluate_table(
-        profiler, table, evaluation, stream, _timings_saver(config, profiler, saved), saved
+        profiler, table, evaluation, stream, timings.add if timings else None, saved
     )
     stream.write(format_report(report, others=tuple(name for name, _ in others)) + "\n")
-    _write_timings(config, profiler, report.results, stream)
+    if timings is not None:
+        timings.write(stream)
     return TuneOutcome(table=table, report=report)
 
 
@@ -629,8 +667,9 @@ def run(
     )
     stream.flush()
     saved = _saved_results(config, profiler, stream)
+    timings = _TimingsFile(config, profiler, saved) if config.timings_out else None
     results = tuple(
-        tune_cells(profiler, cells, search, stream, _timings_saver(config, profiler, saved), saved)
+        tune_cells(profiler, cells, search, stream, timings.add if timings else None, saved)
     )
     table = build_table(
         results,
@@ -653,7 +692,8 @@ def run(
     stream.write(format_summary(results) + "\n")
     failures = sum(len(r.failures()) for r in results)
     stream.write(f"wrote {len(table)} entries to {config.out}; {failures} tactic failures\n")
-    _write_timings(config, profiler, results, stream)
+    if timings is not None:
+        timings.write(stream)
     if config.plot is not None:
         plot_results(results, config.plot)
         stream.write(f"wrote {config.plot}\n")

@@ -221,6 +221,53 @@ def test_overlap_variant_waits_per_slice(dsl, op, tmp_path):
     assert counts[False][4] <= 128 and counts[True][4] <= 160  # 4 and 3 CTAs per SM
 
 
+def _local_ptxas_isa() -> str | None:
+    """The PTX ISA version of the toolkit's `ptxas` on the PATH (CUDA 13.0 -> 9.0), or
+    None without one."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("ptxas") is None:
+        return None
+    text = subprocess.run(["ptxas", "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+)\.(\d+)", text)
+    return None if match is None else f"{int(match[1]) - 4}.{match[2]}"
+
+
+@requires_dsl
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_overlap_variant_is_not_serialized_by_ptxas(dsl, op, tmp_path):
+    """ptxas keeps the overlap variant's MMAs asynchronous: no C7513 warning (it
+    serializes warpgroup MMAs when it cannot prove their register operands untouched,
+    which would undo the overlap). Run with the toolkit's own ptxas on the DSL's PTX,
+    its ISA version lowered to what that ptxas accepts (the instructions are older)."""
+    import re
+    import subprocess
+
+    isa = _local_ptxas_isa()
+    if isa is None:
+        pytest.skip("no ptxas on the PATH")
+    cute, modules = dsl
+    module = modules[op]
+    for tactic in (t for t in module.variants() if t.overlap):
+        fn, fake_args = module.export_spec(tactic)
+        dump = tmp_path / f"{tactic.block_m}x{tactic.block_w}"
+        dump.mkdir()
+        ptx = cute.compile(fn, *fake_args, options=f"--keep-ptx --dump-dir={dump}").__ptx__
+        source = dump / "kernel.ptx"
+        source.write_text(re.sub(r"^\.version \d+\.\d+", f".version {isa}", ptx, flags=re.M))
+        run = subprocess.run(
+            ["ptxas", "-arch=sm_90a", "-v", str(source), "-o", str(dump / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "C7513" not in run.stderr and "wgmma" not in run.stderr.lower(), run.stderr
+        registers = int(re.search(r"Used (\d+) registers", run.stderr)[1])
+        assert registers <= 160, f"{tactic}: {registers} registers"
+
+
 def test_tactic_check_rejects_unsupported_problems():
     t1 = cfg.default_tactic("moe_gemm1", 4, 8, 32, 7168, 2048, num_experts=256)
     t2 = cfg.default_tactic("moe_gemm2", 4, 8, 32, 7168, 2048, num_experts=256)

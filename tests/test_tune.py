@@ -132,8 +132,12 @@ def _pair_time(op_times):
 def test_candidates_are_the_valid_exported_variants():
     cell = TuneCell(models.get_preset("deepseek_v3"), 8, 128, ARCH)
     for op in (GEMM1_OP, GEMM2_OP):
-        valid, rejected = candidates(op, cell.problem_key(op), all_variants=True)
+        valid, rejected = candidates(op, cell.problem_key(op), all_variants=True, untested=True)
         assert valid == exported_variants(op) and not rejected
+        # Without `untested`, the variants not yet run on a GPU are left out (evaluations).
+        valid, rejected = candidates(op, cell.problem_key(op), all_variants=True)
+        assert [t for t, _ in rejected] == [t for t in exported_variants(op) if t.overlap]
+        assert all("not yet run on a GPU" in why for _, why in rejected)
     odd = models.MoEConfig(name="odd", num_experts=4, top_k=2, hidden=192, intermediate=128)
     key = TuneCell(odd, 1, 4, ARCH).problem_key(GEMM2_OP)
     valid, rejected = candidates(GEMM2_OP, key, all_variants=True)
@@ -737,7 +741,6 @@ def test_an_interrupted_run_keeps_the_timings_of_the_cells_done(tmp_path):
         )
     tuned = results_from_rows(json.loads(out.read_text())["rows"])
     assert [r.cell.num_tokens for r in tuned] == [1, 2, 4]
-    assert not (tmp_path / "timings.json.partial").exists()
     assert not (tmp_path / "tactics.json").exists()  # the table is written at the end only
     _cli(tmp_path, "--ep=2", "--max_tokens=8")
     path = str(tmp_path / "tactics.json")
@@ -800,6 +803,46 @@ def test_resume_measures_only_the_cells_not_saved(tmp_path):
         _cli(tmp_path, *flags, "--reps=7")
     with pytest.raises(app.UsageError, match="--resume needs --timings_out"):
         _cli(tmp_path, "--resume")
+    for other in ("--distribution=balanced", "--all_variants"):
+        with pytest.raises(ValueError, match="not written by this kind of run"):
+            _cli(tmp_path, *flags, other)
+    # A run over fewer cells keeps the others in the file.
+    _cli(tmp_path, "--ep=2", "--max_tokens=2", f"--timings_out={out}", "--resume")
+    assert len(results_from_rows(json.loads(out.read_text())["rows"])) == 4
+
+
+def test_resume_measures_again_the_cells_with_a_failure(tmp_path):
+    out = tmp_path / "timings.json"
+    flags = ("--ep=2", "--max_tokens=4", f"--timings_out={out}", "--resume")
+    first, _, _ = _cli(tmp_path, *flags)
+    failing = str(first.results[1].choice.gemm1.tactic)  # chosen at N=2
+    out.unlink()
+    _cli(tmp_path, *flags, profiler=CostModelProfiler(fail={failing}))
+    failed = {
+        r.cell.num_tokens
+        for r in results_from_rows(json.loads(out.read_text())["rows"])
+        if r.failures()
+    }
+    assert failed  # the failing tactic is valid in some cells
+    resumed, _, profiler = _cli(tmp_path, *flags)
+    assert {cell.num_tokens for cell, _ in profiler.prepared} == failed
+    assert [r.choice for r in resumed.results] == [r.choice for r in first.results]
+
+
+def test_timings_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    out = tmp_path / "timings.json"
+    _cli(tmp_path, "--ep=2", "--max_tokens=2", f"--timings_out={out}")
+    before = out.read_text()
+
+    def broken_dump(data, f, **kwargs):
+        f.write('{"format": "jax_moe.timings", "ro')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tune.json, "dump", broken_dump)
+    with pytest.raises(OSError, match="disk full"):
+        _cli(tmp_path, "--ep=2", "--max_tokens=4", f"--timings_out={out}")
+    assert out.read_text() == before  # and no temporary file left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tactics.json", "timings.json"]
 
 
 def test_analyze_reads_saved_timings_without_a_gpu(tmp_path):

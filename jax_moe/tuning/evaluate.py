@@ -277,6 +277,7 @@ def evaluate_table(
     # Regret needs every exported variant timed fully under one routing: no screening,
     # no secondary routing, no default-search subset here (only the repeated tuning
     # below searches as the original run did, with the table's secondary routings).
+    # Variants not yet run on a GPU only if asked (`search.untested`).
     full = dataclasses.replace(config.search, screen=0.0, secondary=(), all_variants=True)
     for routing in config.routings:
         key = {} if config.key_data is None else {"key_data": tuple(config.key_data)}

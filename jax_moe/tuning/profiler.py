@@ -35,8 +35,8 @@ profiler compiles all of them there, in parallel threads).
   the tactic's `block_m`, random NVFP4 weights of the local experts
   (`models.random_moe_weights` from a key derived from the cell's key, then
   `prepare`); for GEMM2, standard normal bf16 activations `(m_pad, intermediate)`;
-- timing: a jitted `lax.scan` runs R launches back to back over R distinct
-  activation inputs (no launch can be hoisted or merged), unrolled into
+- timing: a jitted loop (`lax.fori_loop`) runs R launches back to back over R
+  distinct activation inputs (no launch can be hoisted or merged), unrolled into
   straight-line code (`TimingConfig.unroll`, the default: XLA runs no device
   loop whose per-iteration dispatch from the host could stretch launches of a
   few microseconds, and may run the launches as one command buffer). Each

@@ -105,12 +105,13 @@ def exported_variants(op: str) -> tuple[Tactic, ...]:
 
 
 def candidates(
-    op: str, problem: ProblemKey, *, all_variants: bool = False
+    op: str, problem: ProblemKey, *, all_variants: bool = False, untested: bool = False
 ) -> tuple[tuple[Tactic, ...], tuple[tuple[Tactic, str], ...]]:
     """`(valid, rejected)`: exported tactics of `op` that pass `check(problem)`, and the
     others with the reason. Without `all_variants` (as in `SearchConfig`), tactics
-    outside the default search (`moe_gemm_config.searched_by_default`) are rejected too."""
-    from jax_moe.kernels.moe_gemm_config import searched_by_default
+    outside the default search (`moe_gemm_config.searched_by_default`) are rejected too,
+    and without `untested` those not yet run on a GPU (`untested_on_gpu`)."""
+    from jax_moe.kernels.moe_gemm_config import searched_by_default, untested_on_gpu
 
     valid, rejected = [], []
     for tactic in exported_variants(op):
@@ -119,7 +120,9 @@ def candidates(
         except (ValueError, NotImplementedError) as error:
             rejected.append((tactic, str(error)))
         else:
-            if all_variants or searched_by_default(tactic):
+            if untested_on_gpu(tactic) and not untested:
+                rejected.append((tactic, "not yet run on a GPU (--all_variants times it)"))
+            elif all_variants or searched_by_default(tactic):
                 valid.append(tactic)
             else:
                 rejected.append((tactic, "not in the default search (--all_variants times it)"))
@@ -165,6 +168,8 @@ class SearchConfig:
       secondary_margin: which candidates are promising (module docstring).
       all_variants: time every exported variant; False (default): only those of the
         default search (`moe_gemm_config.searched_by_default`).
+      untested: also time the variants not yet run on a GPU
+        (`moe_gemm_config.untested_on_gpu`; `--all_variants` sets both).
     """
 
     tie_tolerance: float = 0.005
@@ -172,6 +177,7 @@ class SearchConfig:
     secondary: tuple[str, ...] = ()
     secondary_margin: float = 0.25
     all_variants: bool = False
+    untested: bool = False
 
     def __post_init__(self) -> None:
         tol = self.tie_tolerance
@@ -434,7 +440,7 @@ def measure_cell(
     valid, rejected = {}, {}
     for op in OPS:
         valid[op], rejected[op] = candidates(
-            op, cell.problem_key(op), all_variants=search.all_variants
+            op, cell.problem_key(op), all_variants=search.all_variants, untested=search.untested
         )
     profiler.prepare_cell(cell, valid)
     timings: dict[str, dict[Tactic, Measurement | Failure]] = {}
@@ -569,7 +575,8 @@ def tune_cells(
     `on_result` is called with each cell's result as soon as it is measured (e.g. to
     save the timings so far, so that an interrupted run keeps them). A cell whose
     `cell_key` is in `saved` (results read back with `results_from_rows`) is not
-    measured again: its saved timings are used.
+    measured again: its saved timings are used, unless a tactic failed there (a
+    failure may be transient, or caused by an earlier fault in the same process).
     """
     cells = list(cells)
     progress = Progress(cells, stream)
@@ -577,6 +584,8 @@ def tune_cells(
     saved = saved or {}
     for cell in cells:
         earlier = saved.get(cell_key(cell))
+        if earlier is not None and earlier.failures():
+            earlier = None
         if earlier is not None:
             result = dataclasses.replace(earlier, cell=cell, choice=None)
         else:
