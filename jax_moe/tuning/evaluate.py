@@ -279,14 +279,21 @@ def evaluate_table(
     # below searches as the original run did, with the table's secondary routings).
     # Variants not yet run on a GPU only if asked (`search.untested`).
     full = dataclasses.replace(config.search, screen=0.0, secondary=(), all_variants=True)
-    for routing in config.routings:
-        key = {} if config.key_data is None else {"key_data": tuple(config.key_data)}
-        cells = [dataclasses.replace(cell, routing=routing, **key) for cell, _ in tuned_cells]
-        results = tune_cells(profiler, cells, full, stream, on_result, saved)
-        measured += results
-        for result, (cell, tuned) in zip(results, tuned_cells, strict=True):
+    # Cell by cell, every routing in turn: the routings of a cell share its compiled
+    # programs (equal launch plans), which are dropped when the next cell's shapes differ.
+    key = {} if config.key_data is None else {"key_data": tuple(config.key_data)}
+    routings = config.routings
+    cells = [
+        dataclasses.replace(cell, routing=routing, **key)
+        for cell, _ in tuned_cells
+        for routing in routings
+    ]
+    results = tune_cells(profiler, cells, full, stream, on_result, saved)
+    measured += results
+    for r, _ in enumerate(routings):  # the regrets routing by routing
+        for c, (cell, tuned) in enumerate(tuned_cells):
             others = tuple(_pair_in(table, cell) for _, table in config.others)
-            regrets.append(regret_of(result, tuned, others))
+            regrets.append(regret_of(results[c * len(routings) + r], tuned, others))
     reproducibility = None
     if config.repeat_tuning:
         secondary = () if table.metadata is None else split_profile(table.metadata.distribution)[1]
