@@ -450,6 +450,7 @@ def _write_timings(
     config: TuneConfig,
     profiler: Profiler,
     results: Sequence[CellResult],
+    run: Mapping[str, Any],
     stream: TextIO | None = None,
 ) -> None:
     """Writes `--timings_out` (if given): the device, the run (`_run_of`) and every
@@ -465,7 +466,7 @@ def _write_timings(
         "format": "jax_moe.timings",
         "device_name": profiler.device_name,
         "arch": profiler.arch,
-        "run": _run_of(config),
+        "run": run,
         "rows": rows,
     }
     path = os.path.abspath(config.timings_out)
@@ -560,6 +561,7 @@ class _TimingsFile:
         saved: Mapping[tuple[Any, ...], CellResult],
     ):
         self.config, self.profiler = config, profiler
+        self.run = _run_of(config)  # once: it reads the evaluated table
         self.done: dict[tuple[Any, ...], CellResult] = dict(saved)
 
     def add(self, result: CellResult) -> None:
@@ -567,7 +569,7 @@ class _TimingsFile:
         self.write()
 
     def write(self, stream: TextIO | None = None) -> None:
-        _write_timings(self.config, self.profiler, list(self.done.values()), stream)
+        _write_timings(self.config, self.profiler, list(self.done.values()), self.run, stream)
 
 
 def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
