@@ -29,7 +29,9 @@ from jax_moe.prepare import prepare
 from jax_moe.routing_metadata import routing_metadata
 
 _OPS = flags.DEFINE_list("ops", ["moe_gemm1", "moe_gemm2", "combine"], "Ops to check.")
-_FILTER = flags.DEFINE_string("filter", "", "Only variants whose name contains this text.")
+_FILTER = flags.DEFINE_string(
+    "filter", "", "Only variants whose name contains this text (several joined by '|': any)."
+)
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 37, "Tokens of the problem.")
 
 
@@ -63,7 +65,7 @@ def main(argv):
     for op in _OPS.value:
         tactics = _tactics(op)
         for name in names.get(op, ()):
-            if _FILTER.value not in name:
+            if not any(part in name for part in _FILTER.value.split("|")):
                 continue
             print(f"{op} {name}", flush=True)
             if op == "combine":
