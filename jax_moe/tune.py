@@ -201,7 +201,11 @@ _UNROLL = flags.DEFINE_bool(
 )
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed scans per tactic (median).", flag_values=FLAGS)
 _TIE_TOLERANCE = flags.DEFINE_float(
-    "tie_tolerance", 0.005, "Relative time difference treated as a tie.", flag_values=FLAGS
+    "tie_tolerance",
+    0.0,
+    "Relative time difference treated as a tie (the first in variant order wins); 0: the "
+    "plain minimum.",
+    flag_values=FLAGS,
 )
 _SCREEN = flags.DEFINE_float(
     "screen",
@@ -215,8 +219,8 @@ _ALL_VARIANTS = flags.DEFINE_bool(
     "all_variants",
     False,
     "Time every exported variant, not only those of the default search (which leaves out "
-    "the 2 x 2 warp grids, the unsplit mma.sync tiles of 32 rows or more and the wgmma "
-    "overlap variants, not yet run on a GPU; an evaluation times every variant but these "
+    "the 2 x 2 warp grids, the unsplit mma.sync tiles of 32 rows or more and the "
+    "experimental wgmma overlap variants; an evaluation times every variant but these "
     "last ones, and them too with this flag).",
     flag_values=FLAGS,
 )
@@ -382,7 +386,7 @@ def config_from_flags() -> TuneConfig:
                 tie_tolerance=_TIE_TOLERANCE.value,
                 screen=_SCREEN.value,
                 all_variants=_ALL_VARIANTS.value,
-                untested=_ALL_VARIANTS.value,
+                experimental=_ALL_VARIANTS.value,
             ),
         )
     except (TypeError, ValueError) as error:

@@ -277,7 +277,7 @@ def evaluate_table(
     # Regret needs every exported variant timed fully under one routing: no screening,
     # no secondary routing, no default-search subset here (only the repeated tuning
     # below searches as the original run did, with the table's secondary routings).
-    # Variants not yet run on a GPU only if asked (`search.untested`).
+    # Experimental variants only if asked (`search.experimental`).
     full = dataclasses.replace(config.search, screen=0.0, secondary=(), all_variants=True)
     # Cell by cell, every routing in turn: the routings of a cell share its compiled
     # programs (equal launch plans), which are dropped when the next cell's shapes differ.
