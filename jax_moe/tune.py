@@ -48,6 +48,7 @@ from jax_moe.tuning.tuner import (
     SearchConfig,
     build_table,
     cell_key,
+    choose_robust_pair,
     format_summary,
     make_cells,
     results_from_rows,
@@ -156,6 +157,13 @@ _ANALYZE = flags.DEFINE_string(
     "regret of the default heuristic and of each --evaluate_also table (no GPU needed).",
     flag_values=FLAGS,
 )
+_ANALYZE_OUT = flags.DEFINE_string(
+    "analyze_out",
+    None,
+    "With --analyze on a tuning's timings: choose every cell's pair again with the current "
+    "search settings (--tie_tolerance) and write the tactic file here (--merge merges).",
+    flag_values=FLAGS,
+)
 _TIMINGS_OUT = flags.DEFINE_string(
     "timings_out",
     None,
@@ -249,6 +257,8 @@ class TuneConfig:
       timings_out: JSON file that receives every timing of the run (`timing_rows`).
       resume: read `timings_out` first (if it exists) and reuse the cells it holds.
       analyze: a `timings_out` file to analyze instead of tuning (no GPU needed).
+      analyze_out: with `analyze` on a tuning's timings, the tactic file of the pairs
+        chosen again from them with `search` (merged into it with `merge`).
       plot: PNG written after tuning.
       timing: profiler settings.
       search: choice settings.
@@ -269,6 +279,7 @@ class TuneConfig:
     timings_out: str | None = None
     resume: bool = False
     analyze: str | None = None
+    analyze_out: str | None = None
     plot: str | None = None
     timing: TimingConfig = TimingConfig()
     search: SearchConfig = SearchConfig()
@@ -302,6 +313,8 @@ class TuneConfig:
                 "fused_moe looks up (larger batches use that bucket)"
             )
         key_data_of_seed(self.seed)  # Validates the seed.
+        if self.analyze_out is not None and self.analyze is None:
+            raise ValueError("--analyze_out needs --analyze")
         if self.evaluate is not None and self.analyze is not None:
             raise ValueError("give --evaluate or --analyze, not both")
         if self.evaluate is None and self.analyze is None and self.evaluate_also:
@@ -373,6 +386,7 @@ def config_from_flags() -> TuneConfig:
             timings_out=_TIMINGS_OUT.value,
             resume=_RESUME.value,
             analyze=_ANALYZE.value,
+            analyze_out=_ANALYZE_OUT.value,
             plot=_PLOT.value,
             timing=TimingConfig(
                 reps=_REPS.value,
@@ -588,7 +602,74 @@ def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
     )
     stream.write(f"timings of {device} ({arch}): {len(results)} cells\n")
     stream.write(analyze_timings(results, tables) + "\n")
-    return TuneOutcome(results=tuple(results))
+    if config.analyze_out is None:
+        return TuneOutcome(results=tuple(results))
+    results = _choose_again(results, config.search)
+    table = build_table(
+        results,
+        device_name=device,
+        arch=arch,
+        distribution=_profile_of(results, config.analyze),
+        key_data=results[0].cell.key_data,
+    )
+    _save_table(config, table, config.analyze_out, stream)
+    stream.write(format_summary(results) + "\n")
+    stream.write(
+        f"wrote {len(table)} entries to {config.analyze_out} (pairs chosen again from "
+        f"{config.analyze}, tie_tolerance {config.search.tie_tolerance:g})\n"
+    )
+    return TuneOutcome(table=table, results=tuple(results))
+
+
+def _save_table(config: TuneConfig, table: TacticTable, path: str, stream: TextIO) -> TacticTable:
+    """Writes `table` to `path` (merged into the file there with `config.merge`); returns
+    what was written."""
+    if config.merge and os.path.exists(path):
+        meta = table.metadata
+        existing = TacticTable.load(path, expect_device=meta.device_name, expect_arch=meta.arch)
+        try:
+            table = existing.merge(table, on_conflict="replace")
+        except ValueError as error:
+            raise ValueError(f"cannot --merge into {path}: {error}") from error
+        stream.write(f"merged into {path} ({len(existing)} entries before)\n")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    table.save(path)
+    return table
+
+
+def _choose_again(results: Sequence[CellResult], search: SearchConfig) -> list[CellResult]:
+    """`results` with their pairs chosen by `search` (as `tune_cells` does)."""
+    return [
+        result
+        if result.skipped
+        else dataclasses.replace(
+            result, choice=choose_robust_pair(result.timings, result.secondary, search)
+        )
+        for result in results
+    ]
+
+
+def _profile_of(results: Sequence[CellResult], path: str) -> str:
+    """The profile (`balanced+spread`) under which every cell of `results` was tuned;
+    ValueError for an evaluation's timings or a mix of profiles or keys."""
+    if not results:
+        raise ValueError(f"--analyze_out: {path} holds no cells")
+    profiles = {
+        (join_profile(r.cell.routing, tuple(r.secondary)), r.cell.key_data) for r in results
+    }
+    if len(profiles) != 1:
+        raise ValueError(
+            f"--analyze_out: the cells of {path} were tuned under different profiles or "
+            f"keys ({sorted(profiles)}); a tactic file has one"
+        )
+    ((profile, _),) = profiles
+    try:
+        split_profile(profile)
+    except ValueError as error:
+        raise ValueError(
+            f"--analyze_out: {path} is not a tuning's timings (routing {profile!r}: {error})"
+        ) from None
+    return profile
 
 
 def _default_profiler(config: TuneConfig) -> Profiler:
@@ -684,17 +765,7 @@ def run(
         distribution=config.distribution,
         key_data=key_data,
     )
-    if config.merge and os.path.exists(config.out):
-        existing = TacticTable.load(
-            config.out, expect_device=profiler.device_name, expect_arch=profiler.arch
-        )
-        try:
-            table = existing.merge(table, on_conflict="replace")
-        except ValueError as error:
-            raise ValueError(f"cannot --merge into {config.out}: {error}") from error
-        stream.write(f"merged into {config.out} ({len(existing)} entries before)\n")
-    os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
-    table.save(config.out)
+    table = _save_table(config, table, config.out, stream)
     stream.write(format_summary(results) + "\n")
     failures = sum(len(r.failures()) for r in results)
     stream.write(f"wrote {len(table)} entries to {config.out}; {failures} tactic failures\n")

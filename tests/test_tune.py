@@ -877,6 +877,47 @@ def test_analyze_reads_saved_timings_without_a_gpu(tmp_path):
         _cli(tmp_path, f"--analyze={out}", f"--evaluate={path}")
 
 
+def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
+    timings = tmp_path / "timings.json"
+    tuned, _, _ = _cli(tmp_path, "--ep=2", "--max_tokens=8", f"--timings_out={timings}")
+    again = tmp_path / "again.json"
+    # The same search settings on the saved timings give the tuned table, without a GPU.
+    outcome = tune.run_cli(
+        ["jax_moe.tune", f"--analyze={timings}", f"--analyze_out={again}"], stream=io.StringIO()
+    )
+    table = TacticTable.load(again)
+    assert table.metadata.distribution == tuned.table.metadata.distribution == "balanced+spread"
+    assert table.metadata.profile_key == tuned.table.metadata.profile_key
+    assert dict(table.entries) == dict(tuned.table.entries)
+    # A wide tie tolerance changes choices; each stays within the tolerance's bound.
+    wide = tmp_path / "wide.json"
+    outcome = tune.run_cli(
+        ["jax_moe.tune", f"--analyze={timings}", f"--analyze_out={wide}", "--tie_tolerance=0.3"],
+        stream=io.StringIO(),
+    )
+    chosen = TacticTable.load(wide)
+    changed = [k for k in chosen if chosen.lookup(k) != tuned.table.lookup(k)]
+    assert changed
+    for result in outcome.results:
+        assert result.choice is not None
+        assert result.choice.gemm1.tactic == chosen.lookup(result.cell.problem_key(GEMM1_OP))
+    # An evaluation's timings are not a tuning's; --analyze_out needs --analyze.
+    evaluated = tmp_path / "eval_timings.json"
+    _cli(
+        tmp_path,
+        f"--evaluate={tmp_path / 'tactics.json'}",
+        "--noevaluate_repeat",
+        f"--timings_out={evaluated}",
+    )
+    with pytest.raises(ValueError, match="not a tuning's timings|different profiles"):
+        tune.run_cli(
+            ["jax_moe.tune", f"--analyze={evaluated}", f"--analyze_out={again}"],
+            stream=io.StringIO(),
+        )
+    with pytest.raises(app.UsageError, match="needs --analyze"):
+        _cli(tmp_path, f"--analyze_out={again}")
+
+
 def test_evaluate_also_compares_tables_on_the_same_timings(tmp_path):
     _cli(tmp_path, "--ep=2", "--max_tokens=4")
     path = str(tmp_path / "tactics.json")
