@@ -94,7 +94,7 @@ _MAX_TOKENS = flags.DEFINE_integer(
 _DISTRIBUTION = flags.DEFINE_string(
     "distribution",
     "balanced+spread",
-    "Profiling routing: balanced, spread, uniform or zipf:S; several joined by '+' "
+    "Profiling routing: balanced, spread, busy, uniform or zipf:S; several joined by '+' "
     "(balanced+spread) choose the pair with the smallest worst-case slowdown over them "
     "(the first is the primary routing; see docs/TUNING.md).",
     flag_values=FLAGS,

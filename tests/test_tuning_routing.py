@@ -15,6 +15,7 @@ from jax_moe.tuning import (
     RoutingDistribution,
     balanced_expert_loads,
     balanced_routing,
+    busy_expert_loads,
     profile_inputs,
     profile_routing,
     spread_expert_loads,
@@ -222,7 +223,7 @@ def _float_ops(jaxpr) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("distribution", ["balanced", "spread", "uniform", "zipf:1.2"])
+@pytest.mark.parametrize("distribution", ["balanced", "spread", "busy", "uniform", "zipf:1.2"])
 def test_routing_uses_integer_ops_only(distribution):
     # No floating-point op decides an assignment, so CPU and GPU agree bit for bit.
     fn = lambda key: profile_routing(  # noqa: E731
@@ -299,10 +300,10 @@ def test_zipf_is_skewed_and_uniform_is_not():
 
 
 def test_distribution_parse_and_str():
-    for text in ["balanced", "spread", "uniform", "zipf:1", "zipf:1.2", "zipf:0"]:
+    for text in ["balanced", "spread", "busy", "uniform", "zipf:1", "zipf:1.2", "zipf:0"]:
         assert str(RoutingDistribution.parse(text)) == text
     assert RoutingDistribution.parse("zipf") == RoutingDistribution("zipf", 1.0)
-    for bad in ["gaussian", "uniform:2", "spread:1", "zipf:x", "zipf:-1", ""]:
+    for bad in ["gaussian", "uniform:2", "spread:1", "busy:1", "zipf:x", "zipf:-1", ""]:
         with pytest.raises(ValueError):
             RoutingDistribution.parse(bad)
     with pytest.raises(ValueError, match="only meaningful"):
@@ -347,27 +348,37 @@ def _binomial_cdf(n, p, i):
     return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(i + 1))
 
 
+@pytest.mark.parametrize("kind", ["spread", "busy"])
 @_SETTINGS
-@hypothesis.given(_balanced_cases())
-def test_spread_plan_and_routing_invariants(case):
+@hypothesis.given(case=_balanced_cases())
+def test_quantile_plans_and_routing_invariants(kind, case):
     num_tokens, num_experts, top_k, num_local, offset, seed = case
-    plan = spread_expert_loads(num_tokens, num_experts, top_k, num_local)
+    plan_of = spread_expert_loads if kind == "spread" else busy_expert_loads
+    if kind == "busy":  # Feasible exactly where the balanced plan is (the same total).
+        try:
+            balanced_expert_loads(num_tokens, num_experts, top_k, num_local)
+        except ValueError:
+            with pytest.raises(ValueError, match="infeasible busy plan"):
+                plan_of(num_tokens, num_experts, top_k, num_local)
+            return
+    plan = plan_of(num_tokens, num_experts, top_k, num_local)
     ep = num_experts // num_local
     total = num_tokens * top_k
-    want = total if ep == 1 else min(total, math.ceil(total / ep))
+    if kind == "spread":
+        want = total if ep == 1 else min(total, math.ceil(total / ep))
+    else:  # The busiest rank's load, the balanced plan's total.
+        want = int(balanced_expert_loads(num_tokens, num_experts, top_k, num_local).sum())
     assert plan.dtype == np.int32 and plan.shape == (num_local,)
     assert int(plan.sum()) == want and plan.min() >= 0 and plan.max() <= num_tokens
     assert np.all(np.diff(plan) >= 0)
-    np.testing.assert_array_equal(
-        plan, spread_expert_loads(num_tokens, num_experts, top_k, num_local)
-    )
+    np.testing.assert_array_equal(plan, plan_of(num_tokens, num_experts, top_k, num_local))
     ids = np.asarray(
         profile_routing(
             jax.random.key(seed),
             num_tokens,
             num_experts,
             top_k,
-            distribution="spread",
+            distribution=kind,
             num_local_experts=num_local,
             local_expert_offset=offset,
         )
@@ -394,6 +405,24 @@ def test_spread_plan_follows_the_binomial_quantiles():
     assert np.abs(plan - np.array(quantiles)).sum() <= abs(20 - sum(quantiles)) + 0
     # No expert parallelism: every slot is local.
     assert spread_expert_loads(64, 128, 8, 128).sum() == 512
+
+
+def test_busy_plan_spreads_the_busiest_load_unevenly():
+    # DeepSeek-V3 EP=8, N=32: the balanced plan puts 41 slots on all 32 experts, the
+    # spread plan 32 on 20; the busy plan 41 on 23 (Binomial(32, 41/1024) quantiles).
+    plan = busy_expert_loads(32, 256, 8, 32)
+    assert plan.sum() == balanced_expert_loads(32, 256, 8, 32).sum() == 41
+    assert (plan > 0).sum() == 23 and (spread_expert_loads(32, 256, 8, 32) > 0).sum() == 20
+    n, p = 32, 41 / (32 * 32)
+    quantiles = [
+        next(i for i in range(n + 1) if _binomial_cdf(n, p, i) >= (j + 0.5) / 32 - 1e-12)
+        for j in range(32)
+    ]
+    assert np.abs(plan - np.array(quantiles)).sum() == abs(41 - sum(quantiles))
+    # Without expert parallelism the busiest rank is the only one: the spread plan.
+    np.testing.assert_array_equal(
+        busy_expert_loads(64, 128, 8, 128), spread_expert_loads(64, 128, 8, 128)
+    )
 
 
 def test_profiles_split_and_join():

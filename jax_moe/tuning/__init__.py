@@ -1,6 +1,6 @@
 """Tuning core: profiling inputs, problem keys, tactic tables and lookup.
 
-- `balanced_routing`, `balanced_expert_loads`, `spread_expert_loads`,
+- `balanced_routing`, `balanced_expert_loads`, `spread_expert_loads`, `busy_expert_loads`,
   `profile_routing`, `profile_inputs`, `RoutingDistribution`: deterministic
   profiling inputs from `jax.random` keys (routing_generator.py).
 - `ProblemKey`, `token_bucket`, `token_buckets`: what a tactic is tuned for
@@ -20,6 +20,7 @@ from jax_moe.tuning.routing_generator import (
     RoutingDistribution,
     balanced_expert_loads,
     balanced_routing,
+    busy_expert_loads,
     profile_inputs,
     profile_routing,
     spread_expert_loads,
@@ -54,6 +55,7 @@ __all__ = [
     "profile_routing",
     "shipped_table",
     "spread_expert_loads",
+    "busy_expert_loads",
     "token_bucket",
     "token_buckets",
 ]

@@ -7,9 +7,9 @@ routing the inputs are drawn under and the raw data of the `jax.random` key
 they are drawn from. Its inputs (`cell_inputs`) come from the tuning core's
 seeded generators, so a cell names its inputs exactly:
 
-- `balanced`, `spread`, `uniform`, `zipf:S`: `jax_moe.tuning.profile_inputs`
-  (the balanced generator by default; `spread` is the same generator with a
-  typical rank's uneven loads; see docs/TUNING.md);
+- `balanced`, `spread`, `busy`, `uniform`, `zipf:S`: `jax_moe.tuning.profile_inputs`
+  (the balanced generator by default; `spread` and `busy` are the same generator
+  with a typical and the busiest rank's uneven loads; see docs/TUNING.md);
 - `softmax`: realistic routing, the top-k of a softmax of standard normal
   logits (`jax_moe.routing.topk_softmax`);
 - `skewed`: the same with a per-expert bias `-0.15 * log(1 + rank)` over a
@@ -167,7 +167,7 @@ def _check_routing(routing: str) -> str:
         return str(RoutingDistribution.parse(routing))
     except (TypeError, ValueError):
         raise ValueError(
-            f"routing={routing!r}; expected 'balanced', 'spread', 'uniform', 'zipf:S', "
+            f"routing={routing!r}; expected 'balanced', 'spread', 'busy', 'uniform', 'zipf:S', "
             f"{' or '.join(repr(r) for r in REALISTIC_ROUTINGS)}, optionally with "
             f"{BUSIEST_RANK!r}"
         ) from None

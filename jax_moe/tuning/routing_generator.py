@@ -74,10 +74,29 @@ spread plan is that rank's loads made deterministic:
 satisfy `plan[j] <= N` and `T >= avg`, so the generator above builds a routing
 from it with the same guarantees (step 4's argument needs only `T >= avg`).
 
+The busy plan (`busy_expert_loads`)
+-----------------------------------
+The balanced plan gives the busiest rank's slots to every local expert evenly, so at
+small N it activates all of them, more than a real busy rank does; the spread plan
+activates as many experts as a typical rank. Kernels whose grid grows with the
+active experts (one column of CTAs per active expert) can be fastest under both and
+still lose a wave under a batch in between. The busy plan is the busiest rank's total
+with a router's unevenness: the spread plan's quantile rule with the balanced plan's
+total and the per-expert probability scaled to it,
+
+    T       = the balanced plan's total (the busiest rank's load)
+    q[j]    = the ((j + 1/2) / L)-quantile of Binomial(N, min(1, T / (N*L)))
+    plan    = q adjusted to sum to T as in the spread plan
+
+(at DeepSeek-V3 EP=8, N=32: 41 slots on 23 of the 32 experts, where the balanced plan
+uses all 32 and the spread plan 32 slots on 20).
+
 Other distributions (`profile_routing`)
 ---------------------------------------
 `RoutingDistribution` selects one of:
 - `balanced` (default): the generator above with the balanced plan.
+- `busy`: the same generator with the busy plan (the busiest rank's load,
+  unevenly spread).
 - `spread`: the same generator with the spread plan (a typical rank's uneven
   loads, deterministic); the tuner profiles under it as a second routing
   (docs/TUNING.md, "Robust choice").
@@ -116,11 +135,12 @@ __all__ = [
     "profile_routing",
     "split_profile",
     "spread_expert_loads",
+    "busy_expert_loads",
 ]
 
-_KINDS = ("balanced", "spread", "uniform", "zipf")
+_KINDS = ("balanced", "spread", "busy", "uniform", "zipf")
 #: Distributions whose local loads are a deterministic plan (no random loads).
-PLANNED_KINDS = ("balanced", "spread")
+PLANNED_KINDS = ("balanced", "spread", "busy")
 # Fixed fold_in tags that derive each profile input's key from the user's key,
 # so that e.g. the routing does not change with the hidden size.
 _ROUTING_STREAM = 0
@@ -157,16 +177,21 @@ def _check_shape_args(
         )
 
 
-def _plan(num_tokens: int, num_experts: int, top_k: int, num_local_experts: int) -> np.ndarray:
-    num_tokens, num_experts, top_k = int(num_tokens), int(num_experts), int(top_k)
-    num_local_experts = int(num_local_experts)
+def _busiest_total(num_tokens: int, num_experts: int, top_k: int, num_local_experts: int) -> int:
+    """`T` of the balanced plan: the load of the busiest rank (module docstring)."""
     total = num_tokens * top_k
     ep = num_experts // num_local_experts
     if ep == 1:
-        busiest = total
-    else:
-        avg = total / ep
-        busiest = min(total, math.ceil(avg + math.sqrt(avg * math.log(ep))))
+        return total
+    avg = total / ep
+    return min(total, math.ceil(avg + math.sqrt(avg * math.log(ep))))
+
+
+def _plan(num_tokens: int, num_experts: int, top_k: int, num_local_experts: int) -> np.ndarray:
+    num_tokens, num_experts, top_k = int(num_tokens), int(num_experts), int(top_k)
+    num_local_experts = int(num_local_experts)
+    ep = num_experts // num_local_experts
+    busiest = _busiest_total(num_tokens, num_experts, top_k, num_local_experts)
     base, rem = divmod(busiest, num_local_experts)
     plan = np.full(num_local_experts, base, dtype=np.int32)
     plan[:rem] += 1
@@ -224,7 +249,35 @@ def spread_expert_loads(
     n, e, k, local = int(num_tokens), int(num_experts), int(top_k), int(num_local_experts)
     ep = e // local
     total = n * k if ep == 1 else min(n * k, math.ceil(n * k / ep))
-    quantiles = _binomial_quantiles(n, k / e, (np.arange(local) + 0.5) / local)
+    return _quantile_plan(n, k / e, local, total, "spread")
+
+
+def busy_expert_loads(
+    num_tokens: int, num_experts: int, top_k: int, num_local_experts: int
+) -> np.ndarray:
+    """The busy plan: the busiest rank's load with a router's uneven loads.
+
+    Returns an int32 numpy array of shape `(num_local_experts,)`, ascending, that
+    sums to the balanced plan's total (module docstring); every entry is at most
+    `num_tokens`. Deterministic: no key is involved. ValueError where the balanced plan
+    is infeasible (the same total).
+    """
+    _check_shape_args(num_tokens, num_experts, top_k, num_local_experts, 0)
+    n, e, k, local = int(num_tokens), int(num_experts), int(top_k), int(num_local_experts)
+    total = _busiest_total(n, e, k, local)
+    if total > n * local:
+        raise ValueError(
+            f"infeasible busy plan: num_tokens={n}, num_experts={e}, top_k={k}, "
+            f"num_local_experts={local} put {total} slots on this rank, more than its "
+            f"{local} experts can take from {n} tokens"
+        )
+    return _quantile_plan(n, total / (n * local), local, total, "busy")
+
+
+def _quantile_plan(n: int, p: float, local: int, total: int, name: str) -> np.ndarray:
+    """The `((j + 1/2) / local)`-quantiles of Binomial(n, p), capped at `n`, adjusted one
+    row at a time to sum to `total` (the spread plan's rule), ascending int32."""
+    quantiles = _binomial_quantiles(n, p, (np.arange(local) + 0.5) / local)
     plan = np.minimum(quantiles, n)
     diff = total - int(plan.sum())
     # One row at a time, cycling from the largest loads down (quantiles are ascending).
@@ -239,18 +292,20 @@ def spread_expert_loads(
                 diff -= step
                 moved = True
         if not moved:  # Unreachable: 0 <= total <= n * local.
-            raise RuntimeError(f"spread plan of {total} rows does not fit {local} experts")
+            raise RuntimeError(f"{name} plan of {total} rows does not fit {local} experts")
     return np.sort(plan).astype(np.int32)
 
 
 def planned_expert_loads(
     kind: str, num_tokens: int, num_experts: int, top_k: int, num_local_experts: int
 ) -> np.ndarray:
-    """The plan of a planned distribution `kind` (`balanced` or `spread`)."""
+    """The plan of a planned distribution `kind` (`balanced`, `spread` or `busy`)."""
     if kind == "balanced":
         return balanced_expert_loads(num_tokens, num_experts, top_k, num_local_experts)
     if kind == "spread":
         return spread_expert_loads(num_tokens, num_experts, top_k, num_local_experts)
+    if kind == "busy":
+        return busy_expert_loads(num_tokens, num_experts, top_k, num_local_experts)
     raise ValueError(f"kind={kind!r}; expected one of {PLANNED_KINDS}")
 
 
@@ -384,7 +439,7 @@ def _planned_routing(
 
 @dataclasses.dataclass(frozen=True)
 class RoutingDistribution:
-    """How profiling routings are drawn: `balanced`, `spread`, `uniform` or `zipf:S`.
+    """How profiling routings are drawn: `balanced`, `spread`, `busy`, `uniform` or `zipf:S`.
 
     `zipf_exponent` (S >= 0) is used by `zipf` only and must keep its default
     for the other kinds. `str()` and `parse()` are inverses.
@@ -411,15 +466,18 @@ class RoutingDistribution:
 
     @classmethod
     def parse(cls, text: str | RoutingDistribution) -> RoutingDistribution:
-        """`'balanced'`, `'spread'`, `'uniform'`, `'zipf'` (exponent 1) or `'zipf:1.2'`."""
+        """`'balanced'`, `'spread'`, `'busy'`, `'uniform'`, `'zipf'` (exponent 1) or
+        `'zipf:1.2'`."""
         if isinstance(text, RoutingDistribution):
             return text
         if not isinstance(text, str):
             raise TypeError(f"distribution={text!r}; expected a str or RoutingDistribution")
-        match = re.fullmatch(r"(balanced|spread|uniform|zipf)(?::([0-9.eE+-]+))?", text.strip())
+        match = re.fullmatch(
+            r"(balanced|spread|busy|uniform|zipf)(?::([0-9.eE+-]+))?", text.strip()
+        )
         if match is None or (match.group(2) is not None and match.group(1) != "zipf"):
             raise ValueError(
-                f"distribution={text!r}; expected 'balanced', 'spread', 'uniform', 'zipf' "
+                f"distribution={text!r}; expected 'balanced', 'spread', 'busy', 'uniform', 'zipf' "
                 "or 'zipf:<exponent>'"
             )
         if match.group(2) is None:
@@ -527,8 +585,8 @@ def profile_routing(
 ) -> jax.Array:
     """int32 `(num_tokens, top_k)` expert ids drawn from `key` under `distribution`.
 
-    `balanced` is `balanced_routing`, `spread` the same generator with the spread
-    plan; `uniform` and `zipf:S` ignore the local range apart from validating it.
+    `balanced` is `balanced_routing`, `spread` and `busy` the same generator with the
+    spread and busy plans; `uniform` and `zipf:S` ignore the local range apart from validating it.
     Every token has top_k distinct ids in `[0, num_experts)`; the output is
     bit-identical for a key on every backend.
     """
