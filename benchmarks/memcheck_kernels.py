@@ -62,10 +62,11 @@ def main(argv):
     ids = jnp.asarray(ids)
     failures = 0
     names = _ffi.kernel_variants()
+    filters = [part for part in _FILTER.value.split("|") if part] or [""]
     for op in _OPS.value:
         tactics = _tactics(op)
         for name in names.get(op, ()):
-            if not any(part in name for part in _FILTER.value.split("|")):
+            if not any(part in name for part in filters):
                 continue
             print(f"{op} {name}", flush=True)
             if op == "combine":

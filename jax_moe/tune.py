@@ -315,6 +315,10 @@ class TuneConfig:
         key_data_of_seed(self.seed)  # Validates the seed.
         if self.analyze_out is not None and self.analyze is None:
             raise ValueError("--analyze_out needs --analyze")
+        if self.analyze_out is not None and os.path.abspath(self.analyze_out) == os.path.abspath(
+            self.analyze
+        ):
+            raise ValueError("--analyze_out would overwrite the --analyze timings file")
         if self.evaluate is not None and self.analyze is not None:
             raise ValueError("give --evaluate or --analyze, not both")
         if self.evaluate is None and self.analyze is None and self.evaluate_also:
@@ -604,12 +608,13 @@ def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
     stream.write(analyze_timings(results, tables) + "\n")
     if config.analyze_out is None:
         return TuneOutcome(results=tuple(results))
+    profile = _profile_of(data, results, config.analyze)
     results = _choose_again(results, config.search)
     table = build_table(
         results,
         device_name=device,
         arch=arch,
-        distribution=_profile_of(results, config.analyze),
+        distribution=profile,
         key_data=results[0].cell.key_data,
     )
     _save_table(config, table, config.analyze_out, stream)
@@ -649,25 +654,33 @@ def _choose_again(results: Sequence[CellResult], search: SearchConfig) -> list[C
     ]
 
 
-def _profile_of(results: Sequence[CellResult], path: str) -> str:
-    """The profile (`balanced+spread`) under which every cell of `results` was tuned;
-    ValueError for an evaluation's timings or a mix of profiles or keys."""
+def _profile_of(data: Mapping[str, Any], results: Sequence[CellResult], path: str) -> str:
+    """The profile (`balanced+spread`) under which the timings file `data` (read from
+    `path`, with its `results`) was tuned; ValueError for an evaluation's timings, an
+    empty file, or cells of several primary routings or keys."""
+    run = data.get("run") or {}
+    if run.get("evaluate") is not None:
+        raise ValueError(f"--analyze_out: {path} holds an evaluation's timings, not a tuning's")
     if not results:
         raise ValueError(f"--analyze_out: {path} holds no cells")
-    profiles = {
-        (join_profile(r.cell.routing, tuple(r.secondary)), r.cell.key_data) for r in results
-    }
-    if len(profiles) != 1:
+    cells = {(r.cell.routing, r.cell.key_data) for r in results}
+    if len(cells) != 1:
         raise ValueError(
-            f"--analyze_out: the cells of {path} were tuned under different profiles or "
-            f"keys ({sorted(profiles)}); a tactic file has one"
+            f"--analyze_out: the cells of {path} were tuned under several routings or keys "
+            f"({sorted(cells)}); a tactic file has one"
         )
-    ((profile, _),) = profiles
+    ((primary, _),) = cells
+    # The run's profile as written; the cells' routings for a file without one.
+    profile = run.get("distribution")
+    if profile is None:
+        secondary = {r for result in results for r in result.secondary}
+        profile = join_profile(primary, tuple(sorted(secondary)))
     try:
-        split_profile(profile)
+        if split_profile(profile)[0] != primary:
+            raise ValueError(f"its cells' routing is {primary!r}")
     except ValueError as error:
         raise ValueError(
-            f"--analyze_out: {path} is not a tuning's timings (routing {profile!r}: {error})"
+            f"--analyze_out: {path} is not a tuning's timings (profile {profile!r}: {error})"
         ) from None
     return profile
 

@@ -498,6 +498,11 @@ def test_secondary_failures_and_infeasible_secondary_routings_are_reported():
     assert result.secondary == {} and result.secondary_skipped[0][0] == "balanced"
     assert "infeasible" in result.secondary_skipped[0][1]
     assert "balanced skipped: infeasible" in tuner_note(result)
+    # The busy plan has the balanced plan's total: infeasible in the same cells, skipped.
+    result = measure_cell(CostModelProfiler(), dataclasses.replace(cell, routing="busy"))
+    assert result.skipped and "infeasible busy plan" in result.skipped
+    result = measure_cell(CostModelProfiler(), cell, SearchConfig(secondary=("busy",)))
+    assert result.secondary == {} and result.secondary_skipped[0][0] == "busy"
 
 
 def test_gpu_profiler_shares_compiled_scans_across_routings_of_one_shape(monkeypatch):
@@ -889,7 +894,7 @@ def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
     assert table.metadata.distribution == tuned.table.metadata.distribution == "balanced+spread"
     assert table.metadata.profile_key == tuned.table.metadata.profile_key
     assert dict(table.entries) == dict(tuned.table.entries)
-    # A wide tie tolerance changes choices; each stays within the tolerance's bound.
+    # A wide tie tolerance changes choices: the table holds the rule's new pairs.
     wide = tmp_path / "wide.json"
     outcome = tune.run_cli(
         ["jax_moe.tune", f"--analyze={timings}", f"--analyze_out={wide}", "--tie_tolerance=0.3"],
@@ -909,13 +914,25 @@ def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
         "--noevaluate_repeat",
         f"--timings_out={evaluated}",
     )
-    with pytest.raises(ValueError, match="not a tuning's timings|different profiles"):
+    with pytest.raises(ValueError, match="an evaluation's timings"):
         tune.run_cli(
             ["jax_moe.tune", f"--analyze={evaluated}", f"--analyze_out={again}"],
             stream=io.StringIO(),
         )
     with pytest.raises(app.UsageError, match="needs --analyze"):
         _cli(tmp_path, f"--analyze_out={again}")
+    with pytest.raises(app.UsageError, match="would overwrite"):
+        _cli(tmp_path, f"--analyze={timings}", f"--analyze_out={timings}")
+    # A file without the run's profile (written before it was recorded): from the cells.
+    data = json.loads(timings.read_text())
+    del data["run"]
+    old = tmp_path / "old_timings.json"
+    old.write_text(json.dumps(data))
+    outcome = tune.run_cli(
+        ["jax_moe.tune", f"--analyze={old}", f"--analyze_out={again}"], stream=io.StringIO()
+    )
+    assert outcome.table.metadata.distribution == "balanced+spread"
+    assert dict(TacticTable.load(again).entries) == dict(tuned.table.entries)
 
 
 def test_evaluate_also_compares_tables_on_the_same_timings(tmp_path):

@@ -318,7 +318,8 @@ def busiest_rank_first(topk_ids: jax.Array, num_experts: int, num_local_experts:
 def cell_inputs(cell: TuneCell) -> ProfileInputs:
     """The inputs of `cell`: hidden states `(num_tokens, hidden)`, routing and router weights.
 
-    Raises ValueError for an infeasible balanced plan (see `balanced_expert_loads`).
+    Raises ValueError for an infeasible balanced or busy plan (see
+    `balanced_expert_loads`).
     """
     realistic = _realistic_base(cell.routing) is not None
     m = cell.model

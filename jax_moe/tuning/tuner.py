@@ -17,9 +17,10 @@ the `block_m` with the smallest sum. With a positive `tie_tolerance`, a tactic
 first in the exported variant order (for `block_m`: the smallest) wins; the chosen
 pair is then within about `2 * tie_tolerance` of the fastest pair. The default is
 0, the plain minimum: on saved timings of repeated H200 tunes (four presets, 60
-cells) it reproduced more cells than any positive tolerance up to 2 % (56 of 60,
-against 51 at 0.5 %), with the lowest regret under realistic routings; a tolerance
-moves the flip point to its boundary rather than removing it (docs/TUNING.md).
+cells) it reproduced as many cells as any positive tolerance up to 2 % (56 of 60,
+against 51 at 0.5 %; 3 % reached 58 at a higher regret, a mean of 2.36 % against
+1.41 %), with the lowest regret under realistic routings; a tolerance moves the flip
+point to its boundary rather than removing it (docs/TUNING.md).
 
 Robust choice (`SearchConfig.secondary`, a profile such as `balanced+spread`).
 The cell's routing is the primary profile; each secondary routing (by default
@@ -65,8 +66,8 @@ from jax_moe.tuning.profiler import (
 )
 from jax_moe.tuning.routing_generator import (
     RoutingDistribution,
-    balanced_expert_loads,
     join_profile,
+    planned_expert_loads,
     split_profile,
 )
 from jax_moe.tuning.tactic_table import TableMetadata, TacticEntry, TacticTable
@@ -244,12 +245,13 @@ class CellResult:
       timings: op -> tactic -> Measurement or Failure, in variant order.
       rejected: op -> (tactic, reason) of exported tactics invalid for the problem.
       choice: the chosen pair, None if no block_m had timed tactics of both ops.
-      skipped: why the cell was not timed at all (e.g. an infeasible balanced plan).
+      skipped: why the cell was not timed at all (e.g. an infeasible balanced or busy
+        plan).
       seconds: wall time spent on the cell.
       secondary: routing -> timings of the candidates re-timed under that
         secondary routing (`SearchConfig.secondary`); empty without.
       secondary_skipped: `(routing, reason)` of secondary routings not timed for this
-        cell (an infeasible balanced plan).
+        cell (an infeasible balanced or busy plan).
     """
 
     cell: TuneCell
@@ -489,12 +491,15 @@ def measure_cell(
 
 
 def _infeasible(cell: TuneCell) -> str | None:
-    """Why `cell`'s routing cannot be built (an infeasible balanced plan), else None."""
-    if cell.routing != "balanced":
+    """Why `cell`'s routing cannot be built (an infeasible balanced or busy plan: the
+    same total), else None."""
+    if cell.routing not in ("balanced", "busy"):
         return None
     m = cell.model
     try:
-        balanced_expert_loads(cell.num_tokens, m.num_experts, m.top_k, cell.num_local_experts)
+        planned_expert_loads(
+            cell.routing, cell.num_tokens, m.num_experts, m.top_k, cell.num_local_experts
+        )
     except ValueError as error:
         return str(error)
     return None
