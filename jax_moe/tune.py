@@ -48,12 +48,12 @@ from jax_moe.tuning.tuner import (
     SearchConfig,
     build_table,
     cell_key,
-    choose_robust_pair,
     format_summary,
     make_cells,
     results_from_rows,
     timing_rows,
     tune_cells,
+    with_choice,
 )
 
 # Routings `--evaluate` accepts: each realistic routing, from rank 0 or the busiest rank.
@@ -609,7 +609,7 @@ def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
     if config.analyze_out is None:
         return TuneOutcome(results=tuple(results))
     profile = _profile_of(data, results, config.analyze)
-    results = _choose_again(results, config.search)
+    results = [with_choice(result, config.search) for result in results]
     table = build_table(
         results,
         device_name=device,
@@ -642,18 +642,6 @@ def _save_table(config: TuneConfig, table: TacticTable, path: str, stream: TextI
     return table
 
 
-def _choose_again(results: Sequence[CellResult], search: SearchConfig) -> list[CellResult]:
-    """`results` with their pairs chosen by `search` (as `tune_cells` does)."""
-    return [
-        result
-        if result.skipped
-        else dataclasses.replace(
-            result, choice=choose_robust_pair(result.timings, result.secondary, search)
-        )
-        for result in results
-    ]
-
-
 def _profile_of(data: Mapping[str, Any], results: Sequence[CellResult], path: str) -> str:
     """The profile (`balanced+spread`) under which the timings file `data` (read from
     `path`, with its `results`) was tuned; ValueError for an evaluation's timings, an
@@ -673,8 +661,8 @@ def _profile_of(data: Mapping[str, Any], results: Sequence[CellResult], path: st
     # The run's profile as written; the cells' routings for a file without one.
     profile = run.get("distribution")
     if profile is None:
-        secondary = {r for result in results for r in result.secondary}
-        profile = join_profile(primary, tuple(sorted(secondary)))
+        secondary = dict.fromkeys(r for result in results for r in result.secondary)
+        profile = join_profile(primary, tuple(secondary))
     try:
         if split_profile(profile)[0] != primary:
             raise ValueError(f"its cells' routing is {primary!r}")

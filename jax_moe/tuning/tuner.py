@@ -92,6 +92,7 @@ __all__ = [
     "secondary_candidates",
     "split_profile",
     "table_entries",
+    "with_choice",
     "timing_rows",
     "tune_cells",
 ]
@@ -573,6 +574,15 @@ def _note(result: CellResult) -> str:
     )
 
 
+def with_choice(result: CellResult, search: SearchConfig | None = None) -> CellResult:
+    """`result` with its pair chosen from its timings by `search` (`choose_robust_pair`);
+    a skipped cell unchanged."""
+    if result.skipped:
+        return result
+    choice = choose_robust_pair(result.timings, result.secondary, search)
+    return dataclasses.replace(result, choice=choice)
+
+
 def tune_cells(
     profiler: Profiler,
     cells: Iterable[TuneCell],
@@ -601,9 +611,7 @@ def tune_cells(
             result = dataclasses.replace(earlier, cell=cell, choice=None)
         else:
             result = measure_cell(profiler, cell, search)
-        if not result.skipped:
-            choice = choose_robust_pair(result.timings, result.secondary, search)
-            result = dataclasses.replace(result, choice=choice)
+        result = with_choice(result, search)
         note = _note(result) + (" (saved timings)" if earlier is not None else "")
         progress.update(result, note)
         results.append(result)
