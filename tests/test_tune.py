@@ -1112,10 +1112,11 @@ def test_gpu_profiler_scans_lower_for_cuda_with_matching_inputs():
         plan = profiler._plan(op, tactic.block_m, cell)
         assert (plan.copies, plan.steps, plan.launches) == (4, 2, 8)  # tiny weights: 4 copies
         text = profiler._lower(op, tactic, cell, ("cuda",)).as_text()
-        # Unrolled (the default): the step (one launch per copy) called once per step,
-        # no device loop.
-        assert text.count(f"@jax_moe_{op}(") == 4 and "stablehlo.while" not in text
-        assert text.count("call @closed_call(") == 2
+        # Unrolled (the default): no device loop; the step (one launch per copy) is
+        # either a function called once per step or inlined once per step (newer jax).
+        assert "stablehlo.while" not in text
+        calls = text.count("call @closed_call(")
+        assert (calls, text.count(f"@jax_moe_{op}(")) in ((2, 4), (0, 8))
         profiler._setup(dataclasses.replace(timing, unroll=False), DEVICE, ARCH, 1 << 20)
         looped = profiler._lower(op, tactic, cell, ("cuda",)).as_text()
         assert looped.count(f"@jax_moe_{op}(") == 4 and "stablehlo.while" in looped
@@ -1228,7 +1229,10 @@ def test_event_timer_brackets_the_scan():
                 start = text.index("slot = 0 : i32")
                 barrier = text.index("stablehlo.optimization_barrier")
                 stop = text.index("slot = 1 : i32")
-                loop = "call @closed_call(" if unroll else "stablehlo.while"
+                loop = "stablehlo.while"
+                if unroll:  # the step as a called function, or inlined (newer jax)
+                    called = "call @closed_call(" in text
+                    loop = "call @closed_call(" if called else f"@jax_moe_{GEMM1_OP}("
                 assert start < barrier < text.index(loop) <= text.rindex(loop) < stop
     with pytest.raises(ValueError, match="slot=16"):
         _ffi.record_event(jnp.zeros(()), slot=16)
