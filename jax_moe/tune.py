@@ -93,7 +93,7 @@ _MAX_TOKENS = flags.DEFINE_integer(
 )
 _DISTRIBUTION = flags.DEFINE_string(
     "distribution",
-    "balanced+spread",
+    "balanced+spread+busy",
     "Profiling routing: balanced, spread, busy, uniform or zipf:S; several joined by '+' "
     "(balanced+spread) choose the pair with the smallest worst-case slowdown over them "
     "(the first is the primary routing; see docs/TUNING.md).",
@@ -267,7 +267,7 @@ class TuneConfig:
     models: tuple[models.MoEConfig, ...] = ()
     eps: tuple[int, ...] = (1,)
     max_tokens: int = DEFAULT_MAX_TOKENS
-    distribution: str = "balanced+spread"
+    distribution: str = "balanced+spread+busy"
     seed: int = 0
     out: str = "tactics.json"
     merge: bool = False
@@ -768,6 +768,12 @@ def run(
     )
     table = _save_table(config, table, config.out, stream)
     stream.write(format_summary(results) + "\n")
+    spent = sum(r.seconds for r in results)
+    prepared = sum(r.prepare_seconds for r in results)
+    stream.write(
+        f"{spent:.0f} s in cells: {prepared:.0f} s compiling and building inputs, "
+        f"{spent - prepared:.0f} s timing\n"
+    )
     failures = sum(len(r.failures()) for r in results)
     stream.write(f"wrote {len(table)} entries to {config.out}; {failures} tactic failures\n")
     if timings is not None:

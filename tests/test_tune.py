@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from jax_moe import _ffi, gpu, models, tune
 from jax_moe.kernels import moe_gemm_config
 from jax_moe.kernels.moe_gemm_config import searched_by_default
 from jax_moe.moe import MoEProblem
+from jax_moe.routing_metadata import routing_metadata
 from jax_moe.tactic import tactic_from_json
 from jax_moe.tuning import TacticTable, shipped
 from jax_moe.tuning.evaluate import (
@@ -52,6 +54,7 @@ from jax_moe.tuning.profiler import (
     estimated_launch_us,
     key_data_of_seed,
 )
+from jax_moe.tuning.routing_generator import PLANNED_KINDS
 from jax_moe.tuning.tuner import (
     CellResult,
     SearchConfig,
@@ -64,6 +67,7 @@ from jax_moe.tuning.tuner import (
     results_from_rows,
     secondary_candidates,
     timing_rows,
+    with_choice,
 )
 from jax_moe.tuning.tuner import _note as tuner_note
 
@@ -315,6 +319,50 @@ def test_failing_tactics_are_recorded_and_skipped(tmp_path):
     assert "tactic failures" in output and len(outcome.table) == 8
 
 
+class SlowPrepareProfiler(CostModelProfiler):
+    """`prepare_cell` takes a known time (as compiling does on a GPU)."""
+
+    def prepare_cell(self, cell, candidates):
+        time.sleep(0.02)
+
+
+def test_cell_time_splits_preparing_from_timing(tmp_path):
+    cell = TuneCell(TINY, 2, 8, ARCH)
+    plain = measure_cell(SlowPrepareProfiler(), cell)
+    assert 0.02 <= plain.prepare_seconds <= plain.seconds
+    # A secondary routing prepares its cell again.
+    both = measure_cell(SlowPrepareProfiler(), cell, SearchConfig(secondary=("spread",)))
+    assert 0.04 <= both.prepare_seconds <= both.seconds
+    _, output, _ = _cli(tmp_path, "--ep=2", "--max_tokens=2", profiler=SlowPrepareProfiler())
+    line = next(x for x in output.splitlines() if " s in cells: " in x)
+    assert line.endswith(" s timing") and "compiling and building inputs" in line
+
+
+def test_a_secondary_routing_with_an_earlier_plan_is_not_timed_again():
+    search = SearchConfig(secondary=("spread", "busy"))
+    # Without expert parallelism the busy plan is the spread plan: same inputs, skipped.
+    cell = TuneCell(TINY, 1, 8, ARCH)
+    assert cell_expert_loads(dataclasses.replace(cell, routing="busy")) == cell_expert_loads(
+        dataclasses.replace(cell, routing="spread")
+    )
+    profiler = CostModelProfiler()
+    result = measure_cell(profiler, cell, search)
+    assert set(result.secondary) == {"spread"}
+    assert result.secondary_skipped == (("busy", "same expert loads as spread"),)
+    assert {c.routing for _, _, c in profiler.calls} == {"balanced", "spread"}
+    assert "busy skipped: same expert loads as spread" in tuner_note(with_choice(result))
+    # With expert parallelism the busiest rank's plan differs from both: timed.
+    cell = TuneCell(TINY, 2, 8, ARCH)
+    loads = {r: cell_expert_loads(dataclasses.replace(cell, routing=r)) for r in PLANNED_KINDS}
+    assert len(set(loads.values())) == 3
+    result = measure_cell(CostModelProfiler(), cell, search)
+    assert set(result.secondary) == {"spread", "busy"} and result.secondary_skipped == ()
+    # One token at EP=2: the busy plan is the balanced one (the primary routing).
+    cell = TuneCell(TINY, 2, 1, ARCH)
+    result = measure_cell(CostModelProfiler(), cell, search)
+    assert dict(result.secondary_skipped).get("busy") == "same expert loads as balanced"
+
+
 class NoisyScreenProfiler(CostModelProfiler):
     """`screen` is off by a factor per tactic (a rough first look); `time` is exact."""
 
@@ -524,6 +572,47 @@ def test_gpu_profiler_shares_compiled_scans_across_routings_of_one_shape(monkeyp
     assert len(compiled) == 4
 
 
+def test_gpu_profiler_prepares_inputs_so_timing_compiles_nothing(monkeypatch):
+    # prepare_cell builds the routing and metadata and compiles the activation draws of
+    # every launch plan in its threads; building a plan's inputs afterwards (what `time`
+    # does) must not compile anything. Runs on the CPU backend (no tactic is compiled).
+    profiler = GpuProfiler.__new__(GpuProfiler)
+    profiler._setup(TimingConfig(reps=4), DEVICE, ARCH, l2_bytes=50 << 20)
+    monkeypatch.setattr(profiler, "_compile", lambda op, tactic, cell: op)
+    tactics = {op: exported_variants(op) for op in OPS}
+    cell = TuneCell(TINY, 2, 8, ARCH, routing="spread", key_data=key_data_of_seed(3))
+    profiler.prepare_cell(cell, tactics)
+    plans = {profiler._plan(op, t.block_m, cell) for op in OPS for t in tactics[op]}
+    assert len({p.block_m for p in plans}) > 1
+    profiler._weight_copies(cell, 1)  # the weights are drawn once per layer slice
+    compiles = []
+
+    def listener(name, duration, **kwargs):
+        if name.endswith("backend_compile_duration"):
+            compiles.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        args = {plan: profiler._concrete_args(plan, cell) for plan in plans}
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    inputs = cell_inputs(cell)
+    for plan, (xs, meta, _, slots) in args.items():
+        (x,) = xs
+        assert x.shape == (plan.steps, *plan.activation.shape) and x.dtype == jnp.bfloat16
+        expected = routing_metadata(inputs.topk_ids, num_local_experts=4, block_m=plan.block_m)
+        np.testing.assert_array_equal(meta[0], expected.sorted_slots)
+        np.testing.assert_array_equal(meta[1], expected.tile_expert)
+        np.testing.assert_array_equal(slots, inputs.topk_weights.reshape(-1))
+        if plan.op == GEMM1_OP:  # the cell's own hidden states first, then fresh draws
+            np.testing.assert_array_equal(x[0], inputs.hidden_states)
+            assert plan.steps > 1 and not np.array_equal(x[1], x[0])
+        # Standard normal draws (GEMM1: after the first step).
+        drawn = np.asarray(x[1:] if plan.op == GEMM1_OP else x, np.float32)
+        assert abs(drawn.mean()) < 0.05 and 0.9 < drawn.std() < 1.1
+
+
 def test_evaluating_a_balanced_table_repeats_the_plain_search(tmp_path):
     _cli(tmp_path, "--ep=2", "--max_tokens=2", "--distribution=balanced")
     path = str(tmp_path / "tactics.json")
@@ -539,8 +628,8 @@ def test_evaluating_a_balanced_table_repeats_the_plain_search(tmp_path):
 def test_tune_with_a_robust_profile_records_it_and_evaluation_repeats_it(tmp_path):
     outcome, output, profiler = _cli(tmp_path, "--ep=2", "--max_tokens=8")  # the default
     table = TacticTable.load(str(tmp_path / "tactics.json"))
-    assert table.metadata.distribution == "balanced+spread"
-    assert {c.routing for _, _, c in profiler.calls} == {"balanced", "spread"}
+    assert table.metadata.distribution == "balanced+spread+busy"
+    assert {c.routing for _, _, c in profiler.calls} == {"balanced", "spread", "busy"}
     assert ", " in output and " again" in output
     for result in outcome.results:
         want = choose_robust_pair(result.timings, result.secondary, SearchConfig())
@@ -548,7 +637,7 @@ def test_tune_with_a_robust_profile_records_it_and_evaluation_repeats_it(tmp_pat
     path = str(tmp_path / "tactics.json")
     evaluated, _, profiler = _cli(tmp_path, f"--evaluate={path}")
     routings = {c.routing for _, _, c in profiler.calls}
-    assert routings == {"softmax", "skewed", "balanced", "spread"}
+    assert routings == {"softmax", "skewed", "balanced", "spread", "busy"}
     rep = evaluated.report.reproducibility
     assert rep.same == rep.total == 4
     with pytest.raises(app.UsageError, match="twice"):
@@ -702,7 +791,7 @@ def test_timings_out_writes_every_timing(tmp_path):
         tactic = tactic_from_json(row["tactic"])
         routed = dataclasses.replace(cell, routing=row["routing"], num_tokens=row["num_tokens"])
         assert row["time_us"] == model_time(row["op"], tactic, routed)
-    assert {r["routing"] for r in rows} == {"balanced", "spread"}
+    assert {r["routing"] for r in rows} == {"balanced", "spread", "busy"}
     path = str(tmp_path / "tactics.json")
     evaluated, _, profiler = _cli(
         tmp_path, f"--evaluate={path}", "--noevaluate_repeat", f"--timings_out={out}"
@@ -798,6 +887,7 @@ def test_resume_measures_only_the_cells_not_saved(tmp_path):
         ("skewed", 8),
         *(("balanced", n) for n in (1, 2, 4, 8)),  # the repeated tuning
         *(("spread", n) for n in (1, 2, 4, 8)),
+        *(("busy", n) for n in (2, 4, 8)),  # at one token the busy plan is the balanced one
     }
     assert evaluated.report.regrets == full.report.regrets
     assert evaluated.report.reproducibility == full.report.reproducibility
@@ -891,7 +981,9 @@ def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
         ["jax_moe.tune", f"--analyze={timings}", f"--analyze_out={again}"], stream=io.StringIO()
     )
     table = TacticTable.load(again)
-    assert table.metadata.distribution == tuned.table.metadata.distribution == "balanced+spread"
+    assert (
+        table.metadata.distribution == tuned.table.metadata.distribution == "balanced+spread+busy"
+    )
     assert table.metadata.profile_key == tuned.table.metadata.profile_key
     assert dict(table.entries) == dict(tuned.table.entries)
     # A wide tie tolerance changes choices: the table holds the rule's new pairs.
@@ -931,7 +1023,7 @@ def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
     outcome = tune.run_cli(
         ["jax_moe.tune", f"--analyze={old}", f"--analyze_out={again}"], stream=io.StringIO()
     )
-    assert outcome.table.metadata.distribution == "balanced+spread"
+    assert outcome.table.metadata.distribution == "balanced+spread+busy"
     assert dict(TacticTable.load(again).entries) == dict(tuned.table.entries)
 
 

@@ -34,7 +34,9 @@ profiler compiles all of them there, in parallel threads).
 - inputs: the cell's hidden states and routing, routing metadata built with
   the tactic's `block_m`, random NVFP4 weights of the local experts
   (`models.random_moe_weights` from a key derived from the cell's key, then
-  `prepare`); for GEMM2, standard normal bf16 activations `(m_pad, intermediate)`;
+  `prepare`); for GEMM2, standard normal bf16 activations `(m_pad, intermediate)`.
+  `prepare_cell` draws the routing, builds the metadata and compiles the
+  activation draws in its compile threads, so timing compiles nothing;
 - timing: a jitted loop (`lax.fori_loop`) runs R launches back to back over R
   distinct activation inputs (no launch can be hoisted or merged), unrolled into
   straight-line code (`TimingConfig.unroll`, the default: XLA runs no device
@@ -489,6 +491,29 @@ def _nbytes(arrays: Sequence[Any]) -> int:
     return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays)
 
 
+@jax.jit
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _draw_activations(
+    key: jax.Array, hidden_states: jax.Array, copies: int, shape: tuple[int, ...], lead: bool
+) -> tuple[jax.Array, ...]:
+    """`copies` standard normal bfloat16 arrays of `shape` (`(steps, *activation)`), copy
+    `c` drawn from `fold_in(key, c)`; with `lead`, copy 0's first step is `hidden_states`
+    and only its other steps are drawn. One program per launch plan, compiled once."""
+    xs = []
+    for c in range(copies):
+        if lead and c == 0:
+            rest = jax.random.normal(jax.random.fold_in(key, c), (shape[0] - 1, *shape[1:]))
+            first = hidden_states[None].astype(jnp.bfloat16)
+            xs.append(jnp.concatenate([first, rest.astype(jnp.bfloat16)]))
+        else:
+            xs.append(jax.random.normal(jax.random.fold_in(key, c), shape).astype(jnp.bfloat16))
+    return tuple(xs)
+
+
 @dataclasses.dataclass(frozen=True)
 class _LaunchPlan:
     """Shapes of one (op, block_m) scan: `copies` launches per step, `steps` steps."""
@@ -504,6 +529,10 @@ class _LaunchPlan:
     @property
     def launches(self) -> int:
         return self.copies * self.steps
+
+
+def _plan_order(plan: _LaunchPlan) -> tuple[str, int]:
+    return plan.op, plan.block_m
 
 
 class GpuProfiler(Profiler):
@@ -545,6 +574,8 @@ class GpuProfiler(Profiler):
         self._compiled: dict[tuple[str, Tactic, _LaunchPlan], Any] = {}
         self._group: tuple[str, int] | None = None
         self._group_args: tuple[Any, ...] = ()
+        # block_m -> ((sorted_slots, tile_expert), router weights) of the current cell.
+        self._small: dict[int, tuple[Any, Any]] = {}
 
     # Inputs -------------------------------------------------------------------------
 
@@ -554,7 +585,7 @@ class GpuProfiler(Profiler):
         # Cells that differ only in routing or key share programs of equal launch plans.
         if self._cell is None or _shape_of(self._cell) != _shape_of(cell):
             self._compiled = {}
-        self._cell, self._group, self._group_args = cell, None, ()
+        self._cell, self._group, self._group_args, self._small = cell, None, (), {}
         weights_key = (cell.model, cell.ep, cell.key_data)
         if weights_key != self._weights_key:
             self._weights_key, self._weights = weights_key, []
@@ -620,31 +651,37 @@ class GpuProfiler(Profiler):
         return xs, meta, weights, slots
 
     def _concrete_args(self, plan: _LaunchPlan, cell: TuneCell) -> tuple[Any, ...]:
-        from jax_moe.routing_metadata import routing_metadata
-
-        inputs = cell_inputs(cell)
-        meta = routing_metadata(
-            inputs.topk_ids, num_local_experts=cell.num_local_experts, block_m=plan.block_m
-        )
+        meta, slots = self._small_args(plan.block_m, cell)
         copies = self._weight_copies(cell, plan.copies)
         if plan.op == GEMM1_OP:
             weights = tuple((w.w13_packed, w.w13_scale, w.w13_global) for w in copies)
         else:
             weights = tuple((w.w2_packed, w.w2_scale, w.w2_global) for w in copies)
+        xs = _draw_activations(*self._activation_args(plan, cell))
+        return xs, meta, weights, slots
+
+    def _small_args(self, block_m: int, cell: TuneCell) -> tuple[Any, Any]:
+        """`((sorted_slots, tile_expert), router weights)` of `cell` for `block_m`, kept
+        while the profiler stays on `cell`."""
+        from jax_moe.routing_metadata import routing_metadata
+
+        small = self._small.get(block_m)
+        if small is None:
+            inputs = cell_inputs(cell)
+            meta = routing_metadata(
+                inputs.topk_ids, num_local_experts=cell.num_local_experts, block_m=block_m
+            )
+            small = ((meta.sorted_slots, meta.tile_expert), _flat(inputs.topk_weights))
+            self._small[block_m] = small
+        return small
+
+    def _activation_args(self, plan: _LaunchPlan, cell: TuneCell) -> tuple[Any, ...]:
+        """The arguments of `_draw_activations` for `plan`: each copy's activations
+        `(steps, *activation)` from a key of the cell and `block_m`; GEMM1's first
+        copy starts with the cell's own hidden states."""
         key = jax.random.fold_in(jax.random.fold_in(cell.key(), _ACTIVATION_TAG), plan.block_m)
-        xs = []
-        for c in range(plan.copies):
-            shape = (plan.steps, *plan.activation.shape)
-            if plan.op == GEMM1_OP and c == 0:
-                # The cell's own hidden states first, then fresh draws.
-                rest = jax.random.normal(
-                    jax.random.fold_in(key, c), (plan.steps - 1, *plan.activation.shape)
-                ).astype(jnp.bfloat16)
-                xs.append(jnp.concatenate([inputs.hidden_states[None], rest]))
-            else:
-                xs.append(jax.random.normal(jax.random.fold_in(key, c), shape).astype(jnp.bfloat16))
-        slots = inputs.topk_weights.reshape(-1)
-        return tuple(xs), (meta.sorted_slots, meta.tile_expert), weights, slots
+        shape = (plan.steps, *plan.activation.shape)
+        return key, cell_inputs(cell).hidden_states, plan.copies, shape, plan.op == GEMM1_OP
 
     # Programs -----------------------------------------------------------------------
 
@@ -694,14 +731,32 @@ class GpuProfiler(Profiler):
         return self._lower(op, tactic, cell).compile()
 
     def prepare_cell(self, cell: TuneCell, candidates: Mapping[str, Sequence[Tactic]]) -> None:
-        """Compiles every candidate of `cell` in parallel threads (errors kept for `time`)."""
+        """Compiles every candidate of `cell` in parallel threads (errors kept for `time`).
+
+        The same threads draw the cell's routing, build its metadata for each `block_m`
+        and compile each launch plan's activation draw, so timing compiles nothing.
+        """
         self._enter(cell)
         jobs = [(op, t) for op, tactics in candidates.items() for t in tactics]
+        plans = sorted({self._plan(op, t.block_m, cell) for op, t in jobs}, key=_plan_order)
         jobs = [job for job in jobs if self._compile_key(*job, cell) not in self._compiled]
-        if not jobs:
+        if not plans:
             return
-        threads = min(self.timing.compile_threads, len(jobs), os.cpu_count() or 1)
+
+        def small_args(block_m: int) -> None:
+            routed.result()
+            self._small_args(block_m, cell)
+
+        def activations(plan: _LaunchPlan) -> None:
+            routed.result()
+            _draw_activations.lower(*self._activation_args(plan, cell)).compile()
+
+        tasks = 1 + len({p.block_m for p in plans}) + len(plans) + len(jobs)
+        threads = min(self.timing.compile_threads, tasks, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+            routed = pool.submit(cell_inputs, cell)  # first: the input tasks wait for it
+            inputs = [pool.submit(small_args, b) for b in sorted({p.block_m for p in plans})]
+            inputs += [pool.submit(activations, plan) for plan in plans]
             futures = {job: pool.submit(self._compile, *job, cell) for job in jobs}
             for job, future in futures.items():
                 key = self._compile_key(*job, cell)
@@ -709,6 +764,9 @@ class GpuProfiler(Profiler):
                     self._compiled[key] = future.result()
                 except Exception as error:  # noqa: BLE001 - recorded, reported by time()
                     self._compiled[key] = error
+            # An input that fails here fails again when `time` builds it, and becomes
+            # each tactic's Failure there.
+            concurrent.futures.wait(inputs)
 
     def _compile_key(self, op: str, tactic: Tactic, cell: TuneCell) -> tuple[Any, ...]:
         return op, tactic, self._plan(op, tactic.block_m, cell)

@@ -63,8 +63,10 @@ from jax_moe.tuning.profiler import (
     Measurement,
     Profiler,
     TuneCell,
+    cell_expert_loads,
 )
 from jax_moe.tuning.routing_generator import (
+    PLANNED_KINDS,
     RoutingDistribution,
     join_profile,
     planned_expert_loads,
@@ -249,6 +251,9 @@ class CellResult:
       skipped: why the cell was not timed at all (e.g. an infeasible balanced or busy
         plan).
       seconds: wall time spent on the cell.
+      prepare_seconds: the part of `seconds` in `Profiler.prepare_cell` (the GPU
+        profiler compiles the candidates and builds their inputs there; the rest is
+        timing).
       secondary: routing -> timings of the candidates re-timed under that
         secondary routing (`SearchConfig.secondary`); empty without.
       secondary_skipped: `(routing, reason)` of secondary routings not timed for this
@@ -261,6 +266,7 @@ class CellResult:
     choice: PairChoice | None = None
     skipped: str | None = None
     seconds: float = 0.0
+    prepare_seconds: float = 0.0
     secondary: Mapping[str, Timings] = dataclasses.field(default_factory=dict)
     secondary_skipped: tuple[tuple[str, str], ...] = ()
 
@@ -451,7 +457,9 @@ def measure_cell(
             all_variants=search.all_variants,
             experimental=search.experimental,
         )
+    prepare = time.perf_counter()
     profiler.prepare_cell(cell, valid)
+    prepare = time.perf_counter() - prepare
     timings: dict[str, dict[Tactic, Measurement | Failure]] = {}
     fully = {}  # op -> the tactics timed fully (not only screened)
     for op in OPS:
@@ -471,21 +479,26 @@ def measure_cell(
         fully_timed = {op: {t: timings[op][t] for t in fully[op]} for op in OPS}
         kept = secondary_candidates(fully_timed, search.secondary_margin)
         again = {op: tuple(t for t in valid[op] if t in kept[op]) for op in OPS}
+        profiled = [cell]
         for routing in search.secondary:
             other = dataclasses.replace(cell, routing=routing)
-            reason = _infeasible(other)
+            reason = _infeasible(other) or _same_plan(other, profiled)
             if reason is not None:
                 skipped.append((routing, reason))
                 continue
+            started = time.perf_counter()
             profiler.prepare_cell(other, again)
+            prepare += time.perf_counter() - started
             secondary[routing] = {
                 op: {t: _timed(profiler.time, op, t, other) for t in again[op]} for op in OPS
             }
+            profiled.append(other)
     return CellResult(
         cell,
         timings,
         rejected,
         seconds=time.perf_counter() - start,
+        prepare_seconds=prepare,
         secondary=secondary,
         secondary_skipped=tuple(skipped),
     )
@@ -503,6 +516,21 @@ def _infeasible(cell: TuneCell) -> str | None:
         )
     except ValueError as error:
         return str(error)
+    return None
+
+
+def _same_plan(cell: TuneCell, profiled: Sequence[TuneCell]) -> str | None:
+    """Why timing `cell` would repeat a cell of `profiled`: a planned routing whose
+    plan holds the same loads as an earlier one's (e.g. `busy` and `spread` without
+    expert parallelism, or `busy` and `balanced` at one token) times the same launches,
+    at most on other experts' weights, and a repeated routing cannot change the robust
+    choice (its worst normalized time) beyond noise. None if `cell` is new."""
+    if cell.routing not in PLANNED_KINDS:
+        return None
+    loads = sorted(cell_expert_loads(cell))
+    for other in profiled:
+        if other.routing in PLANNED_KINDS and sorted(cell_expert_loads(other)) == loads:
+            return f"same expert loads as {other.routing}"
     return None
 
 
