@@ -208,6 +208,12 @@ _UNROLL = flags.DEFINE_bool(
     flag_values=FLAGS,
 )
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed scans per tactic (median).", flag_values=FLAGS)
+_COMPILE_THREADS = flags.DEFINE_integer(
+    "compile_threads",
+    16,
+    "Threads compiling a cell's candidates and building its inputs (capped at the CPU count).",
+    flag_values=FLAGS,
+)
 _TIE_TOLERANCE = flags.DEFINE_float(
     "tie_tolerance",
     0.0,
@@ -399,6 +405,7 @@ def config_from_flags() -> TuneConfig:
                 timer=_TIMER.value,
                 min_scan_us=_MIN_SCAN_US.value,
                 unroll=_UNROLL.value,
+                compile_threads=_COMPILE_THREADS.value,
             ),
             search=SearchConfig(
                 tie_tolerance=_TIE_TOLERANCE.value,

@@ -1257,17 +1257,19 @@ def test_timer_flags_reach_the_profiler_settings(tmp_path):
             "--min_scan_us=500",
             "--reps=7",
             "--nounroll",
+            "--compile_threads=3",
         ],
         profiler=CostModelProfiler(),
         stream=io.StringIO(),
     )
     timing = tune.config_from_flags().timing
-    assert (timing.timer, timing.min_scan_us, timing.reps, timing.unroll) == (
-        "wall",
-        500.0,
-        7,
-        False,
-    )
+    assert (
+        timing.timer,
+        timing.min_scan_us,
+        timing.reps,
+        timing.unroll,
+        timing.compile_threads,
+    ) == ("wall", 500.0, 7, False, 3)
 
 
 def test_timing_config_validates_the_timer_fields():

@@ -392,7 +392,8 @@ class TimingConfig:
       l2_bytes: the L2 size; None reads it from the device (or DEFAULT_L2_BYTES).
       max_weight_copies: at most this many weight copies with `cold_l2`.
       max_input_bytes: the stacked activations of one scan stay below this.
-      compile_threads: threads compiling a cell's tactics in parallel.
+      compile_threads: threads compiling a cell's tactics and building its inputs in
+        parallel (at most the CPU count).
       timer: `events` (device time between CUDA events around the scan) or
         `wall` (host time to `block_until_ready`).
       min_scan_us: R is lowered for long launches so that a scan lasts about
@@ -410,7 +411,7 @@ class TimingConfig:
     l2_bytes: int | None = None
     max_weight_copies: int = 16
     max_input_bytes: int = 2 * 2**30
-    compile_threads: int = 8
+    compile_threads: int = 16
     timer: str = "events"
     min_scan_us: float = 2000.0
     min_reps: int = 3
