@@ -534,11 +534,13 @@ def _run_of(config: TuneConfig) -> dict[str, Any]:
             table = _digest(f.read())
     search = dataclasses.asdict(config.search)
     del search["tie_tolerance"]  # the choice only, not the timings
+    timing = dataclasses.asdict(config.timing)
+    del timing["compile_threads"]  # how fast, not what is timed
     return {
         "evaluate": table,
         "distribution": None if config.evaluate is not None else config.distribution,
         "search": search,
-        "timing": dataclasses.asdict(config.timing),
+        "timing": timing,
         "variants": _digest("\n".join(str(t) for op in OPS for t in exported_variants(op))),
     }
 
@@ -568,7 +570,12 @@ def _saved_results(
             f"not of this {profiler.device_name} ({profiler.arch})"
         )
     run = json.loads(json.dumps(_run_of(config)))  # as read back from JSON
-    if data.get("run") != run:
+    written = data.get("run")
+    if isinstance(written, dict) and isinstance(written.get("timing"), dict):
+        # Files written before the thread count was left out of the record.
+        timing = {k: v for k, v in written["timing"].items() if k != "compile_threads"}
+        written = {**written, "timing": timing}
+    if written != run:
         raise ValueError(
             f"--resume: {config.timings_out} was not written by this kind of run "
             f"(it has {data.get('run')!r}, this run {run!r}); give a new --timings_out"

@@ -573,18 +573,19 @@ def test_gpu_profiler_shares_compiled_scans_across_routings_of_one_shape(monkeyp
 
 
 def test_gpu_profiler_prepares_inputs_so_timing_compiles_nothing(monkeypatch):
-    # prepare_cell builds the routing and metadata and compiles the activation draws of
-    # every launch plan in its threads; building a plan's inputs afterwards (what `time`
-    # does) must not compile anything. Runs on the CPU backend (no tactic is compiled).
+    # prepare_cell draws the routing and weights, builds the metadata and compiles the
+    # activation draws of every launch plan in its threads; building a plan's inputs
+    # afterwards (what `time` does) must not compile anything. Runs on the CPU backend
+    # (no tactic is compiled). Small L2: several weight copies per launch (cold L2).
+    timing = TimingConfig(reps=4, cold_l2=True, max_weight_copies=3)
     profiler = GpuProfiler.__new__(GpuProfiler)
-    profiler._setup(TimingConfig(reps=4), DEVICE, ARCH, l2_bytes=50 << 20)
+    profiler._setup(timing, DEVICE, ARCH, l2_bytes=1 << 20)
     monkeypatch.setattr(profiler, "_compile", lambda op, tactic, cell: op)
     tactics = {op: exported_variants(op) for op in OPS}
     cell = TuneCell(TINY, 2, 8, ARCH, routing="spread", key_data=key_data_of_seed(3))
     profiler.prepare_cell(cell, tactics)
     plans = {profiler._plan(op, t.block_m, cell) for op in OPS for t in tactics[op]}
-    assert len({p.block_m for p in plans}) > 1
-    profiler._weight_copies(cell, 1)  # the weights are drawn once per layer slice
+    assert len({p.block_m for p in plans}) > 1 and min(p.copies for p in plans) == 3
     compiles = []
 
     def listener(name, duration, **kwargs):
@@ -594,23 +595,32 @@ def test_gpu_profiler_prepares_inputs_so_timing_compiles_nothing(monkeypatch):
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         args = {plan: profiler._concrete_args(plan, cell) for plan in plans}
+        assert compiles == []
+        # The listener sees a compile when there is one: a shape never prepared.
+        jax.block_until_ready(jnp.arange(12345.0) * 3)
+        assert compiles
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert compiles == []
     inputs = cell_inputs(cell)
-    for plan, (xs, meta, _, slots) in args.items():
-        (x,) = xs
-        assert x.shape == (plan.steps, *plan.activation.shape) and x.dtype == jnp.bfloat16
+    for plan, (xs, meta, weights, slots) in args.items():
+        assert len(xs) == len(weights) == plan.copies
         expected = routing_metadata(inputs.topk_ids, num_local_experts=4, block_m=plan.block_m)
         np.testing.assert_array_equal(meta[0], expected.sorted_slots)
         np.testing.assert_array_equal(meta[1], expected.tile_expert)
         np.testing.assert_array_equal(slots, inputs.topk_weights.reshape(-1))
-        if plan.op == GEMM1_OP:  # the cell's own hidden states first, then fresh draws
-            np.testing.assert_array_equal(x[0], inputs.hidden_states)
-            assert plan.steps > 1 and not np.array_equal(x[1], x[0])
-        # Standard normal draws (GEMM1: after the first step).
-        drawn = np.asarray(x[1:] if plan.op == GEMM1_OP else x, np.float32)
-        assert abs(drawn.mean()) < 0.05 and 0.9 < drawn.std() < 1.1
+        # Each copy as drawn before the draws were compiled ahead: op by op.
+        key = jax.random.fold_in(jax.random.fold_in(cell.key(), 102), plan.block_m)
+        shape = (plan.steps, *plan.activation.shape)
+        for c, x in enumerate(xs):
+            copy_key = jax.random.fold_in(key, c)
+            if plan.op == GEMM1_OP and c == 0:  # the cell's own hidden states first
+                rest = jax.random.normal(copy_key, (shape[0] - 1, *shape[1:]))
+                want = jnp.concatenate([inputs.hidden_states[None], rest.astype(jnp.bfloat16)])
+            else:
+                want = jax.random.normal(copy_key, shape).astype(jnp.bfloat16)
+            assert x.shape == shape and x.dtype == jnp.bfloat16
+            np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(want, np.float32))
+        assert not np.array_equal(xs[0][-1], xs[1][-1])  # copies differ
 
 
 def test_evaluating_a_balanced_table_repeats_the_plain_search(tmp_path):
@@ -867,7 +877,12 @@ def test_resume_measures_only_the_cells_not_saved(tmp_path):
     flags = ("--ep=2", "--max_tokens=8", f"--timings_out={out}", "--resume")
     with pytest.raises(KeyboardInterrupt):
         _cli(tmp_path, *flags, profiler=_StopsAt("balanced", 8))
-    resumed, output, profiler = _cli(tmp_path, *flags)
+    # The compile thread count is not part of the run; files that recorded it resume too.
+    data = json.loads(out.read_text())
+    assert "compile_threads" not in data["run"]["timing"]
+    data["run"]["timing"]["compile_threads"] = 8
+    out.write_text(json.dumps(data))
+    resumed, output, profiler = _cli(tmp_path, *flags, "--compile_threads=3")
     assert "resuming: 3 cells already timed" in output and "(saved timings)" in output
     assert {cell.num_tokens for cell, _ in profiler.prepared} == {8}
     assert [r.choice for r in resumed.results] == [r.choice for r in whole.results]

@@ -35,8 +35,8 @@ profiler compiles all of them there, in parallel threads).
   the tactic's `block_m`, random NVFP4 weights of the local experts
   (`models.random_moe_weights` from a key derived from the cell's key, then
   `prepare`); for GEMM2, standard normal bf16 activations `(m_pad, intermediate)`.
-  `prepare_cell` draws the routing, builds the metadata and compiles the
-  activation draws in its compile threads, so timing compiles nothing;
+  `prepare_cell` draws the routing and the weights, builds the metadata and
+  compiles the activation draws in its compile threads, so timing compiles nothing;
 - timing: a jitted loop (`lax.fori_loop`) runs R launches back to back over R
   distinct activation inputs (no launch can be hoisted or merged), unrolled into
   straight-line code (`TimingConfig.unroll`, the default: XLA runs no device
@@ -185,7 +185,7 @@ class TuneCell:
       ep: expert-parallel size; rank 0 holds experts `[0, num_experts // ep)`.
       num_tokens: tokens of the batch (the token bucket being tuned).
       arch: GPU arch of the problem keys, e.g. `sm_90a`.
-      routing: `balanced`, `spread`, `uniform`, `zipf:S`, `softmax` or `skewed`
+      routing: `balanced`, `spread`, `busy`, `uniform`, `zipf:S`, `softmax` or `skewed`
         (the last two optionally with `@busiest`).
       key_data: raw data of the `jax.random` key the inputs are drawn from.
       dtype: activation dtype name.
@@ -345,7 +345,7 @@ def cell_inputs(cell: TuneCell) -> ProfileInputs:
 def cell_expert_loads(cell: TuneCell) -> tuple[int, ...]:
     """Routed rows of each local expert of `cell` (length `num_local_experts`).
 
-    Under a planned routing (`balanced`, `spread`) these are its plan exactly, so no
+    Under a planned routing (`balanced`, `spread`, `busy`) these are its plan exactly, so no
     inputs are drawn.
     """
     m = cell.model
@@ -497,22 +497,17 @@ def _flat(x: jax.Array) -> jax.Array:
     return x.reshape(-1)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _draw_activations(
-    key: jax.Array, hidden_states: jax.Array, copies: int, shape: tuple[int, ...], lead: bool
-) -> tuple[jax.Array, ...]:
-    """`copies` standard normal bfloat16 arrays of `shape` (`(steps, *activation)`), copy
-    `c` drawn from `fold_in(key, c)`; with `lead`, copy 0's first step is `hidden_states`
-    and only its other steps are drawn. One program per launch plan, compiled once."""
-    xs = []
-    for c in range(copies):
-        if lead and c == 0:
-            rest = jax.random.normal(jax.random.fold_in(key, c), (shape[0] - 1, *shape[1:]))
-            first = hidden_states[None].astype(jnp.bfloat16)
-            xs.append(jnp.concatenate([first, rest.astype(jnp.bfloat16)]))
-        else:
-            xs.append(jax.random.normal(jax.random.fold_in(key, c), shape).astype(jnp.bfloat16))
-    return tuple(xs)
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _draw_activation(
+    key: jax.Array, hidden_states: jax.Array, shape: tuple[int, ...], lead: bool
+) -> jax.Array:
+    """A standard normal bfloat16 array of `shape` (`(steps, *activation)`) drawn from
+    `key`; with `lead`, its first step is `hidden_states` and only the others are drawn.
+    One program per (shape, lead), whatever the key, so copies and `block_m`s share it."""
+    if not lead:
+        return jax.random.normal(key, shape).astype(jnp.bfloat16)
+    rest = jax.random.normal(key, (shape[0] - 1, *shape[1:])).astype(jnp.bfloat16)
+    return jnp.concatenate([hidden_states[None].astype(jnp.bfloat16), rest])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -658,7 +653,7 @@ class GpuProfiler(Profiler):
             weights = tuple((w.w13_packed, w.w13_scale, w.w13_global) for w in copies)
         else:
             weights = tuple((w.w2_packed, w.w2_scale, w.w2_global) for w in copies)
-        xs = _draw_activations(*self._activation_args(plan, cell))
+        xs = tuple(_draw_activation(*args) for args in self._activation_args(plan, cell))
         return xs, meta, weights, slots
 
     def _small_args(self, block_m: int, cell: TuneCell) -> tuple[Any, Any]:
@@ -676,13 +671,17 @@ class GpuProfiler(Profiler):
             self._small[block_m] = small
         return small
 
-    def _activation_args(self, plan: _LaunchPlan, cell: TuneCell) -> tuple[Any, ...]:
-        """The arguments of `_draw_activations` for `plan`: each copy's activations
-        `(steps, *activation)` from a key of the cell and `block_m`; GEMM1's first
-        copy starts with the cell's own hidden states."""
+    def _activation_args(self, plan: _LaunchPlan, cell: TuneCell) -> list[tuple[Any, ...]]:
+        """The arguments of `_draw_activation` for each copy of `plan`: activations
+        `(steps, *activation)` drawn from `fold_in(key, copy)`, `key` one of the cell
+        and `block_m`; GEMM1's first copy starts with the cell's own hidden states."""
         key = jax.random.fold_in(jax.random.fold_in(cell.key(), _ACTIVATION_TAG), plan.block_m)
         shape = (plan.steps, *plan.activation.shape)
-        return key, cell_inputs(cell).hidden_states, plan.copies, shape, plan.op == GEMM1_OP
+        hidden = cell_inputs(cell).hidden_states
+        return [
+            (jax.random.fold_in(key, c), hidden, shape, plan.op == GEMM1_OP and c == 0)
+            for c in range(plan.copies)
+        ]
 
     # Programs -----------------------------------------------------------------------
 
@@ -734,8 +733,9 @@ class GpuProfiler(Profiler):
     def prepare_cell(self, cell: TuneCell, candidates: Mapping[str, Sequence[Tactic]]) -> None:
         """Compiles every candidate of `cell` in parallel threads (errors kept for `time`).
 
-        The same threads draw the cell's routing, build its metadata for each `block_m`
-        and compile each launch plan's activation draw, so timing compiles nothing.
+        The same threads draw the cell's routing and its weight copies, build its
+        metadata for each `block_m` and compile each distinct activation draw, so that
+        timing compiles nothing.
         """
         self._enter(cell)
         jobs = [(op, t) for op, tactics in candidates.items() for t in tactics]
@@ -748,17 +748,26 @@ class GpuProfiler(Profiler):
             routed.result()
             self._small_args(block_m, cell)
 
-        def activations(plan: _LaunchPlan) -> None:
-            routed.result()
-            _draw_activations.lower(*self._activation_args(plan, cell)).compile()
+        def compile_draw(args: tuple[Any, ...]) -> None:
+            _draw_activation.lower(*args).compile()
 
-        tasks = 1 + len({p.block_m for p in plans}) + len(plans) + len(jobs)
+        block_ms = sorted({p.block_m for p in plans})
+        tasks = 2 + len(block_ms) + sum(p.copies for p in plans) + len(jobs)
         threads = min(self.timing.compile_threads, tasks, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
-            routed = pool.submit(cell_inputs, cell)  # first: the input tasks wait for it
-            inputs = [pool.submit(small_args, b) for b in sorted({p.block_m for p in plans})]
-            inputs += [pool.submit(activations, plan) for plan in plans]
+            # The routing and the weights first, then the candidates (which need
+            # neither), then the inputs that need the routing (drawn by then).
+            routed = pool.submit(cell_inputs, cell)
+            weights = pool.submit(self._weight_copies, cell, max(p.copies for p in plans))
             futures = {job: pool.submit(self._compile, *job, cell) for job in jobs}
+            inputs = [weights] + [pool.submit(small_args, b) for b in block_ms]
+            if routed.exception() is None:
+                # One compile per distinct (shape, lead) of the plans' draws.
+                unique = {}
+                for plan in plans:
+                    for args in self._activation_args(plan, cell):
+                        unique.setdefault(args[2:], args)
+                inputs += [pool.submit(compile_draw, args) for args in unique.values()]
             for job, future in futures.items():
                 key = self._compile_key(*job, cell)
                 try:

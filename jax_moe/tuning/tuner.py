@@ -36,8 +36,11 @@ and the pair with the smallest score is chosen (ties within `tie_tolerance` go
 to the first in `block_m`, then variant, order). A pair that is fastest under
 one routing but slow under another loses to one that is close to the best under
 both: the balanced plan is a busy rank with evenly filled experts, the spread
-plan a typical rank's uneven loads (`jax_moe.tuning.routing_generator`), and a
-served batch lies between the two.
+plan a typical rank's uneven loads, the busy plan the busiest rank's total with
+such unevenness (`jax_moe.tuning.routing_generator`), and a served batch lies
+between them. A secondary planned routing whose plan holds the same loads as a
+routing already timed for the cell is skipped (`_same_plan`): it would repeat the
+same launches.
 
 `table_entries` writes one `TacticEntry` per op: the chosen tactic, its time and
 as runner-up the fastest other timed tactic of the op with the same `block_m`
@@ -257,7 +260,9 @@ class CellResult:
       secondary: routing -> timings of the candidates re-timed under that
         secondary routing (`SearchConfig.secondary`); empty without.
       secondary_skipped: `(routing, reason)` of secondary routings not timed for this
-        cell (an infeasible balanced or busy plan).
+        cell (an infeasible balanced or busy plan, or a plan with the same loads as a
+        routing already timed). Not kept in timings files: cells read back from one
+        have it empty.
     """
 
     cell: TuneCell
