@@ -334,16 +334,22 @@ GEMM_SHAPE = (48, 4, 256, 128, 4)  # num_tokens, top_k, hidden, intermediate, lo
 # K steps not a multiple of 2 (GEMM2: 5) and longer loops (GEMM1: 6), for the wgmma
 # variants, whose cp.async token ring wraps around there.
 ODD_K_SHAPE = (40, 4, 384, 320, 4)
+# Loops longer than the bulk-copy rings (GEMM1: 18 K steps, GEMM2: 9), so each stage's
+# mbarrier runs through both phases, and splits of 8 with ranks past the end (GEMM2).
+LONG_K_SHAPE = (24, 4, 1152, 576, 4)
 
 
 def _gemm_cases(op: str) -> list:
-    """`(variant name, shape)`: every variant on GEMM_SHAPE, the wgmma ones also on
-    ODD_K_SHAPE."""
+    """`(variant name, shape)`: every variant on GEMM_SHAPE, the wgmma and bulk-copy ones
+    also on ODD_K_SHAPE, the bulk-copy ones also on LONG_K_SHAPE."""
     names = _gemm_variants(op)
     if not names:
         return [pytest.param("none", GEMM_SHAPE, id="none")]
     cases = [pytest.param(n, GEMM_SHAPE, id=n) for n in names]
-    cases += [pytest.param(n, ODD_K_SHAPE, id=f"{n}-odd_k") for n in names if _tactic(op, n).wgmma]
+    rings = [n for n in names if _tactic(op, n).wgmma or _tactic(op, n).bulk]
+    cases += [pytest.param(n, ODD_K_SHAPE, id=f"{n}-odd_k") for n in rings]
+    bulk = [n for n in names if _tactic(op, n).bulk]
+    cases += [pytest.param(n, LONG_K_SHAPE, id=f"{n}-long_k") for n in bulk]
     return cases
 
 

@@ -122,7 +122,8 @@ def test_tactic_json_without_a_later_field_takes_its_default():
     old = {"family": data["family"], "params": dict(data["params"])}
     del old["params"]["wgmma"]
     del old["params"]["overlap"]
-    assert tactic_from_json(old) == tactic and not tactic.wgmma and not tactic.overlap
+    del old["params"]["bulk"]
+    assert tactic_from_json(old) == tactic and not (tactic.wgmma or tactic.overlap or tactic.bulk)
     for required in ("split_k", "block_m"):
         missing = {"family": data["family"], "params": dict(data["params"])}
         del missing["params"][required]
@@ -184,11 +185,75 @@ def test_overlap_variants_are_unsplit_wgmma_tiles_outside_the_default_search():
         ]
         assert all(t.wgmma and t.split_k == 1 for t in overlap)
         assert not any(cfg.searched_by_default(t) for t in overlap)
-        assert variants[-len(overlap) :] == overlap  # ids after every earlier variant
+        # Ids after every earlier variant (only the bulk-copy ones follow).
+        assert [t for t in variants if not t.bulk][-len(overlap) :] == overlap
         # One more token stage than the plain wgmma tile.
         for t in overlap:
             plain = dataclasses.replace(t, overlap=False)
             assert t.smem_bytes() - plain.smem_bytes() == 2 * 64 * t.block_m
+
+
+def test_bulk_variants_are_experimental_decode_tiles_after_the_others():
+    for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
+        bulk = [t for t in variants if t.bulk]
+        assert {(t.block_m, t.block_w, t.stages, t.bulk) for t in bulk} == {
+            (16, 64, 2, 4),
+            (16, 128, 2, 4),
+        }
+        assert {t.split_k for t in bulk} == {1, 2}
+        assert all(t.cp_async and not t.wgmma and (t.warps_m, t.warps_n) == (4, 1) for t in bulk)
+        assert variants[-len(bulk) :] == bulk
+        assert all(cfg.is_experimental(t) and not cfg.searched_by_default(t) for t in bulk)
+        for t in bulk:
+            # 3 token stages, `stages` weight slots of `bulk` steps, one mbarrier per slot.
+            assert t.smem_bytes() == (
+                2 * 72 * 3 * t.block_m
+                + 4 * (t.block_w + 4) * t.block_m
+                + 36 * t.block_w * t.stages * t.bulk
+                + 8 * t.stages
+                + 768
+            )
+            assert t.register_estimate() == t.block_m * t.block_w // 128
+    # Like split-K, a decode tactic: one row tile of expected rows per expert at most.
+    tactic = next(t for t in cfg.gemm1_variants() if t.bulk and t.split_k == 1)
+    tactic.check(_problem("moe_gemm1", token_bucket=512))  # 16 rows per expert
+    with pytest.raises(ValueError, match="bulk=4 is a decode tactic"):
+        tactic.check(_problem("moe_gemm1", token_bucket=1024))
+
+
+@requires_dsl
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_bulk_variant_copies_weights_in_bulk(dsl, op, tmp_path):
+    """A `bulk` tactic's PTX copies each warp's bands with one bulk copy of codes and one
+    of scales per slot on an mbarrier per slot, which the threads wait for; only the
+    token rows go through per-thread cp.async; it keeps 64 registers or fewer."""
+    cute, modules = dsl
+    module = modules[op]
+    exported = next(t for t in module.variants() if t.bulk and t.block_w == 64)
+    # The exported shape and two other valid rings (slots x steps per copy).
+    picked = [exported] + [
+        dataclasses.replace(exported, stages=st, bulk=steps) for st, steps in ((4, 1), (3, 2))
+    ]
+    for tactic in picked:
+        fn, fake_args = module.export_spec(tactic)
+        dump = tmp_path / f"bulk{tactic.stages}_{tactic.bulk}"
+        dump.mkdir()
+        compiled = cute.compile(
+            fn, *fake_args, options=f"--keep-ptx --keep-cubin --dump-dir={dump}"
+        )
+        ptx = compiled.__ptx__
+        copies = "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+        # Slots 0 .. stages - 2 in the prologue, one refill in the loop; one 16-row band
+        # per warp: a copy of codes and one of scales each time.
+        assert ptx.count(copies) == 2 * tactic.stages
+        assert ptx.count("mbarrier.arrive.expect_tx") == tactic.stages
+        assert ptx.count("mbarrier.init.shared.b64") == tactic.stages
+        assert "mbarrier.try_wait.parity" in ptx
+        # Token rows: 16-byte cp.async chunks, 2 steps in the prologue and one per step.
+        assert ptx.count("cp.async.cg.shared.global") == 3
+        assert "cp.async.ca.shared.global" not in ptx
+        registers = _cubin_registers(compiled.__cubin__)
+        assert registers <= 64, f"{tactic}: {registers} registers"
 
 
 @requires_dsl
@@ -304,6 +369,12 @@ def test_tactic_check_rejects_unsupported_problems():
         (dict(overlap=True), ValueError),  # needs wgmma
         (dict(block_m=32, block_w=128, wgmma=True, overlap=True, split_k=2), ValueError),
         (dict(wgmma=True, overlap=1), TypeError),
+        (dict(stages=4, bulk=1), ValueError),  # needs the shared-memory ring
+        (dict(block_m=64, warps_m=2, warps_n=2, stages=3, cp_async=True, bulk=2), ValueError),
+        (dict(stages=6, cp_async=True, bulk=1), ValueError),
+        (dict(stages=3, cp_async=True, bulk=3), ValueError),
+        (dict(stages=3, cp_async=True, wgmma=True, bulk=2), ValueError),
+        (dict(stages=3, cp_async=True, bulk=True), TypeError),
     ],
 )
 def test_tactic_validation(kwargs, error):
@@ -344,11 +415,11 @@ def test_default_tactic_regimes_and_errors():
 
 def test_split_k_is_a_decode_tactic():
     split = [t for t in cfg.gemm1_variants() if t.split_k > 1]
-    assert split and all(t.block_m <= 32 and not t.cp_async for t in split)
+    assert split and all(t.block_m <= 32 and (t.bulk or not t.cp_async) for t in split)
     # The ids of the unsplit register-ring variants (stages <= 4) come first, then the
     # split-K ones, then the deep-prefetch decode ones, then the wgmma ones (so earlier
-    # ids never move).
-    variants = cfg.gemm1_variants()
+    # ids never move); the bulk-copy ones come last (their own test).
+    variants = [t for t in cfg.gemm1_variants() if not t.bulk]
     first_split = next(i for i, t in enumerate(variants) if t.split_k > 1)
     first_deep = next(i for i, t in enumerate(variants) if t.stages > 4)
     first_wgmma = next(i for i, t in enumerate(variants) if t.wgmma)
@@ -558,7 +629,7 @@ def test_wgmma_tiles_keep_their_occupancy(dsl, op, tmp_path):
 
 
 def test_deep_prefetch_is_a_decode_tactic():
-    deep = [t for t in cfg.gemm2_variants() if t.stages > 4]
+    deep = [t for t in cfg.gemm2_variants() if t.stages > 4 and not t.bulk]
     assert deep and all(t.block_m == 16 and not t.cp_async for t in deep)
     tactic = deep[0]
     tactic.check(_problem("moe_gemm2", token_bucket=512))  # 16 rows per expert

@@ -24,7 +24,7 @@ from conftest import requires_gpu
 
 from jax_moe import _ffi, gpu, models, tune
 from jax_moe.kernels import moe_gemm_config
-from jax_moe.kernels.moe_gemm_config import searched_by_default
+from jax_moe.kernels.moe_gemm_config import is_experimental, searched_by_default
 from jax_moe.moe import MoEProblem
 from jax_moe.routing_metadata import routing_metadata
 from jax_moe.tactic import tactic_from_json
@@ -140,7 +140,7 @@ def test_candidates_are_the_valid_exported_variants():
         assert valid == exported_variants(op) and not rejected
         # Without `experimental`, the experimental variants are left out (evaluations).
         valid, rejected = candidates(op, cell.problem_key(op), all_variants=True)
-        assert [t for t, _ in rejected] == [t for t in exported_variants(op) if t.overlap]
+        assert [t for t, _ in rejected] == [t for t in exported_variants(op) if is_experimental(t)]
         assert all(why.startswith("experimental") for _, why in rejected)
     odd = models.MoEConfig(name="odd", num_experts=4, top_k=2, hidden=192, intermediate=128)
     key = TuneCell(odd, 1, 4, ARCH).problem_key(GEMM2_OP)
@@ -155,17 +155,22 @@ def test_default_search_leaves_out_2x2_grids_and_mma_sync_prefill_tiles(tmp_path
     cell = TuneCell(models.get_preset("deepseek_v3"), 8, 4096, ARCH)
     for op in (GEMM1_OP, GEMM2_OP):
         valid, rejected = candidates(op, cell.problem_key(op), all_variants=False)
-        # Unsplit mma.sync tiles of 32+ rows and the overlap variants are left out; every
-        # other wgmma tile is searched.
+        # Unsplit mma.sync tiles of 32+ rows and the experimental variants are left out;
+        # every other wgmma tile is searched.
         left_out = [
             t
             for t in exported_variants(op)
-            if t.warps_n == 2 or (t.block_m >= 32 and not t.wgmma and t.split_k == 1) or t.overlap
+            if t.warps_n == 2
+            or (t.block_m >= 32 and not t.wgmma and t.split_k == 1)
+            or is_experimental(t)
         ]
         assert {t.block_m for t in valid if t.wgmma} == {16, 32, 64, 128}
         assert {t.block_m for t in valid if not t.wgmma} == {16}
         assert left_out and not set(left_out) & set(valid)
-        assert {t for t, why in rejected if "--all_variants" in why} == set(left_out)
+        # Those a problem rejects anyway (decode tactics here) say why instead.
+        invalid = {t for t, why in rejected if "--all_variants" not in why}
+        assert all(t.split_k > 1 or t.stages > 4 or t.bulk for t in invalid)
+        assert {t for t, why in rejected if "--all_variants" in why} == set(left_out) - invalid
         assert all(searched_by_default(t) for t in valid)
     # The CLI times the subset by default and every variant with --all_variants.
     _, _, default = _cli(tmp_path, "--ep=1", "--max_tokens=1")

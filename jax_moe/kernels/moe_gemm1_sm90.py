@@ -85,6 +85,7 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
             pdl_enabled() if pdl is None else pdl,
             tactic.wgmma,
             tactic.overlap,
+            tactic.bulk,
         )
         self.tactic = tactic
 

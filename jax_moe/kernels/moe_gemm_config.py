@@ -24,6 +24,21 @@ deep as a decode tactic for short K loops, `_DEEP_VARIANTS`), or in
 a cp.async shared-memory ring of raw weight bytes (`cp_async=True`, 3 to 6 deep;
 correct but slower on the measured shapes, so not exported).
 
+`bulk` (K steps per bulk copy, 0 = off; with `cp_async`, `4 x 1` warps, `mma.sync`):
+the weights and scales stream through a shared-memory ring of `stages` slots of `bulk`
+K steps, filled by bulk copies (`cp.async.bulk`: per slot and 16-row band one copy of
+the codes and one of the scales, each warp copying its own bands) that complete on one
+mbarrier per slot; the token rows go through a 3-stage cp.async ring. The steps in
+flight sit in shared memory, not registers (40-60 registers per thread). Split-K works
+as with the register path. Decode tactics (like split-K, valid while the expected
+routed rows per expert fit one row tile). Measured on an H200 (DeepSeek-V3 EP=8 and
+Qwen3-30B-A3B, N = 1-256, the tuner's routings, 17 bulk variants against every other
+one): never the fastest; the best bulk GEMM1 was 1.14-2.1x the best GEMM1, the best
+bulk GEMM2 1.01-1.17x. A first build with one bulk copy per band and K step, all
+issued by one thread, was 1.4-2.2x (GEMM1); grouping 4 steps per copy and spreading
+the copies over the warps closed part of that. So the two fastest shapes stay
+exported as experimental variants (`_BULK_VARIANTS`, `is_experimental`).
+
 `split_k` (1, 2, 4, 8) splits the K loop over that many CTAs of one output tile, a
 thread block cluster that adds its fp32 tiles in rank order through distributed
 shared memory (deterministic, no workspace). It is a decode tactic: `check` rejects
@@ -61,8 +76,9 @@ each regime in `_REGIMES`, `block_w` in (128, 64) x register `stages` in (1, 2, 
 estimate exceeds the budget (which leaves out the 128 x 128 tile and, with `2 x 2`
 warps, 64 x 128 with 2 stages and 64 x 64 with 4: 22 variants); then the 6
 split-K variants of `_SPLIT_K_VARIANTS`, the 3 deep-prefetch decode variants of
-`_DEEP_VARIANTS`, the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS` and the 3 of
-`_OVERLAP_VARIANTS` (each list's ids after the previous ones). The tuner's default
+`_DEEP_VARIANTS`, the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS`, the 3 of
+`_OVERLAP_VARIANTS` and the 4 of `_BULK_VARIANTS` (each list's ids after the previous
+ones). The tuner's default
 search leaves out the `2 x 2` grids, the unsplit `mma.sync` tiles of 32 rows or more
 and the `overlap` variants (`searched_by_default`).
 
@@ -108,6 +124,12 @@ _REGISTER_STAGES = (1, 2, 3, 4, 6, 8)
 # Register rings deeper than this are decode tactics (see `_DEEP_VARIANTS`).
 _DEEP_STAGES = 4
 _CP_ASYNC_STAGES = (3, 4, 6)
+# Slots of the bulk-copy weight ring (`bulk` K steps each) and steps per bulk copy:
+# shared memory, not registers, holds the steps in flight.
+_BULK_STAGES = (2, 3, 4)
+_BULK_STEPS = (1, 2, 4)
+# Token-row stages of the bulk-copy main loop (`BULK_TOKEN_STAGES` of the kernels).
+_BULK_TOKEN_STAGES = 3
 # Prefetch + accumulator registers per thread (`register_estimate`) above which the
 # kernel spills or runs at one CTA per SM (ptxas, weights decoded in registers: 64 x 128
 # with 2 x 2 warps and 2 stages, estimate 144, spills in GEMM2; 32 x 128 with 4 stages,
@@ -134,10 +156,15 @@ def _check_common(tactic, problem) -> None:
         raise NotImplementedError(
             f"{tactic}: activation dtype {problem.activation_dtype!r}; only bfloat16 is supported"
         )
-    if tactic.split_k > 1 or tactic.stages > _DEEP_STAGES:
+    if tactic.split_k > 1 or tactic.stages > _DEEP_STAGES or tactic.bulk:
         rows = _expected_rows_per_expert(problem.token_bucket, problem.top_k, problem.num_experts)
         if rows > _SPLIT_K_MAX_ROW_TILES * tactic.block_m:
-            what = f"split_k={tactic.split_k}" if tactic.split_k > 1 else f"stages={tactic.stages}"
+            if tactic.split_k > 1:
+                what = f"split_k={tactic.split_k}"
+            elif tactic.bulk:
+                what = f"bulk={tactic.bulk}"
+            else:
+                what = f"stages={tactic.stages}"
             raise ValueError(
                 f"{tactic}: {what} is a decode tactic; the problem expects "
                 f"{rows:g} routed rows per expert (> {_SPLIT_K_MAX_ROW_TILES * tactic.block_m}), "
@@ -152,6 +179,7 @@ def swap_ab_smem_bytes(
     cp_async: bool,
     wgmma: bool = False,
     overlap: bool = False,
+    bulk: int = 0,
 ) -> int:
     """Dynamic shared memory of one CTA of the swap-AB GEMMs (their `_allocate_smem`).
 
@@ -162,7 +190,9 @@ def swap_ab_smem_bytes(
     through shared memory with register prefetch: they are decoded in registers.
     With `wgmma` the token tiles (a cp.async ring of `stages + 1`) are unpadded
     (swizzled) and aligned to `WGMMA_SMEM_ALIGN` bytes (counted in full as padding);
-    with `overlap` the ring has `stages + 2` steps.
+    with `overlap` the ring has `stages + 2` steps. With `bulk` (K steps per weight
+    slot) the weight ring has `stages` slots of `bulk` steps, the token ring 3 stages,
+    plus one 8-byte mbarrier per slot.
     """
     if wgmma:
         return (
@@ -172,10 +202,14 @@ def swap_ab_smem_bytes(
             + 6 * 128
         )
     row = _BLOCK_K + 8
-    b_stages = stages if cp_async else 2
-    ring = stages if cp_async else 0
+    b_stages = _BULK_TOKEN_STAGES if bulk else stages if cp_async else 2
+    ring = stages * max(1, bulk) if cp_async else 0
     return (
-        2 * row * b_stages * block_m + 4 * (block_w + 4) * block_m + 36 * block_w * ring + 6 * 128
+        2 * row * b_stages * block_m
+        + 4 * (block_w + 4) * block_m
+        + 36 * block_w * ring
+        + (8 * stages if bulk else 0)
+        + 6 * 128
     )
 
 
@@ -190,9 +224,10 @@ class _SwapAbTactic(Tactic):
     split_k: int = 1
     wgmma: bool = False
     overlap: bool = False
+    bulk: int = 0
 
     # Tables written before these fields existed have no such params.
-    optional_params: ClassVar[tuple[str, ...]] = ("wgmma", "overlap")
+    optional_params: ClassVar[tuple[str, ...]] = ("wgmma", "overlap", "bulk")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -207,15 +242,30 @@ class _SwapAbTactic(Tactic):
                 f"{name}: overlap=1 needs wgmma=1 and split_k=1; got wgmma={int(self.wgmma)}, "
                 f"split_k={self.split_k}"
             )
+        if self.bulk and self.bulk not in _BULK_STEPS:
+            raise ValueError(
+                f"{name}.bulk={self.bulk}; expected 0 (off) or K steps per copy in {_BULK_STEPS}"
+            )
+        if self.bulk and (not self.cp_async or (self.warps_m, self.warps_n) != (4, 1)):
+            raise ValueError(
+                f"{name}: bulk={self.bulk} needs the shared-memory ring (cp_async=1) and 4 x 1 "
+                f"warps; got cp_async={int(self.cp_async)}, warps=({self.warps_m}, {self.warps_n})"
+            )
         if self.split_k not in _SPLIT_K:
             raise ValueError(f"{name}.split_k={self.split_k}; expected one of {_SPLIT_K}")
-        if self.split_k > 1 and self.cp_async:
-            raise ValueError(f"{name}: split_k={self.split_k} needs the register path (cp_async=0)")
-        allowed = _CP_ASYNC_STAGES if self.cp_async else _REGISTER_STAGES
+        if self.split_k > 1 and self.cp_async and not self.bulk:
+            raise ValueError(
+                f"{name}: split_k={self.split_k} needs the register path (cp_async=0) or the "
+                "bulk-copy ring (bulk > 0)"
+            )
+        if self.bulk:
+            allowed = _BULK_STAGES
+        else:
+            allowed = _CP_ASYNC_STAGES if self.cp_async else _REGISTER_STAGES
         if self.stages not in allowed:
             raise ValueError(
-                f"{name}.stages={self.stages} with cp_async={self.cp_async}; expected one of "
-                f"{allowed}"
+                f"{name}.stages={self.stages} with cp_async={int(self.cp_async)}, "
+                f"bulk={self.bulk}; expected one of {allowed}"
             )
         if not self.cp_async and self.register_estimate() > _REGISTER_BUDGET:
             raise ValueError(
@@ -260,7 +310,13 @@ class _SwapAbTactic(Tactic):
     def smem_bytes(self) -> int:
         """Dynamic shared memory of one CTA."""
         return swap_ab_smem_bytes(
-            self.block_w, self.block_m, self.stages, self.cp_async, self.wgmma, self.overlap
+            self.block_w,
+            self.block_m,
+            self.stages,
+            self.cp_async,
+            self.wgmma,
+            self.overlap,
+            self.bulk,
         )
 
 
@@ -333,6 +389,14 @@ _WGMMA_VARIANTS = (
 # (`overlap`), (block_m, block_w, stages): the one-stage prefill tiles. Not in the
 # default search: not measured on a GPU yet.
 _OVERLAP_VARIANTS = ((32, 128, 1), (64, 128, 1), (128, 64, 1))
+# `mma.sync` decode tiles whose weights stream through a shared-memory ring filled by
+# bulk copies, (block_m, block_w, stages, bulk, split_k values): `stages` slots of
+# `bulk` K steps; each warp copies its bands' steps of a slot (one copy of codes and
+# one of scales per band) against the slot's mbarrier, so a deep ring costs neither
+# registers nor per-thread copy instructions. Measured slower than the register ring
+# on an H200 (module docstring), so experimental (`is_experimental`); these are the
+# two fastest of the 17 measured, kept for profiling the difference.
+_BULK_VARIANTS = ((16, 64, 2, 4, (1, 2)), (16, 128, 2, 4, (1, 2)))
 # Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
 # and the CTAs per SM it aims to keep resident.
 _PLANNED_SMS = 132
@@ -342,7 +406,8 @@ _MIN_K_STEPS_PER_SPLIT = 4
 
 
 def _variants(cls):
-    specs = []  # (block_m, block_w, warps_m, warps_n, stages, split_k, wgmma[, overlap])
+    specs = []  # keyword arguments of `cls`, in id order
+    # The register tiles are filtered by validity; every fixed list after them must be valid.
     for bm, wm, wn in _REGIMES:
         for bw in (128, 64):
             for st in (1, 2, 4):
@@ -350,43 +415,39 @@ def _variants(cls):
                     continue
                 if st > 1 and bm == 128:  # 128-row tiles spill with deeper prefetch
                     continue
-                specs.append((bm, bw, wm, wn, st, 1, False))
+                specs.append(dict(block_m=bm, block_w=bw, warps_m=wm, warps_n=wn, stages=st))
+    num_register_tiles = len(specs)
     # Split-K decode variants, after the others. (Ids are per build: the extension maps
     # tactic names to them, so tables never store ids.)
-    for bm, bw, st, splits in _SPLIT_K_VARIANTS:
-        specs.extend((bm, bw, 4, 1, st, split, False) for split in splits)
-    for bm, bw, st, splits in _DEEP_VARIANTS:
-        specs.extend((bm, bw, 4, 1, st, split, False) for split in splits)
+    for bm, bw, st, splits in _SPLIT_K_VARIANTS + _DEEP_VARIANTS:
+        specs.extend(dict(block_m=bm, block_w=bw, stages=st, split_k=k) for k in splits)
     for bm, bw, st, splits in _WGMMA_VARIANTS:
-        specs.extend((bm, bw, 4, 1, st, split, True) for split in splits)
-    specs.extend((bm, bw, 4, 1, st, 1, True, True) for bm, bw, st in _OVERLAP_VARIANTS)
+        specs.extend(dict(block_m=bm, block_w=bw, stages=st, split_k=k, wgmma=True) for k in splits)
+    specs.extend(
+        dict(block_m=bm, block_w=bw, stages=st, wgmma=True, overlap=True)
+        for bm, bw, st in _OVERLAP_VARIANTS
+    )
+    for bm, bw, st, steps, splits in _BULK_VARIANTS:
+        specs.extend(
+            dict(block_m=bm, block_w=bw, stages=st, split_k=k, cp_async=True, bulk=steps)
+            for k in splits
+        )
     out = []
-    for bm, bw, wm, wn, st, split, wgmma, *overlap in specs:
+    for i, spec in enumerate(specs):
         try:
-            out.append(
-                cls(
-                    block_m=bm,
-                    block_w=bw,
-                    warps_m=wm,
-                    warps_n=wn,
-                    stages=st,
-                    cp_async=False,
-                    split_k=split,
-                    wgmma=wgmma,
-                    overlap=bool(overlap),
-                )
-            )
+            out.append(cls(**(dict(warps_m=4, warps_n=1, cp_async=False) | spec)))
         except ValueError:
-            if split > 1 or st > _DEEP_STAGES or wgmma:  # the fixed lists must be valid
+            if i >= num_register_tiles:
                 raise
     return out
 
 
 def is_experimental(tactic: _SwapAbTactic) -> bool:
     """Whether `tactic` is an experimental variant (the `overlap` ones, correct but
-    slower than their plain twins on an H200; module docstring): the tuner and its
-    evaluation time it only when asked (`--all_variants`)."""
-    return tactic.overlap
+    slower than their plain twins on an H200, and the `bulk` ones, slower than the
+    register ring there; module docstring): the tuner and its evaluation time it only when asked
+    (`--all_variants`)."""
+    return tactic.overlap or tactic.bulk > 0
 
 
 def searched_by_default(tactic: _SwapAbTactic) -> bool:

@@ -23,7 +23,8 @@ the two GEMMs; this module holds everything else:
   token rows (B) are loaded in 16-byte chunks, stored to a double-buffered
   shared-memory tile and read by ``ldmatrix``. Weights and tokens are loaded
   `stages` K steps ahead, into a register ring (default) or through a cp.async
-  shared-memory ring (`cp_async`). The fp32 tile is then staged in shared memory
+  shared-memory ring (`cp_async`; with `bulk`, the weights arrive by bulk copies of
+  several K steps each, `mainloop_bulk`). The fp32 tile is then staged in shared memory
   (``s_c[q, j]``) for the epilogue, which applies the global scale.
 * programmatic dependent launch (`pdl`, see :mod:`jax_moe.kernels`): the kernels
   launch with the programmatic-stream-serialization attribute, and
@@ -81,6 +82,8 @@ BLOCK_K = 64
 NUM_THREADS = 128
 #: bf16 elements of padding per shared-memory row (16 bytes: conflict-free ldmatrix).
 SMEM_PAD = 8
+#: Stages of the token ring of the bulk-copy main loop (token rows 2 K steps ahead).
+BULK_TOKEN_STAGES = 3
 #: The decoded bf16 weights are `value * 2**-DECODE_EXPONENT_SHIFT`; the epilogue
 #: multiplies the global scale by `2**DECODE_EXPONENT_SHIFT` (exact).
 DECODE_EXPONENT_SHIFT = 9
@@ -131,6 +134,34 @@ def load_dsmem_f32(address: cutlass.Int32, *, loc=None, ip=None) -> cutlass.Floa
         ip=ip,
     )
     return cutlass.Float32(result)
+
+
+@dsl_user_op
+def bulk_copy_g2s(
+    dst: cute.Pointer, src: cute.Pointer, size, bar: cute.Pointer, *, loc=None, ip=None
+) -> None:
+    """`cp.async.bulk` of `size` bytes (a multiple of 16, both addresses 16-byte
+    aligned) from global `src` to shared `dst`, completing as transaction bytes on
+    the mbarrier `bar`."""
+    operands = [
+        dst.toint(loc=loc, ip=ip).ir_value(loc=loc, ip=ip),
+        src.toint(loc=loc, ip=ip).ir_value(loc=loc, ip=ip),
+        cutlass.Int32(size).ir_value(loc=loc, ip=ip),
+        bar.toint(loc=loc, ip=ip).ir_value(loc=loc, ip=ip),
+    ]
+    llvm.inline_asm(
+        res=None,
+        operands_=operands,
+        asm_string=(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
+            "[$0], [$1], $2, [$3];"
+        ),
+        constraints="r,l,r,r,~{memory}",
+        has_side_effects=True,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+        loc=loc,
+        ip=ip,
+    )
 
 
 def load_global_cg_i32(tensor: cute.Tensor, index) -> cutlass.Int32:
@@ -213,6 +244,12 @@ class SwapAbNvfp4GemmSm90:
         token rows are copied by cp.async into a 128-byte-swizzled ring (the wgmma
         K-major layout) of `stages + 1` steps and read by the MMA itself: no register
         ring of token rows and no `ldmatrix` (`mainloop_wgmma`).
+      bulk: with `cp_async` and `4 x 1` warps, K steps per bulk copy (0: off). The
+        weights and scales stream through a shared-memory ring of `stages` slots of
+        `bulk` K steps each, filled by `cp.async.bulk` copies (one per 16-row band
+        for the codes and one for the scales, each warp copying its own bands) that
+        complete on one mbarrier per slot; the token rows go through a 3-stage
+        cp.async ring (`mainloop_bulk`). Split-K is allowed.
       overlap: with `wgmma`, overlap each K step's decode with the previous step's
         MMAs: one commit group per 16 columns, each slice's A registers rewritten
         once the previous step's MMAs of that slice are done (`wgmma.wait_group 3`),
@@ -236,10 +273,18 @@ class SwapAbNvfp4GemmSm90:
         pdl: bool = False,
         wgmma: bool = False,
         overlap: bool = False,
+        bulk: int = 0,
     ):
         for name, flag in (("pdl", pdl), ("wgmma", wgmma), ("overlap", overlap)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}={flag!r}; expected a bool")
+        if isinstance(bulk, bool) or bulk not in (0, 1, 2, 4):
+            raise ValueError(f"bulk={bulk!r}; expected 0 (off), 1, 2 or 4 K steps per copy")
+        if bulk and (not cp_async or (warps_m, warps_n) != (4, 1)):
+            raise ValueError(
+                "bulk needs the shared-memory ring (cp_async=True) and 4 x 1 warps; got "
+                f"cp_async={cp_async}, warps=({warps_m}, {warps_n})"
+            )
         if overlap and (not wgmma or split_k != 1):
             raise ValueError(
                 f"overlap needs wgmma and split_k=1; got wgmma={wgmma}, split_k={split_k}"
@@ -252,15 +297,15 @@ class SwapAbNvfp4GemmSm90:
             )
         if split_k not in (1, 2, 4, 8):
             raise ValueError(f"split_k={split_k}; expected 1, 2, 4 or 8")
-        if split_k > 1 and cp_async:
-            raise ValueError("split_k > 1 needs the register path (cp_async=False)")
+        if split_k > 1 and cp_async and not bulk:
+            raise ValueError("split_k > 1 needs the register path or the bulk-copy ring")
         if warps_m * warps_n * 32 != NUM_THREADS:
             raise ValueError(f"warps_m * warps_n = {warps_m * warps_n}; expected 4")
         if block_w % (16 * warps_m) or block_w % 64:
             raise ValueError(f"block_w={block_w}; expected a multiple of 64 and of 16*warps_m")
         if block_m % (16 * warps_n):
             raise ValueError(f"block_m={block_m}; expected a multiple of 16*warps_n")
-        if stages < (3 if cp_async else 1):
+        if stages < (2 if bulk else 3 if cp_async else 1):
             raise ValueError(
                 f"stages={stages}; expected >= 1 (register prefetch depth) or >= 3 (cp.async ring)"
             )
@@ -269,6 +314,7 @@ class SwapAbNvfp4GemmSm90:
         self.pdl = pdl
         self.wgmma = wgmma
         self.overlap = overlap
+        self.bulk = bulk
         self.split_k = split_k
         self.block_w = block_w
         self.block_m = block_m
@@ -281,6 +327,8 @@ class SwapAbNvfp4GemmSm90:
         # Stages of the shared-memory token tile: double-buffered with register
         # prefetch (one barrier per K step), the ring depth with cp.async.
         self.b_stages = stages if cp_async else 2
+        if bulk:
+            self.b_stages = BULK_TOKEN_STAGES
         if wgmma:
             # Token rows: a cp.async ring one step deeper than the weights' lookahead
             # (two with `overlap`: the previous step's MMAs may still read its stage).
@@ -294,12 +342,19 @@ class SwapAbNvfp4GemmSm90:
     def smem_bytes(self) -> int:
         """Dynamic shared memory of one CTA (`_allocate_smem`)."""
         return swap_ab_smem_bytes(
-            self.block_w, self.block_m, self.stages, self.cp_async, self.wgmma, self.overlap
+            self.block_w,
+            self.block_m,
+            self.stages,
+            self.cp_async,
+            self.wgmma,
+            self.overlap,
+            self.bulk,
         )
 
     def _allocate_smem(self, smem):
-        """(s_b, s_c, s_raw, s_scale); s_b has a trailing stage mode (`b_stages`),
-        s_raw/s_scale are None without the cp.async pipeline."""
+        """(s_b, s_c, s_raw, s_scale, bars); s_b has a trailing stage mode (`b_stages`),
+        s_raw/s_scale are None without the cp.async pipeline (with `bulk`, each stage
+        holds `bulk` K steps), `bars` (one mbarrier per stage) None without `bulk`."""
         if cutlass.const_expr(self.wgmma):
             # K-major, 128-byte swizzle (one 64-wide K step of a token row is 128 bytes).
             atom = warpgroup.make_smem_layout_atom(
@@ -327,14 +382,18 @@ class SwapAbNvfp4GemmSm90:
         )
         s_raw = None
         s_scale = None
+        bars = None
         if self.cp_async:
+            steps = max(1, self.bulk)
             s_raw = smem.allocate_tensor(
-                cutlass.Uint8, cute.make_layout((self.block_w * 32, self.stages)), 16
+                cutlass.Uint8, cute.make_layout((self.block_w * 32 * steps, self.stages)), 16
             )
             s_scale = smem.allocate_tensor(
-                cutlass.Uint8, cute.make_layout((self.block_w * 4, self.stages)), 16
+                cutlass.Uint8, cute.make_layout((self.block_w * 4 * steps, self.stages)), 16
             )
-        return s_b, s_c, s_raw, s_scale
+        if self.bulk:
+            bars = smem.allocate_array(cutlass.Int64, self.stages, byte_alignment=8)
+        return s_b, s_c, s_raw, s_scale, bars
 
     def _tiled_mma(self):
         if cutlass.const_expr(self.wgmma):
@@ -894,8 +953,25 @@ class SwapAbNvfp4GemmSm90:
         `wait_before_tokens` (with `pdl`): `dependency_wait` and `launch_dependents` run
         inside, after the first weight loads and before the first read of `m_b`.
         """
-        s_b, s_c, s_raw, s_scale = self._allocate_smem(smem)
-        if cutlass.const_expr(self.wgmma):
+        s_b, s_c, s_raw, s_scale, bars = self._allocate_smem(smem)
+        if cutlass.const_expr(self.bulk):
+            self.mainloop_bulk(
+                m_b,
+                b_rows,
+                m_packed,
+                m_scale,
+                expert,
+                w_row0,
+                tidx,
+                s_b,
+                s_c,
+                s_raw,
+                s_scale,
+                bars,
+                tiled_mma,
+                wait_before_tokens,
+            )
+        elif cutlass.const_expr(self.wgmma):
             self.mainloop_wgmma(
                 m_b,
                 b_rows,
@@ -1086,6 +1162,155 @@ class SwapAbNvfp4GemmSm90:
             cute.arch.cp_async_commit_group()
             self.load_a_smem(stage, tidx, s_raw, s_scale, r_codes, r_scales)
             self.mma_k_step(tiled_mma, frags, r_codes, r_scales, stage)
+
+        cute.arch.cp_async_wait_group(0)
+        cute.autovec_copy(frags.acc, frags.t_sc)
+        cute.arch.sync_threads()
+
+    @cute.jit
+    def issue_bulk_slot(self, tiles, w_row0, tidx, s_raw, s_scale, bars, first, count, slot):
+        """Bulk copies of K steps `[first, first + count)` of this warp's bands into weight
+        slot `slot` (lane 0 of each warp; `count <= bulk`).
+
+        A band's steps are contiguous, so per band one copy of `512 * count` code bytes
+        and one of `64 * count` scale bytes, at block `local_band * bulk` of the slot.
+        The warp arrives on the slot's mbarrier with their byte count first (one arrival
+        per warp completes the phase once every copy has landed).
+        """
+        if tidx % 32 == 0:
+            codes, scales = tiles
+            bar = bars + slot
+            cute.arch.mbarrier_arrive_and_expect_tx(bar, count * (576 * self.mma_m))
+            band0 = self.first_band(w_row0, tidx)
+            local0 = self.first_band(cutlass.Int32(0), tidx)
+            for mi in cutlass.range_constexpr(self.mma_m):
+                crd = (0, first, band0 + mi * self.warps_m)
+                block = (local0 + mi * self.warps_m) * self.bulk
+                bulk_copy_g2s(
+                    s_raw.iterator + cute.crd2idx((block * 512, slot), s_raw.layout),
+                    codes.iterator + cute.crd2idx(crd, codes.layout),
+                    count * 512,
+                    bar,
+                )
+                bulk_copy_g2s(
+                    s_scale.iterator + cute.crd2idx((block * 64, slot), s_scale.layout),
+                    scales.iterator + cute.crd2idx(crd, scales.layout),
+                    count * 64,
+                    bar,
+                )
+
+    @cute.jit
+    def load_a_bulk(self, slot, sub, tidx, s_raw, s_scale, r_codes, r_scales):
+        """`load_a_step` from step `sub` of weight slot `slot` (`issue_bulk_slot`)."""
+        lane = tidx % 32
+        local0 = self.first_band(cutlass.Int32(0), tidx)
+        for mi in cutlass.range_constexpr(self.mma_m):
+            block = (local0 + mi * self.warps_m) * self.bulk + sub
+            src = cute.local_tile(s_raw[None, slot], (16,), (block * 32 + lane,))
+            cute.autovec_copy(src, r_codes[None, mi])
+            ssrc = cute.local_tile(s_scale[None, slot], (8,), (block * 8 + lane // 4,))
+            cute.autovec_copy(ssrc, r_scales[None, mi])
+
+    @cute.jit
+    def mainloop_bulk(
+        self,
+        m_b: cute.Tensor,
+        b_rows: cute.Tensor,
+        m_packed: cute.Tensor,
+        m_scale: cute.Tensor,
+        expert: cutlass.Int32,
+        w_row0: cutlass.Int32,
+        tidx: cutlass.Int32,
+        s_b: cute.Tensor,
+        s_c: cute.Tensor,
+        s_raw: cute.Tensor,
+        s_scale: cute.Tensor,
+        bars,
+        tiled_mma: cute.TiledMma,
+        wait_before_tokens: bool = False,
+    ):
+        """K loop with the weights in a bulk-copy ring of `stages` slots of `bulk` steps.
+
+        Slot `g % stages` holds group `g` (steps `k_begin + g * bulk ...` of this CTA's
+        range, the last group possibly shorter); groups `g + 1 .. g + stages - 1` are in
+        flight while group `g` is read. Token rows: the cp.async ring of `b_stages`
+        (`BULK_TOKEN_STAGES`) steps, issued `b_stages - 1` steps ahead (`b_rows[c]`
+        must be a valid row, as for `mainloop_cp_async`). Per step: wait for its token
+        copies and, at a group's first step, for the slot's mbarrier (phase = the
+        slot's use count mod 2; every thread waits, which makes the bulk writes visible
+        to it); one barrier; then, at a group's first step, refill the slot read by the
+        previous group (every warp is past it) with group `g + stages - 1`; issue the
+        token copies into the stage read one step back; decode and multiply. Only steps
+        of the range are copied, so every copy issued is waited for before the CTA
+        exits. Weights of the first groups are copied before `dependency_wait` (`pdl`
+        with `wait_before_tokens`).
+        """
+        k_begin, k_end = self.k_range(m_packed)
+        last = k_end - 1
+        steps = self.bulk
+        slots = self.stages
+        ring = self.b_stages
+        r_codes = cute.make_rmem_tensor((16, self.mma_m), cutlass.Uint8)
+        r_scales = cute.make_rmem_tensor((8, self.mma_m), cutlass.Uint8)
+
+        frags = self._fragments(tiled_mma, tidx, s_b, s_c)
+        tiles = self.weight_tiles(m_packed, m_scale, expert)
+        bulk_args = (tiles, w_row0, tidx, s_raw, s_scale, bars)
+
+        if tidx == 0:
+            for st in cutlass.range_constexpr(slots):
+                cute.arch.mbarrier_init(bars + st, self.warps_m)  # one arrival per warp
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+        for g in cutlass.range_constexpr(slots - 1):
+            first = k_begin + g * steps
+            if first < k_end:
+                self.issue_bulk_slot(*bulk_args, first, cutlass.min(steps, k_end - first), g)
+        if cutlass.const_expr(self.pdl and wait_before_tokens):
+            self.dependency_wait()
+            self.launch_dependents()
+        for st in cutlass.range_constexpr(ring - 1):
+            step = cutlass.min(k_begin + st, last)
+            self.issue_step_cp_async(
+                m_b, b_rows, tiles, w_row0, step, st, tidx, s_b, s_raw, s_scale, False, True
+            )
+            cute.arch.cp_async_commit_group()
+
+        for k_step in cutlass.range(k_begin, k_end, unroll=1):
+            i = k_step - k_begin
+            group = i // steps
+            sub = i - group * steps
+            slot = group % slots
+            cute.arch.cp_async_wait_group(ring - 2)
+            if sub == 0:
+                cute.arch.mbarrier_wait(bars + slot, (group // slots) % 2)
+            cute.arch.sync_threads()
+            if sub == 0:
+                first = k_step + (slots - 1) * steps
+                if first < k_end:
+                    self.issue_bulk_slot(
+                        *bulk_args,
+                        first,
+                        cutlass.min(steps, k_end - first),
+                        (group + slots - 1) % slots,
+                    )
+            self.issue_step_cp_async(
+                m_b,
+                b_rows,
+                tiles,
+                w_row0,
+                cutlass.min(k_step + ring - 1, last),
+                (i + ring - 1) % ring,
+                tidx,
+                s_b,
+                s_raw,
+                s_scale,
+                False,
+                True,
+            )
+            cute.arch.cp_async_commit_group()
+            self.load_a_bulk(slot, sub, tidx, s_raw, s_scale, r_codes, r_scales)
+            self.mma_k_step(tiled_mma, frags, r_codes, r_scales, i % ring)
 
         cute.arch.cp_async_wait_group(0)
         cute.autovec_copy(frags.acc, frags.t_sc)
