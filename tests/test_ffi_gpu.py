@@ -341,14 +341,14 @@ LONG_K_SHAPE = (24, 4, 1152, 576, 4)
 
 def _gemm_cases(op: str) -> list:
     """`(variant name, shape)`: every variant on GEMM_SHAPE, the wgmma and bulk-copy ones
-    also on ODD_K_SHAPE, the bulk-copy ones also on LONG_K_SHAPE."""
+    also on ODD_K_SHAPE, the bulk-copy and L2-prefetch ones also on LONG_K_SHAPE."""
     names = _gemm_variants(op)
     if not names:
         return [pytest.param("none", GEMM_SHAPE, id="none")]
     cases = [pytest.param(n, GEMM_SHAPE, id=n) for n in names]
     rings = [n for n in names if _tactic(op, n).wgmma or _tactic(op, n).bulk]
     cases += [pytest.param(n, ODD_K_SHAPE, id=f"{n}-odd_k") for n in rings]
-    bulk = [n for n in names if _tactic(op, n).bulk]
+    bulk = [n for n in names if _tactic(op, n).bulk or _tactic(op, n).prefetch]
     cases += [pytest.param(n, LONG_K_SHAPE, id=f"{n}-long_k") for n in bulk]
     return cases
 

@@ -185,8 +185,8 @@ def test_overlap_variants_are_unsplit_wgmma_tiles_outside_the_default_search():
         ]
         assert all(t.wgmma and t.split_k == 1 for t in overlap)
         assert not any(cfg.searched_by_default(t) for t in overlap)
-        # Ids after every earlier variant (only the bulk-copy ones follow).
-        assert [t for t in variants if not t.bulk][-len(overlap) :] == overlap
+        # Ids after every earlier variant (only the bulk-copy and prefetch ones follow).
+        assert [t for t in variants if not (t.bulk or t.prefetch)][-len(overlap) :] == overlap
         # One more token stage than the plain wgmma tile.
         for t in overlap:
             plain = dataclasses.replace(t, overlap=False)
@@ -202,7 +202,8 @@ def test_bulk_variants_are_experimental_decode_tiles_after_the_others():
         }
         assert {t.split_k for t in bulk} == {1, 2}
         assert all(t.cp_async and not t.wgmma and (t.warps_m, t.warps_n) == (4, 1) for t in bulk)
-        assert variants[-len(bulk) :] == bulk
+        # After every other variant but the prefetch ones.
+        assert [t for t in variants if not t.prefetch][-len(bulk) :] == bulk
         assert all(cfg.is_experimental(t) and not cfg.searched_by_default(t) for t in bulk)
         for t in bulk:
             # 3 token stages, `stages` weight slots of `bulk` steps, one mbarrier per slot.
@@ -219,6 +220,39 @@ def test_bulk_variants_are_experimental_decode_tiles_after_the_others():
     tactic.check(_problem("moe_gemm1", token_bucket=512))  # 16 rows per expert
     with pytest.raises(ValueError, match="bulk=4 is a decode tactic"):
         tactic.check(_problem("moe_gemm1", token_bucket=1024))
+
+
+def test_prefetch_variants_are_experimental_mma_sync_decode_tiles_last():
+    for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
+        pre = [t for t in variants if t.prefetch]
+        assert variants[-len(pre) :] == pre
+        assert {(t.block_w, t.stages, t.prefetch, t.split_k) for t in pre} == {
+            (64, 2, 8, 1),
+            (64, 2, 8, 2),
+        }
+        assert all(t.block_m == 16 and not (t.wgmma or t.cp_async or t.bulk) for t in pre)
+        assert all(cfg.is_experimental(t) and not cfg.searched_by_default(t) for t in pre)
+        # Each has its plain twin among the exported variants.
+        assert all(dataclasses.replace(t, prefetch=0) in variants for t in pre)
+
+
+@requires_dsl
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_prefetch_variant_asks_l2_for_steps_ahead(dsl, op, tmp_path):
+    """A `prefetch` tactic's PTX prefetches each band's 512 code bytes and 64 scale bytes
+    into L2 (the steps between the register ring and `prefetch` before the loop, one
+    step per loop step, the loop unrolled `stages` times); its twin has none."""
+    cute, modules = dsl
+    module = modules[op]
+    tactic = next(t for t in module.variants() if t.prefetch and t.block_w == 64)
+    for variant in (tactic, dataclasses.replace(tactic, prefetch=0)):
+        fn, fake_args = module.export_spec(variant)
+        dump = tmp_path / f"prefetch{variant.prefetch}"
+        dump.mkdir()
+        ptx = cute.compile(fn, *fake_args, options=f"--keep-ptx --dump-dir={dump}").__ptx__
+        sites = (variant.prefetch - variant.stages) + variant.stages if variant.prefetch else 0
+        assert ptx.count("cp.async.bulk.prefetch.L2.global") == 2 * sites
+        assert ptx.count("], 512;") == ptx.count("], 64;") == sites
 
 
 @requires_dsl
@@ -375,6 +409,11 @@ def test_tactic_check_rejects_unsupported_problems():
         (dict(stages=3, cp_async=True, bulk=3), ValueError),
         (dict(stages=3, cp_async=True, wgmma=True, bulk=2), ValueError),
         (dict(stages=3, cp_async=True, bulk=True), TypeError),
+        (dict(stages=2, prefetch=6), ValueError),
+        (dict(stages=4, prefetch=4), ValueError),  # not beyond the register ring
+        (dict(stages=3, cp_async=True, prefetch=8), ValueError),
+        (dict(block_m=32, block_w=128, stages=1, wgmma=True, prefetch=8), ValueError),
+        (dict(stages=2, prefetch=True), TypeError),
     ],
 )
 def test_tactic_validation(kwargs, error):
@@ -418,8 +457,8 @@ def test_split_k_is_a_decode_tactic():
     assert split and all(t.block_m <= 32 and (t.bulk or not t.cp_async) for t in split)
     # The ids of the unsplit register-ring variants (stages <= 4) come first, then the
     # split-K ones, then the deep-prefetch decode ones, then the wgmma ones (so earlier
-    # ids never move); the bulk-copy ones come last (their own test).
-    variants = [t for t in cfg.gemm1_variants() if not t.bulk]
+    # ids never move); the bulk-copy and prefetch ones come last (their own tests).
+    variants = [t for t in cfg.gemm1_variants() if not (t.bulk or t.prefetch)]
     first_split = next(i for i, t in enumerate(variants) if t.split_k > 1)
     first_deep = next(i for i, t in enumerate(variants) if t.stages > 4)
     first_wgmma = next(i for i, t in enumerate(variants) if t.wgmma)

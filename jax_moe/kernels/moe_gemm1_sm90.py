@@ -86,6 +86,7 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
             tactic.wgmma,
             tactic.overlap,
             tactic.bulk,
+            tactic.prefetch,
         )
         self.tactic = tactic
 

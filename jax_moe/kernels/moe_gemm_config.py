@@ -36,8 +36,21 @@ Qwen3-30B-A3B, N = 1-256, the tuner's routings, 17 bulk variants against every o
 one): never the fastest; the best bulk GEMM1 was 1.14-2.1x the best GEMM1, the best
 bulk GEMM2 1.01-1.17x. A first build with one bulk copy per band and K step, all
 issued by one thread, was 1.4-2.2x (GEMM1); grouping 4 steps per copy and spreading
-the copies over the warps closed part of that. So the two fastest shapes stay
-exported as experimental variants (`_BULK_VARIANTS`, `is_experimental`).
+the copies over the warps closed part of that. The two fastest shapes (4 steps per
+copy, 2 slots; 64- and 128-row weight tiles, unsplit and split in 2) stay exported as
+experimental variants (`_BULK_VARIANTS`, `is_experimental`).
+
+`prefetch` (K steps, 0 = off; `mma.sync` register path): each warp asks L2 for its
+bands' weight and scale bytes of the step `prefetch` ahead (`cp.async.bulk.prefetch.L2`)
+while the register ring loads `stages` ahead, for more bytes in flight from DRAM
+without more registers. Measured on an H200 (tunes of DeepSeek-V3 EP=8 and EP=16 and
+Qwen3-30B-A3B over every variant, N = 1-256; 10 prefetch variants 8 or 16 steps ahead
+against their plain twins): median 1.05-1.11x the twin's time, faster mostly where the
+twin itself was slow (4-stage or split rings), and the best prefetch variant beat the
+best plain one in 5 of 134 (cell, op, routing) timings, by at most 6 %. The whole
+layer with a DeepSeek-V3 EP=8 table tuned over all variants was unchanged (within 1 %).
+So the weight stream of the best decode tiles is not short of DRAM requests in flight;
+one pair stays exported as experimental (`_PREFETCH_VARIANTS`).
 
 `split_k` (1, 2, 4, 8) splits the K loop over that many CTAs of one output tile, a
 thread block cluster that adds its fp32 tiles in rank order through distributed
@@ -77,8 +90,8 @@ estimate exceeds the budget (which leaves out the 128 x 128 tile and, with `2 x 
 warps, 64 x 128 with 2 stages and 64 x 64 with 4: 22 variants); then the 6
 split-K variants of `_SPLIT_K_VARIANTS`, the 3 deep-prefetch decode variants of
 `_DEEP_VARIANTS`, the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS`, the 3 of
-`_OVERLAP_VARIANTS` and the 4 of `_BULK_VARIANTS` (each list's ids after the previous
-ones). The tuner's default
+`_OVERLAP_VARIANTS`, the 4 of `_BULK_VARIANTS` and the 2 of `_PREFETCH_VARIANTS` (each
+list's ids after the previous ones). The tuner's default
 search leaves out the `2 x 2` grids, the unsplit `mma.sync` tiles of 32 rows or more
 and the `overlap` variants (`searched_by_default`).
 
@@ -128,6 +141,8 @@ _CP_ASYNC_STAGES = (3, 4, 6)
 # shared memory, not registers, holds the steps in flight.
 _BULK_STAGES = (2, 3, 4)
 _BULK_STEPS = (1, 2, 4)
+# K steps ahead of the L2 prefetch of the register path (`prefetch`).
+_PREFETCH_STEPS = (4, 8, 16)
 # Token-row stages of the bulk-copy main loop (`BULK_TOKEN_STAGES` of the kernels).
 _BULK_TOKEN_STAGES = 3
 # Prefetch + accumulator registers per thread (`register_estimate`) above which the
@@ -225,9 +240,10 @@ class _SwapAbTactic(Tactic):
     wgmma: bool = False
     overlap: bool = False
     bulk: int = 0
+    prefetch: int = 0
 
     # Tables written before these fields existed have no such params.
-    optional_params: ClassVar[tuple[str, ...]] = ("wgmma", "overlap", "bulk")
+    optional_params: ClassVar[tuple[str, ...]] = ("wgmma", "overlap", "bulk", "prefetch")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -241,6 +257,21 @@ class _SwapAbTactic(Tactic):
             raise ValueError(
                 f"{name}: overlap=1 needs wgmma=1 and split_k=1; got wgmma={int(self.wgmma)}, "
                 f"split_k={self.split_k}"
+            )
+        if self.prefetch and self.prefetch not in _PREFETCH_STEPS:
+            raise ValueError(
+                f"{name}.prefetch={self.prefetch}; expected 0 (off) or one of {_PREFETCH_STEPS}"
+            )
+        if self.prefetch and (self.cp_async or self.wgmma):
+            raise ValueError(
+                f"{name}: prefetch={self.prefetch} needs the mma.sync register path "
+                f"(cp_async=0, wgmma=0); got cp_async={int(self.cp_async)}, "
+                f"wgmma={int(self.wgmma)}"
+            )
+        if self.prefetch and self.prefetch <= self.stages:
+            raise ValueError(
+                f"{name}: prefetch={self.prefetch} must exceed stages={self.stages} (the "
+                "register ring already loads that far ahead)"
             )
         if self.bulk and self.bulk not in _BULK_STEPS:
             raise ValueError(
@@ -397,6 +428,11 @@ _OVERLAP_VARIANTS = ((32, 128, 1), (64, 128, 1), (128, 64, 1))
 # on an H200 (module docstring), so experimental (`is_experimental`); these are the
 # two fastest of the 17 measured, kept for profiling the difference.
 _BULK_VARIANTS = ((16, 64, 2, 4, (1, 2)), (16, 128, 2, 4, (1, 2)))
+# `mma.sync` decode tiles of the register path with an L2 prefetch of the weights,
+# (block_m, block_w, stages, prefetch, split_k values). Measured slower than their
+# plain twins on an H200 in most cells (module docstring), so experimental
+# (`is_experimental`); this pair won a few GEMM1 cells by 5-6 %.
+_PREFETCH_VARIANTS = ((16, 64, 2, 8, (1, 2)),)
 # Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
 # and the CTAs per SM it aims to keep resident.
 _PLANNED_SMS = 132
@@ -432,6 +468,10 @@ def _variants(cls):
             dict(block_m=bm, block_w=bw, stages=st, split_k=k, cp_async=True, bulk=steps)
             for k in splits
         )
+    for bm, bw, st, ahead, splits in _PREFETCH_VARIANTS:
+        specs.extend(
+            dict(block_m=bm, block_w=bw, stages=st, split_k=k, prefetch=ahead) for k in splits
+        )
     out = []
     for i, spec in enumerate(specs):
         try:
@@ -444,10 +484,11 @@ def _variants(cls):
 
 def is_experimental(tactic: _SwapAbTactic) -> bool:
     """Whether `tactic` is an experimental variant (the `overlap` ones, correct but
-    slower than their plain twins on an H200, and the `bulk` ones, slower than the
-    register ring there; module docstring): the tuner and its evaluation time it only when asked
+    slower than their plain twins on an H200, the `bulk` ones, slower than the register
+    ring there, and the `prefetch` ones, slower than their twins in most cells; module
+    docstring): the tuner and its evaluation time it only when asked
     (`--all_variants`)."""
-    return tactic.overlap or tactic.bulk > 0
+    return tactic.overlap or tactic.bulk > 0 or tactic.prefetch > 0
 
 
 def searched_by_default(tactic: _SwapAbTactic) -> bool:

@@ -164,6 +164,22 @@ def bulk_copy_g2s(
     )
 
 
+@dsl_user_op
+def prefetch_l2(src: cute.Pointer, size: int, *, loc=None, ip=None) -> None:
+    """`cp.async.bulk.prefetch.L2` of `size` bytes (a multiple of 16, 16-byte aligned)
+    of global memory at `src`: a hint, nothing waits for it."""
+    llvm.inline_asm(
+        res=None,
+        operands_=[src.toint(loc=loc, ip=ip).ir_value(loc=loc, ip=ip)],
+        asm_string=f"cp.async.bulk.prefetch.L2.global [$0], {int(size)};",
+        constraints="l",
+        has_side_effects=True,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+        loc=loc,
+        ip=ip,
+    )
+
+
 def load_global_cg_i32(tensor: cute.Tensor, index) -> cutlass.Int32:
     """`tensor[index]` of a global int32 tensor read with `ld.global.cg` (L2, not L1).
 
@@ -250,6 +266,11 @@ class SwapAbNvfp4GemmSm90:
         for the codes and one for the scales, each warp copying its own bands) that
         complete on one mbarrier per slot; the token rows go through a 3-stage
         cp.async ring (`mainloop_bulk`). Split-K is allowed.
+      prefetch: with the `mma.sync` register path, K steps ahead (0: off) at which
+        each warp asks L2 for its bands' weight and scale bytes
+        (`cp.async.bulk.prefetch.L2`, one lane per band and array) while the register
+        ring loads `stages` steps ahead: more bytes in flight from DRAM without more
+        registers (`prefetch_l2_step`).
       overlap: with `wgmma`, overlap each K step's decode with the previous step's
         MMAs: one commit group per 16 columns, each slice's A registers rewritten
         once the previous step's MMAs of that slice are done (`wgmma.wait_group 3`),
@@ -274,12 +295,17 @@ class SwapAbNvfp4GemmSm90:
         wgmma: bool = False,
         overlap: bool = False,
         bulk: int = 0,
+        prefetch: int = 0,
     ):
         for name, flag in (("pdl", pdl), ("wgmma", wgmma), ("overlap", overlap)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}={flag!r}; expected a bool")
         if isinstance(bulk, bool) or bulk not in (0, 1, 2, 4):
             raise ValueError(f"bulk={bulk!r}; expected 0 (off), 1, 2 or 4 K steps per copy")
+        if isinstance(prefetch, bool) or prefetch not in (0, 4, 8, 16):
+            raise ValueError(f"prefetch={prefetch!r}; expected 0 (off), 4, 8 or 16 K steps")
+        if prefetch and (cp_async or wgmma):
+            raise ValueError("prefetch needs the mma.sync register path (cp_async=wgmma=False)")
         if bulk and (not cp_async or (warps_m, warps_n) != (4, 1)):
             raise ValueError(
                 "bulk needs the shared-memory ring (cp_async=True) and 4 x 1 warps; got "
@@ -315,6 +341,7 @@ class SwapAbNvfp4GemmSm90:
         self.wgmma = wgmma
         self.overlap = overlap
         self.bulk = bulk
+        self.prefetch = prefetch
         self.split_k = split_k
         self.block_w = block_w
         self.block_m = block_m
@@ -695,6 +722,21 @@ class SwapAbNvfp4GemmSm90:
             cute.autovec_copy(ssrc, r_scales[None, mi])
 
     @cute.jit
+    def prefetch_l2_step(
+        self, tiles: tuple, band0: cutlass.Int32, k_step: cutlass.Int32, tidx: cutlass.Int32
+    ):
+        """L2 prefetch of K step `k_step` of this warp's bands: lane `2 * mi` asks for the
+        512 code bytes of its tile `mi`, lane `2 * mi + 1` for the 64 scale bytes."""
+        codes, scales = tiles
+        lane = tidx % 32
+        for mi in cutlass.range_constexpr(self.mma_m):
+            crd = (0, k_step, band0 + mi * self.warps_m)
+            if lane == 2 * mi:
+                prefetch_l2(codes.iterator + cute.crd2idx(crd, codes.layout), 512)
+            if lane == 2 * mi + 1:
+                prefetch_l2(scales.iterator + cute.crd2idx(crd, scales.layout), 64)
+
+    @cute.jit
     def load_b_step(
         self,
         m_b: cute.Tensor,
@@ -783,6 +825,12 @@ class SwapAbNvfp4GemmSm90:
         tiles = self.weight_tiles(m_packed, m_scale, expert)
         band0 = self.first_band(w_row0, tidx)
 
+        # L2 prefetch: steps `depth .. prefetch - 1` before the loop, then step
+        # `k + prefetch` at step k (clamped to this CTA's last step).
+        if cutlass.const_expr(self.prefetch > 0):
+            for d in cutlass.range_constexpr(depth, self.prefetch):
+                self.prefetch_l2_step(tiles, band0, cutlass.min(k_begin + d, last), tidx)
+
         # Register ring of `depth` K steps: step k lives in buffer k % depth; the loop is
         # unrolled by `depth` so every buffer index is a compile-time constant. The token
         # tile alternates between two shared-memory stages, so one barrier per step
@@ -819,6 +867,9 @@ class SwapAbNvfp4GemmSm90:
                         tiles, band0, ahead, tidx, r_codes[None, None, d], r_scales[None, None, d]
                     )
                     self.load_b_step(m_b, b_rows, ahead, tidx, r_b[None, None, d])
+                    if cutlass.const_expr(self.prefetch > 0):
+                        far = cutlass.min(k_step + self.prefetch, last)
+                        self.prefetch_l2_step(tiles, band0, far, tidx)
                     self.mma_k_step(tiled_mma, frags, cur_codes, cur_scales, stage)
 
         cute.autovec_copy(frags.acc, frags.t_sc)
