@@ -193,6 +193,13 @@ def test_overlap_variants_are_unsplit_wgmma_tiles_outside_the_default_search():
             assert t.smem_bytes() - plain.smem_bytes() == 2 * 64 * t.block_m
 
 
+def _compile_kept(cute, module, tactic, dump):
+    """`cute.compile` of `tactic`'s export spec keeping its PTX and cubin in `dump`."""
+    fn, fake_args = module.export_spec(tactic)
+    dump.mkdir()
+    return cute.compile(fn, *fake_args, options=f"--keep-ptx --keep-cubin --dump-dir={dump}")
+
+
 def test_bulk_variants_are_experimental_decode_tiles_after_the_others():
     for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
         bulk = [t for t in variants if t.bulk]
@@ -246,10 +253,7 @@ def test_prefetch_variant_asks_l2_for_steps_ahead(dsl, op, tmp_path):
     module = modules[op]
     tactic = next(t for t in module.variants() if t.prefetch and t.block_w == 64)
     for variant in (tactic, dataclasses.replace(tactic, prefetch=0)):
-        fn, fake_args = module.export_spec(variant)
-        dump = tmp_path / f"prefetch{variant.prefetch}"
-        dump.mkdir()
-        ptx = cute.compile(fn, *fake_args, options=f"--keep-ptx --dump-dir={dump}").__ptx__
+        ptx = _compile_kept(cute, module, variant, tmp_path / f"pf{variant.prefetch}").__ptx__
         sites = (variant.prefetch - variant.stages) + variant.stages if variant.prefetch else 0
         assert ptx.count("cp.async.bulk.prefetch.L2.global") == 2 * sites
         assert ptx.count("], 512;") == ptx.count("], 64;") == sites
@@ -269,12 +273,7 @@ def test_bulk_variant_copies_weights_in_bulk(dsl, op, tmp_path):
         dataclasses.replace(exported, stages=st, bulk=steps) for st, steps in ((4, 1), (3, 2))
     ]
     for tactic in picked:
-        fn, fake_args = module.export_spec(tactic)
-        dump = tmp_path / f"bulk{tactic.stages}_{tactic.bulk}"
-        dump.mkdir()
-        compiled = cute.compile(
-            fn, *fake_args, options=f"--keep-ptx --keep-cubin --dump-dir={dump}"
-        )
+        compiled = _compile_kept(cute, module, tactic, tmp_path / f"{tactic.stages}_{tactic.bulk}")
         ptx = compiled.__ptx__
         copies = "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
         # Slots 0 .. stages - 2 in the prologue, one refill in the loop; one 16-row band
@@ -301,12 +300,7 @@ def test_overlap_variant_waits_per_slice(dsl, op, tmp_path):
     tactic = next(t for t in module.variants() if t.overlap and t.block_m == 64)
     counts = {}
     for variant in (tactic, dataclasses.replace(tactic, overlap=False)):
-        fn, fake_args = module.export_spec(variant)
-        dump = tmp_path / f"overlap{int(variant.overlap)}"
-        dump.mkdir()
-        compiled = cute.compile(
-            fn, *fake_args, options=f"--keep-ptx --keep-cubin --dump-dir={dump}"
-        )
+        compiled = _compile_kept(cute, module, variant, tmp_path / f"overlap{variant.overlap}")
         ptx = compiled.__ptx__
         counts[variant.overlap] = (
             ptx.count("wgmma.commit_group"),

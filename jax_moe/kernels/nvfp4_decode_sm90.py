@@ -1127,15 +1127,17 @@ class SwapAbNvfp4GemmSm90:
                     cute.copy(atom_b, bsrc, bdst)
 
     @cute.jit
-    def load_a_smem(self, stage, tidx, s_raw, s_scale, r_codes, r_scales):
-        """`load_a_step` from a staged K step of `s_raw` / `s_scale` (cp.async ring)."""
+    def load_a_smem(self, stage, tidx, s_raw, s_scale, r_codes, r_scales, sub=0):
+        """`load_a_step` from a staged K step of `s_raw` / `s_scale`: stage `stage` of the
+        cp.async ring, or step `sub` of slot `stage` of the bulk-copy ring
+        (`issue_bulk_slot`: band `b`'s steps at block `b * bulk`)."""
         lane = tidx % 32
         band0 = self.first_band(cutlass.Int32(0), tidx)  # bands counted from the CTA's first
         for mi in cutlass.range_constexpr(self.mma_m):
-            band = band0 + mi * self.warps_m
-            src = cute.local_tile(s_raw[None, stage], (16,), (band * 32 + lane,))
+            block = (band0 + mi * self.warps_m) * max(1, self.bulk) + sub
+            src = cute.local_tile(s_raw[None, stage], (16,), (block * 32 + lane,))
             cute.autovec_copy(src, r_codes[None, mi])
-            ssrc = cute.local_tile(s_scale[None, stage], (8,), (band * 8 + lane // 4,))
+            ssrc = cute.local_tile(s_scale[None, stage], (8,), (block * 8 + lane // 4,))
             cute.autovec_copy(ssrc, r_scales[None, mi])
 
     @cute.jit
@@ -1251,18 +1253,6 @@ class SwapAbNvfp4GemmSm90:
                 )
 
     @cute.jit
-    def load_a_bulk(self, slot, sub, tidx, s_raw, s_scale, r_codes, r_scales):
-        """`load_a_step` from step `sub` of weight slot `slot` (`issue_bulk_slot`)."""
-        lane = tidx % 32
-        local0 = self.first_band(cutlass.Int32(0), tidx)
-        for mi in cutlass.range_constexpr(self.mma_m):
-            block = (local0 + mi * self.warps_m) * self.bulk + sub
-            src = cute.local_tile(s_raw[None, slot], (16,), (block * 32 + lane,))
-            cute.autovec_copy(src, r_codes[None, mi])
-            ssrc = cute.local_tile(s_scale[None, slot], (8,), (block * 8 + lane // 4,))
-            cute.autovec_copy(ssrc, r_scales[None, mi])
-
-    @cute.jit
     def mainloop_bulk(
         self,
         m_b: cute.Tensor,
@@ -1360,7 +1350,7 @@ class SwapAbNvfp4GemmSm90:
                 True,
             )
             cute.arch.cp_async_commit_group()
-            self.load_a_bulk(slot, sub, tidx, s_raw, s_scale, r_codes, r_scales)
+            self.load_a_smem(slot, tidx, s_raw, s_scale, r_codes, r_scales, sub)
             self.mma_k_step(tiled_mma, frags, r_codes, r_scales, i % ring)
 
         cute.arch.cp_async_wait_group(0)
