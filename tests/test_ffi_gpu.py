@@ -334,8 +334,8 @@ GEMM_SHAPE = (48, 4, 256, 128, 4)  # num_tokens, top_k, hidden, intermediate, lo
 # K steps not a multiple of 2 (GEMM2: 5) and longer loops (GEMM1: 6), for the wgmma
 # variants, whose cp.async token ring wraps around there.
 ODD_K_SHAPE = (40, 4, 384, 320, 4)
-# Loops longer than the bulk-copy rings (GEMM1: 18 K steps, GEMM2: 9), so each stage's
-# mbarrier runs through both phases, and splits of 8 with ranks past the end (GEMM2).
+# Loops longer than the bulk-copy rings (GEMM1: 18 K steps, GEMM2: 9), so each slot's
+# mbarrier runs through both phases and the last group is short (also per split of 2).
 LONG_K_SHAPE = (24, 4, 1152, 576, 4)
 
 
@@ -348,8 +348,8 @@ def _gemm_cases(op: str) -> list:
     cases = [pytest.param(n, GEMM_SHAPE, id=n) for n in names]
     rings = [n for n in names if _tactic(op, n).wgmma or _tactic(op, n).bulk]
     cases += [pytest.param(n, ODD_K_SHAPE, id=f"{n}-odd_k") for n in rings]
-    bulk = [n for n in names if _tactic(op, n).bulk or _tactic(op, n).prefetch]
-    cases += [pytest.param(n, LONG_K_SHAPE, id=f"{n}-long_k") for n in bulk]
+    deep = [n for n in names if _tactic(op, n).bulk or _tactic(op, n).prefetch]
+    cases += [pytest.param(n, LONG_K_SHAPE, id=f"{n}-long_k") for n in deep]
     return cases
 
 

@@ -123,7 +123,9 @@ def test_tactic_json_without_a_later_field_takes_its_default():
     del old["params"]["wgmma"]
     del old["params"]["overlap"]
     del old["params"]["bulk"]
-    assert tactic_from_json(old) == tactic and not (tactic.wgmma or tactic.overlap or tactic.bulk)
+    del old["params"]["prefetch"]
+    assert tactic_from_json(old) == tactic
+    assert not (tactic.wgmma or tactic.overlap or tactic.bulk or tactic.prefetch)
     for required in ("split_k", "block_m"):
         missing = {"family": data["family"], "params": dict(data["params"])}
         del missing["params"][required]
@@ -254,7 +256,8 @@ def test_prefetch_variant_asks_l2_for_steps_ahead(dsl, op, tmp_path):
     tactic = next(t for t in module.variants() if t.prefetch and t.block_w == 64)
     for variant in (tactic, dataclasses.replace(tactic, prefetch=0)):
         ptx = _compile_kept(cute, module, variant, tmp_path / f"pf{variant.prefetch}").__ptx__
-        sites = (variant.prefetch - variant.stages) + variant.stages if variant.prefetch else 0
+        # Steps `stages .. prefetch - 1` before the loop, `stages` unrolled steps in it.
+        sites = variant.prefetch
         assert ptx.count("cp.async.bulk.prefetch.L2.global") == 2 * sites
         assert ptx.count("], 512;") == ptx.count("], 64;") == sites
 
@@ -662,7 +665,7 @@ def test_wgmma_tiles_keep_their_occupancy(dsl, op, tmp_path):
 
 
 def test_deep_prefetch_is_a_decode_tactic():
-    deep = [t for t in cfg.gemm2_variants() if t.stages > 4 and not t.bulk]
+    deep = [t for t in cfg.gemm2_variants() if t.stages > 4]
     assert deep and all(t.block_m == 16 and not t.cp_async for t in deep)
     tactic = deep[0]
     tactic.check(_problem("moe_gemm2", token_bucket=512))  # 16 rows per expert

@@ -93,7 +93,8 @@ split-K variants of `_SPLIT_K_VARIANTS`, the 3 deep-prefetch decode variants of
 `_OVERLAP_VARIANTS`, the 4 of `_BULK_VARIANTS` and the 2 of `_PREFETCH_VARIANTS` (each
 list's ids after the previous ones). The tuner's default
 search leaves out the `2 x 2` grids, the unsplit `mma.sync` tiles of 32 rows or more
-and the `overlap` variants (`searched_by_default`).
+and the experimental variants (`overlap`, `bulk`, `prefetch`: `is_experimental`;
+`searched_by_default`).
 
 `wgmma`: the MMAs run as warpgroup MMAs (`wgmma.mma_async`, A = the decoded weights in
 registers, B = the token rows in shared memory, copied there by cp.async) instead of
@@ -121,6 +122,9 @@ from typing import ClassVar
 from jax_moe.tactic import Tactic, register_tactic_family
 
 __all__ = [
+    "BULK_STEPS",
+    "BULK_TOKEN_STAGES",
+    "PREFETCH_STEPS",
     "MoeGemm1Sm90Tactic",
     "MoeGemm2Sm90Tactic",
     "default_tactic",
@@ -140,11 +144,11 @@ _CP_ASYNC_STAGES = (3, 4, 6)
 # Slots of the bulk-copy weight ring (`bulk` K steps each) and steps per bulk copy:
 # shared memory, not registers, holds the steps in flight.
 _BULK_STAGES = (2, 3, 4)
-_BULK_STEPS = (1, 2, 4)
+BULK_STEPS = (1, 2, 4)
 # K steps ahead of the L2 prefetch of the register path (`prefetch`).
-_PREFETCH_STEPS = (4, 8, 16)
-# Token-row stages of the bulk-copy main loop (`BULK_TOKEN_STAGES` of the kernels).
-_BULK_TOKEN_STAGES = 3
+PREFETCH_STEPS = (4, 8, 16)
+#: Token-row stages of the bulk-copy main loop (token rows 2 K steps ahead).
+BULK_TOKEN_STAGES = 3
 # Prefetch + accumulator registers per thread (`register_estimate`) above which the
 # kernel spills or runs at one CTA per SM (ptxas, weights decoded in registers: 64 x 128
 # with 2 x 2 warps and 2 stages, estimate 144, spills in GEMM2; 32 x 128 with 4 stages,
@@ -217,7 +221,7 @@ def swap_ab_smem_bytes(
             + 6 * 128
         )
     row = _BLOCK_K + 8
-    b_stages = _BULK_TOKEN_STAGES if bulk else stages if cp_async else 2
+    b_stages = BULK_TOKEN_STAGES if bulk else stages if cp_async else 2
     ring = stages * max(1, bulk) if cp_async else 0
     return (
         2 * row * b_stages * block_m
@@ -258,9 +262,9 @@ class _SwapAbTactic(Tactic):
                 f"{name}: overlap=1 needs wgmma=1 and split_k=1; got wgmma={int(self.wgmma)}, "
                 f"split_k={self.split_k}"
             )
-        if self.prefetch and self.prefetch not in _PREFETCH_STEPS:
+        if self.prefetch and self.prefetch not in PREFETCH_STEPS:
             raise ValueError(
-                f"{name}.prefetch={self.prefetch}; expected 0 (off) or one of {_PREFETCH_STEPS}"
+                f"{name}.prefetch={self.prefetch}; expected 0 (off) or one of {PREFETCH_STEPS}"
             )
         if self.prefetch and (self.cp_async or self.wgmma):
             raise ValueError(
@@ -273,9 +277,9 @@ class _SwapAbTactic(Tactic):
                 f"{name}: prefetch={self.prefetch} must exceed stages={self.stages} (the "
                 "register ring already loads that far ahead)"
             )
-        if self.bulk and self.bulk not in _BULK_STEPS:
+        if self.bulk and self.bulk not in BULK_STEPS:
             raise ValueError(
-                f"{name}.bulk={self.bulk}; expected 0 (off) or K steps per copy in {_BULK_STEPS}"
+                f"{name}.bulk={self.bulk}; expected 0 (off) or K steps per copy in {BULK_STEPS}"
             )
         if self.bulk and (not self.cp_async or (self.warps_m, self.warps_n) != (4, 1)):
             raise ValueError(

@@ -60,7 +60,13 @@ from cutlass.cute.nvgpu import warpgroup
 from cutlass.cute.runtime import make_fake_compact_tensor
 from cutlass.cutlass_dsl import dsl_user_op
 
-from jax_moe.kernels.moe_gemm_config import WGMMA_SMEM_ALIGN, swap_ab_smem_bytes
+from jax_moe.kernels.moe_gemm_config import (
+    BULK_STEPS,
+    BULK_TOKEN_STAGES,
+    PREFETCH_STEPS,
+    WGMMA_SMEM_ALIGN,
+    swap_ab_smem_bytes,
+)
 from jax_moe.prepare import DECODE_TERMS, SCALE_BF16_BIAS, TILE_ROWS
 
 __all__ = [
@@ -82,8 +88,6 @@ BLOCK_K = 64
 NUM_THREADS = 128
 #: bf16 elements of padding per shared-memory row (16 bytes: conflict-free ldmatrix).
 SMEM_PAD = 8
-#: Stages of the token ring of the bulk-copy main loop (token rows 2 K steps ahead).
-BULK_TOKEN_STAGES = 3
 #: The decoded bf16 weights are `value * 2**-DECODE_EXPONENT_SHIFT`; the epilogue
 #: multiplies the global scale by `2**DECODE_EXPONENT_SHIFT` (exact).
 DECODE_EXPONENT_SHIFT = 9
@@ -300,12 +304,14 @@ class SwapAbNvfp4GemmSm90:
         for name, flag in (("pdl", pdl), ("wgmma", wgmma), ("overlap", overlap)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}={flag!r}; expected a bool")
-        if isinstance(bulk, bool) or bulk not in (0, 1, 2, 4):
-            raise ValueError(f"bulk={bulk!r}; expected 0 (off), 1, 2 or 4 K steps per copy")
-        if isinstance(prefetch, bool) or prefetch not in (0, 4, 8, 16):
-            raise ValueError(f"prefetch={prefetch!r}; expected 0 (off), 4, 8 or 16 K steps")
+        if isinstance(bulk, bool) or bulk not in (0, *BULK_STEPS):
+            raise ValueError(f"bulk={bulk!r}; expected 0 (off) or K steps per copy in {BULK_STEPS}")
+        if isinstance(prefetch, bool) or prefetch not in (0, *PREFETCH_STEPS):
+            raise ValueError(f"prefetch={prefetch!r}; expected 0 (off) or one of {PREFETCH_STEPS}")
         if prefetch and (cp_async or wgmma):
             raise ValueError("prefetch needs the mma.sync register path (cp_async=wgmma=False)")
+        if prefetch and prefetch <= stages:
+            raise ValueError(f"prefetch={prefetch} must exceed stages={stages}")
         if bulk and (not cp_async or (warps_m, warps_n) != (4, 1)):
             raise ValueError(
                 "bulk needs the shared-memory ring (cp_async=True) and 4 x 1 warps; got "
@@ -333,7 +339,8 @@ class SwapAbNvfp4GemmSm90:
             raise ValueError(f"block_m={block_m}; expected a multiple of 16*warps_n")
         if stages < (2 if bulk else 3 if cp_async else 1):
             raise ValueError(
-                f"stages={stages}; expected >= 1 (register prefetch depth) or >= 3 (cp.async ring)"
+                f"stages={stages}; expected >= 1 (register prefetch depth), >= 3 (cp.async "
+                "ring) or >= 2 (bulk-copy slots)"
             )
         self.stages = stages
         self.cp_async = cp_async
