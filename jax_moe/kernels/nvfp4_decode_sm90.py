@@ -1012,67 +1012,15 @@ class SwapAbNvfp4GemmSm90:
         inside, after the first weight loads and before the first read of `m_b`.
         """
         s_b, s_c, s_raw, s_scale, bars = self._allocate_smem(smem)
+        common = (m_b, b_rows, m_packed, m_scale, expert, w_row0, tidx, s_b, s_c)
         if cutlass.const_expr(self.bulk):
-            self.mainloop_bulk(
-                m_b,
-                b_rows,
-                m_packed,
-                m_scale,
-                expert,
-                w_row0,
-                tidx,
-                s_b,
-                s_c,
-                s_raw,
-                s_scale,
-                bars,
-                tiled_mma,
-                wait_before_tokens,
-            )
+            self.mainloop_bulk(*common, s_raw, s_scale, bars, tiled_mma, wait_before_tokens)
         elif cutlass.const_expr(self.wgmma):
-            self.mainloop_wgmma(
-                m_b,
-                b_rows,
-                m_packed,
-                m_scale,
-                expert,
-                w_row0,
-                tidx,
-                s_b,
-                s_c,
-                tiled_mma,
-                wait_before_tokens,
-            )
+            self.mainloop_wgmma(*common, tiled_mma, wait_before_tokens)
         elif cutlass.const_expr(not self.cp_async):
-            self.mainloop_registers(
-                m_b,
-                b_rows,
-                m_packed,
-                m_scale,
-                expert,
-                w_row0,
-                tidx,
-                s_b,
-                s_c,
-                tiled_mma,
-                wait_before_tokens,
-            )
+            self.mainloop_registers(*common, tiled_mma, wait_before_tokens)
         else:
-            self.mainloop_cp_async(
-                m_b,
-                b_rows,
-                m_packed,
-                m_scale,
-                expert,
-                w_row0,
-                tidx,
-                s_b,
-                s_c,
-                s_raw,
-                s_scale,
-                tiled_mma,
-                wait_before_tokens,
-            )
+            self.mainloop_cp_async(*common, s_raw, s_scale, tiled_mma, wait_before_tokens)
         return s_c
 
     @cute.jit
