@@ -11,7 +11,9 @@ Data path (all on XLA's stream, no host synchronization)::
 Tactics are chosen at trace time: the problem key is built from the static
 shapes, looked up in the caller's tactic table (or file), and a miss falls
 back to :func:`jax_moe.kernels.moe_gemm_config.default_tactic`. GEMM1 and GEMM2
-must use the same ``block_m`` (they share the routing metadata).
+share the routing metadata, built for the larger of their two ``block_m`` (powers of
+two, so one divides the other); the GEMM with the smaller row tile gets its
+``tile_expert`` from :func:`jax_moe.routing_metadata.finer_tile_expert`.
 
 ``vmap``: the custom calls have no batching rule of their own; ``fused_moe``
 under ``jax.vmap`` runs the batch members one after another (``sequential``),
@@ -20,7 +22,6 @@ which is correct but not fast. Fold a batch into the token axis instead.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from typing import Any
@@ -29,7 +30,7 @@ import jax
 
 from jax_moe import _ffi
 from jax_moe.prepare import PreparedMoEWeights, prepare
-from jax_moe.routing_metadata import padded_rows, routing_metadata
+from jax_moe.routing_metadata import finer_tile_expert, padded_rows, routing_metadata
 from jax_moe.tuning import ProblemKey, device_identity, lookup_tactic, shipped_table
 from jax_moe.weights import MoEWeights
 
@@ -107,10 +108,8 @@ def select_tactics(
 
     A tuned table's entries win (``tactics=None``: the table shipped in the
     package for this device, if any); a miss takes the heuristic default. The two
-    GEMMs share the routing metadata, so they must agree on ``block_m``: when
-    only one of them is tuned, the other takes its exported variant with that
-    ``block_m`` closest to its default. Raises ``ValueError`` for a table
-    whose entries are of the wrong family or disagree on ``block_m``.
+    may differ in ``block_m`` (module docstring). Raises ``ValueError`` for a table
+    whose entries are of the wrong family.
     """
     from jax_moe.kernels import moe_gemm_config
 
@@ -119,11 +118,11 @@ def select_tactics(
     if tactics is None:  # the table shipped for this device, if any
         tactics = shipped_table(device_name, arch)
     families = {
-        GEMM1_OP: (moe_gemm_config.MoeGemm1Sm90Tactic, moe_gemm_config.gemm1_variants),
-        GEMM2_OP: (moe_gemm_config.MoeGemm2Sm90Tactic, moe_gemm_config.gemm2_variants),
+        GEMM1_OP: moe_gemm_config.MoeGemm1Sm90Tactic,
+        GEMM2_OP: moe_gemm_config.MoeGemm2Sm90Tactic,
     }
     chosen, defaults = {}, {}
-    for op, (family, _) in families.items():
+    for op, family in families.items():
         defaults[op] = moe_gemm_config.default_tactic(
             op,
             problem.num_tokens,
@@ -143,27 +142,7 @@ def select_tactics(
                 f"the tactic table holds {tactic} for {key}; expected a {family.family} tactic"
             )
         chosen[op] = tactic
-    gemm1, gemm2 = chosen[GEMM1_OP], chosen[GEMM2_OP]
-    if gemm1.block_m != gemm2.block_m:
-        if gemm2 == defaults[GEMM2_OP] and gemm1 != defaults[GEMM1_OP]:
-            gemm2 = _closest_with_block_m(families[GEMM2_OP][1](), gemm2, gemm1.block_m)
-        elif gemm1 == defaults[GEMM1_OP] and gemm2 != defaults[GEMM2_OP]:
-            gemm1 = _closest_with_block_m(families[GEMM1_OP][1](), gemm1, gemm2.block_m)
-        if gemm1 is None or gemm2 is None or gemm1.block_m != gemm2.block_m:
-            raise ValueError(
-                f"GEMM1 tactic {chosen[GEMM1_OP]} and GEMM2 tactic {chosen[GEMM2_OP]} must "
-                "share block_m (they share the routing metadata)"
-            )
-    return gemm1, gemm2
-
-
-def _closest_with_block_m(variants: list[Any], like: Any, block_m: int) -> Any:
-    """The exported variant with ``block_m`` that differs least from ``like``, or None."""
-    same = [t for t in variants if t.block_m == block_m]
-    if not same:
-        return None
-    fields = [f.name for f in dataclasses.fields(like) if f.name != "block_m"]
-    return min(same, key=lambda t: sum(getattr(t, f) != getattr(like, f) for f in fields))
+    return chosen[GEMM1_OP], chosen[GEMM2_OP]
 
 
 def uses_routing_kernel(problem: Any) -> bool:
@@ -204,13 +183,16 @@ def fused_moe_cuda(
     if not is_available():
         raise NotImplementedError("the jax_moe CUDA extension is not built")
     gemm1, gemm2 = select_tactics(problem, tactics)
+    # The metadata's row tile: the larger block_m (both are powers of two).
+    block_m = max(gemm1.block_m, gemm2.block_m)
+    finest = min(gemm1.block_m, gemm2.block_m)
     num_tiles = (
-        padded_rows(problem.num_tokens * problem.top_k, problem.num_local_experts, gemm1.block_m)
-        // gemm1.block_m
+        padded_rows(problem.num_tokens * problem.top_k, problem.num_local_experts, block_m)
+        // finest
     )
     if num_tiles > MAX_ROW_TILES:
         raise NotImplementedError(
-            f"{num_tiles} row tiles of {gemm1.block_m} rows exceed the kernels' grid limit "
+            f"{num_tiles} row tiles of {finest} rows exceed the kernels' grid limit "
             f"of {MAX_ROW_TILES}; split the tokens into smaller calls"
         )
     if isinstance(weights, MoEWeights):
@@ -219,11 +201,14 @@ def fused_moe_cuda(
             "pass jax_moe.prepare.prepare(weights) instead"
         )
         weights = prepare(weights)
-    meta = metadata(topk_ids, problem, gemm1.block_m)
+    meta = metadata(topk_ids, problem, block_m)
+    tiles = {block_m: meta.tile_expert}
+    if finest != block_m:
+        tiles[finest] = finer_tile_expert(meta.sorted_slots, meta.tile_expert, finest)
     act = _ffi.moe_gemm1(
         hidden_states,
         meta.sorted_slots,
-        meta.tile_expert,
+        tiles[gemm1.block_m],
         weights.w13_packed,
         weights.w13_scale,
         weights.w13_global,
@@ -233,7 +218,7 @@ def fused_moe_cuda(
     rows = _ffi.moe_gemm2(
         act,
         meta.sorted_slots,
-        meta.tile_expert,
+        tiles[gemm2.block_m],
         weights.w2_packed,
         weights.w2_scale,
         weights.w2_global,

@@ -16,6 +16,11 @@ local_expert_offset`. For a static row tile `block_m`:
 * `slot_row`: int32 `(N*top_k,)`: the row of each slot in `sorted_slots`, -1
   for non-local slots. `sorted_slots[slot_row[s]] == s` for every local slot.
 
+A segment padded to a multiple of `block_m` is also padded to a multiple of every
+divisor `b` of it, so the same `sorted_slots` serves a GEMM with row tiles of `b`
+rows: `finer_tile_expert` gives their `tile_expert` (a tile holding only padding
+gets -1, so its CTAs do nothing).
+
 Example (`top_k = 2`, `L = 2`, offset 0, `block_m = 4`, `topk_ids = [[1, 0], [1, 5]]`):
 slots 0..3 have experts 1, 0, 1, (5: not local); `m_pad = round_up(4 + 2*3, 4) = 12`;
 `sorted_slots = [1, -1, -1, -1, 0, 2, -1, -1, -1, -1, -1, -1]`,
@@ -37,6 +42,7 @@ _INT32_MAX = 2**31 - 1
 __all__ = [
     "RoutingMetadata",
     "check_metadata_args",
+    "finer_tile_expert",
     "ids_as_int32",
     "padded_rows",
     "routing_metadata",
@@ -168,3 +174,25 @@ def _routing_metadata(
     ).astype(jnp.int32)
     tile_expert = jnp.where(tile_owner < num_local, tile_owner, -1)
     return RoutingMetadata(sorted_slots, tile_expert, slot_row)
+
+
+def finer_tile_expert(sorted_slots: jax.Array, tile_expert: jax.Array, block_m: int) -> jax.Array:
+    """`tile_expert` of row tiles of `block_m` rows over the same `sorted_slots`.
+
+    `sorted_slots` / `tile_expert` are metadata built for row tiles of a multiple of
+    `block_m` rows. Tile `t` of `block_m` rows lies inside tile `t // ratio` of the
+    coarse ones; it belongs to that tile's expert unless its first row is padding, in
+    which case (the real slots of a segment come first) every row of it is padding
+    and it gets -1, like a tile after the last segment.
+    """
+    block_m = _check_int("block_m", block_m, 1)
+    m_pad = sorted_slots.shape[0]
+    coarse = m_pad // tile_expert.shape[0] if tile_expert.shape[0] else block_m
+    if tile_expert.shape[0] * coarse != m_pad or coarse % block_m:
+        raise ValueError(
+            f"tile_expert has {tile_expert.shape[0]} tiles over {m_pad} rows; expected row "
+            f"tiles of a multiple of block_m={block_m}"
+        )
+    ratio = coarse // block_m
+    first = sorted_slots[::block_m]
+    return jnp.where(first >= 0, jnp.repeat(tile_expert, ratio), -1).astype(jnp.int32)

@@ -2,8 +2,8 @@
 
 Times every valid exported tactic of `moe_gemm1` and `moe_gemm2` for each cell
 of the grid (model x EP size x token bucket `1, 2, 4, ..., --max_tokens`) on
-the GPU, chooses per cell the fastest GEMM1 + GEMM2 pair that shares a
-`block_m` (`jax_moe.tuning.tuner`) and writes a tactic file for
+the GPU, chooses per cell the fastest GEMM1 + GEMM2 pair
+(`jax_moe.tuning.tuner`) and writes a tactic file for
 `fused_moe(..., tactics=PATH)`. See docs/TUNING.md, "Running the tuner".
 
     python -m jax_moe.tune --model=deepseek_v3 --ep=1,8,16 --out=tactics.json
@@ -225,7 +225,7 @@ _SCREEN = flags.DEFINE_float(
     "screen",
     0.0,
     "Screen candidates with one timed scan first and time fully only those within "
-    "1 + screen of the fastest of their op and block_m (0: time every candidate fully).",
+    "1 + screen of the fastest of their op (0: time every candidate fully).",
     flag_values=FLAGS,
 )
 

@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_moe.routing_metadata import RoutingMetadata, padded_rows, routing_metadata
+from jax_moe.routing_metadata import (
+    RoutingMetadata,
+    finer_tile_expert,
+    padded_rows,
+    routing_metadata,
+)
 
 
 def _numpy_metadata(topk_ids: np.ndarray, num_local: int, block_m: int, offset: int):
@@ -179,3 +184,39 @@ def test_bad_topk_ids():
         routing_metadata(jnp.zeros((4,), jnp.int32), num_local_experts=2, block_m=4)
     with pytest.raises(TypeError, match="topk_ids"):
         routing_metadata(jnp.zeros((2, 2), jnp.float32), num_local_experts=2, block_m=4)
+
+
+@pytest.mark.parametrize("coarse, fine", [(128, 64), (128, 16), (64, 32), (32, 32)])
+def test_finer_tile_expert_over_coarse_padding(coarse, fine):
+    rng = np.random.default_rng(coarse + fine)
+    num_local, offset = 6, 4
+    # Skewed: expert 0 of the slice gets many slots, some experts none.
+    ids = rng.choice([4, 4, 4, 5, 7, 9, 20], size=(150, 3)).astype(np.int32)
+    meta = routing_metadata(
+        jnp.asarray(ids), num_local_experts=num_local, block_m=coarse, local_expert_offset=offset
+    )
+    tiles = np.asarray(finer_tile_expert(meta.sorted_slots, meta.tile_expert, fine))
+    slots = np.asarray(meta.sorted_slots).reshape(-1, fine)
+    assert tiles.shape == (slots.shape[0],) and tiles.dtype == np.int32
+    flat = ids.reshape(-1)
+    for tile, rows in zip(tiles, slots, strict=True):
+        real = rows[rows >= 0]
+        if tile < 0:
+            assert real.size == 0
+        else:  # real slots first, all of the tile's expert
+            assert rows[0] >= 0 and np.all(flat[real] - offset == tile)
+            assert np.all(rows[: real.size] >= 0)
+    # Every local slot lies in a tile that runs; same tiles as the coarse ones at ratio 1.
+    assert np.sum(tiles >= 0) * fine >= np.sum(np.asarray(meta.sorted_slots) >= 0)
+    if coarse == fine:
+        np.testing.assert_array_equal(tiles, np.asarray(meta.tile_expert))
+    finer = jax.jit(finer_tile_expert, static_argnums=2)
+    np.testing.assert_array_equal(finer(meta.sorted_slots, meta.tile_expert, fine), tiles)
+
+
+def test_finer_tile_expert_needs_a_divisor_of_the_row_tile():
+    meta = routing_metadata(jnp.zeros((4, 2), jnp.int32), num_local_experts=2, block_m=32)
+    with pytest.raises(ValueError, match="multiple of block_m=64"):
+        finer_tile_expert(meta.sorted_slots, meta.tile_expert, 64)
+    with pytest.raises(ValueError, match="multiple of block_m=24"):
+        finer_tile_expert(meta.sorted_slots, meta.tile_expert, 24)

@@ -11,7 +11,7 @@ that receives the most slots instead of rank 0's; see
 `jax_moe.tuning.profiler`), every valid exported tactic of both ops is timed
 again on that routing's inputs. With
 
-    best  = min over block_m of (fastest GEMM1 + fastest GEMM2 with that block_m)
+    best  = fastest GEMM1 + fastest GEMM2    (any pair runs: jax_moe.tuning.tuner)
     tuned = time(tuned GEMM1) + time(tuned GEMM2)          (same run)
 
 the regret of the cell is `tuned / best - 1` (0 when the tuned pair is the

@@ -9,13 +9,14 @@ For one cell (`TuneCell`) and each op (`moe_gemm1`, `moe_gemm2`):
 2. each candidate is timed by the `Profiler`; a `Failure` (or an exception of
    the profiler) is recorded and the tactic skipped.
 
-GEMM1 and GEMM2 share the routing metadata, so they must use the same
-`block_m`. `choose_pair` takes, for each `block_m` that has timed tactics of
-both ops, the fastest GEMM1 and the fastest GEMM2 with that `block_m`, and then
-the `block_m` with the smallest sum. With a positive `tie_tolerance`, a tactic
-(or `block_m`) within it of the fastest counts as tied, and among tied ones the
-first in the exported variant order (for `block_m`: the smallest) wins; the chosen
-pair is then within about `2 * tie_tolerance` of the fastest pair. The default is
+GEMM1 and GEMM2 share the routing metadata, built for the larger of their
+`block_m`s (`jax_moe.gpu`: the one with the smaller row tile runs over the same
+padded rows), so any GEMM1 pairs with any GEMM2. `choose_pair` takes the fastest
+GEMM1 and the fastest GEMM2. (Each is timed with metadata of its own `block_m`; in
+a mixed pair the smaller tile's extra tiles hold only padding and exit at once.)
+With a positive `tie_tolerance`, a tactic within it of the fastest counts as tied,
+and among tied ones the first in the exported variant order wins; the chosen pair
+is then within about `tie_tolerance` of the fastest pair. The default is
 0, the plain minimum: on saved timings of repeated H200 tunes (four presets, 60
 cells) it reproduced as many cells as any positive tolerance up to 2 % (56 of 60,
 against 51 at 0.5 %; 3 % reached 58 at a higher regret, a mean of 2.36 % against
@@ -24,16 +25,15 @@ point to its boundary rather than removing it (docs/TUNING.md).
 
 Robust choice (`SearchConfig.secondary`, a profile such as `balanced+spread`).
 The cell's routing is the primary profile; each secondary routing (by default
-none) re-times the promising candidates: per op and `block_m`, the tactics
-within `1 + secondary_margin` of the fastest under the primary routing, of the
-`block_m`s whose best pair is within that margin of the best pair. Over every
+none) re-times the promising candidates: per op, the tactics within
+`1 + secondary_margin` of the op's fastest under the primary routing. Over every
 pair of those with a time under every routing, the score of a pair is its worst
 normalized time
 
     score(pair) = max over routings r of  time_r(pair) / min over pairs of time_r
 
 and the pair with the smallest score is chosen (ties within `tie_tolerance` go
-to the first in `block_m`, then variant, order). A pair that is fastest under
+to the first in variant order, GEMM1 first). A pair that is fastest under
 one routing but slow under another loses to one that is close to the best under
 both: the balanced plan is a busy rank with evenly filled experts, the spread
 plan a typical rank's uneven loads, the busy plan the busiest rank's total with
@@ -43,8 +43,7 @@ routing already timed for the cell is skipped (`_same_plan`): it would repeat th
 same launches.
 
 `table_entries` writes one `TacticEntry` per op: the chosen tactic, its time and
-as runner-up the fastest other timed tactic of the op with the same `block_m`
-(so it can replace the chosen one without changing the routing metadata).
+as runner-up the fastest other timed tactic of the op.
 """
 
 from __future__ import annotations
@@ -168,7 +167,7 @@ class SearchConfig:
       screen: 0 (default) times every candidate fully. A positive margin first
         times every candidate once with `Profiler.screen` (one scan), then fully
         only those within `1 + screen` of the fastest screened candidate of the
-        same op and `block_m`; the others keep their screening measurement. The
+        same op; the others keep their screening measurement. The
         chosen pair is unchanged while one scan's error stays below about half
         the margin (a best tactic read high and a rival read low must still be
         within `1 + screen` of each other).
@@ -214,7 +213,7 @@ class SearchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OpChoice:
-    """The chosen tactic of one op, its time and the runner-up with the same block_m."""
+    """The chosen tactic of one op, its time and the fastest other tactic of the op."""
 
     tactic: Tactic
     time_us: float
@@ -224,11 +223,15 @@ class OpChoice:
 
 @dataclasses.dataclass(frozen=True)
 class PairChoice:
-    """The chosen (GEMM1, GEMM2) pair of a cell; both have `block_m`."""
+    """The chosen (GEMM1, GEMM2) pair of a cell."""
 
-    block_m: int
     gemm1: OpChoice
     gemm2: OpChoice
+
+    @property
+    def block_m(self) -> int:
+        """The row tile of the pair's routing metadata: the larger `block_m`."""
+        return max(self.gemm1.tactic.block_m, self.gemm2.tactic.block_m)
 
     @property
     def total_us(self) -> float:
@@ -250,7 +253,7 @@ class CellResult:
       cell: the cell.
       timings: op -> tactic -> Measurement or Failure, in variant order.
       rejected: op -> (tactic, reason) of exported tactics invalid for the problem.
-      choice: the chosen pair, None if no block_m had timed tactics of both ops.
+      choice: the chosen pair, None unless both ops have a timed tactic.
       skipped: why the cell was not timed at all (e.g. an infeasible balanced or busy
         plan).
       seconds: wall time spent on the cell.
@@ -329,60 +332,44 @@ def _op_choice_of(times: Mapping[Tactic, float], chosen: Tactic) -> OpChoice:
 
 
 def choose_pair(timings: Timings, search: SearchConfig | None = None) -> PairChoice | None:
-    """The best (GEMM1, GEMM2) pair sharing a block_m (see the module docstring)."""
+    """The fastest GEMM1 and the fastest GEMM2 (see the module docstring)."""
     search = search or SearchConfig()
-    by_block: dict[int, tuple[OpChoice, OpChoice]] = {}
     per_op = _measured(timings)
-    for block_m in sorted(set(per_op[0]) & set(per_op[1])):
-        by_block[block_m] = tuple(_op_choice(t[block_m], search.tie_tolerance) for t in per_op)
-    if not by_block:
+    if not all(per_op):
         return None
-    sums = {bm: g1.time_us + g2.time_us for bm, (g1, g2) in by_block.items()}
-    fastest = min(sums.values())
-    block_m = next(bm for bm, us in sums.items() if us <= fastest * (1 + search.tie_tolerance))
-    return PairChoice(block_m, *by_block[block_m])
+    return PairChoice(*(_op_choice(times, search.tie_tolerance) for times in per_op))
 
 
-def _measured(timings: Timings) -> list[dict[int, dict[Tactic, float]]]:
-    """Per op (in `OPS` order): block_m -> tactic -> microseconds of the measured tactics."""
-    per_op = []
-    for op in OPS:
-        times: dict[int, dict[Tactic, float]] = {}
-        for tactic, result in timings.get(op, {}).items():
-            if isinstance(result, Measurement):
-                times.setdefault(tactic.block_m, {})[tactic] = result.time_us
-        per_op.append(times)
-    return per_op
+def _measured(timings: Timings) -> list[dict[Tactic, float]]:
+    """Per op (in `OPS` order): tactic -> microseconds of the measured tactics."""
+    return [
+        {t: r.time_us for t, r in timings.get(op, {}).items() if isinstance(r, Measurement)}
+        for op in OPS
+    ]
 
 
 def secondary_candidates(timings: Timings, margin: float) -> dict[str, tuple[Tactic, ...]]:
     """op -> the promising tactics to re-time under a secondary routing (module docstring)."""
-    g1, g2 = _measured(timings)
-    blocks = sorted(set(g1) & set(g2))
-    if not blocks:
+    if not all(_measured(timings)):
         return {op: () for op in OPS}
-    best = {bm: min(g1[bm].values()) + min(g2[bm].values()) for bm in blocks}
-    fastest = min(best.values())
-    kept = {bm for bm in blocks if best[bm] <= fastest * (1 + margin)}
     out = {}
     for op in OPS:
-        close = _survivors(timings[op], margin)  # within the margin of their block_m's best
-        out[op] = tuple(t for t in timings[op] if t in close and t.block_m in kept)
+        close = _survivors(timings[op], margin)  # within the margin of the op's fastest
+        out[op] = tuple(t for t in timings[op] if t in close)
     return out
 
 
 def _pairs_timed_everywhere(
-    measured: Sequence[list[dict[int, dict[Tactic, float]]]],
+    measured: Sequence[list[dict[Tactic, float]]],
 ) -> list[tuple[Tactic, Tactic]]:
-    """The (GEMM1, GEMM2) pairs sharing a block_m with a time in every `_measured` profile,
-    in block_m, then variant, order."""
+    """The (GEMM1, GEMM2) pairs with a time in every `_measured` profile, in variant
+    order (GEMM1 first)."""
     g1_all, g2_all = measured[0]
     return [
         (g1, g2)
-        for bm in sorted(set(g1_all) & set(g2_all))
-        for g1 in g1_all[bm]
-        for g2 in g2_all[bm]
-        if all(g1 in m[0].get(bm, {}) and g2 in m[1].get(bm, {}) for m in measured)
+        for g1 in g1_all
+        for g2 in g2_all
+        if all(g1 in m[0] and g2 in m[1] for m in measured)
     ]
 
 
@@ -400,19 +387,12 @@ def choose_robust_pair(
     if not secondary or not pairs:
         return choose_pair(timings, search)
     g1_all, g2_all = measured[0]
-    totals = [
-        {(g1, g2): m[0][g1.block_m][g1] + m[1][g1.block_m][g2] for g1, g2 in pairs}
-        for m in measured
-    ]
+    totals = [{(g1, g2): m[0][g1] + m[1][g2] for g1, g2 in pairs} for m in measured]
     best = [min(t.values()) for t in totals]
     scores = {p: max(t[p] / b for t, b in zip(totals, best, strict=True)) for p in pairs}
     lowest = min(scores.values())
     g1, g2 = next(p for p in pairs if scores[p] <= lowest * (1 + search.tie_tolerance))
-    return PairChoice(
-        g1.block_m,
-        _op_choice_of(g1_all[g1.block_m], g1),
-        _op_choice_of(g2_all[g1.block_m], g2),
-    )
+    return PairChoice(_op_choice_of(g1_all, g1), _op_choice_of(g2_all, g2))
 
 
 def _timed(call, op: str, tactic: Tactic, cell: TuneCell) -> Measurement | Failure:
@@ -427,17 +407,12 @@ def _timed(call, op: str, tactic: Tactic, cell: TuneCell) -> Measurement | Failu
 
 
 def _survivors(results: Mapping[Tactic, Measurement | Failure], margin: float) -> set[Tactic]:
-    """Tactics within `1 + margin` of the fastest measured one of their `block_m`."""
-    fastest: dict[int, float] = {}
-    for tactic, result in results.items():
-        if isinstance(result, Measurement):
-            best = fastest.get(tactic.block_m, result.time_us)
-            fastest[tactic.block_m] = min(best, result.time_us)
-    return {
-        t
-        for t, r in results.items()
-        if isinstance(r, Measurement) and r.time_us <= fastest[t.block_m] * (1 + margin)
-    }
+    """Tactics within `1 + margin` of the fastest measured one."""
+    times = {t: r.time_us for t, r in results.items() if isinstance(r, Measurement)}
+    if not times:
+        return set()
+    fastest = min(times.values())
+    return {t for t, us in times.items() if us <= fastest * (1 + margin)}
 
 
 def measure_cell(
@@ -582,10 +557,9 @@ class Progress:
 
 
 def _short(tactic: Tactic) -> str:
-    """`str(tactic)` without the family name and block_m (a column of its own)."""
+    """`str(tactic)` without the family name."""
     text = str(tactic)
-    params = text[text.index("[") + 1 : -1] if "[" in text else text
-    return ",".join(p for p in params.split(",") if not p.startswith("block_m="))
+    return text[text.index("[") + 1 : -1] if "[" in text else text
 
 
 def _note(result: CellResult) -> str:
@@ -810,7 +784,8 @@ def _format_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def format_summary(results: Sequence[CellResult]) -> str:
-    """A text table: per cell the chosen pair, its time and the default pair's time."""
+    """A text table: per cell the chosen pair (`block_m`: the routing metadata's row
+    tile, the larger of the two), its time and the default pair's time."""
     header = (
         "cell",
         "block_m",
