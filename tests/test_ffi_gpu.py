@@ -337,11 +337,15 @@ ODD_K_SHAPE = (40, 4, 384, 320, 4)
 # Loops longer than the bulk-copy rings (GEMM1: 18 K steps, GEMM2: 9), so each slot's
 # mbarrier runs through both phases and the last group is short (also per split of 2).
 LONG_K_SHAPE = (24, 4, 1152, 576, 4)
+# About 160 routed rows per local expert: full 128-row tiles and a partial second one,
+# for the two-warpgroup tiles (each warpgroup's MMAs read every token row of the tile).
+FULL_TILE_SHAPE = (320, 4, 256, 128, 4)
 
 
 def _gemm_cases(op: str) -> list:
     """`(variant name, shape)`: every variant on GEMM_SHAPE, the wgmma and bulk-copy ones
-    also on ODD_K_SHAPE, the bulk-copy and L2-prefetch ones also on LONG_K_SHAPE."""
+    also on ODD_K_SHAPE, the bulk-copy and L2-prefetch ones also on LONG_K_SHAPE, the
+    two-warpgroup ones also on FULL_TILE_SHAPE."""
     names = _gemm_variants(op)
     if not names:
         return [pytest.param("none", GEMM_SHAPE, id="none")]
@@ -350,6 +354,8 @@ def _gemm_cases(op: str) -> list:
     cases += [pytest.param(n, ODD_K_SHAPE, id=f"{n}-odd_k") for n in rings]
     deep = [n for n in names if _tactic(op, n).bulk or _tactic(op, n).prefetch]
     cases += [pytest.param(n, LONG_K_SHAPE, id=f"{n}-long_k") for n in deep]
+    two = [n for n in names if _tactic(op, n).warps_m == 8]
+    cases += [pytest.param(n, FULL_TILE_SHAPE, id=f"{n}-full_tile") for n in two]
     return cases
 
 

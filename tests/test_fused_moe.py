@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, requires_gpu
 
 import jax_moe
 from jax_moe import models, reference
@@ -115,6 +115,48 @@ def test_ep_slices_sum_to_whole_layer():
         for lo in range(0, cfg.num_experts, 2)
     )
     assert_close(parts, whole, jnp.float32, rtol=1e-5)
+
+
+def _pair_table(cfg, num_tokens, num_local, gemm1, gemm2):
+    from jax_moe import tuning
+
+    device_name, arch = tuning.device_identity()
+    meta = tuning.TableMetadata.create(
+        device_name=device_name, arch=arch, distribution="balanced", profile_key=0
+    )
+    entries = {}
+    for op, tactic in (("moe_gemm1", gemm1), ("moe_gemm2", gemm2)):
+        key = tuning.ProblemKey.for_call(
+            op,
+            arch,
+            cfg.hidden,
+            cfg.intermediate,
+            cfg.num_experts,
+            num_local,
+            cfg.top_k,
+            "bfloat16",
+            num_tokens,
+        )
+        entries[key] = tuning.TacticEntry(tactic, 1.0)
+    return tuning.TacticTable(meta, entries)
+
+
+@requires_gpu
+@pytest.mark.parametrize("block_m1, block_m2", [(128, 64), (16, 128), (64, 32)])
+def test_gemms_with_different_row_tiles_match_reference(block_m1, block_m2):
+    # The metadata is built for the larger row tile; the other GEMM runs finer tiles
+    # over the same rows (jax_moe.routing_metadata.finer_tile_expert).
+    from jax_moe.kernels import moe_gemm_config
+
+    cfg, weights, x, ids, wts, num_local, offset = _layer("tiny", 300)
+    gemm1 = next(t for t in moe_gemm_config.gemm1_variants() if t.block_m == block_m1)
+    gemm2 = next(t for t in moe_gemm_config.gemm2_variants() if t.block_m == block_m2)
+    if block_m1 == 128:  # the two-warpgroup tile
+        gemm1 = next(t for t in moe_gemm_config.gemm1_variants() if t.warps_m == 8)
+    table = _pair_table(cfg, 300, num_local, gemm1, gemm2)
+    got = jax.jit(lambda *a: jax_moe.fused_moe(*a, tactics=table))(x, weights, ids, wts)
+    want = reference.fused_moe(x, weights, ids, wts)
+    assert_close(got, want, jnp.bfloat16)
 
 
 def test_float32_hidden_states_close_to_reference():

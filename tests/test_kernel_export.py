@@ -140,11 +140,11 @@ def test_wgmma_variants_are_exported_for_every_regime():
     wgmma = [t for t in cfg.gemm1_variants() if t.wgmma]
     assert {t.block_m for t in wgmma} == {16, 32, 64, 128}
     assert {t.split_k for t in wgmma} == {1, 2, 4, 8}
-    assert all((t.warps_m, t.warps_n, t.cp_async) == (4, 1, False) for t in wgmma)
+    assert all((t.warps_n, t.cp_async) == (1, False) and t.warps_m in (4, 8) for t in wgmma)
     # No token rows in registers: the 128-row wgmma tiles fit the budget and are
     # searched by default, the mma.sync ones are not.
     assert all(t.register_estimate() <= 140 for t in wgmma)
-    for t in wgmma:
+    for t in (t for t in wgmma if t.warps_m == 4):
         sync = dataclasses.replace(t, wgmma=False, overlap=False) if t.block_m < 128 else None
         assert sync is None or t.register_estimate() < sync.register_estimate()
     assert all(cfg.searched_by_default(t) != t.overlap for t in wgmma)
@@ -187,12 +187,45 @@ def test_overlap_variants_are_unsplit_wgmma_tiles_outside_the_default_search():
         ]
         assert all(t.wgmma and t.split_k == 1 for t in overlap)
         assert not any(cfg.searched_by_default(t) for t in overlap)
-        # Ids after every earlier variant (only the bulk-copy and prefetch ones follow).
-        assert [t for t in variants if not (t.bulk or t.prefetch)][-len(overlap) :] == overlap
+        # Ids after every earlier variant (only the bulk-copy, prefetch and two-warpgroup
+        # ones follow).
+        earlier = [t for t in variants if not (t.bulk or t.prefetch or t.warps_m == 8)]
+        assert earlier[-len(overlap) :] == overlap
         # One more token stage than the plain wgmma tile.
         for t in overlap:
             plain = dataclasses.replace(t, overlap=False)
             assert t.smem_bytes() - plain.smem_bytes() == 2 * 64 * t.block_m
+
+
+def test_two_warpgroup_variants_share_one_token_tile():
+    for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
+        two = [t for t in variants if t.warps_m == 8]
+        assert [(t.block_m, t.block_w, t.stages) for t in two] == [(128, 128, 1), (64, 128, 1)]
+        # The last ids; unsplit wgmma tiles searched by default.
+        assert variants[-len(two) :] == two
+        for t in two:
+            assert t.wgmma and t.warps_n == 1 and t.split_k == 1 and not t.overlap
+            assert t.num_threads() == 256 and cfg.searched_by_default(t)
+            # Per thread, the registers of the one-warpgroup tile with half the weight
+            # rows; the CTA's shared memory is that of a one-warpgroup tile of its size.
+            half = dataclasses.replace(t, warps_m=4, block_w=64)
+            assert t.register_estimate() == half.register_estimate()
+            assert t.smem_bytes() == dataclasses.replace(t, warps_m=4).smem_bytes()
+        # Two of the 128 x 128 CTAs fit an SM's 228 KB of shared memory.
+        assert 2 * (two[0].smem_bytes() + 1024) <= 228 * 1024
+
+
+@requires_dsl
+def test_two_warpgroup_variant_compiles_for_256_threads(dsl, tmp_path):
+    """The `8 x 1` wgmma tile launches 256 threads, each warpgroup issuing the
+    `m64n128k16` MMAs of its 64 weight rows (four per K step), and no `ldmatrix`."""
+    cute, modules = dsl
+    for op, module in modules.items():
+        tactic = next(t for t in module.variants() if t.warps_m == 8 and t.block_m == 128)
+        ptx = _compile_kept(cute, module, tactic, tmp_path / op).__ptx__
+        assert ".reqntid 256, 1, 1" in ptx
+        shape = "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"
+        assert ptx.count(shape) == 4 and "ldmatrix" not in ptx
 
 
 def _compile_kept(cute, module, tactic, dump):
@@ -211,8 +244,9 @@ def test_bulk_variants_are_experimental_decode_tiles_after_the_others():
         }
         assert {t.split_k for t in bulk} == {1, 2}
         assert all(t.cp_async and not t.wgmma and (t.warps_m, t.warps_n) == (4, 1) for t in bulk)
-        # After every other variant but the prefetch ones.
-        assert [t for t in variants if not t.prefetch][-len(bulk) :] == bulk
+        # After every other variant but the prefetch and two-warpgroup ones.
+        earlier = [t for t in variants if not (t.prefetch or t.warps_m == 8)]
+        assert earlier[-len(bulk) :] == bulk
         assert all(cfg.is_experimental(t) and not cfg.searched_by_default(t) for t in bulk)
         for t in bulk:
             # 3 token stages, `stages` weight slots of `bulk` steps, one mbarrier per slot.
@@ -231,10 +265,11 @@ def test_bulk_variants_are_experimental_decode_tiles_after_the_others():
         tactic.check(_problem("moe_gemm1", token_bucket=1024))
 
 
-def test_prefetch_variants_are_experimental_mma_sync_decode_tiles_last():
+def test_prefetch_variants_are_experimental_mma_sync_decode_tiles_after_the_others():
     for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
         pre = [t for t in variants if t.prefetch]
-        assert variants[-len(pre) :] == pre
+        # Only the two-warpgroup tiles follow.
+        assert [t for t in variants if t.warps_m != 8][-len(pre) :] == pre
         assert {(t.block_w, t.stages, t.prefetch, t.split_k) for t in pre} == {
             (64, 2, 8, 1),
             (64, 2, 8, 2),
@@ -411,6 +446,10 @@ def test_tactic_check_rejects_unsupported_problems():
         (dict(stages=3, cp_async=True, prefetch=8), ValueError),
         (dict(block_m=32, block_w=128, stages=1, wgmma=True, prefetch=8), ValueError),
         (dict(stages=2, prefetch=True), TypeError),
+        (dict(block_m=128, block_w=128, warps_m=8), ValueError),  # needs wgmma
+        (dict(block_m=128, block_w=128, warps_m=8, wgmma=True, split_k=2), ValueError),
+        (dict(block_m=128, block_w=128, warps_m=8, wgmma=True, overlap=True), ValueError),
+        (dict(block_m=64, block_w=64, warps_m=8, wgmma=True), ValueError),  # 16 x 8 rows
     ],
 )
 def test_tactic_validation(kwargs, error):
@@ -433,17 +472,25 @@ def test_default_tactic_regimes_and_errors():
         (257, 32, 128, 1, True),
         (2047, 32, 128, 1, True),
         (2048, 64, 128, 1, True),
-        (16384, 64, 128, 1, True),
+        (4095, 64, 128, 1, True),
     ):
         tactic = cfg.default_tactic("moe_gemm1", n, 8, 32, 7168, 2048, num_experts=256)
         assert (tactic.block_m, tactic.block_w, tactic.stages) == (block_m, block_w, stages)
         assert tactic.wgmma == wgmma
+    # From m = 128 GEMM1 takes the two-warpgroup 128 x 128 tile; GEMM2 stays at 64 rows.
+    for n in (4096, 16384):
+        gemm1 = cfg.default_tactic("moe_gemm1", n, 8, 32, 7168, 2048, num_experts=256)
+        gemm2 = cfg.default_tactic("moe_gemm2", n, 8, 32, 7168, 2048, num_experts=256)
+        assert (gemm1.block_m, gemm1.block_w, gemm1.warps_m, gemm1.wgmma) == (128, 128, 8, True)
+        assert (gemm2.block_m, gemm2.block_w, gemm2.warps_m, gemm2.wgmma) == (64, 128, 4, True)
+        assert gemm1 in cfg.gemm1_variants() and gemm2 in cfg.gemm2_variants()
     for n in (1, 3, 64, 128, 1000, 16384):
         pair = [
             cfg.default_tactic(op, n, 8, 32, 7168, 2048, num_experts=256)
             for op in ("moe_gemm1", "moe_gemm2")
         ]
-        assert pair[0].block_m == pair[1].block_m
+        # Exported variants; one block_m divides the other (metadata for the larger).
+        assert max(pair[0].block_m, pair[1].block_m) % min(pair[0].block_m, pair[1].block_m) == 0
         assert pair[0] in cfg.gemm1_variants() and pair[1] in cfg.gemm2_variants()
     with pytest.raises(ValueError, match="op"):
         cfg.default_tactic("moe_gemm3", 1, 8, 32, 7168, 2048)

@@ -56,7 +56,6 @@ from jax_moe.kernels import pdl_enabled
 from jax_moe.kernels.moe_gemm_config import MoeGemm1Sm90Tactic, gemm1_variants
 from jax_moe.kernels.nvfp4_decode_sm90 import (
     DECODE_EXPONENT_SHIFT,
-    NUM_THREADS,
     SwapAbNvfp4GemmSm90,
     fake_routed_weight_args,
 )
@@ -135,7 +134,7 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
             row0 = bid_t * self.block_m
             b_rows = cute.make_rmem_tensor((self.b_chunks,), cutlass.Int32)
             for c in cutlass.range_constexpr(self.b_chunks):
-                local_row = (c * NUM_THREADS + tidx) // 8
+                local_row = (c * self.num_threads + tidx) // 8
                 slot = sorted_slots[row0 + local_row]
                 token = slot // top_k
                 if slot < 0:
@@ -163,9 +162,9 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
             # With split-K the cluster's CTAs take turns over the output elements.
             views = self.split_views(s_c)
             rank = self.split_rank()
-            for it in cutlass.range_constexpr(self.block_m * half // NUM_THREADS):
+            for it in cutlass.range_constexpr(self.block_m * half // self.num_threads):
                 if it % self.split_k == rank:
-                    idx = it * NUM_THREADS + tidx
+                    idx = it * self.num_threads + tidx
                     jj = idx % half
                     tok = idx // half
                     q_gate = (jj // 8) * 16 + jj % 8

@@ -56,7 +56,6 @@ from jax_moe.kernels import pdl_enabled
 from jax_moe.kernels.moe_gemm_config import MoeGemm2Sm90Tactic, gemm2_variants
 from jax_moe.kernels.nvfp4_decode_sm90 import (
     DECODE_EXPONENT_SHIFT,
-    NUM_THREADS,
     SwapAbNvfp4GemmSm90,
     fake_routed_weight_args,
 )
@@ -138,7 +137,7 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
             row0 = bid_t * self.block_m
             b_rows = cute.make_rmem_tensor((self.b_chunks,), cutlass.Int32)
             for c in cutlass.range_constexpr(self.b_chunks):
-                b_rows[c] = row0 + (c * NUM_THREADS + tidx) // 8
+                b_rows[c] = row0 + (c * self.num_threads + tidx) // 8
 
             s_c = self.mainloop(
                 act,
@@ -158,9 +157,9 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
             # With split-K the cluster's CTAs take turns over the output elements.
             views = self.split_views(s_c)
             rank = self.split_rank()
-            for it in cutlass.range_constexpr(self.block_m * self.block_w // NUM_THREADS):
+            for it in cutlass.range_constexpr(self.block_m * self.block_w // self.num_threads):
                 if it % self.split_k == rank:
-                    idx = it * NUM_THREADS + tidx
+                    idx = it * self.num_threads + tidx
                     q = idx % self.block_w
                     tok = idx // self.block_w
                     slot = sorted_slots[row0 + tok]

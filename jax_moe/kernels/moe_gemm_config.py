@@ -2,9 +2,11 @@
 
 Both GEMMs are swap-AB: the expert's weight rows sit on the MMA M side
 (`block_w` rows per CTA) and the routed token rows on the N side (`block_m`
-rows per CTA, which is also the routing row tile: `sorted_slots` and
-`tile_expert` must be built with the same `block_m` for GEMM1 and GEMM2).
-The warps of a CTA (4) form a `warps_m x warps_n` grid over the tile.
+rows per CTA, which is also the routing row tile: `tile_expert` has one entry per
+`block_m` rows of `sorted_slots`; GEMM1 and GEMM2 may use different `block_m` over
+metadata built for the larger one, see `jax_moe.gpu`).
+The warps of a CTA (4, or 8 for the two-warpgroup wgmma tiles) form a
+`warps_m x warps_n` grid over the tile.
 
 Families:
   `moe_gemm1_sm90`: GEMM1 (gathered tokens x W13, fused SwiGLU), bf16 output.
@@ -64,9 +66,11 @@ Default heuristic (`default_tactic`): with the expected routed rows per expert
     m <= 8:        block_m=16, block_w=64,  stages=2  (decode: most CTAs over the weights)
     8 < m < 64:    block_m=32, block_w=128, stages=1, wgmma
     m >= 64:       block_m=64, block_w=128, stages=1, wgmma
+    m >= 128:      GEMM1: block_m=128, block_w=128, stages=1, wgmma, 8 x 1 warps
 
-all with `4 x 1` warps, the same for both GEMMs, so their defaults share routing
-metadata. For `block_m=16` the split grows through 1, 2, 4, 8 until the expected CTA
+all with `4 x 1` warps but the last, the same for both GEMMs below m = 128 (the two may
+differ: the routing metadata is built for the larger `block_m`, see `jax_moe.gpu`).
+For `block_m=16` the split grows through 1, 2, 4, 8 until the expected CTA
 count (expected active local experts x weight-row tiles x split) reaches 4 per SM of
 132 SMs, or until a larger split would leave fewer than 4 K steps per split. The
 switch from 16- to 32-row tiles above m = 8 and the single stage of the 32-row tile
@@ -78,7 +82,11 @@ EP=8 and Qwen3-30B-A3B EP=1; in-sample): at m >= 64 the wgmma `64 x 128` pair wa
 best pair or within 1 % of it in all 9 such cells, where the former `mma.sync` rule was
 1.14-1.37x the best; at m = 16 and 32 the wgmma 32-row pair was 1.05-1.39x the best
 (`mma.sync`: 1.07-1.45x; the best pairs use 16-row tiles for Qwen3 at m = 16 and
-64-row tiles for DeepSeek-V3 at m = 32). The
+64-row tiles for DeepSeek-V3 at m = 32). The two-warpgroup `128 x 128` GEMM1 from
+m = 128 follows the same two presets' tunes with those tiles (H200): it was the
+fastest GEMM1 at m >= 128 for Qwen3-30B-A3B (1.16-1.19x over the best one-warpgroup
+tile) and at m >= 256 for DeepSeek-V3 EP=8 (1.03-1.10x), 1.08x the best at m = 128
+there. The
 `4 x 1` grid follows the tuner on an H100 (DeepSeek-V3 EP=8, N = 1024 .. 16384: every
 tuned pair used `4 x 1`; the former `2 x 2` default was 18-48 % slower there). Shipped
 tables (:mod:`jax_moe.tuning`) override the heuristic.
@@ -90,8 +98,8 @@ estimate exceeds the budget (which leaves out the 128 x 128 tile and, with `2 x 
 warps, 64 x 128 with 2 stages and 64 x 64 with 4: 22 variants); then the 6
 split-K variants of `_SPLIT_K_VARIANTS`, the 3 deep-prefetch decode variants of
 `_DEEP_VARIANTS`, the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS`, the 3 of
-`_OVERLAP_VARIANTS`, the 4 of `_BULK_VARIANTS` and the 2 of `_PREFETCH_VARIANTS` (each
-list's ids after the previous ones). The tuner's default
+`_OVERLAP_VARIANTS`, the 4 of `_BULK_VARIANTS`, the 2 of `_PREFETCH_VARIANTS` and the
+2 of `_TWO_WARPGROUP_VARIANTS` (each list's ids after the previous ones). The tuner's default
 search leaves out the `2 x 2` grids, the unsplit `mma.sync` tiles of 32 rows or more
 and the experimental variants (`overlap`, `bulk`, `prefetch`: `is_experimental`;
 `searched_by_default`).
@@ -102,6 +110,20 @@ registers, B = the token rows in shared memory, copied there by cp.async) instea
 balanced plan): 0.71-0.76x the best `mma.sync` GEMM1 and 0.77-0.94x the best GEMM2 from
 N = 1024 (m = 32) up; 1.04-1.16x (GEMM1) and 0.97-1.08x (GEMM2) at decode sizes, where
 the tuner mostly keeps `mma.sync`.
+
+Two warpgroups (`8 x 1` warps, 256 threads; wgmma, unsplit, `block_w = 128`): each
+warpgroup decodes and multiplies 64 of the weight rows against one shared token tile,
+so per decoded weight `block_m` token rows are multiplied (as in a one-warpgroup tile
+of `block_m` rows and 64 weight rows) while each token row copied to shared memory
+serves 128 weight rows (as in a one-warpgroup tile of 128). Per thread the registers
+of the one-warpgroup `block_m x 64` tile (`128 x 128`: 124 and 121 registers, two
+CTAs per SM). Measured on an H200 (tunes of DeepSeek-V3 EP=8 and Qwen3-30B-A3B,
+every searched variant timed): the `128 x 128` GEMM1 was the fastest GEMM1 from
+m = 128 (Qwen3, 1.16-1.19x over the best one-warpgroup tile) or m = 256 (DeepSeek-V3,
+1.03-1.10x); the `64 x 128` GEMM2 the fastest Qwen3 GEMM2 from m = 128 (1.08-1.11x),
+1.02-1.05x the best DeepSeek-V3 one; as GEMM2 the `128 x 128` tile was 1.11-1.16x
+the best. Mixed with a GEMM2 of 64 rows (different `block_m`, above) the layer gains
+from them.
 
 `overlap` (with `wgmma`, unsplit): each 16 columns of a K step are decoded once the
 previous step's MMAs of those columns are done, and issued as their own commit group,
@@ -252,10 +274,18 @@ class _SwapAbTactic(Tactic):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        if self.wgmma and (self.cp_async or (self.warps_m, self.warps_n) != (4, 1)):
+        if self.wgmma and (self.cp_async or (self.warps_m, self.warps_n) not in ((4, 1), (8, 1))):
             raise ValueError(
-                f"{name}: wgmma=1 needs the register path (cp_async=0) and 4 x 1 warps; got "
-                f"cp_async={int(self.cp_async)}, warps=({self.warps_m}, {self.warps_n})"
+                f"{name}: wgmma=1 needs the register path (cp_async=0) and 4 x 1 or 8 x 1 "
+                f"warps; got cp_async={int(self.cp_async)}, warps=({self.warps_m}, {self.warps_n})"
+            )
+        if (self.warps_m, self.warps_n) == (8, 1) and (
+            not self.wgmma or self.split_k != 1 or self.overlap
+        ):
+            raise ValueError(
+                f"{name}: 8 x 1 warps (two warpgroups) need wgmma=1, split_k=1 and overlap=0; "
+                f"got wgmma={int(self.wgmma)}, split_k={self.split_k}, "
+                f"overlap={int(self.overlap)}"
             )
         if self.overlap and (not self.wgmma or self.split_k != 1):
             raise ValueError(
@@ -319,10 +349,10 @@ class _SwapAbTactic(Tactic):
             )
         if self.block_w not in (64, 128):
             raise ValueError(f"{type(self).__name__}.block_w={self.block_w}; expected 64 or 128")
-        if (self.warps_m, self.warps_n) not in ((4, 1), (2, 2)):
+        if (self.warps_m, self.warps_n) not in ((4, 1), (2, 2), (8, 1)):
             raise ValueError(
                 f"{type(self).__name__} warps=({self.warps_m}, {self.warps_n}); "
-                "expected (4, 1) or (2, 2)"
+                "expected (4, 1), (2, 2) or (8, 1) (wgmma)"
             )
         if self.block_m % (16 * self.warps_n) or self.block_w % (16 * self.warps_m):
             raise ValueError(
@@ -338,9 +368,14 @@ class _SwapAbTactic(Tactic):
         rows go to shared memory by cp.async).
         """
         mma_m = self.block_w // (16 * self.warps_m)
-        b_chunks = 0 if self.wgmma else max(1, self.block_m * 8 // 128)
+        threads = self.num_threads()
+        b_chunks = 0 if self.wgmma else max(1, self.block_m * 8 // threads)
         ring = 0 if self.cp_async else self.stages * (6 * mma_m + 4 * b_chunks)
-        return ring + self.block_m * self.block_w // 128
+        return ring + self.block_m * self.block_w // threads
+
+    def num_threads(self) -> int:
+        """Threads per CTA: 128 (one warpgroup), 256 with `8 x 1` warps (two)."""
+        return 32 * self.warps_m * self.warps_n
 
     def smem_bytes(self) -> int:
         """Dynamic shared memory of one CTA."""
@@ -437,6 +472,12 @@ _BULK_VARIANTS = ((16, 64, 2, 4, (1, 2)), (16, 128, 2, 4, (1, 2)))
 # plain twins on an H200 in most cells (module docstring), so experimental
 # (`is_experimental`); this pair won a few GEMM1 cells by 5-6 %.
 _PREFETCH_VARIANTS = ((16, 64, 2, 8, (1, 2)),)
+# Warpgroup-MMA prefill tiles with two warpgroups (`8 x 1` warps, 256 threads) over
+# the weight rows, (block_m, block_w, stages): both read one token tile, so each
+# decoded weight serves `block_m` token rows and each token row copied to shared
+# memory serves 128 weight rows, at the per-thread registers of a one-warpgroup
+# `block_m x 64` tile.
+_TWO_WARPGROUP_VARIANTS = ((128, 128, 1), (64, 128, 1))
 # Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
 # and the CTAs per SM it aims to keep resident.
 _PLANNED_SMS = 132
@@ -476,6 +517,10 @@ def _variants(cls):
         specs.extend(
             dict(block_m=bm, block_w=bw, stages=st, split_k=k, prefetch=ahead) for k in splits
         )
+    specs.extend(
+        dict(block_m=bm, block_w=bw, stages=st, wgmma=True, warps_m=8)
+        for bm, bw, st in _TWO_WARPGROUP_VARIANTS
+    )
     out = []
     for i, spec in enumerate(specs):
         try:
@@ -571,13 +616,15 @@ def default_tactic(
     else:
         raise ValueError(f"op={op!r}; expected 'moe_gemm1' or 'moe_gemm2'")
     wgmma = False
+    warps_m, warps_n = 4, 1
     if rows <= 8:
         block_m, block_w, stages = 16, 64, 2
     elif rows < 64:
         block_m, block_w, stages, wgmma = 32, 128, 1, True
+    elif rows >= 128 and op == "moe_gemm1":
+        block_m, block_w, stages, wgmma, warps_m = 128, 128, 1, True, 8
     else:
         block_m, block_w, stages, wgmma = 64, 128, 1, True
-    warps_m, warps_n = 4, 1
     split_k = 1
     if block_m == 16:
         if op == "moe_gemm1":

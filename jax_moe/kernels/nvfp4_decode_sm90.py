@@ -84,7 +84,7 @@ __all__ = [
 
 #: Reduction elements per main-loop step (4 e4m3 scales per weight row).
 BLOCK_K = 64
-#: Threads per CTA (4 warps).
+#: Threads per CTA (4 warps; the two-warpgroup wgmma tiles have twice as many).
 NUM_THREADS = 128
 #: bf16 elements of padding per shared-memory row (16 bytes: conflict-free ldmatrix).
 SMEM_PAD = 8
@@ -321,18 +321,20 @@ class SwapAbNvfp4GemmSm90:
             raise ValueError(
                 f"overlap needs wgmma and split_k=1; got wgmma={wgmma}, split_k={split_k}"
             )
-        if wgmma and (cp_async or (warps_m, warps_n) != (4, 1)):
+        if wgmma and (cp_async or (warps_m, warps_n) not in ((4, 1), (8, 1))):
             raise ValueError(
-                "wgmma needs the register path (cp_async=False) and 4 x 1 warps (one "
-                f"warpgroup over the weight rows); got cp_async={cp_async}, "
+                "wgmma needs the register path (cp_async=False) and 4 x 1 or 8 x 1 warps "
+                f"(one or two warpgroups over the weight rows); got cp_async={cp_async}, "
                 f"warps=({warps_m}, {warps_n})"
             )
         if split_k not in (1, 2, 4, 8):
             raise ValueError(f"split_k={split_k}; expected 1, 2, 4 or 8")
         if split_k > 1 and cp_async and not bulk:
             raise ValueError("split_k > 1 needs the register path or the bulk-copy ring")
-        if warps_m * warps_n * 32 != NUM_THREADS:
-            raise ValueError(f"warps_m * warps_n = {warps_m * warps_n}; expected 4")
+        if warps_m * warps_n * 32 != NUM_THREADS and not (wgmma and (warps_m, warps_n) == (8, 1)):
+            raise ValueError(
+                f"warps_m * warps_n = {warps_m * warps_n}; expected 4 (or 8 x 1 with wgmma)"
+            )
         if block_w % (16 * warps_m) or block_w % 64:
             raise ValueError(f"block_w={block_w}; expected a multiple of 64 and of 16*warps_m")
         if block_m % (16 * warps_n):
@@ -354,8 +356,10 @@ class SwapAbNvfp4GemmSm90:
         self.block_m = block_m
         self.warps_m = warps_m
         self.warps_n = warps_n
+        # Threads of a CTA: one warpgroup, or two with `8 x 1` wgmma warps.
+        self.num_threads = 32 * warps_m * warps_n
         # 16-byte cp.async copies of one K step's packed weight bytes per thread.
-        self.w_units = block_w * 2 // NUM_THREADS
+        self.w_units = block_w * 2 // self.num_threads
         # 16-row MMA tiles of weights per warp (the A fragments' M mode).
         self.mma_m = block_w // (16 * warps_m)
         # Stages of the shared-memory token tile: double-buffered with register
@@ -368,9 +372,11 @@ class SwapAbNvfp4GemmSm90:
             # (two with `overlap`: the previous step's MMAs may still read its stage).
             self.b_stages = stages + (2 if overlap else 1)
         # Token work units: 16-byte chunks (8 bf16) of a token row's 64-wide K step.
-        self.b_chunks = max(1, block_m * (BLOCK_K // 8) // NUM_THREADS)
-        if block_m * (BLOCK_K // 8) % NUM_THREADS:
-            raise ValueError(f"block_m={block_m}; expected block_m * 8 to be a multiple of 128")
+        self.b_chunks = max(1, block_m * (BLOCK_K // 8) // self.num_threads)
+        if block_m * (BLOCK_K // 8) % self.num_threads:
+            raise ValueError(
+                f"block_m={block_m}; expected block_m * 8 to be a multiple of {self.num_threads}"
+            )
 
     # ------------------------------------------------------------------ layouts
     def smem_bytes(self) -> int:
@@ -439,7 +445,8 @@ class SwapAbNvfp4GemmSm90:
                 cute.nvgpu.OperandMajorMode.K,
                 cute.nvgpu.OperandMajorMode.K,
             )
-            return cute.make_tiled_mma(cute.make_mma_atom(op), (1, 1, 1))
+            # One 64-row MMA atom per warpgroup along the weight rows.
+            return cute.make_tiled_mma(cute.make_mma_atom(op), (self.warps_m // 4, 1, 1))
         op = cute.nvgpu.warp.MmaF16BF16Op(cutlass.BFloat16, cutlass.Float32, (16, 8, 16))
         return cute.make_tiled_mma(
             op,
@@ -580,7 +587,7 @@ class SwapAbNvfp4GemmSm90:
         """Launches `self.kernel(*kernel_args, tiled_mma)` on `stream`.
 
         Grid: `(w_packed.shape[1] / block_w, len(tile_expert), split_k)` CTAs of
-        `NUM_THREADS` threads with `smem_bytes()` of dynamic shared memory; with
+        `num_threads` threads with `smem_bytes()` of dynamic shared memory; with
         `split_k > 1`, clusters of `(1, 1, split_k)`. With `pdl`, the launch allows
         programmatic stream serialization (the kernel may start before the previous
         one on the stream has finished; it must call `dependency_wait`).
@@ -591,7 +598,7 @@ class SwapAbNvfp4GemmSm90:
         if cutlass.const_expr(self.split_k > 1):
             self.kernel(*kernel_args, tiled_mma).launch(
                 grid=(num_w_tiles, num_row_tiles, self.split_k),
-                block=(NUM_THREADS, 1, 1),
+                block=(self.num_threads, 1, 1),
                 cluster=(1, 1, self.split_k),
                 smem=self.smem_bytes(),
                 stream=stream,
@@ -600,7 +607,7 @@ class SwapAbNvfp4GemmSm90:
         else:
             self.kernel(*kernel_args, tiled_mma).launch(
                 grid=(num_w_tiles, num_row_tiles, 1),
-                block=(NUM_THREADS, 1, 1),
+                block=(self.num_threads, 1, 1),
                 smem=self.smem_bytes(),
                 stream=stream,
                 use_pdl=self.pdl,
@@ -757,7 +764,7 @@ class SwapAbNvfp4GemmSm90:
         `b_rows[c]` is the source row of chunk `c` in `m_b`, or -1 for a zero row.
         """
         for c in cutlass.range_constexpr(self.b_chunks):
-            chunk = c * NUM_THREADS + tidx
+            chunk = c * self.num_threads + tidx
             col = chunk % (BLOCK_K // 8)
             src_row = b_rows[c]
             if src_row >= 0:
@@ -769,7 +776,7 @@ class SwapAbNvfp4GemmSm90:
     @cute.jit
     def store_b_step(self, tidx: cutlass.Int32, r_b: cute.Tensor, s_b: cute.Tensor):
         for c in cutlass.range_constexpr(self.b_chunks):
-            chunk = c * NUM_THREADS + tidx
+            chunk = c * self.num_threads + tidx
             if chunk < self.block_m * (BLOCK_K // 8):
                 row = chunk // (BLOCK_K // 8)
                 col = chunk % (BLOCK_K // 8)
@@ -928,7 +935,7 @@ class SwapAbNvfp4GemmSm90:
         # Padding chunks (no source row) are zero in every stage, once.
         for c in cutlass.range_constexpr(self.b_chunks):
             if b_rows[c] < 0:
-                chunk = c * NUM_THREADS + tidx
+                chunk = c * self.num_threads + tidx
                 zero = cute.make_rmem_tensor((8,), cutlass.BFloat16)
                 zero.fill(0.0)
                 for st in cutlass.range_constexpr(ring):
@@ -1062,7 +1069,7 @@ class SwapAbNvfp4GemmSm90:
         band0 = w_row0 // TILE_ROWS
         if cutlass.const_expr(weights):
             for u in cutlass.range_constexpr(self.w_units):
-                unit = u * NUM_THREADS + tidx
+                unit = u * self.num_threads + tidx
                 src = cute.local_tile(codes[None, k_step, band0 + unit // 32], (16,), (unit % 32,))
                 dst = cute.local_tile(s_raw[None, stage], (16,), (unit,))
                 cute.copy(atom_w, src, dst)
@@ -1072,7 +1079,7 @@ class SwapAbNvfp4GemmSm90:
                 cute.copy(atom_s, ssrc, sdst)
         if cutlass.const_expr(tokens):
             for c in cutlass.range_constexpr(self.b_chunks):
-                chunk = c * NUM_THREADS + tidx
+                chunk = c * self.num_threads + tidx
                 row = chunk // (BLOCK_K // 8)
                 col = chunk % (BLOCK_K // 8)
                 if b_rows[c] >= 0:  # padding chunks (wgmma path) stay zero
