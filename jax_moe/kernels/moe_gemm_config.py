@@ -83,10 +83,10 @@ best pair or within 1 % of it in all 9 such cells, where the former `mma.sync` r
 1.14-1.37x the best; at m = 16 and 32 the wgmma 32-row pair was 1.05-1.39x the best
 (`mma.sync`: 1.07-1.45x; the best pairs use 16-row tiles for Qwen3 at m = 16 and
 64-row tiles for DeepSeek-V3 at m = 32). The two-warpgroup `128 x 128` GEMM1 from
-m = 128 follows the same two presets' tunes with those tiles (H200): it was the
-fastest GEMM1 at m >= 128 for Qwen3-30B-A3B (1.16-1.19x over the best one-warpgroup
-tile) and at m >= 256 for DeepSeek-V3 EP=8 (1.03-1.10x), 1.08x the best at m = 128
-there. The
+m = 128 follows the same two presets' tunes with those tiles (H200, balanced plan):
+the fastest GEMM1 at m >= 128 for Qwen3-30B-A3B (1.08-1.10x over the best
+one-warpgroup tile) and at m = 64 and m >= 256 for DeepSeek-V3 EP=8 (1.03-1.07x),
+1.08x the best at m = 128 there. The
 `4 x 1` grid follows the tuner on an H100 (DeepSeek-V3 EP=8, N = 1024 .. 16384: every
 tuned pair used `4 x 1`; the former `2 x 2` default was 18-48 % slower there). Shipped
 tables (:mod:`jax_moe.tuning`) override the heuristic.
@@ -118,12 +118,12 @@ of `block_m` rows and 64 weight rows) while each token row copied to shared memo
 serves 128 weight rows (as in a one-warpgroup tile of 128). Per thread the registers
 of the one-warpgroup `block_m x 64` tile (`128 x 128`: 124 and 121 registers, two
 CTAs per SM). Measured on an H200 (tunes of DeepSeek-V3 EP=8 and Qwen3-30B-A3B,
-every searched variant timed): the `128 x 128` GEMM1 was the fastest GEMM1 from
-m = 128 (Qwen3, 1.16-1.19x over the best one-warpgroup tile) or m = 256 (DeepSeek-V3,
-1.03-1.10x); the `64 x 128` GEMM2 the fastest Qwen3 GEMM2 from m = 128 (1.08-1.11x),
-1.02-1.05x the best DeepSeek-V3 one; as GEMM2 the `128 x 128` tile was 1.11-1.16x
-the best. Mixed with a GEMM2 of 64 rows (different `block_m`, above) the layer gains
-from them.
+every searched variant timed, balanced plan, N >= 2048): the `128 x 128` GEMM1 was
+1.08-1.10x faster than the best one-warpgroup tile for Qwen3 and 0.93-1.07x for
+DeepSeek-V3 (the fastest GEMM1 at N = 2048, 8192, 16384); the `64 x 128` GEMM2
+1.04-1.08x faster for Qwen3, 0.95-0.98x for DeepSeek-V3; as GEMM2 the `128 x 128`
+tile was 0.81-0.95x. The 128-row GEMM1 pays in a pair with a 64-row GEMM2
+(different `block_m`, above).
 
 `overlap` (with `wgmma`, unsplit): each 16 columns of a K step are decoded once the
 previous step's MMAs of those columns are done, and issued as their own commit group,
