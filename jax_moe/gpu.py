@@ -203,11 +203,16 @@ def fused_moe_cuda(
         weights = prepare(weights)
     meta = metadata(topk_ids, problem, block_m)
     tiles = {block_m: meta.tile_expert}
+    sorted_slots = meta.sorted_slots
     if finest != block_m:
         tiles[finest] = finer_tile_expert(meta.sorted_slots, meta.tile_expert, finest)
+        # Computed before GEMM1 (which takes sorted_slots from the barrier), so that a
+        # GEMM2 launched with programmatic dependent launch, which reads tile_expert
+        # before waiting for the previous kernel, reads an array written two kernels back.
+        tiles[finest], sorted_slots = jax.lax.optimization_barrier((tiles[finest], sorted_slots))
     act = _ffi.moe_gemm1(
         hidden_states,
-        meta.sorted_slots,
+        sorted_slots,
         tiles[gemm1.block_m],
         weights.w13_packed,
         weights.w13_scale,
@@ -217,7 +222,7 @@ def fused_moe_cuda(
     )
     rows = _ffi.moe_gemm2(
         act,
-        meta.sorted_slots,
+        sorted_slots,
         tiles[gemm2.block_m],
         weights.w2_packed,
         weights.w2_scale,

@@ -141,18 +141,37 @@ def _pair_table(cfg, num_tokens, num_local, gemm1, gemm2):
     return tuning.TacticTable(meta, entries)
 
 
+def _variant(variants, block_m, warps_m=None, wgmma=False):
+    """The first exported variant with `block_m` (and `warps_m`; unsplit wgmma)."""
+    return next(
+        t
+        for t in variants
+        if t.block_m == block_m
+        and warps_m in (None, t.warps_m)
+        and (not wgmma or (t.wgmma and t.split_k == 1 and not t.overlap))
+    )
+
+
 @requires_gpu
-@pytest.mark.parametrize("block_m1, block_m2", [(128, 64), (16, 128), (64, 32)])
-def test_gemms_with_different_row_tiles_match_reference(block_m1, block_m2):
+@pytest.mark.parametrize(
+    "gemm1, gemm2",
+    [
+        ((128, 8), (64,)),
+        ((16,), (128,)),
+        ((64,), (32,)),
+        # The pairs of the shipped H200 table from N=2048 (wgmma GEMM2s).
+        ((128, 8, True), (64, 4, True)),
+        ((128, 8, True), (64, 8, True)),
+    ],
+)
+def test_gemms_with_different_row_tiles_match_reference(gemm1, gemm2):
     # The metadata is built for the larger row tile; the other GEMM runs finer tiles
     # over the same rows (jax_moe.routing_metadata.finer_tile_expert).
     from jax_moe.kernels import moe_gemm_config
 
     cfg, weights, x, ids, wts, num_local, offset = _layer("tiny", 300)
-    gemm1 = next(t for t in moe_gemm_config.gemm1_variants() if t.block_m == block_m1)
-    gemm2 = next(t for t in moe_gemm_config.gemm2_variants() if t.block_m == block_m2)
-    if block_m1 == 128:  # the two-warpgroup tile
-        gemm1 = next(t for t in moe_gemm_config.gemm1_variants() if t.warps_m == 8)
+    gemm1 = _variant(moe_gemm_config.gemm1_variants(), *gemm1)
+    gemm2 = _variant(moe_gemm_config.gemm2_variants(), *gemm2)
     table = _pair_table(cfg, 300, num_local, gemm1, gemm2)
     got = jax.jit(lambda *a: jax_moe.fused_moe(*a, tactics=table))(x, weights, ids, wts)
     want = reference.fused_moe(x, weights, ids, wts)

@@ -101,11 +101,8 @@ def test_table_from_another_device_is_an_error(layer):
         _select(problem, _table(problem, gemm1, gemm2, device="NVIDIA H200"))
 
 
-@pytest.mark.skipif(not _ffi.is_available(), reason="the jax_moe CUDA extension is not built")
-def test_lowered_calls_carry_the_tuned_variants(layer, monkeypatch):
+def _lowered(layer, monkeypatch, gemm1, gemm2) -> str:
     weights, x, ids, wts, problem = layer
-    gemm1 = moe_gemm_config.gemm1_variants()[3]
-    gemm2 = next(t for t in moe_gemm_config.gemm2_variants() if t.block_m == gemm1.block_m)
     monkeypatch.setattr(gpu, "device_identity", lambda: (DEVICE, ARCH))
     table = _table(problem, gemm1, gemm2)
     f = jax.jit(lambda *a: jax_moe.fused_moe(*a, tactics=table, implementation="cuda"))
@@ -117,6 +114,26 @@ def test_lowered_calls_carry_the_tuned_variants(layer, monkeypatch):
     variants = [int(v) for v in re.findall(r"variant\s*=\s*(\d+)\s*:\s*i32", text)]
     assert _ffi.variant_id("moe_gemm1", gemm1) in variants
     assert _ffi.variant_id("moe_gemm2", gemm2) in variants
+    return text
+
+
+@pytest.mark.skipif(not _ffi.is_available(), reason="the jax_moe CUDA extension is not built")
+def test_lowered_calls_carry_the_tuned_variants(layer, monkeypatch):
+    gemm1 = moe_gemm_config.gemm1_variants()[3]
+    gemm2 = next(t for t in moe_gemm_config.gemm2_variants() if t.block_m == gemm1.block_m)
+    text = _lowered(layer, monkeypatch, gemm1, gemm2)
+    assert "optimization_barrier" not in text  # one row tile: no finer tile_expert
+
+
+@pytest.mark.skipif(not _ffi.is_available(), reason="the jax_moe CUDA extension is not built")
+def test_mixed_row_tiles_compute_the_finer_tiles_before_gemm1(layer, monkeypatch):
+    # GEMM2 with programmatic dependent launch reads tile_expert before it waits for
+    # the previous kernel: its finer tile_expert must not be computed right before it.
+    gemm1 = next(t for t in moe_gemm_config.gemm1_variants() if t.warps_m == 8)
+    gemm2 = next(t for t in moe_gemm_config.gemm2_variants() if t.block_m == 64 and t.wgmma)
+    text = _lowered(layer, monkeypatch, gemm1, gemm2)
+    barrier = text.index("optimization_barrier")
+    assert barrier < text.index("jax_moe_moe_gemm1")
 
 
 def _problem(**overrides):

@@ -34,7 +34,8 @@ intermediate % 64 == 0, 16-byte aligned `hidden`, `w13_packed`, `w13_scale` and
 `act`; `tile_expert` entries < num_local_experts and slots < num_tokens *
 top_k (not checked by the kernel).
 
-Grid: ``(2 * intermediate / block_w, m_pad / block_m, split_k)``, 128 threads; with
+Grid: ``(2 * intermediate / block_w, m_pad / block_m, split_k)``, 128 threads (256 for
+the two-warpgroup tiles); with
 ``split_k > 1`` the CTAs of one tile form a cluster and split the K loop.
 
 Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): the

@@ -28,7 +28,8 @@ Requirements (promised by `export_spec`, checked by the caller): intermediate % 
 and `y`; `tile_expert` entries < num_local_experts and slots < len(topk_weights)
 (not checked by the kernel). Output is float32 only.
 
-Grid: ``(hidden / block_w, m_pad / block_m, split_k)``, 128 threads; with ``split_k > 1``
+Grid: ``(hidden / block_w, m_pad / block_m, split_k)``, 128 threads (256 for the
+two-warpgroup tiles); with ``split_k > 1``
 the CTAs of one tile form a cluster and split the K loop.
 
 Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): this

@@ -287,6 +287,12 @@ class _SwapAbTactic(Tactic):
                 f"got wgmma={int(self.wgmma)}, split_k={self.split_k}, "
                 f"overlap={int(self.overlap)}"
             )
+        if self.block_m * 8 % self.num_threads():
+            # Each thread copies whole 16-byte chunks of the token tile's K step.
+            raise ValueError(
+                f"{name}: block_m={self.block_m} gives {self.block_m * 8} token chunks per K "
+                f"step, not a multiple of the {self.num_threads()} threads"
+            )
         if self.overlap and (not self.wgmma or self.split_k != 1):
             raise ValueError(
                 f"{name}: overlap=1 needs wgmma=1 and split_k=1; got wgmma={int(self.wgmma)}, "

@@ -14,7 +14,8 @@ the two GEMMs; this module holds everything else:
 
 * exact NVFP4 -> bf16 decode (:func:`decode_word_pair`, :func:`scale_bf16x2`,
   :func:`mul_bf16x2`),
-* the CTA main loop (:class:`SwapAbNvfp4GemmSm90`), 128 threads (4 warps) running
+* the CTA main loop (:class:`SwapAbNvfp4GemmSm90`), 128 threads (4 warps; 8 in the
+  two-warpgroup wgmma tiles) running
   ``mma.sync.m16n8k16`` bf16 MMAs with fp32 accumulators. The weights never touch
   shared memory: the prepared layout stores each 16-row band K step by K step in
   the MMA's A-fragment order, so per 64-wide K step and 16-row tile a lane loads
@@ -244,7 +245,9 @@ class SwapAbNvfp4GemmSm90:
     Compile-time parameters:
       block_w: weight rows per CTA (MMA M side), a multiple of 64.
       block_m: token rows per CTA (MMA N side) = the routing row tile, a multiple of 16.
-      warps_m, warps_n: warp grid (warps_m * warps_n == 4) over (block_w, block_m).
+      warps_m, warps_n: warp grid over (block_w, block_m): 4 warps (`4 x 1`, `2 x 2`),
+        or `8 x 1` with `wgmma` (two warpgroups, 256 threads, each multiplying 64 of
+        every 128 weight rows against the shared token tile).
       stages: K steps loaded ahead (register ring depth, or cp.async ring depth).
       cp_async: stage raw weights and token rows through a cp.async shared-memory ring
         instead of registers.
@@ -258,7 +261,8 @@ class SwapAbNvfp4GemmSm90:
         instructions of `dependency_wait` and `launch_dependents` (no-ops when False).
       wgmma: run the MMAs as warpgroup MMAs (`wgmma.mma_async.m64nNk16`, N =
         `block_m`) with A from registers and B from shared memory, instead of
-        `mma.sync.m16n8k16` with B by `ldmatrix` (`4 x 1` warps, register path only).
+        `mma.sync.m16n8k16` with B by `ldmatrix` (`4 x 1` or `8 x 1` warps, register
+        path only).
         A warp's A fragment of a 64-row wgmma tile is its 16-row band in the same
         register order as the `mma.sync` A fragment, so the decode is shared. The
         token rows are copied by cp.async into a 128-byte-swizzled ring (the wgmma
