@@ -41,7 +41,7 @@ from jax_moe.tuning.profiler import (
     TimingConfig,
     key_data_of_seed,
 )
-from jax_moe.tuning.routing_generator import join_profile, split_profile
+from jax_moe.tuning.routing_generator import canonical_profile, join_profile, parse_profile
 from jax_moe.tuning.tactic_table import TacticTable
 from jax_moe.tuning.tuner import (
     CellResult,
@@ -93,10 +93,11 @@ _MAX_TOKENS = flags.DEFINE_integer(
 )
 _DISTRIBUTION = flags.DEFINE_string(
     "distribution",
-    "balanced+spread+busy",
+    "balanced/spread+busy",
     "Profiling routing: balanced, spread, busy, uniform or zipf:S; several joined by '+' "
     "(balanced+spread) choose the pair with the smallest worst-case slowdown over them "
-    "(the first is the primary routing; see docs/TUNING.md).",
+    "(the first is the primary routing; see docs/TUNING.md); with '/' after the first "
+    "(balanced/spread+busy) it only picks the candidates and the others are scored.",
     flag_values=FLAGS,
 )
 _SEED = flags.DEFINE_integer(
@@ -250,7 +251,10 @@ class TuneConfig:
       max_tokens: largest token bucket (<= DEFAULT_MAX_TOKENS, which lookup caps at).
       distribution: profiling routing, `str(RoutingDistribution)`, or a profile of
         several joined by `+` (`balanced+spread`): the first is the cells' routing,
-        the others become `search.secondary` (which must then be empty here).
+        the others become `search.secondary` (which must then be empty here); a
+        `/` after the first (`balanced/spread+busy`) sets `search.score_primary`
+        False (`jax_moe.tuning.routing_generator.parse_profile`), which must then be
+        True here.
       seed: seed of the inputs' key.
       out: the tactic file written.
       merge: merge into an existing `out` instead of replacing it.
@@ -273,7 +277,7 @@ class TuneConfig:
     models: tuple[models.MoEConfig, ...] = ()
     eps: tuple[int, ...] = (1,)
     max_tokens: int = DEFAULT_MAX_TOKENS
-    distribution: str = "balanced+spread+busy"
+    distribution: str = "balanced/spread+busy"
     seed: int = 0
     out: str = "tactics.json"
     merge: bool = False
@@ -291,12 +295,17 @@ class TuneConfig:
     search: SearchConfig = SearchConfig()
 
     def __post_init__(self) -> None:
-        primary, secondary = split_profile(self.distribution)
-        object.__setattr__(self, "distribution", join_profile(primary, secondary))
+        primary, secondary, _ = parse_profile(self.distribution)
+        object.__setattr__(self, "distribution", canonical_profile(self.distribution))
         if self.search.secondary:
             raise ValueError(
                 f"search.secondary={self.search.secondary!r}; give secondary routings in "
                 f"distribution instead (e.g. '{primary}+spread')"
+            )
+        if not self.search.score_primary:
+            raise ValueError(
+                "search.score_primary=False; write the profile with '/' in distribution "
+                f"instead (e.g. '{primary}/spread+busy')"
             )
         if self.evaluate is None and self.analyze is None and not self.models:
             raise ValueError(
@@ -623,7 +632,11 @@ def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
     if config.analyze_out is None:
         return TuneOutcome(results=tuple(results))
     profile = _profile_of(data, results, config.analyze)
-    results = [with_choice(result, config.search) for result in results]
+    if parse_profile(config.distribution)[:2] == parse_profile(profile)[:2]:
+        profile = config.distribution  # The same routings, scored as --distribution says.
+    _, secondary, score_primary = parse_profile(profile)
+    search = dataclasses.replace(config.search, secondary=secondary, score_primary=score_primary)
+    results = [with_choice(result, search) for result in results]
     table = build_table(
         results,
         device_name=device,
@@ -635,7 +648,7 @@ def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
     stream.write(format_summary(results) + "\n")
     stream.write(
         f"wrote {len(table)} entries to {config.analyze_out} (pairs chosen again from "
-        f"{config.analyze}, tie_tolerance {config.search.tie_tolerance:g})\n"
+        f"{config.analyze}, profile {profile}, tie_tolerance {config.search.tie_tolerance:g})\n"
     )
     return TuneOutcome(table=table, results=tuple(results))
 
@@ -678,7 +691,7 @@ def _profile_of(data: Mapping[str, Any], results: Sequence[CellResult], path: st
         secondary = dict.fromkeys(r for result in results for r in result.secondary)
         profile = join_profile(primary, tuple(secondary))
     try:
-        if split_profile(profile)[0] != primary:
+        if parse_profile(profile)[0] != primary:
             raise ValueError(f"its cells' routing is {primary!r}")
     except ValueError as error:
         raise ValueError(
@@ -747,8 +760,8 @@ def run(
     if config.evaluate is not None:
         return _evaluate(config, profiler, stream)
     key_data = key_data_of_seed(config.seed)
-    primary, secondary = split_profile(config.distribution)
-    search = dataclasses.replace(config.search, secondary=secondary)
+    primary, secondary, score_primary = parse_profile(config.distribution)
+    search = dataclasses.replace(config.search, secondary=secondary, score_primary=score_primary)
     cells = []
     for model in config.models:
         eps = [ep for ep in config.eps if model.num_experts % ep == 0]

@@ -65,6 +65,7 @@ from jax_moe.tuning.tuner import (
     format_summary,
     measure_cell,
     results_from_rows,
+    scored_secondary,
     secondary_candidates,
     timing_rows,
     with_choice,
@@ -301,7 +302,7 @@ def test_merge_adds_cells_and_rejects_other_inputs(tmp_path):
     _cli(tmp_path, "--ep=2", "--max_tokens=2")  # without --merge: replaced
     assert len(TacticTable.load(path)) == 4
     # Another profile: rejected, with the flag that would match.
-    with pytest.raises(ValueError, match="--distribution=balanced\\+spread"):
+    with pytest.raises(ValueError, match="--distribution=balanced/spread\\+busy"):
         _cli(tmp_path, "--ep=1", "--max_tokens=2", "--merge", "--distribution=balanced")
 
 
@@ -366,6 +367,17 @@ def test_a_secondary_routing_with_an_earlier_plan_is_not_timed_again():
     cell = TuneCell(TINY, 2, 1, ARCH)
     result = measure_cell(CostModelProfiler(), cell, search)
     assert dict(result.secondary_skipped).get("busy") == "same expert loads as balanced"
+    # Scoring the secondary routings only, the skipped one is scored with the primary
+    # timings (its launches); scoring all routings, nothing is added.
+    only = dataclasses.replace(search, score_primary=False)
+    scored = scored_secondary(result, only)
+    assert set(scored) == {"spread", "busy"} and scored["busy"] is result.timings
+    assert scored_secondary(result, search) == dict(result.secondary)
+    want = choose_robust_pair(result.timings, scored, only)
+    assert with_choice(result, only).choice == want
+    # A routing skipped as a copy of another secondary routing adds nothing.
+    result = measure_cell(CostModelProfiler(), TuneCell(TINY, 1, 8, ARCH), search)
+    assert scored_secondary(result, only) == dict(result.secondary)
 
 
 class NoisyScreenProfiler(CostModelProfiler):
@@ -460,6 +472,35 @@ def test_robust_choice_minimizes_the_worst_normalized_time():
     none = {GEMM1_OP: {}, GEMM2_OP: {}}
     assert choose_robust_pair(primary, {"spread": none}).tactics == plain.tactics
     assert choose_robust_pair(primary, {}).tactics == plain.tactics
+
+
+def test_robust_choice_can_score_the_secondary_routings_only():
+    a16, b16 = _variant(GEMM1_OP, 16), _variant(GEMM1_OP, 16, 1)
+    c16 = _variant(GEMM2_OP, 16)
+    primary = {
+        GEMM1_OP: {a16: Measurement(10.0), b16: Measurement(12.0)},
+        GEMM2_OP: {c16: Measurement(5.0)},
+    }
+    # Spread: a16+c16 13.0, b16+c16 12.5; busy: a16+c16 20.0, b16+c16 19.6.
+    spread = {
+        GEMM1_OP: {a16: Measurement(8.0), b16: Measurement(7.5)},
+        GEMM2_OP: {c16: Measurement(5.0)},
+    }
+    busy = {
+        GEMM1_OP: {a16: Measurement(15.0), b16: Measurement(14.6)},
+        GEMM2_OP: {c16: Measurement(5.0)},
+    }
+    secondary = {"spread": spread, "busy": busy}
+    # With the primary: a16 max(1, 1.04, 1.02) = 1.04 beats b16 max(1.133, 1, 1) = 1.133.
+    assert choose_robust_pair(primary, secondary).tactics == (a16, c16)
+    only = SearchConfig(score_primary=False)
+    chosen = choose_robust_pair(primary, secondary, only)
+    assert chosen.tactics == (b16, c16)
+    assert chosen.gemm1.time_us == 12.0  # primary times are still reported
+    # Nothing timed under a secondary routing: the plain choice under the primary.
+    assert choose_robust_pair(primary, {}, only).tactics == (a16, c16)
+    with pytest.raises(TypeError, match="score_primary"):
+        SearchConfig(score_primary=1)
 
 
 def test_secondary_candidates_keep_the_close_tactics_of_each_op():
@@ -644,11 +685,13 @@ def test_evaluating_a_balanced_table_repeats_the_plain_search(tmp_path):
 def test_tune_with_a_robust_profile_records_it_and_evaluation_repeats_it(tmp_path):
     outcome, output, profiler = _cli(tmp_path, "--ep=2", "--max_tokens=8")  # the default
     table = TacticTable.load(str(tmp_path / "tactics.json"))
-    assert table.metadata.distribution == "balanced+spread+busy"
+    assert table.metadata.distribution == "balanced/spread+busy"
     assert {c.routing for _, _, c in profiler.calls} == {"balanced", "spread", "busy"}
     assert ", " in output and " again" in output
     for result in outcome.results:
-        want = choose_robust_pair(result.timings, result.secondary, SearchConfig())
+        want = choose_robust_pair(
+            result.timings, result.secondary, SearchConfig(score_primary=False)
+        )
         assert result.choice.tactics == want.tactics
     path = str(tmp_path / "tactics.json")
     evaluated, _, profiler = _cli(tmp_path, f"--evaluate={path}")
@@ -666,6 +709,22 @@ def test_tune_with_a_robust_profile_records_it_and_evaluation_repeats_it(tmp_pat
         tune.TuneConfig(
             models=(TINY,), distribution="balanced", search=SearchConfig(secondary=("spread",))
         )
+    with pytest.raises(ValueError, match="score_primary"):
+        tune.TuneConfig(models=(TINY,), search=SearchConfig(score_primary=False))
+    # A profile that also scores its primary routing: recorded, scored with it, and the
+    # evaluation's repeated tuning does the same.
+    every, _, profiler = _cli(
+        tmp_path, "--ep=2", "--max_tokens=8", "--distribution=balanced + spread+busy"
+    )
+    assert every.table.metadata.distribution == "balanced+spread+busy"
+    assert {c.routing for _, _, c in profiler.calls} == {"balanced", "spread", "busy"}
+    search = SearchConfig(score_primary=True)
+    for result in every.results:
+        want = choose_robust_pair(result.timings, result.secondary, search)
+        assert result.choice.tactics == want.tactics
+    evaluated, _, _ = _cli(tmp_path, f"--evaluate={tmp_path / 'tactics.json'}")
+    rep = evaluated.report.reproducibility
+    assert rep.same == rep.total == 4
 
 
 def test_infeasible_balanced_cells_are_skipped(tmp_path):
@@ -1003,7 +1062,7 @@ def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
     )
     table = TacticTable.load(again)
     assert (
-        table.metadata.distribution == tuned.table.metadata.distribution == "balanced+spread+busy"
+        table.metadata.distribution == tuned.table.metadata.distribution == "balanced/spread+busy"
     )
     assert table.metadata.profile_key == tuned.table.metadata.profile_key
     assert dict(table.entries) == dict(tuned.table.entries)
@@ -1019,6 +1078,24 @@ def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
     for result in outcome.results:
         assert result.choice is not None
         assert result.choice.gemm1.tactic == chosen.lookup(result.cell.problem_key(GEMM1_OP))
+    # The same routings with the primary scored too (--distribution without '/'):
+    # recorded, and each pair is that rule's; another profile's routings leave the
+    # file's profile.
+    only = tmp_path / "only.json"
+
+    def choose_again(distribution):
+        argv = [f"--analyze={timings}", f"--analyze_out={only}", f"--distribution={distribution}"]
+        return tune.run_cli(["jax_moe.tune", *argv], stream=io.StringIO())
+
+    outcome = choose_again("balanced+spread+busy")
+    assert TacticTable.load(only).metadata.distribution == "balanced+spread+busy"
+    for result in outcome.results:
+        want = choose_robust_pair(
+            result.timings, result.secondary, SearchConfig(score_primary=True)
+        )
+        assert result.choice.tactics == want.tactics
+    choose_again("balanced")
+    assert TacticTable.load(only).metadata.distribution == "balanced/spread+busy"
     # An evaluation's timings are not a tuning's; --analyze_out needs --analyze.
     evaluated = tmp_path / "eval_timings.json"
     _cli(
@@ -1036,7 +1113,8 @@ def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
         _cli(tmp_path, f"--analyze_out={again}")
     with pytest.raises(app.UsageError, match="would overwrite"):
         _cli(tmp_path, f"--analyze={timings}", f"--analyze_out={timings}")
-    # A file without the run's profile (written before it was recorded): from the cells.
+    # A file without the run's profile (written before it was recorded): the routings of
+    # its cells, scored as --distribution says when it names the same routings.
     data = json.loads(timings.read_text())
     del data["run"]
     old = tmp_path / "old_timings.json"
@@ -1044,7 +1122,7 @@ def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
     outcome = tune.run_cli(
         ["jax_moe.tune", f"--analyze={old}", f"--analyze_out={again}"], stream=io.StringIO()
     )
-    assert outcome.table.metadata.distribution == "balanced+spread+busy"
+    assert outcome.table.metadata.distribution == "balanced/spread+busy"
     assert dict(TacticTable.load(again).entries) == dict(tuned.table.entries)
 
 

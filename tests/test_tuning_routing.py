@@ -20,7 +20,12 @@ from jax_moe.tuning import (
     profile_routing,
     spread_expert_loads,
 )
-from jax_moe.tuning.routing_generator import join_profile, split_profile
+from jax_moe.tuning.routing_generator import (
+    canonical_profile,
+    join_profile,
+    parse_profile,
+    split_profile,
+)
 
 _SETTINGS = hypothesis.settings(
     max_examples=30,
@@ -435,3 +440,23 @@ def test_profiles_split_and_join():
             split_profile(bad)
     with pytest.raises(TypeError, match="profile"):
         split_profile(None)
+
+
+def test_profiles_that_only_screen_with_the_primary_routing():
+    assert parse_profile("balanced+spread") == ("balanced", ("spread",), True)
+    assert parse_profile(" balanced / spread + busy ") == ("balanced", ("spread", "busy"), False)
+    assert split_profile("balanced/spread+busy") == ("balanced", ("spread", "busy"))
+    assert canonical_profile(" balanced / spread + busy ") == "balanced/spread+busy"
+    assert join_profile("balanced", ("zipf:1",), score_primary=False) == "balanced/zipf:1"
+    for bad in [
+        "balanced/",
+        "/spread",
+        "balanced+spread/busy",
+        "balanced/spread/busy",
+        "balanced/balanced",
+        "balanced/spread+",
+    ]:
+        with pytest.raises(ValueError):
+            parse_profile(bad)
+    with pytest.raises(ValueError, match="needs secondary"):
+        join_profile("balanced", (), score_primary=False)

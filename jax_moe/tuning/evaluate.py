@@ -49,7 +49,7 @@ from jax_moe.tuning.profiler import (
     Profiler,
     TuneCell,
 )
-from jax_moe.tuning.routing_generator import split_profile
+from jax_moe.tuning.routing_generator import parse_profile, split_profile
 from jax_moe.tuning.tactic_table import TacticTable
 from jax_moe.tuning.tuner import (
     CellResult,
@@ -296,8 +296,11 @@ def evaluate_table(
             regrets.append(regret_of(results[c * len(routings) + r], tuned, others))
     reproducibility = None
     if config.repeat_tuning:
-        secondary = () if table.metadata is None else split_profile(table.metadata.distribution)[1]
-        search = dataclasses.replace(config.search, secondary=secondary)
+        profile = "balanced" if table.metadata is None else table.metadata.distribution
+        _, secondary, score_primary = parse_profile(profile)
+        search = dataclasses.replace(
+            config.search, secondary=secondary, score_primary=score_primary
+        )
         results = tune_cells(
             profiler, [c for c, _ in tuned_cells], search, stream, on_result, saved
         )

@@ -129,7 +129,9 @@ __all__ = [
     "RoutingDistribution",
     "balanced_expert_loads",
     "balanced_routing",
+    "canonical_profile",
     "join_profile",
+    "parse_profile",
     "planned_expert_loads",
     "profile_inputs",
     "profile_routing",
@@ -495,23 +497,51 @@ class RoutingDistribution:
         return f"zipf:{exponent.removesuffix('.0')}"
 
 
-def split_profile(profile: str) -> tuple[str, tuple[str, ...]]:
-    """`(primary, secondary)` routings of a profile `'balanced+spread'`: the cells'
-    routing and `SearchConfig.secondary`. Each part is a `RoutingDistribution`
-    (canonical text); parts must differ. ValueError otherwise."""
+def parse_profile(profile: str) -> tuple[str, tuple[str, ...], bool]:
+    """`(primary, secondary, score_primary)` of a tuning profile.
+
+    `'balanced+spread'`: the cells' routing (primary) and the robust choice's
+    secondary routings (`SearchConfig.secondary`), all of them scored.
+    `'balanced/spread+busy'`: the same routings, but the primary only picks the
+    candidates that are timed again and the pair is scored over the secondary
+    routings alone (`score_primary` False; `SearchConfig.score_primary`).
+    Each routing is a `RoutingDistribution` (canonical text); they must differ.
+    ValueError otherwise."""
     if not isinstance(profile, str):
         raise TypeError(f"profile={profile!r}; expected a str of routings joined by '+'")
+    head, slash, tail = profile.partition("/")
+    if slash and ("+" in head or "/" in tail or not tail.strip()):
+        raise ValueError(
+            f"profile={profile!r}; expected one routing before '/' and routings joined "
+            "by '+' after it"
+        )
     if not profile.strip():
         raise ValueError(f"profile={profile!r}; expected routings joined by '+'")
-    parts = tuple(str(RoutingDistribution.parse(p)) for p in profile.split("+"))
+    texts = (head, *tail.split("+")) if slash else profile.split("+")
+    parts = tuple(str(RoutingDistribution.parse(p)) for p in texts)
     if len(set(parts)) != len(parts):
         raise ValueError(f"profile={profile!r} names a routing twice")
-    return parts[0], parts[1:]
+    return parts[0], parts[1:], not slash
 
 
-def join_profile(primary: str, secondary: Sequence[str] = ()) -> str:
-    """The canonical profile text of `primary` and `secondary` routings."""
-    return "+".join((primary, *secondary))
+def split_profile(profile: str) -> tuple[str, tuple[str, ...]]:
+    """`(primary, secondary)` routings of a profile (`parse_profile`)."""
+    primary, secondary, _ = parse_profile(profile)
+    return primary, secondary
+
+
+def join_profile(primary: str, secondary: Sequence[str] = (), score_primary: bool = True) -> str:
+    """The canonical profile text of `primary` and `secondary` routings (`parse_profile`)."""
+    if score_primary:
+        return "+".join((primary, *secondary))
+    if not secondary:
+        raise ValueError(f"a profile that does not score {primary!r} needs secondary routings")
+    return f"{primary}/{'+'.join(secondary)}"
+
+
+def canonical_profile(profile: str) -> str:
+    """`profile` in canonical text (`parse_profile`, `join_profile`)."""
+    return join_profile(*parse_profile(profile))
 
 
 @functools.partial(jax.jit, static_argnames=("num_tokens", "num_experts", "top_k"))

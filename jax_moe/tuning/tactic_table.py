@@ -53,7 +53,7 @@ from typing import Any, Literal
 
 from jax_moe.tactic import Tactic, tactic_from_json
 from jax_moe.tuning.problem import ProblemKey
-from jax_moe.tuning.routing_generator import RoutingDistribution, join_profile, split_profile
+from jax_moe.tuning.routing_generator import RoutingDistribution, canonical_profile
 
 __all__ = [
     "FILE_FORMAT",
@@ -110,7 +110,9 @@ class TableMetadata:
       created: UTC time of tuning, ISO 8601.
       distribution: the profiling routing, `str(RoutingDistribution)`, or a profile of
         several joined by `+` (`balanced+spread`: the first is the cells' routing,
-        the others the robust choice's secondary routings; see `jax_moe.tuning.tuner`).
+        the others the robust choice's secondary routings; `balanced/spread+busy`: the
+        first only picks the candidates; `routing_generator.parse_profile`, and
+        `jax_moe.tuning.tuner`).
       profile_key: the raw data of the `jax.random` key the inputs came from.
     """
 
@@ -130,7 +132,7 @@ class TableMetadata:
         if not _ARCH_NAME.match(self.arch):
             raise ValueError(f"TableMetadata.arch={self.arch!r}; expected a name like 'sm_90a'")
         try:
-            canonical = join_profile(*split_profile(self.distribution))
+            canonical = canonical_profile(self.distribution)
         except (TypeError, ValueError) as error:
             raise ValueError(f"TableMetadata.distribution: {error}") from None
         if canonical != self.distribution:
@@ -170,7 +172,7 @@ class TableMetadata:
             dsl_version=_package_version("nvidia-cutlass-dsl"),
             created=created,
             distribution=(
-                join_profile(*split_profile(distribution))
+                canonical_profile(distribution)
                 if isinstance(distribution, str)
                 else str(distribution)
             ),

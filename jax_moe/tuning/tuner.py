@@ -33,14 +33,21 @@ normalized time
     score(pair) = max over routings r of  time_r(pair) / min over pairs of time_r
 
 and the pair with the smallest score is chosen (ties within `tie_tolerance` go
-to the first in variant order, GEMM1 first). A pair that is fastest under
-one routing but slow under another loses to one that is close to the best under
-both: the balanced plan is a busy rank with evenly filled experts, the spread
-plan a typical rank's uneven loads, the busy plan the busiest rank's total with
-such unevenness (`jax_moe.tuning.routing_generator`), and a served batch lies
-between them. A secondary planned routing whose plan holds the same loads as a
-routing already timed for the cell is skipped (`_same_plan`): it would repeat the
-same launches.
+to the first in variant order, GEMM1 first). With `score_primary` False (a
+profile written `balanced/spread+busy`) the primary routing only picks the
+promising candidates and the maximum runs over the secondary routings alone; a
+secondary routing skipped because its plan holds the primary's loads (below) is
+scored with the primary timings (`scored_secondary`), and when no secondary
+routing is left the plain choice under the primary routing stands. A pair that
+is fastest under one routing but slow under another loses to one that is close
+to the best under both: the balanced plan is a busy rank with evenly filled
+experts, the spread plan a typical rank's uneven loads, the busy plan the busiest
+rank's total with such unevenness (`jax_moe.tuning.routing_generator`), and a
+served batch lies between them; the balanced plan's exactly even loads also favour
+tiles that fit them more than any served batch does, hence the default profile
+`balanced/spread+busy` (docs/TUNING.md). A secondary planned routing whose plan
+holds the same loads as a routing already timed for the cell is skipped
+(`_same_plan`): it would repeat the same launches.
 
 `table_entries` writes one `TacticEntry` per op: the chosen tactic, its time and
 as runner-up the fastest other timed tactic of the op.
@@ -93,6 +100,7 @@ __all__ = [
     "make_cells",
     "measure_cell",
     "results_from_rows",
+    "scored_secondary",
     "secondary_candidates",
     "split_profile",
     "table_entries",
@@ -175,6 +183,8 @@ class SearchConfig:
         which the promising candidates are timed again for the robust choice
         (module docstring); empty (default): the plain choice.
       secondary_margin: which candidates are promising (module docstring).
+      score_primary: whether the robust choice's score includes the primary
+        routing (default) or only the secondary ones (module docstring).
       all_variants: time every exported variant; False (default): only those of the
         default search (`moe_gemm_config.searched_by_default`).
       experimental: also time the experimental variants
@@ -185,6 +195,7 @@ class SearchConfig:
     screen: float = 0.0
     secondary: tuple[str, ...] = ()
     secondary_margin: float = 0.25
+    score_primary: bool = True
     all_variants: bool = False
     experimental: bool = False
 
@@ -200,6 +211,8 @@ class SearchConfig:
                 or not 0 <= margin < float("inf")
             ):
                 raise ValueError(f"SearchConfig.{name}={margin!r}; expected a float >= 0")
+        if not isinstance(self.score_primary, bool):
+            raise TypeError(f"SearchConfig.score_primary={self.score_primary!r}; expected a bool")
         if isinstance(self.secondary, str) or not isinstance(self.secondary, (tuple, list)):
             raise TypeError(f"SearchConfig.secondary={self.secondary!r}; expected a tuple of str")
         try:
@@ -378,16 +391,18 @@ def choose_robust_pair(
     secondary: Mapping[str, Timings],
     search: SearchConfig | None = None,
 ) -> PairChoice | None:
-    """The pair with the smallest worst normalized time over the primary `timings` and
-    every routing of `secondary` (module docstring); the plain `choose_pair` when no
-    pair was timed under every routing. Times in the result are the primary ones."""
+    """The pair with the smallest worst normalized time over the primary `timings` (unless
+    `search.score_primary` is False) and every routing of `secondary` (module
+    docstring); the plain `choose_pair` when no pair was timed under every routing.
+    Times in the result are the primary ones."""
     search = search or SearchConfig()
     measured = [_measured(t) for t in (timings, *secondary.values())]
     pairs = _pairs_timed_everywhere(measured)
     if not secondary or not pairs:
         return choose_pair(timings, search)
     g1_all, g2_all = measured[0]
-    totals = [{(g1, g2): m[0][g1] + m[1][g2] for g1, g2 in pairs} for m in measured]
+    scored = measured if search.score_primary else measured[1:]
+    totals = [{(g1, g2): m[0][g1] + m[1][g2] for g1, g2 in pairs} for m in scored]
     best = [min(t.values()) for t in totals]
     scores = {p: max(t[p] / b for t, b in zip(totals, best, strict=True)) for p in pairs}
     lowest = min(scores.values())
@@ -581,12 +596,30 @@ def _note(result: CellResult) -> str:
     )
 
 
+def scored_secondary(result: CellResult, search: SearchConfig | None = None) -> dict[str, Timings]:
+    """The secondary timings `with_choice` scores: `result.secondary`, and when the primary
+    routing is not scored (`search.score_primary` False), each routing of
+    `search.secondary` that was not timed because its plan holds the primary's loads
+    (`_same_plan`), with the primary timings: it would have timed the same launches, so
+    skipping it saves time without changing what the profile scores."""
+    search = search or SearchConfig()
+    secondary = dict(result.secondary)
+    if search.score_primary:
+        return secondary
+    cell = result.cell
+    for routing in search.secondary:
+        other = dataclasses.replace(cell, routing=routing)
+        if routing not in secondary and not _infeasible(other) and _same_plan(other, [cell]):
+            secondary[routing] = result.timings
+    return secondary
+
+
 def with_choice(result: CellResult, search: SearchConfig | None = None) -> CellResult:
-    """`result` with its pair chosen from its timings by `search` (`choose_robust_pair`);
-    a skipped cell unchanged."""
+    """`result` with its pair chosen from its timings by `search` (`choose_robust_pair`
+    over `scored_secondary`); a skipped cell unchanged."""
     if result.skipped:
         return result
-    choice = choose_robust_pair(result.timings, result.secondary, search)
+    choice = choose_robust_pair(result.timings, scored_secondary(result, search), search)
     return dataclasses.replace(result, choice=choice)
 
 
