@@ -41,7 +41,12 @@ from jax_moe.tuning.profiler import (
     TimingConfig,
     key_data_of_seed,
 )
-from jax_moe.tuning.routing_generator import canonical_profile, join_profile, parse_profile
+from jax_moe.tuning.routing_generator import (
+    canonical_profile,
+    join_profile,
+    parse_profile,
+    split_profile,
+)
 from jax_moe.tuning.tactic_table import TacticTable
 from jax_moe.tuning.tuner import (
     CellResult,
@@ -97,7 +102,8 @@ _DISTRIBUTION = flags.DEFINE_string(
     "Profiling routing: balanced, spread, busy, uniform or zipf:S; several joined by '+' "
     "(balanced+spread) choose the pair with the smallest worst-case slowdown over them "
     "(the first is the primary routing; see docs/TUNING.md); with '/' after the first "
-    "(balanced/spread+busy) it only picks the candidates and the others are scored.",
+    "(balanced/spread+busy) it only picks the candidates and the others are scored. With "
+    "--analyze_out: choose under this scoring of the timings' routings.",
     flag_values=FLAGS,
 )
 _SEED = flags.DEFINE_integer(
@@ -162,7 +168,8 @@ _ANALYZE_OUT = flags.DEFINE_string(
     "analyze_out",
     None,
     "With --analyze on a tuning's timings: choose every cell's pair again with the current "
-    "search settings (--tie_tolerance) and write the tactic file here (--merge merges).",
+    "search settings (--tie_tolerance; --distribution, if given, for the scoring of the "
+    "timings' routings) and write the tactic file here (--merge merges).",
     flag_values=FLAGS,
 )
 _TIMINGS_OUT = flags.DEFINE_string(
@@ -269,6 +276,10 @@ class TuneConfig:
       analyze: a `timings_out` file to analyze instead of tuning (no GPU needed).
       analyze_out: with `analyze` on a tuning's timings, the tactic file of the pairs
         chosen again from them with `search` (merged into it with `merge`).
+      analyze_profile: with `analyze_out`, the profile to choose under: the routings of
+        the timings' profile in any order, scored as this text says (`balanced/spread+busy`
+        for timings tuned with `balanced+spread+busy`, or the reverse); None: the
+        timings' own profile (`--distribution` given with `--analyze_out`).
       plot: PNG written after tuning.
       timing: profiler settings.
       search: choice settings.
@@ -290,6 +301,7 @@ class TuneConfig:
     resume: bool = False
     analyze: str | None = None
     analyze_out: str | None = None
+    analyze_profile: str | None = None
     plot: str | None = None
     timing: TimingConfig = TimingConfig()
     search: SearchConfig = SearchConfig()
@@ -330,6 +342,12 @@ class TuneConfig:
         key_data_of_seed(self.seed)  # Validates the seed.
         if self.analyze_out is not None and self.analyze is None:
             raise ValueError("--analyze_out needs --analyze")
+        if self.analyze_profile is not None:
+            if self.analyze_out is None:
+                raise ValueError(
+                    "analyze_profile (--distribution with --analyze) needs --analyze_out"
+                )
+            object.__setattr__(self, "analyze_profile", canonical_profile(self.analyze_profile))
         if self.analyze_out is not None and os.path.abspath(self.analyze_out) == os.path.abspath(
             self.analyze
         ):
@@ -406,6 +424,11 @@ def config_from_flags() -> TuneConfig:
             resume=_RESUME.value,
             analyze=_ANALYZE.value,
             analyze_out=_ANALYZE_OUT.value,
+            analyze_profile=(
+                _DISTRIBUTION.value
+                if FLAGS["distribution"].present and _ANALYZE.value is not None
+                else None
+            ),
             plot=_PLOT.value,
             timing=TimingConfig(
                 reps=_REPS.value,
@@ -542,7 +565,7 @@ def _run_of(config: TuneConfig) -> dict[str, Any]:
         with open(config.evaluate, "rb") as f:
             table = _digest(f.read())
     search = dataclasses.asdict(config.search)
-    del search["tie_tolerance"]  # the choice only, not the timings
+    del search["tie_tolerance"], search["score_primary"]  # the choice only, not the timings
     timing = dataclasses.asdict(config.timing)
     del timing["compile_threads"]  # how fast, not what is timed
     return {
@@ -584,7 +607,7 @@ def _saved_results(
         # Files written before the thread count was left out of the record.
         timing = {k: v for k, v in written["timing"].items() if k != "compile_threads"}
         written = {**written, "timing": timing}
-    if written != run:
+    if _timed_part(written) != _timed_part(run):
         raise ValueError(
             f"--resume: {config.timings_out} was not written by this kind of run "
             f"(it has {data.get('run')!r}, this run {run!r}); give a new --timings_out"
@@ -592,6 +615,18 @@ def _saved_results(
     saved = {cell_key(r.cell): r for r in results_from_rows(data.get("rows", []))}
     stream.write(f"resuming: {len(saved)} cells already timed in {config.timings_out}\n")
     return saved
+
+
+def _timed_part(run: Any) -> Any:
+    """A `_run_of` record without what only changes the choice: the profile's scoring
+    (`balanced/spread+busy` times what `balanced+spread+busy` times)."""
+    if not isinstance(run, dict) or not isinstance(run.get("distribution"), str):
+        return run
+    try:
+        timed = join_profile(*split_profile(run["distribution"]))
+    except ValueError:
+        return run
+    return {**run, "distribution": timed}
 
 
 class _TimingsFile:
@@ -632,8 +667,15 @@ def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
     if config.analyze_out is None:
         return TuneOutcome(results=tuple(results))
     profile = _profile_of(data, results, config.analyze)
-    if parse_profile(config.distribution)[:2] == parse_profile(profile)[:2]:
-        profile = config.distribution  # The same routings, scored as --distribution says.
+    if config.analyze_profile is not None:
+        wanted, tuned = parse_profile(config.analyze_profile), parse_profile(profile)
+        if (wanted[0], set(wanted[1])) != (tuned[0], set(tuned[1])):
+            raise ValueError(
+                f"--distribution={config.analyze_profile} names other routings than the "
+                f"profile {profile!r} of {config.analyze}: --analyze_out can only score the "
+                "same routings another way"
+            )
+        profile = join_profile(tuned[0], tuned[1], wanted[2])
     _, secondary, score_primary = parse_profile(profile)
     search = dataclasses.replace(config.search, secondary=secondary, score_primary=score_primary)
     results = [with_choice(result, search) for result in results]

@@ -727,6 +727,72 @@ def test_tune_with_a_robust_profile_records_it_and_evaluation_repeats_it(tmp_pat
     assert rep.same == rep.total == 4
 
 
+class BalancedOnlyProfiler(CostModelProfiler):
+    """`favoured` runs 15 % faster than its twins under the balanced plan and 10 % slower
+    under every other routing: fastest only for the primary routing."""
+
+    def __init__(self, favoured, **kwargs):
+        super().__init__(**kwargs)
+        self.favoured = favoured
+
+    def time(self, op, tactic, cell):
+        result = super().time(op, tactic, cell)
+        if tactic != self.favoured or not isinstance(result, Measurement):
+            return result
+        return Measurement(result.time_us * (0.85 if cell.routing == "balanced" else 1.1))
+
+
+def test_the_profile_decides_whether_the_primary_routing_is_scored(tmp_path):
+    # The plain choice's GEMM1 of one cell, favoured by the balanced plan only: scored
+    # with the primary routing it wins (worst ratio 1.1 against its twins' 1.18), scored
+    # over the spread and busy plans a twin wins; the evaluation's repeated tuning, and
+    # --analyze_out with an explicit --distribution, apply the profile's own rule.
+    cell = TuneCell(TINY, 2, 8, ARCH)
+    favoured = with_choice(measure_cell(CostModelProfiler(), cell)).choice.gemm1.tactic
+    key = cell.problem_key(GEMM1_OP)
+    timings = tmp_path / "timings.json"
+    chosen = {}
+    for profile in ("balanced+spread+busy", "balanced/spread+busy"):
+        outcome, _, _ = _cli(
+            tmp_path,
+            "--ep=2",
+            "--max_tokens=8",
+            f"--distribution={profile}",
+            f"--timings_out={timings}",
+            profiler=BalancedOnlyProfiler(favoured),
+        )
+        chosen[profile] = outcome.table.lookup(key)
+        evaluated, _, _ = _cli(
+            tmp_path,
+            f"--evaluate={tmp_path / 'tactics.json'}",
+            profiler=BalancedOnlyProfiler(favoured),
+        )
+        rep = evaluated.report.reproducibility
+        assert rep.same == rep.total == 4
+    assert chosen["balanced+spread+busy"] == favoured
+    assert chosen["balanced/spread+busy"] != favoured
+    # The timings of the last (balanced/spread+busy) tune, chosen again.
+    again = tmp_path / "again.json"
+    for flags, profile in [
+        ((), "balanced/spread+busy"),  # the timings' own profile
+        (("--distribution=balanced+spread+busy",), "balanced+spread+busy"),
+        (("--distribution=balanced/busy+spread",), "balanced/spread+busy"),  # any order
+    ]:
+        argv = ["jax_moe.tune", f"--analyze={timings}", f"--analyze_out={again}", *flags]
+        tune.run_cli(argv, stream=io.StringIO())
+        table = TacticTable.load(again)
+        assert table.metadata.distribution == profile
+        assert table.lookup(key) == chosen[profile]
+    with pytest.raises(ValueError, match="other routings"):
+        argv = [f"--analyze={timings}", f"--analyze_out={again}", "--distribution=balanced"]
+        tune.run_cli(["jax_moe.tune", *argv], stream=io.StringIO())
+    with pytest.raises(app.UsageError, match="needs --analyze_out"):
+        tune.run_cli(
+            ["jax_moe.tune", f"--analyze={timings}", "--distribution=balanced"],
+            stream=io.StringIO(),
+        )
+
+
 def test_infeasible_balanced_cells_are_skipped(tmp_path):
     # 8 experts, top_k 4, EP 8: one local expert cannot take 2 slots of 1 token.
     model = models.MoEConfig(name="narrow", num_experts=8, top_k=4, hidden=256, intermediate=128)
@@ -954,6 +1020,14 @@ def test_resume_measures_only_the_cells_not_saved(tmp_path):
     table, again = json.loads(path.read_text()), json.loads(expected)
     assert table["entries"] == again["entries"]
     assert len(results_from_rows(json.loads(out.read_text())["rows"])) == 4
+    # The profile's scoring changes the choice only: timings of the same routings
+    # scored another way resume too.
+    data = json.loads(out.read_text())
+    assert data["run"]["distribution"] == "balanced/spread+busy"
+    data["run"]["distribution"] = "balanced+spread+busy"
+    out.write_text(json.dumps(data))
+    _, output, profiler = _cli(tmp_path, *flags)
+    assert "resuming: 4 cells already timed" in output and not profiler.prepared
     # An evaluation resumes the same way, and keeps its own timings apart.
     ev_out = tmp_path / "eval_timings.json"
     ev_flags = (f"--evaluate={path}", f"--timings_out={ev_out}", "--resume")
@@ -1078,24 +1152,6 @@ def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
     for result in outcome.results:
         assert result.choice is not None
         assert result.choice.gemm1.tactic == chosen.lookup(result.cell.problem_key(GEMM1_OP))
-    # The same routings with the primary scored too (--distribution without '/'):
-    # recorded, and each pair is that rule's; another profile's routings leave the
-    # file's profile.
-    only = tmp_path / "only.json"
-
-    def choose_again(distribution):
-        argv = [f"--analyze={timings}", f"--analyze_out={only}", f"--distribution={distribution}"]
-        return tune.run_cli(["jax_moe.tune", *argv], stream=io.StringIO())
-
-    outcome = choose_again("balanced+spread+busy")
-    assert TacticTable.load(only).metadata.distribution == "balanced+spread+busy"
-    for result in outcome.results:
-        want = choose_robust_pair(
-            result.timings, result.secondary, SearchConfig(score_primary=True)
-        )
-        assert result.choice.tactics == want.tactics
-    choose_again("balanced")
-    assert TacticTable.load(only).metadata.distribution == "balanced/spread+busy"
     # An evaluation's timings are not a tuning's; --analyze_out needs --analyze.
     evaluated = tmp_path / "eval_timings.json"
     _cli(
@@ -1113,8 +1169,8 @@ def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
         _cli(tmp_path, f"--analyze_out={again}")
     with pytest.raises(app.UsageError, match="would overwrite"):
         _cli(tmp_path, f"--analyze={timings}", f"--analyze_out={timings}")
-    # A file without the run's profile (written before it was recorded): the routings of
-    # its cells, scored as --distribution says when it names the same routings.
+    # A file without the run's profile (written before it was recorded, when every
+    # routing was scored): the routings of its cells, all scored.
     data = json.loads(timings.read_text())
     del data["run"]
     old = tmp_path / "old_timings.json"
@@ -1122,7 +1178,7 @@ def test_analyze_out_chooses_again_from_saved_timings(tmp_path):
     outcome = tune.run_cli(
         ["jax_moe.tune", f"--analyze={old}", f"--analyze_out={again}"], stream=io.StringIO()
     )
-    assert outcome.table.metadata.distribution == "balanced/spread+busy"
+    assert outcome.table.metadata.distribution == "balanced+spread+busy"
     assert dict(TacticTable.load(again).entries) == dict(tuned.table.entries)
 
 

@@ -518,7 +518,10 @@ def parse_profile(profile: str) -> tuple[str, tuple[str, ...], bool]:
     if not profile.strip():
         raise ValueError(f"profile={profile!r}; expected routings joined by '+'")
     texts = (head, *tail.split("+")) if slash else profile.split("+")
-    parts = tuple(str(RoutingDistribution.parse(p)) for p in texts)
+    try:
+        parts = tuple(str(RoutingDistribution.parse(p)) for p in texts)
+    except ValueError as error:
+        raise ValueError(f"profile={profile!r}: {error}") from None
     if len(set(parts)) != len(parts):
         raise ValueError(f"profile={profile!r} names a routing twice")
     return parts[0], parts[1:], not slash

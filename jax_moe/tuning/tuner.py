@@ -601,11 +601,12 @@ def scored_secondary(result: CellResult, search: SearchConfig | None = None) -> 
     routing is not scored (`search.score_primary` False), each routing of
     `search.secondary` that was not timed because its plan holds the primary's loads
     (`_same_plan`), with the primary timings: it would have timed the same launches, so
-    skipping it saves time without changing what the profile scores."""
+    skipping it saves time without changing what the profile scores. Empty when no
+    secondary routing was timed (then `choose_robust_pair` makes the plain choice)."""
     search = search or SearchConfig()
     secondary = dict(result.secondary)
-    if search.score_primary:
-        return secondary
+    if search.score_primary or not secondary:
+        return secondary  # Nothing timed again: the plain choice.
     cell = result.cell
     for routing in search.secondary:
         other = dataclasses.replace(cell, routing=routing)
