@@ -14,9 +14,11 @@ For each token count N it times, on the default JAX device:
   for the peer.
 
 ``--tactics=FILE`` makes ``fused_moe`` use that tactic table instead of the one
-shipped for the device. ``--breakdown`` (profiler timer) prints, for ``fused_moe``,
-the device time per layer of each kernel it ran (routing metadata ops, GEMM1, GEMM2,
-combine, copies) and the tactics it picked.
+shipped for the device; ``--compare_tactics=A,B`` adds one ``fused_moe`` column per
+table (``fused_moe_t1``, ``fused_moe_t2``, ...), timed in the same run on the same
+inputs, to compare tables without run-to-run differences. ``--breakdown`` (profiler
+timer) prints, for ``fused_moe``, the device time per layer of each kernel it ran
+(routing metadata ops, GEMM1, GEMM2, combine, copies) and the tactics it picked.
 
 Timing: a jitted loop (``lax.fori_loop``) runs the layer ``--reps`` times back to back on
 ``--reps`` different inputs (so nothing is hoisted out of the loop), unrolled into
@@ -95,6 +97,11 @@ _TACTICS = flags.DEFINE_string(
     "tactics",
     None,
     "Tactic table (JSON file) for fused_moe; default: the table shipped for the device.",
+)
+_COMPARE_TACTICS = flags.DEFINE_list(
+    "compare_tactics",
+    [],
+    "More tactic tables: one fused_moe column each (fused_moe_t1, ...), same run and inputs.",
 )
 _PEERS = flags.DEFINE_list(
     "impls",
@@ -264,9 +271,19 @@ def _with_jax_routing(step):
 
 
 @functools.cache
-def _table():
-    """The `--tactics` table, loaded once (None: the shipped table)."""
-    return None if _TACTICS.value is None else jax_moe.tuning.load_tactic_table(_TACTICS.value)
+def _table(path: str | None = None):
+    """The tactic table at `path` (default `--tactics`), loaded once; None: the shipped
+    table."""
+    path = _TACTICS.value if path is None else path
+    return None if path is None else jax_moe.tuning.load_tactic_table(path)
+
+
+def _columns() -> list[tuple[str, str | None]]:
+    """(column name, tactic file for a fused_moe column or None) of every timed column."""
+    compared = [p.strip() for p in _COMPARE_TACTICS.value if p.strip()]
+    return [(name, None) for name in _PEERS.value] + [
+        (f"fused_moe_t{i}", path) for i, path in enumerate(compared, 1)
+    ]
 
 
 def _print_breakdown(cfg, num_local, x, prepared, ids, wts, kernels) -> None:
@@ -315,8 +332,13 @@ def main(argv):
     if _BREAKDOWN.value and _timer() != "profiler":
         print("--breakdown needs --timer=profiler (the per-kernel times come from its trace)")
     print(f"timer: {_timer()}")
+    columns = _columns()
+    for name, path in columns:
+        if path is not None:
+            _table(path)  # a bad file fails before any timing
+            print(f"{name}: {path}")
     header = f"{'N':>6} {'active':>6} {'floor_bytes_ms':>14} {'floor_flops_ms':>14} " + " ".join(
-        f"{name + '_ms':>14}" for name in _PEERS.value
+        f"{name + '_ms':>14}" for name, _ in columns
     )
     print(header)
     for n in (int(s) for s in _NUM_TOKENS.value):
@@ -330,15 +352,17 @@ def main(argv):
         floor_bytes = active * expert_bytes / bw
         floor_flops = 2 * local.size * 3 * cfg.hidden * cfg.intermediate / rate
         row = [f"{n:>6} {active:>6} {floor_bytes * 1e3:>14.4f} {floor_flops * 1e3:>14.4f}"]
-        for name in _PEERS.value:
-            if name == "fused_moe":
+        for name, path in columns:
+            if name == "fused_moe" or path is not None:
                 step = functools.partial(
                     jax_moe.fused_moe,
                     num_local_experts=num_local,
                     num_experts=cfg.num_experts,
-                    tactics=_table(),
+                    tactics=_table(path),
                 )
-                t, fused_kernels = _time_scan(step, xs, prepared, ids, wts, whole=not on_gpu)
+                t, kernels = _time_scan(step, xs, prepared, ids, wts, whole=not on_gpu)
+                if path is None:
+                    fused_kernels = kernels
             elif name == "fused_moe_jax_routing":
                 step = _with_jax_routing(
                     functools.partial(
