@@ -56,6 +56,7 @@ from jax_moe.tuning.tuner import (
     format_summary,
     make_cells,
     results_from_rows,
+    search_of_profile,
     timing_rows,
     tune_cells,
     with_choice,
@@ -676,8 +677,7 @@ def _analyze(config: TuneConfig, stream: TextIO) -> TuneOutcome:
                 "same routings another way"
             )
         profile = join_profile(tuned[0], tuned[1], wanted[2])
-    _, secondary, score_primary = parse_profile(profile)
-    search = dataclasses.replace(config.search, secondary=secondary, score_primary=score_primary)
+    search = search_of_profile(config.search, profile)
     results = [with_choice(result, search) for result in results]
     table = build_table(
         results,
@@ -802,8 +802,8 @@ def run(
     if config.evaluate is not None:
         return _evaluate(config, profiler, stream)
     key_data = key_data_of_seed(config.seed)
-    primary, secondary, score_primary = parse_profile(config.distribution)
-    search = dataclasses.replace(config.search, secondary=secondary, score_primary=score_primary)
+    primary = parse_profile(config.distribution)[0]
+    search = search_of_profile(config.search, config.distribution)
     cells = []
     for model in config.models:
         eps = [ep for ep in config.eps if model.num_experts % ep == 0]

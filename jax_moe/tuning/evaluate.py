@@ -49,13 +49,14 @@ from jax_moe.tuning.profiler import (
     Profiler,
     TuneCell,
 )
-from jax_moe.tuning.routing_generator import parse_profile, split_profile
+from jax_moe.tuning.routing_generator import split_profile
 from jax_moe.tuning.tactic_table import TacticTable
 from jax_moe.tuning.tuner import (
     CellResult,
     SearchConfig,
     choose_pair,
     default_pair,
+    search_of_profile,
     tune_cells,
 )
 
@@ -297,10 +298,7 @@ def evaluate_table(
     reproducibility = None
     if config.repeat_tuning:
         profile = "balanced" if table.metadata is None else table.metadata.distribution
-        _, secondary, score_primary = parse_profile(profile)
-        search = dataclasses.replace(
-            config.search, secondary=secondary, score_primary=score_primary
-        )
+        search = search_of_profile(config.search, profile)
         results = tune_cells(
             profiler, [c for c, _ in tuned_cells], search, stream, on_result, saved
         )

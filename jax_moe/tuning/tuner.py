@@ -78,6 +78,7 @@ from jax_moe.tuning.routing_generator import (
     PLANNED_KINDS,
     RoutingDistribution,
     join_profile,
+    parse_profile,
     planned_expert_loads,
     split_profile,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "measure_cell",
     "results_from_rows",
     "scored_secondary",
+    "search_of_profile",
     "secondary_candidates",
     "split_profile",
     "table_entries",
@@ -323,6 +325,13 @@ class CellResult:
         """GEMM1 + GEMM2 time of `pair`, None unless both were timed."""
         g1, g2 = self.times(GEMM1_OP).get(pair[0]), self.times(GEMM2_OP).get(pair[1])
         return None if g1 is None or g2 is None else g1 + g2
+
+
+def search_of_profile(search: SearchConfig, profile: str) -> SearchConfig:
+    """`search` with the secondary routings and the scoring of `profile`
+    (`routing_generator.parse_profile`)."""
+    _, secondary, score_primary = parse_profile(profile)
+    return dataclasses.replace(search, secondary=secondary, score_primary=score_primary)
 
 
 def _first_within(times: Mapping[Tactic, float], tolerance: float) -> Tactic:
