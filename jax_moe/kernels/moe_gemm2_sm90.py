@@ -5,9 +5,9 @@ For every row ``r`` of row tile ``t`` with ``e = tile_expert[t] >= 0`` and
 
     y[r, :] = topk_weights[s] * (act[r, :] . W2[e]^T) * gs2[e]      (fp32 math, fp32 out)
 
-Rows of an active tile whose slot is -1 are written with weight 0 (their value is
-unspecified if their activation row holds non-finite values). Tiles with
-``tile_expert[t] < 0`` are not written.
+Rows of an active tile whose slot is -1 (padding) are not written, nor are tiles
+with ``tile_expert[t] < 0``: the combine reads only rows that hold a slot. Without
+split-K each thread writes four consecutive columns of a row at a time.
 
 Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
   act           bf16  (m_pad, intermediate), row-major, intermediate % 64 == 0, 16-byte aligned
@@ -60,6 +60,9 @@ from jax_moe.kernels.nvfp4_decode_sm90 import (
     SwapAbNvfp4GemmSm90,
     fake_routed_weight_args,
 )
+
+#: fp32 output columns per thread and pass of the epilogue (one 16-byte store).
+EPILOGUE_VECTOR = 4
 
 __all__ = ["OP", "MoeGemm2Sm90", "export_spec", "variants"]
 
@@ -138,7 +141,12 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
             row0 = bid_t * self.block_m
             b_rows = cute.make_rmem_tensor((self.b_chunks,), cutlass.Int32)
             for c in cutlass.range_constexpr(self.b_chunks):
-                b_rows[c] = row0 + (c * self.num_threads + tidx) // 8
+                row = row0 + (c * self.num_threads + tidx) // 8
+                # Padding rows (slot -1, not written by GEMM1) are zero rows; the cp.async
+                # ring of `cp_async` copies the tile's first row (a real one) instead.
+                if self.read_before_wait(sorted_slots, row) < 0:
+                    row = row0 if self.cp_async else cutlass.Int32(-1)
+                b_rows[c] = row
 
             s_c = self.mainloop(
                 act,
@@ -154,20 +162,48 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
             )
 
             global_scale = w2_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
-            col0 = bid_w * self.block_w
-            # With split-K the cluster's CTAs take turns over the output elements.
-            views = self.split_views(s_c)
-            rank = self.split_rank()
-            for it in cutlass.range_constexpr(self.block_m * self.block_w // self.num_threads):
-                if it % self.split_k == rank:
+            if cutlass.const_expr(self.split_k == 1):
+                # Four consecutive columns of one row per thread and pass: one 16-byte
+                # shared-memory read (`s_c` is column-contiguous) and one 16-byte store;
+                # padding rows (slot -1) are not written.
+                vec = EPILOGUE_VECTOR
+                per_row = self.block_w // vec
+                for it in cutlass.range_constexpr(
+                    self.block_m * per_row // self.num_threads
+                ):
                     idx = it * self.num_threads + tidx
-                    q = idx % self.block_w
-                    tok = idx // self.block_w
+                    tok = idx // per_row
                     slot = sorted_slots[row0 + tok]
-                    weight = cutlass.Float32(0.0)
                     if slot >= 0:
                         weight = topk_weights[slot] * global_scale
-                    y[row0 + tok, col0 + q] = self.split_value(views, q, tok) * weight
+                        values = cute.make_rmem_tensor((vec,), cutlass.Float32)
+                        cute.autovec_copy(
+                            cute.local_tile(s_c[None, tok], (vec,), (idx % per_row,)), values
+                        )
+                        for e in cutlass.range_constexpr(vec):
+                            values[e] = values[e] * weight
+                        cute.autovec_copy(
+                            values,
+                            cute.local_tile(
+                                y[row0 + tok, None], (vec,), (bid_w * per_row + idx % per_row,)
+                            ),
+                        )
+            else:
+                # With split-K the cluster's CTAs take turns over the output elements.
+                views = self.split_views(s_c)
+                rank = self.split_rank()
+                col0 = bid_w * self.block_w
+                for it in cutlass.range_constexpr(
+                    self.block_m * self.block_w // self.num_threads
+                ):
+                    if it % self.split_k == rank:
+                        idx = it * self.num_threads + tidx
+                        q = idx % self.block_w
+                        tok = idx // self.block_w
+                        slot = sorted_slots[row0 + tok]
+                        if slot >= 0:
+                            weight = topk_weights[slot] * global_scale
+                            y[row0 + tok, col0 + q] = self.split_value(views, q, tok) * weight
             self.split_done()
 
 
