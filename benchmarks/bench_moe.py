@@ -20,11 +20,13 @@ inputs, to compare tables without run-to-run differences. ``--breakdown`` (profi
 timer) prints, for ``fused_moe``, the device time per layer of each kernel it ran
 (routing metadata ops, GEMM1, GEMM2, combine, copies) and the tactics it picked.
 
-Timing: a jitted loop (``lax.fori_loop``) runs the layer ``--reps`` times back to back on
-``--reps`` different inputs (so nothing is hoisted out of the loop), unrolled into
-straight-line code unless ``--nounroll`` (no device loop to dispatch); each layer's
-input index depends on the previous layer's result, so the layers run one after
-another even inside one command buffer. Each output is
+Timing: one jitted program runs the layer ``--reps`` times back to back on ``--reps``
+different inputs (so nothing is hoisted out of the loop), as straight-line code with
+each input its own buffer (no device loop to dispatch, no slice copied before a
+launch); each layer's routing ids depend on the previous layer's result (an integer
+zero computed from it), so the layers run one after another even inside one command
+buffer. ``--nounroll`` runs a device loop (``lax.fori_loop``) over one stacked input
+instead, the chain through the input index. Each output is
 added to a float32 carry: for the XLA implementations the whole output (XLA could
 otherwise compute only the part that is used), for ``fused_moe`` on a GPU only its
 first element (its last step, the combine kernel, is a custom call that always
@@ -142,31 +144,52 @@ def _time_scan(step, xs, *args, whole=True) -> tuple[float, dict[str, float]]:
     """Seconds per step of ``step(x, *args)`` run back to back over ``xs`` (see ``--timer``),
     and with the profiler timer the seconds per step of each GPU kernel name (else empty).
 
-    Each step's output is added to a float32 carry, the whole output (``whole``) or,
+    `args` end with the routing ids and weights: the chain that orders the layers runs
+    through the ids. Each step's output is added to a float32 carry, the whole output (``whole``) or,
     for a layer that ends in a custom call (which XLA cannot evaluate in part), its
     first element, so that the harness adds no full pass over the output.
     """
 
     events = _timer() == "events"
+    unroll = _UNROLL.value
+
+    def start(acc, xs, args):
+        acc0 = acc
+        if events:  # As the tuner's timer: every step reads the barrier's outputs.
+            acc0 = _ffi.record_event(acc, slot=0)
+            acc0, xs, args = jax.lax.optimization_barrier((acc0, xs, args))
+        return acc0, xs, args
+
+    def add(acc, out):
+        return acc + (out if whole else out[:1, :1]).astype(jnp.float32)
 
     @jax.jit
     def run(xs, *args):
-        def body(i, acc):
-            # The index waits for the previous layer's result (after), so the layers
-            # run one after another and XLA cannot merge them (e.g. their weight reads).
-            index = i + after(acc[0, 0])
-            out = step(jax.lax.dynamic_index_in_dim(xs, index, keepdims=False), *args)
-            return acc + (out if whole else out[:1, :1]).astype(jnp.float32)
+        acc0 = jnp.zeros(xs[0].shape if whole else (1, 1), jnp.float32)
+        acc, xs, args = start(acc0, xs, args)
+        *head, ids, wts = args
+        if unroll:
+            # Straight-line layers, each on its own input buffer (a slice of a stacked
+            # array would be copied before every launch). The routing ids of each layer
+            # wait for the previous layer's result (after), so the layers run one after
+            # another and XLA cannot merge them (e.g. their weight reads).
+            for x in xs:
+                chained = ids + after(acc[0, 0]).astype(ids.dtype)
+                acc = add(acc, step(x, *head, chained, wts))
+        else:
 
-        acc0 = jnp.zeros(xs.shape[1:] if whole else (1, 1), jnp.float32)
-        if events:  # As the tuner's timer: every step reads the barrier's outputs.
-            acc0 = _ffi.record_event(acc0, slot=0)
-            acc0, xs, args = jax.lax.optimization_barrier((acc0, xs, args))
-        acc = jax.lax.fori_loop(0, xs.shape[0], body, acc0, unroll=_UNROLL.value)
+            def body(i, acc):
+                index = i + after(acc[0, 0])  # the same chain, through the input index
+                x = jax.lax.dynamic_index_in_dim(xs, index, keepdims=False)
+                return add(acc, step(x, *head, ids, wts))
+
+            acc = jax.lax.fori_loop(0, xs.shape[0], body, acc, unroll=False)
         return _ffi.record_event(acc, slot=1) if events else acc
 
-    run(xs, *args).block_until_ready()
     reps = xs.shape[0]
+    if unroll:
+        xs = tuple(xs[i] for i in range(reps))
+    run(xs, *args).block_until_ready()
     if events:
         times = []
         for _ in range(_TRIALS.value):
