@@ -145,8 +145,8 @@ def _time_scan(step, xs, *args, whole=True) -> tuple[float, dict[str, float]]:
     and with the profiler timer the seconds per step of each GPU kernel name (else empty).
 
     `args` end with the routing ids and weights: the chain that orders the layers runs
-    through the ids. Each step's output is added to a float32 carry, the whole output (``whole``) or,
-    for a layer that ends in a custom call (which XLA cannot evaluate in part), its
+    through the ids. Each step's output is added to a float32 carry, the whole output
+    (``whole``) or, for a layer that ends in a custom call (which XLA cannot evaluate in part), its
     first element, so that the harness adds no full pass over the output.
     """
 

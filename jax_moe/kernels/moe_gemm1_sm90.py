@@ -183,7 +183,6 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
                             act[row0 + tok, col0 + jj] = value.to(cutlass.BFloat16)
             self.split_done()
 
-
     @cute.jit
     def swiglu_vector_epilogue(
         self,

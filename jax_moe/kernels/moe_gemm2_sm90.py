@@ -168,9 +168,7 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
                 # padding rows (slot -1) are not written.
                 vec = EPILOGUE_VECTOR
                 per_row = self.block_w // vec
-                for it in cutlass.range_constexpr(
-                    self.block_m * per_row // self.num_threads
-                ):
+                for it in cutlass.range_constexpr(self.block_m * per_row // self.num_threads):
                     idx = it * self.num_threads + tidx
                     tok = idx // per_row
                     slot = sorted_slots[row0 + tok]
@@ -193,9 +191,7 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
                 views = self.split_views(s_c)
                 rank = self.split_rank()
                 col0 = bid_w * self.block_w
-                for it in cutlass.range_constexpr(
-                    self.block_m * self.block_w // self.num_threads
-                ):
+                for it in cutlass.range_constexpr(self.block_m * self.block_w // self.num_threads):
                     if it % self.split_k == rank:
                         idx = it * self.num_threads + tidx
                         q = idx % self.block_w
