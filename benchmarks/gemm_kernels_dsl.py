@@ -8,7 +8,8 @@ compares every routed row with a float32 torch reference:
 * GEMM1: ``act`` against ``silu(g) * u`` computed in float32 from the same bf16
   hidden rows and the dequantized weights (the kernel rounds once to bf16);
 * GEMM2: ``y`` against ``topk_weight * (act_kernel @ W2^T) * gs2`` in float32
-  (fed with the kernel's own ``act`` so the two checks are independent).
+  (fed with the kernel's own ``act`` so the two checks are independent; the
+  kernel rounds once to bf16).
 
 Kernels are compiled from the same `export_spec` as the ahead-of-time export.
 Timing: CUDA-graph replays of back-to-back launches (events), median of repeats.
@@ -307,7 +308,7 @@ def run_case(
     ss = torch.as_tensor(sorted_slots, device="cuda")
     te = torch.as_tensor(tile_expert, device="cuda")
     act = torch.full((m_pad, i), float("nan"), device="cuda", dtype=torch.bfloat16)
-    y = torch.full((m_pad, h), float("nan"), device="cuda", dtype=torch.float32)
+    y = torch.full((m_pad, h), float("nan"), device="cuda", dtype=torch.bfloat16)
 
     key1 = ("g1", tactic1)
     if key1 not in runners:
@@ -359,13 +360,13 @@ def run_case(
         max_rel1 = max(max_rel1, float(((got1 - ref1).abs() / (ref1.abs() + 1e-3)).max()))
         w2 = problem.dequant(problem.w2_packed, problem.w2_scale, problem.w2_global, e)
         ref2 = (got1 @ w2.T) * topk_w[slots_t][:, None]
-        got2 = y[rows_t]
+        got2 = y[rows_t].float()
         nonfinite2 += int((~torch.isfinite(got2)).sum())
         err2_num += float(((got2 - ref2) ** 2).sum())
         err2_den += float((ref2**2).sum())
     rel1 = math.sqrt(err1_num / max(err1_den, 1e-30))
     rel2 = math.sqrt(err2_num / max(err2_den, 1e-30))
-    ok = nonfinite1 == 0 and nonfinite2 == 0 and rel1 < 5e-3 and rel2 < 1e-4
+    ok = nonfinite1 == 0 and nonfinite2 == 0 and rel1 < 5e-3 and rel2 < 5e-3
     result = dict(
         model=shape.name,
         num_tokens=n,

@@ -73,7 +73,7 @@ def main(argv):
                 meta = routing_metadata(
                     ids, num_local_experts=num_local, block_m=16, local_expert_offset=offset
                 )
-                rows = jax.random.normal(kx, (meta.sorted_slots.shape[0], cfg.hidden), jnp.float32)
+                rows = jax.random.normal(kx, (meta.sorted_slots.shape[0], cfg.hidden), jnp.bfloat16)
                 out = _ffi.combine(rows, meta.slot_row, cfg.top_k, variant=name)
                 ok = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
             else:

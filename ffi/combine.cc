@@ -4,7 +4,7 @@
 //   r = slot_row[n * top_k + j]   (rows r >= m_pad count as -1)
 //
 // Operands:
-//   y         float32  (m_pad, hidden)        GEMM2 rows; hidden % 8 == 0, 16-byte aligned
+//   y         bfloat16 (m_pad, hidden)        GEMM2 rows; hidden % 8 == 0, 16-byte aligned
 //   slot_row  int32    (num_tokens * top_k,)  row of each slot in y, -1 if not local
 //   out_init  bfloat16 (num_tokens, hidden)   optional; aliased to `out` and overwritten
 // Result:
@@ -39,7 +39,7 @@ ffi::Error CheckCombine(const ffi::AnyBuffer& y, const ffi::AnyBuffer& slot_row,
                         bool* empty) {
   JAX_MOE_RETURN_IF_ERROR(
       CheckVariant(kOp, variant, JAX_MOE_COMBINE_NUM_VARIANTS));
-  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kOp, "y", y, ffi::DataType::F32, 2));
+  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kOp, "y", y, ffi::DataType::BF16, 2));
   JAX_MOE_RETURN_IF_ERROR(
       CheckBuffer(kOp, "slot_row", slot_row, ffi::DataType::S32, 1));
   JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kOp, "out", out, ffi::DataType::BF16, 2));
@@ -131,7 +131,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxMoeCombineExecute, jax_moe::CombineExecute,
     xla::ffi::Ffi::Bind()
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Arg<xla::ffi::AnyBuffer>()          // y: float32 (m_pad, hidden)
+        .Arg<xla::ffi::AnyBuffer>()          // y: bfloat16 (m_pad, hidden)
         .Arg<xla::ffi::AnyBuffer>()          // slot_row: int32 (num_tokens * top_k,)
         .OptionalArg<xla::ffi::AnyBuffer>()  // out_init: bfloat16 (num_tokens, hidden)
         .Ret<xla::ffi::AnyBuffer>()          // out: bfloat16 (num_tokens, hidden)
@@ -142,7 +142,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxMoeCombineCheck, jax_moe::CombineCheck,
     xla::ffi::Ffi::Bind()
-        .Arg<xla::ffi::AnyBuffer>()          // y: float32 (m_pad, hidden)
+        .Arg<xla::ffi::AnyBuffer>()          // y: bfloat16 (m_pad, hidden)
         .Arg<xla::ffi::AnyBuffer>()          // slot_row: int32 (num_tokens * top_k,)
         .OptionalArg<xla::ffi::AnyBuffer>()  // out_init: bfloat16 (num_tokens, hidden)
         .Ret<xla::ffi::AnyBuffer>()          // out: bfloat16 (num_tokens, hidden), unwritten

@@ -24,7 +24,7 @@
 //     w2_global     float32  (experts,)
 //     topk_weights  float32  (num_tokens * top_k,)
 //   Result:
-//     y             float32  (m_pad, hidden)                    hidden % 128 == 0, 16-byte aligned
+//     y             bfloat16 (m_pad, hidden)                    hidden % 128 == 0, 16-byte aligned
 //   Attributes: variant int32.
 //
 // Values inside sorted_slots / tile_expert are trusted (they come from
@@ -225,7 +225,7 @@ ffi::Error MoeGemm2Execute(cudaStream_t stream, ffi::AnyBuffer act,
       CheckVariant(kGemm2, variant, JAX_MOE_MOE_GEMM2_NUM_VARIANTS));
   const jax_moe_moe_gemm2_variant_t& kernel = jax_moe_moe_gemm2_variants[variant];
   JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm2, "act", act, ffi::DataType::BF16, 2));
-  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm2, "y", *y, ffi::DataType::F32, 2));
+  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm2, "y", *y, ffi::DataType::BF16, 2));
   JAX_MOE_RETURN_IF_ERROR(
       CheckBuffer(kGemm2, "topk_weights", topk_weights, ffi::DataType::F32, 1));
   JAX_MOE_RETURN_IF_ERROR(CheckRouting(kGemm2, kernel, sorted_slots, tile_expert));
@@ -315,7 +315,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()  // w2_scale: uint8 (experts, hidden, inter / 16)
         .Arg<xla::ffi::AnyBuffer>()  // w2_global: float32 (experts,)
         .Arg<xla::ffi::AnyBuffer>()  // topk_weights: float32 (num_tokens * top_k,)
-        .Ret<xla::ffi::AnyBuffer>()  // y: float32 (m_pad, hidden)
+        .Ret<xla::ffi::AnyBuffer>()  // y: bfloat16 (m_pad, hidden)
         .Attr<int32_t>("variant"),   // index into jax_moe_moe_gemm2_variants
     {xla::ffi::Traits::kCmdBufferCompatible});
 #endif

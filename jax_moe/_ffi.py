@@ -18,7 +18,7 @@ exported by `python -m jax_moe._export`) holds one XLA FFI target per op,
 Ops and their FFI signatures (`T = m_pad / block_m`, `E` = local experts):
 
 `combine` (target `jax_moe_combine`)
-    operands: y float32 `(m_pad, hidden)`, slot_row int32 `(num_tokens * top_k,)`,
+    operands: y bfloat16 `(m_pad, hidden)`, slot_row int32 `(num_tokens * top_k,)`,
     optionally out bfloat16 `(num_tokens, hidden)` aliased to the result;
     result: out bfloat16 `(num_tokens, hidden)`;
     attributes: top_k int32, variant int32.
@@ -32,7 +32,7 @@ Ops and their FFI signatures (`T = m_pad / block_m`, `E` = local experts):
     operands: act bfloat16 `(m_pad, I)`, sorted_slots int32 `(m_pad,)`, tile_expert
     int32 `(T,)`, w2_packed uint8 `(E, hidden, I/2)`, w2_scale uint8 `(E, hidden, I/16)`,
     w2_global float32 `(E,)`, topk_weights float32 `(num_tokens * top_k,)`;
-    result: y float32 `(m_pad, hidden)`;
+    result: y bfloat16 `(m_pad, hidden)`;
     attributes: variant int32.
 `routing` (target `jax_moe_routing`)
     operand: topk_ids int32 `(num_slots,)`; results: sorted_slots int32 `(m_pad,)`,
@@ -204,10 +204,10 @@ def combine(
     """Sums each token's `top_k` expert rows in slot order (CUDA kernel).
 
     `out[n] = bf16(sum_{j < top_k} (slot_row[n*top_k+j] >= 0 ? y[slot_row[n*top_k+j]] : 0))`
-    with float32 accumulation in slot order; deterministic.
+    with float32 accumulation (of the bfloat16 rows) in slot order; deterministic.
 
     Args:
-      y: `(m_pad, hidden)` float32 rows of GEMM2; `hidden % 8 == 0`.
+      y: `(m_pad, hidden)` bfloat16 rows of GEMM2; `hidden % 8 == 0`.
       slot_row: `(num_tokens * top_k,)` int32 row of each slot in `y`, -1 for
         slots of experts on other ranks (rows `>= m_pad` count as -1).
       top_k: experts per token, >= 1.
@@ -220,9 +220,9 @@ def combine(
       `(num_tokens, hidden)` bfloat16.
     """
     top_k = _check_int("top_k", top_k, 1)
-    if y.ndim != 2 or y.dtype != jnp.float32:
+    if y.ndim != 2 or y.dtype != jnp.bfloat16:
         raise TypeError(
-            f"y has dtype {y.dtype} and shape {y.shape}; expected float32 (m_pad, hidden)"
+            f"y has dtype {y.dtype} and shape {y.shape}; expected bfloat16 (m_pad, hidden)"
         )
     if slot_row.ndim != 1 or slot_row.dtype != jnp.int32:
         raise TypeError(
@@ -372,8 +372,8 @@ def moe_gemm2(
     """GEMM2 with the router weight on routed rows (CUDA kernel `moe_gemm2_sm90`).
 
     For row `r` of tile `t` with `e = tile_expert[t] >= 0` and `s = sorted_slots[r] >= 0`:
-    `y[r] = topk_weights[s] * (act[r] . W2[e]^T) * gs[e]` in float32. Other rows
-    are unspecified.
+    `y[r] = bf16(topk_weights[s] * (act[r] . W2[e]^T) * gs[e])`, computed in float32
+    and rounded once. Other rows are unspecified.
 
     Args:
       act: `(m_pad, intermediate)` bfloat16, `intermediate % 64 == 0`.
@@ -386,7 +386,7 @@ def moe_gemm2(
       variant: a `MoeGemm2Sm90Tactic` (or its name) compiled into the extension.
 
     Returns:
-      y: `(m_pad, hidden)` float32.
+      y: `(m_pad, hidden)` bfloat16.
     """
     _check_array("act", act, jnp.bfloat16, (None, None))
     inter = act.shape[1]
@@ -403,7 +403,7 @@ def moe_gemm2(
     return _call(
         "moe_gemm2",
         variant,
-        jax.ShapeDtypeStruct((m_pad, h), jnp.float32),
+        jax.ShapeDtypeStruct((m_pad, h), jnp.bfloat16),
         (act, sorted_slots, tile_expert, w2_packed, w2_scale, w2_global, topk_weights),
     )
 

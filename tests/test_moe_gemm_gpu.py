@@ -87,4 +87,4 @@ def test_gemms_match_reference(harness, runners, shape_name, num_tokens, pair):
     )
     assert result["nonfinite_gemm1"] == 0 and result["nonfinite_gemm2"] == 0, result
     assert result["rel_err_gemm1"] < 5e-3, result
-    assert result["rel_err_gemm2"] < 1e-4, result
+    assert result["rel_err_gemm2"] < 5e-3, result  # one rounding to bf16

@@ -4,12 +4,12 @@ The combine step sums each token's `top_k` expert rows in slot order:
 
     out[n, :] = bf16(sum_{j < top_k} (r >= 0 ? y[r, :] : 0)),  r = slot_row[n*top_k + j]
 
-with float32 accumulation, where `y` is the `(m_pad, hidden)` float32 output
+with float32 accumulation, where `y` is the `(m_pad, hidden)` bf16 output
 of GEMM2 and `slot_row` the `(num_tokens * top_k,)` int32 row of each slot
 (-1 for slots whose expert is not local).
 
 One CUDA thread owns `vector` consecutive columns of one token: it reads
-`vector` float32 values (`vector * 4` bytes, 16-byte loads) from each of the
+`vector` bf16 values (`vector * 2` bytes, one 16-byte load) from each of the
 token's rows and writes `vector` bf16 values with one 16-byte store. A block
 of `threads` threads covers `threads * vector` columns of one token; the grid
 is `(num_tokens, ceil(hidden / (threads * vector)))`.
@@ -38,7 +38,7 @@ class CombineSm90Tactic(Tactic):
 
     Attributes:
       threads: threads per block, one of 64, 128, 256, 512.
-      vector: columns per thread; 8 (two 16-byte float32 loads per row, one
+      vector: columns per thread; 8 (one 16-byte bf16 load per row, one
         16-byte bf16 store). `hidden` must be a multiple of it.
     """
 

@@ -2,7 +2,7 @@
 
 Computes, for every token `n` and column `c`,
 
-    out[n, c] = bf16( sum_{j = 0 .. top_k-1, in order} y[slot_row[n*top_k + j], c] )
+    out[n, c] = bf16( sum_{j = 0 .. top_k-1, in order} float32(y[slot_row[n*top_k + j], c]) )
 
 where slots with `slot_row < 0` (experts on other ranks) contribute nothing.
 The sum runs in float32 starting from +0.0 in slot order and is rounded to
@@ -11,13 +11,13 @@ Rows `slot_row >= m_pad` are treated like -1, so a corrupt index cannot read
 out of bounds.
 
 Operands (row-major, dense):
-  y:        float32 `(m_pad, hidden)`, 16-byte aligned; `hidden % 8 == 0`.
+  y:        bf16    `(m_pad, hidden)`, 16-byte aligned; `hidden % 8 == 0`.
   slot_row: int32   `(num_tokens * top_k,)`.
   out:      bf16    `(num_tokens, hidden)`, 16-byte aligned.
   top_k:    int32 scalar (runtime).
 
 Layout of the work: one thread owns `vector` (8) consecutive columns of one
-token, reads them with two 16-byte loads per contributing row and writes them
+token, reads them with one 16-byte load per contributing row and writes them
 with one 16-byte store; a block of `threads` threads spans `threads * vector`
 columns; the grid is `(num_tokens, ceil(hidden / (threads * vector)))`. Every
 load and store of a warp is contiguous and coalesced.
@@ -100,12 +100,12 @@ def make_combine(tactic: CombineSm90Tactic, pdl: bool | None = None):
                     early = rows[j]
                     if early >= 0:
                         if early < num_rows:
-                            acc.store(acc.load() + y_tiles[(None, (early, column))].load())
+                            acc.store(acc.load() + y_tiles[(None, (early, column))].load().to(cutlass.Float32))
             for j in cutlass.range(first, top_k):
                 row = slot_row[token * top_k + j]
                 if row >= 0:
                     if row < num_rows:
-                        acc.store(acc.load() + y_tiles[(None, (row, column))].load())
+                        acc.store(acc.load() + y_tiles[(None, (row, column))].load().to(cutlass.Float32))
             out_tiles[(None, (token, column))].store(acc.load().to(cutlass.BFloat16))
 
     @cute.jit
@@ -148,7 +148,7 @@ def export_spec(variant: CombineSm90Tactic) -> tuple[Any, tuple[Any, ...]]:
     num_slots = cute.sym_int(symbol="num_slots")
     num_tokens = cute.sym_int(symbol="num_tokens")
     y = make_fake_compact_tensor(
-        cutlass.Float32, (m_pad, hidden), stride_order=(1, 0), assumed_align=16
+        cutlass.BFloat16, (m_pad, hidden), stride_order=(1, 0), assumed_align=16
     )
     slot_row = make_fake_compact_tensor(cutlass.Int32, (num_slots,), assumed_align=4)
     out = make_fake_compact_tensor(

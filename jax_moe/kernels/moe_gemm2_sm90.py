@@ -3,11 +3,11 @@
 For every row ``r`` of row tile ``t`` with ``e = tile_expert[t] >= 0`` and
 ``s = sorted_slots[r] >= 0``::
 
-    y[r, :] = topk_weights[s] * (act[r, :] . W2[e]^T) * gs2[e]      (fp32 math, fp32 out)
+    y[r, :] = bf16(topk_weights[s] * (act[r, :] . W2[e]^T) * gs2[e])  (fp32 math, one rounding)
 
 Rows of an active tile whose slot is -1 (padding) are not written, nor are tiles
 with ``tile_expert[t] < 0``: the combine reads only rows that hold a slot. Without
-split-K each thread writes four consecutive columns of a row at a time.
+split-K each thread writes eight consecutive columns of a row at a time.
 
 Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
   act           bf16  (m_pad, intermediate), row-major, intermediate % 64 == 0, 16-byte aligned
@@ -17,7 +17,7 @@ Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
   w2_scale      uint8 (num_local_experts, hidden, intermediate // 16), prepared scale bytes
   w2_global     f32   (num_local_experts,)
   topk_weights  f32   (num_tokens * top_k,)
-  y             f32   (m_pad, hidden), output
+  y             bf16  (m_pad, hidden), output
   stream        CUstream
 
 W2 keeps the logical row order; its code words are in the prepared layout (see
@@ -26,7 +26,8 @@ W2 keeps the logical row order; its code words are in the prepared layout (see
 Requirements (promised by `export_spec`, checked by the caller): intermediate % 64
 == 0, hidden % 128 == 0, 16-byte aligned `act`, `w2_packed`, `w2_scale`
 and `y`; `tile_expert` entries < num_local_experts and slots < len(topk_weights)
-(not checked by the kernel). Output is float32 only.
+(not checked by the kernel). The output is bf16: each row is one expert's weighted
+contribution, rounded once; the combine adds a token's rows in float32.
 
 Grid: ``(hidden / block_w, m_pad / block_m, split_k)``, 128 threads (256 for the
 two-warpgroup tiles); with ``split_k > 1``
@@ -61,8 +62,8 @@ from jax_moe.kernels.nvfp4_decode_sm90 import (
     fake_routed_weight_args,
 )
 
-#: fp32 output columns per thread and pass of the epilogue (one 16-byte store).
-EPILOGUE_VECTOR = 4
+#: Output columns per thread and pass of the epilogue (one 16-byte bf16 store).
+EPILOGUE_VECTOR = 8
 
 __all__ = ["OP", "MoeGemm2Sm90", "export_spec", "variants"]
 
@@ -163,29 +164,36 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
 
             global_scale = w2_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
             if cutlass.const_expr(self.split_k == 1):
-                # Four consecutive columns of one row per thread and pass: one 16-byte
-                # shared-memory read (`s_c` is column-contiguous) and one 16-byte store;
+                # Eight consecutive columns of one row per thread and pass: two 16-byte
+                # shared-memory reads (`s_c` is column-contiguous) and one 16-byte store;
                 # padding rows (slot -1) are not written.
                 vec = EPILOGUE_VECTOR
                 per_row = self.block_w // vec
-                for it in cutlass.range_constexpr(self.block_m * per_row // self.num_threads):
+                for it in cutlass.range_constexpr(
+                    (self.block_m * per_row + self.num_threads - 1) // self.num_threads
+                ):
                     idx = it * self.num_threads + tidx
                     tok = idx // per_row
-                    slot = sorted_slots[row0 + tok]
-                    if slot >= 0:
-                        weight = topk_weights[slot] * global_scale
-                        values = cute.make_rmem_tensor((vec,), cutlass.Float32)
-                        cute.autovec_copy(
-                            cute.local_tile(s_c[None, tok], (vec,), (idx % per_row,)), values
-                        )
-                        for e in cutlass.range_constexpr(vec):
-                            values[e] = values[e] * weight
-                        cute.autovec_copy(
-                            values,
-                            cute.local_tile(
-                                y[row0 + tok, None], (vec,), (bid_w * per_row + idx % per_row,)
-                            ),
-                        )
+                    if tok < self.block_m:
+                        slot = sorted_slots[row0 + tok]
+                        if slot >= 0:
+                            weight = topk_weights[slot] * global_scale
+                            values = cute.make_rmem_tensor((vec,), cutlass.Float32)
+                            cute.autovec_copy(
+                                cute.local_tile(s_c[None, tok], (vec,), (idx % per_row,)),
+                                values,
+                            )
+                            out = cute.make_rmem_tensor((vec,), cutlass.BFloat16)
+                            for e in cutlass.range_constexpr(vec):
+                                out[e] = (values[e] * weight).to(cutlass.BFloat16)
+                            cute.autovec_copy(
+                                out,
+                                cute.local_tile(
+                                    y[row0 + tok, None],
+                                    (vec,),
+                                    (bid_w * per_row + idx % per_row,),
+                                ),
+                            )
             else:
                 # With split-K the cluster's CTAs take turns over the output elements.
                 views = self.split_views(s_c)
@@ -199,7 +207,8 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
                         slot = sorted_slots[row0 + tok]
                         if slot >= 0:
                             weight = topk_weights[slot] * global_scale
-                            y[row0 + tok, col0 + q] = self.split_value(views, q, tok) * weight
+                            value = self.split_value(views, q, tok) * weight
+                            y[row0 + tok, col0 + q] = value.to(cutlass.BFloat16)
             self.split_done()
 
 
@@ -230,7 +239,7 @@ def export_spec(tactic: MoeGemm2Sm90Tactic):
         *routed_weights,
         make_fake_compact_tensor(cutlass.Float32, (slots,), assumed_align=4),
         make_fake_compact_tensor(
-            cutlass.Float32, (m_pad, hidden), stride_order=(1, 0), assumed_align=16
+            cutlass.BFloat16, (m_pad, hidden), stride_order=(1, 0), assumed_align=16
         ),
         cuda.CUstream(0),
     )
