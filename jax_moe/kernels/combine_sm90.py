@@ -100,12 +100,14 @@ def make_combine(tactic: CombineSm90Tactic, pdl: bool | None = None):
                     early = rows[j]
                     if early >= 0:
                         if early < num_rows:
-                            acc.store(acc.load() + y_tiles[(None, (early, column))].load().to(cutlass.Float32))
+                            row_values = y_tiles[(None, (early, column))].load()
+                            acc.store(acc.load() + row_values.to(cutlass.Float32))
             for j in cutlass.range(first, top_k):
                 row = slot_row[token * top_k + j]
                 if row >= 0:
                     if row < num_rows:
-                        acc.store(acc.load() + y_tiles[(None, (row, column))].load().to(cutlass.Float32))
+                        row_values = y_tiles[(None, (row, column))].load()
+                        acc.store(acc.load() + row_values.to(cutlass.Float32))
             out_tiles[(None, (token, column))].store(acc.load().to(cutlass.BFloat16))
 
     @cute.jit
