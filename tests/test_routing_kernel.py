@@ -16,6 +16,7 @@ from conftest import requires_gpu
 from jax_moe import _ffi
 from jax_moe.kernels.routing_config import (
     DEFAULT_ROUTING_SM90_TACTIC,
+    MAX_EXPECTED_LOCAL_SLOTS,
     MAX_LOCAL_EXPERTS,
     ROUTING_SM90_TACTICS,
     SMALL_ROUTING_SLOTS,
@@ -205,10 +206,23 @@ def test_fused_moe_uses_the_kernel_up_to_its_expert_limit():
 
     from jax_moe import gpu
 
-    def problem(num_local, offset=0):
-        return SimpleNamespace(num_local_experts=num_local, local_expert_offset=offset)
+    def problem(num_local, offset=0, num_tokens=64, top_k=8, num_experts=256):
+        return SimpleNamespace(
+            num_local_experts=num_local,
+            local_expert_offset=offset,
+            num_tokens=num_tokens,
+            top_k=top_k,
+            num_experts=num_experts,
+        )
 
     assert gpu.uses_routing_kernel(problem(MAX_LOCAL_EXPERTS))
     assert gpu.uses_routing_kernel(problem(1, 255))
-    assert not gpu.uses_routing_kernel(problem(MAX_LOCAL_EXPERTS + 1))
-    assert not gpu.uses_routing_kernel(problem(8, 2**31 - 4))  # ids past int32
+    assert not gpu.uses_routing_kernel(problem(MAX_LOCAL_EXPERTS + 1, num_experts=512))
+    # ids past int32
+    assert not gpu.uses_routing_kernel(problem(8, 2**31 - 4, num_experts=2**31 + 4))
+    # Many local slots: the one-block kernel is slower than the JAX version.
+    limit = MAX_EXPECTED_LOCAL_SLOTS
+    assert gpu.uses_routing_kernel(problem(128, num_tokens=limit // 8, num_experts=128))
+    assert not gpu.uses_routing_kernel(problem(128, num_tokens=limit // 4, num_experts=128))
+    # The same slot count on an expert-parallel slice stays on the kernel.
+    assert gpu.uses_routing_kernel(problem(32, num_tokens=limit // 4, num_experts=256))
