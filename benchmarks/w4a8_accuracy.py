@@ -10,7 +10,8 @@ against the float32 reference (:mod:`jax_moe.reference`), on random NVFP4 layers
 of the model presets:
 
   w4a16       the current kernels: exact weights, bf16 activations, fp32 sums,
-              the SwiGLU output rounded to bf16 between the GEMMs;
+              the SwiGLU output rounded to bf16 between the GEMMs, each expert's
+              weighted output rows rounded to bf16 before the float32 combine;
   w4a8        as w4a16 but both activations quantized to e4m3 per row;
   w4a8_w8     w4a8 with the weights rounded to e4m3 as above.
 
@@ -116,8 +117,12 @@ def layer_outputs(
             act = act.astype(jnp.bfloat16).astype(jnp.float32)
         if mode not in ("w4a16", "dense"):
             act = quantize_rows_e4m3(act)
-        y = jnp.dot(act, w2.T, precision=hp)
-        return carry + weight[:, None] * y, None
+        contribution = weight[:, None] * jnp.dot(act, w2.T, precision=hp)
+        if mode != "dense":
+            # GEMM2 writes each expert's weighted rows as bf16; the combine adds them
+            # in float32.
+            contribution = contribution.astype(jnp.bfloat16).astype(jnp.float32)
+        return carry + contribution, None
 
     out0 = jnp.zeros(x.shape, jnp.float32)
     out, _ = jax.lax.scan(expert, out0, (w13, w2, slot_weights.T))
