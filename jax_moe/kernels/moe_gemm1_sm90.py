@@ -9,10 +9,10 @@ grouped by local expert, each expert's segment padded to ``block_m`` rows)::
     u = (x . W13[e, up rows]^T) * gs13[e]                        (fp32)
     act[r, :] = bf16(silu(g) * u)                                (one rounding)
 
-Rows of an active tile whose slot is -1 are written with unspecified finite
-values (zero rows in, except with `cp_async`; GEMM2 reads them, and they reach no
-output it writes). Tiles with ``tile_expert[t] < 0`` are not written. Without
-split-K each thread writes 8 consecutive columns of a row at a time.
+Rows of an active tile whose slot is -1 (padding) are not written, nor are tiles
+with ``tile_expert[t] < 0``: each row of ``act`` feeds only its own row of GEMM2's
+output, and GEMM2 writes no padding row. Without split-K each thread writes 8
+consecutive columns of a row at a time.
 
 Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
   hidden        bf16  (num_tokens, hidden), row-major, hidden % 64 == 0, 16-byte aligned
@@ -164,7 +164,7 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
             global_scale = w13_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
             half = self.block_w // 2
             if cutlass.const_expr(self.split_k == 1):
-                self.swiglu_vector_epilogue(s_c, act, row0, bid_w, tidx, global_scale)
+                self.swiglu_vector_epilogue(s_c, sorted_slots, act, row0, bid_w, tidx, global_scale)
             else:
                 col0 = bid_w * half
                 # With split-K the cluster's CTAs take turns over the output elements.
@@ -175,17 +175,19 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
                         idx = it * self.num_threads + tidx
                         jj = idx % half
                         tok = idx // half
-                        q_gate = (jj // 8) * 16 + jj % 8
-                        gate = self.split_value(views, q_gate, tok) * global_scale
-                        up = self.split_value(views, q_gate + 8, tok) * global_scale
-                        value = gate / (cutlass.Float32(1.0) + cute.math.exp(-gate)) * up
-                        act[row0 + tok, col0 + jj] = value.to(cutlass.BFloat16)
+                        if sorted_slots[row0 + tok] >= 0:
+                            q_gate = (jj // 8) * 16 + jj % 8
+                            gate = self.split_value(views, q_gate, tok) * global_scale
+                            up = self.split_value(views, q_gate + 8, tok) * global_scale
+                            value = gate / (cutlass.Float32(1.0) + cute.math.exp(-gate)) * up
+                            act[row0 + tok, col0 + jj] = value.to(cutlass.BFloat16)
             self.split_done()
 
     @cute.jit
     def swiglu_vector_epilogue(
         self,
         s_c: cute.Tensor,
+        sorted_slots: cute.Tensor,
         act: cute.Tensor,
         row0: cutlass.Int32,
         bid_w: cutlass.Int32,
@@ -198,7 +200,7 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
         up rows `16 g + 8 ..`), i.e. activation columns `8 g .. 8 g + 7`. Two threads take
         the two units of one 32-byte output sector and consecutive pairs take consecutive
         rows, so the 16-byte shared-memory reads of a quarter warp hit distinct banks
-        (`s_c` rows are `block_w + 4` words apart). Padding rows are written too.
+        (`s_c` rows are `block_w + 4` words apart). Padding rows (slot -1) are not written.
         """
         vec = SWIGLU_VECTOR
         per_row = self.block_w // 16
@@ -208,20 +210,21 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
             if idx < units:
                 tok = (idx // 2) % self.block_m
                 g = (idx // (2 * self.block_m)) * 2 + idx % 2
-                gate = cute.make_rmem_tensor((vec,), cutlass.Float32)
-                up = cute.make_rmem_tensor((vec,), cutlass.Float32)
-                out = cute.make_rmem_tensor((vec,), cutlass.BFloat16)
-                column = s_c[None, tok]
-                cute.autovec_copy(cute.local_tile(column, (vec,), (2 * g,)), gate)
-                cute.autovec_copy(cute.local_tile(column, (vec,), (2 * g + 1,)), up)
-                for e in cutlass.range_constexpr(vec):
-                    x = gate[e] * global_scale
-                    u = up[e] * global_scale
-                    value = x / (cutlass.Float32(1.0) + cute.math.exp(-x)) * u
-                    out[e] = value.to(cutlass.BFloat16)
-                cute.autovec_copy(
-                    out, cute.local_tile(act[row0 + tok, None], (vec,), (bid_w * per_row + g,))
-                )
+                if sorted_slots[row0 + tok] >= 0:
+                    gate = cute.make_rmem_tensor((vec,), cutlass.Float32)
+                    up = cute.make_rmem_tensor((vec,), cutlass.Float32)
+                    out = cute.make_rmem_tensor((vec,), cutlass.BFloat16)
+                    column = s_c[None, tok]
+                    cute.autovec_copy(cute.local_tile(column, (vec,), (2 * g,)), gate)
+                    cute.autovec_copy(cute.local_tile(column, (vec,), (2 * g + 1,)), up)
+                    for e in cutlass.range_constexpr(vec):
+                        x = gate[e] * global_scale
+                        u = up[e] * global_scale
+                        value = x / (cutlass.Float32(1.0) + cute.math.exp(-x)) * u
+                        out[e] = value.to(cutlass.BFloat16)
+                    cute.autovec_copy(
+                        out, cute.local_tile(act[row0 + tok, None], (vec,), (bid_w * per_row + g,))
+                    )
 
 
 def variants() -> list[MoeGemm1Sm90Tactic]:

@@ -7,8 +7,9 @@ For every row ``r`` of row tile ``t`` with ``e = tile_expert[t] >= 0`` and
 
 Rows of an active tile whose slot is -1 (padding) are not written, nor are tiles
 with ``tile_expert[t] < 0``: the combine reads only rows that hold a slot. Padding
-rows of ``act`` are read like the others (GEMM1 writes them finite) and feed only
-their own output row. Without
+rows of ``act`` may hold anything (GEMM1 does not write them): the register path
+reads them as zero rows, the wgmma and cp.async paths copy them, and each feeds only
+its own output row, which is not written. Without
 split-K each thread writes eight consecutive columns of a row at a time.
 
 Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
@@ -143,13 +144,18 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
 
             row0 = bid_t * self.block_m
             b_rows = cute.make_rmem_tensor((self.b_chunks,), cutlass.Int32)
-            # Every row of the tile is copied, padding rows too (GEMM1 writes them):
-            # deciding per chunk from `sorted_slots` which rows to skip keeps those
-            # loads and predicates live through the K loop (64 x 128 tile: 128 -> 157
-            # registers, 3 instead of 4 CTAs per SM). A padding row only feeds its own
-            # output row, which is not written.
             for c in cutlass.range_constexpr(self.b_chunks):
-                b_rows[c] = row0 + (c * self.num_threads + tidx) // 8
+                row = row0 + (c * self.num_threads + tidx) // 8
+                if cutlass.const_expr(not self.wgmma and not self.cp_async):
+                    # Register path: padding rows (slot -1, not written by GEMM1) are zero
+                    # rows, never loaded. The wgmma and cp.async paths copy them: a
+                    # padding row feeds only its own output row, which is not written,
+                    # and deciding per chunk which rows to skip keeps those loads and
+                    # predicates live through the wgmma K loop (64 x 128 tile: 128 ->
+                    # 157 registers, 3 instead of 4 CTAs per SM).
+                    if self.read_before_wait(sorted_slots, row) < 0:
+                        row = cutlass.Int32(-1)
+                b_rows[c] = row
 
             s_c = self.mainloop(
                 act,
