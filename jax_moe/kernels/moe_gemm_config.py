@@ -10,7 +10,7 @@ The warps of a CTA (4, or 8 for the two-warpgroup wgmma tiles) form a
 
 Families:
   `moe_gemm1_sm90`: GEMM1 (gathered tokens x W13, fused SwiGLU), bf16 output.
-  `moe_gemm2_sm90`: GEMM2 (activations x W2, router weight), float32 output.
+  `moe_gemm2_sm90`: GEMM2 (activations x W2, router weight), bf16 output.
 
 Regimes: `block_m` 16 or 32 (decode) with all four warps along the weight rows
 (`warps_m=4, warps_n=1`), so few routed rows per expert waste little MMA work;
