@@ -9,8 +9,8 @@ Rows of an active tile whose slot is -1 (padding) are not written, nor are tiles
 with ``tile_expert[t] < 0``: the combine reads only rows that hold a slot. Padding
 rows of ``act`` may hold anything (GEMM1 does not write them): the register path
 reads them as zero rows, the wgmma and cp.async paths copy them, and each feeds only
-its own output row, which is not written. Without
-split-K each thread writes eight consecutive columns of a row at a time.
+its own output row, which is not written. Without split-K each thread writes eight
+consecutive columns of a row at a time.
 
 Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
   act           bf16  (m_pad, intermediate), row-major, intermediate % 64 == 0, 16-byte aligned
