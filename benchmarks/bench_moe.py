@@ -153,20 +153,15 @@ def _time_scan(step, xs, *args, whole=True) -> tuple[float, dict[str, float]]:
     events = _timer() == "events"
     unroll = _UNROLL.value
 
-    def start(acc, xs, args):
-        acc0 = acc
-        if events:  # As the tuner's timer: every step reads the barrier's outputs.
-            acc0 = _ffi.record_event(acc, slot=0)
-            acc0, xs, args = jax.lax.optimization_barrier((acc0, xs, args))
-        return acc0, xs, args
-
     def add(acc, out):
         return acc + (out if whole else out[:1, :1]).astype(jnp.float32)
 
     @jax.jit
     def run(xs, *args):
-        acc0 = jnp.zeros(xs[0].shape if whole else (1, 1), jnp.float32)
-        acc, xs, args = start(acc0, xs, args)
+        acc = jnp.zeros(xs[0].shape if whole else (1, 1), jnp.float32)
+        if events:  # As the tuner's timer: every step reads the barrier's outputs.
+            acc = _ffi.record_event(acc, slot=0)
+            acc, xs, args = jax.lax.optimization_barrier((acc, xs, args))
         *head, ids, wts = args
         if unroll:
             # Straight-line layers, each on its own input buffer (a slice of a stacked
