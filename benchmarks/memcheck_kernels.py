@@ -5,12 +5,14 @@ every buffer is its own allocation and an out-of-bounds access cannot land in a
 neighbouring buffer::
 
   XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck \\
-      python benchmarks/memcheck_kernels.py --ops=moe_gemm1,moe_gemm2,combine
+      python benchmarks/memcheck_kernels.py --ops=routing,moe_gemm1,moe_gemm2,combine
 
 Each variant runs on an expert-parallel slice (slots of other ranks, an empty
 local expert, a token with no local expert, a busy expert spanning several row
-tiles). The memory checker does the checking; the script only reports outputs
-that are not finite on the rows the next stage reads (the NaN-poisoned tests in
+tiles); each routing variant also on 3000 tokens (several blocks for the
+multi-block tactic). The memory checker does the checking; the script only
+reports outputs that are not finite on the rows the next stage reads, and
+routing metadata that differs from the JAX version's (the NaN-poisoned tests in
 `tests/test_ffi_gpu.py` check values and unwritten rows). The variant name is
 printed before its launch, so a crash names its kernel.
 """
@@ -28,7 +30,7 @@ from jax_moe import _ffi, models
 from jax_moe.prepare import prepare
 from jax_moe.routing_metadata import routing_metadata
 
-_OPS = flags.DEFINE_list("ops", ["moe_gemm1", "moe_gemm2", "combine"], "Ops to check.")
+_OPS = flags.DEFINE_list("ops", ["routing", "moe_gemm1", "moe_gemm2", "combine"], "Ops to check.")
 _FILTER = flags.DEFINE_string(
     "filter", "", "Only variants whose name contains this text (several joined by '|': any)."
 )
@@ -36,12 +38,13 @@ _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 37, "Tokens of the problem.")
 
 
 def _tactics(op: str) -> dict[str, object]:
-    """The GEMM tactics of `op` by name (none for the combine, which takes its name)."""
-    from jax_moe.kernels import moe_gemm_config
+    """The tactics of `op` by name (none for the combine, which takes its name)."""
+    from jax_moe.kernels import moe_gemm_config, routing_config
 
     family = {
         "moe_gemm1": moe_gemm_config.gemm1_variants,
         "moe_gemm2": moe_gemm_config.gemm2_variants,
+        "routing": lambda: routing_config.ROUTING_SM90_TACTICS,
     }.get(op, list)()
     return {str(t): t for t in family}
 
@@ -69,7 +72,15 @@ def main(argv):
             if not any(part in name for part in filters):
                 continue
             print(f"{op} {name}", flush=True)
-            if op == "combine":
+            if op == "routing":
+                ok = True
+                many = jax.random.randint(kr, (3000, cfg.top_k), 0, cfg.num_experts, jnp.int32)
+                for routed in (ids, many):
+                    args = dict(num_local_experts=num_local, block_m=16, local_expert_offset=offset)
+                    want = routing_metadata(routed, **args)
+                    got = _ffi.routing_metadata(routed, **args, variant=tactics[name])
+                    ok &= all(bool(jnp.all(w == g)) for w, g in zip(want, got, strict=True))
+            elif op == "combine":
                 meta = routing_metadata(
                     ids, num_local_experts=num_local, block_m=16, local_expert_offset=offset
                 )
@@ -114,8 +125,10 @@ def main(argv):
                 ok = bool(jnp.all(finite | ~valid))
             if not ok:
                 failures += 1
-                print(f"  non-finite values in rows that are read: {op} {name}", flush=True)
-    print(f"done, {failures} variants with unwritten rows", flush=True)
+                print(
+                    f"  non-finite rows that are read, or wrong metadata: {op} {name}", flush=True
+                )
+    print(f"done, {failures} variants with unwritten rows or wrong metadata", flush=True)
     sys.exit(1 if failures else 0)
 
 

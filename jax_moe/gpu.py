@@ -148,22 +148,14 @@ def select_tactics(
 
 def uses_routing_kernel(problem: Any) -> bool:
     """Whether the routing metadata of ``problem`` comes from the CUDA kernel
-    (``routing_sm90``: up to ``MAX_LOCAL_EXPERTS`` local experts, one thread block)
-    rather than the jitted JAX version (same result, a dozen small XLA kernels).
+    (``routing_sm90``: up to ``MAX_LOCAL_EXPERTS`` local experts, ids in int32)
+    rather than the jitted JAX version (same result, a dozen small XLA kernels)."""
+    from jax_moe.kernels.routing_config import MAX_LOCAL_EXPERTS
 
-    The kernel's one block walks every slot, so past ``MAX_EXPECTED_LOCAL_SLOTS``
-    expected local slots (a uniform routing's share of ``num_tokens * top_k``) the
-    JAX version is faster and is used instead."""
-    from jax_moe.kernels.routing_config import MAX_EXPECTED_LOCAL_SLOTS, MAX_LOCAL_EXPERTS
-
-    expected_local_slots = (
-        problem.num_tokens * problem.top_k * problem.num_local_experts / problem.num_experts
-    )
     return (
         "routing" in _ffi.kernel_variants()
         and problem.num_local_experts <= MAX_LOCAL_EXPERTS
         and problem.local_expert_offset + problem.num_local_experts < 2**31
-        and expected_local_slots <= MAX_EXPECTED_LOCAL_SLOTS
     )
 
 

@@ -582,8 +582,11 @@ def test_exported_table_header_records_the_pdl_switch():
 def _pdl_cases():
     gemm_cp_async = dict(block_m=16, block_w=64, warps_m=4, warps_n=1, stages=3, cp_async=True)
     split = dict(block_m=16, block_w=64, warps_m=4, warps_n=1, stages=2, cp_async=False, split_k=4)
+    from jax_moe.kernels.routing_config import ROUTING_SM90_TACTICS
+
     return [
-        ("routing", None),
+        ("routing", ROUTING_SM90_TACTICS[0]),
+        ("routing", ROUTING_SM90_TACTICS[2]),  # three kernels
         ("combine", None),
         ("moe_gemm1", cfg.MoeGemm1Sm90Tactic(**split)),
         ("moe_gemm2", cfg.MoeGemm2Sm90Tactic(**split)),
@@ -628,17 +631,24 @@ def test_pdl_switch_sets_launch_attribute_and_griddepcontrol(
         compiled = cute.compile(fn, *fake_args, options=f"--keep-ptx --dump-dir={dump}")
         ptx = compiled.__ptx__
         assert ptx and ".target sm_90a" in ptx
-        assert recorded == [int(pdl)], recorded
+        kernels = ptx.count(".entry")
+        assert recorded == [int(pdl)] * kernels, recorded
         if not pdl:
             assert "griddepcontrol" not in ptx
             continue
-        assert ptx.count("griddepcontrol.launch_dependents") == 1
+        assert ptx.count("griddepcontrol.launch_dependents") == kernels
         wait = ptx.index("griddepcontrol.wait")
         trigger = ptx.index("griddepcontrol.launch_dependents")
         before_wait = ptx[:wait]
         assert "st.global" not in before_wait
-        if op in ("routing", "moe_gemm1"):
-            # The first kernel waits for the stream; GEMM1 for routing's metadata.
+        if op == "routing":
+            # Every routing kernel waits for the stream (or the previous one) first.
+            for entry in ptx.split(".entry")[1:]:
+                before = entry[: entry.index("griddepcontrol.wait")]
+                assert "ld.global" not in before and "st.global" not in before
+                assert entry.index("griddepcontrol.launch_dependents") > len(before)
+        elif op == "moe_gemm1":
+            # GEMM1 waits for routing's metadata.
             assert "ld.global" not in before_wait and trigger > wait
         elif op == "combine":
             # Only routing's slot_row is read (from L2) before waiting for GEMM2's rows.

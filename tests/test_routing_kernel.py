@@ -16,8 +16,8 @@ from conftest import requires_gpu
 from jax_moe import _ffi
 from jax_moe.kernels.routing_config import (
     DEFAULT_ROUTING_SM90_TACTIC,
-    MAX_EXPECTED_LOCAL_SLOTS,
     MAX_LOCAL_EXPERTS,
+    MULTI_BLOCK_ROUTING_SLOTS,
     ROUTING_SM90_TACTICS,
     SMALL_ROUTING_SLOTS,
     RoutingSm90Tactic,
@@ -58,6 +58,10 @@ CASES = [
     (333, 6, 64, 16, 32, 48),
     (2048, 8, 128, 128, 128, 0),  # Qwen3-like EP=1
     (16384, 8, 256, 32, 64, 0),  # 131072 slots: every warp walks many chunks
+    (8192, 8, 128, 128, 64, 0),  # Qwen3 N=8192: 32 blocks of 2048 slots
+    (513, 8, 256, 256, 128, 0),  # 4104 slots: two blocks, the last one longer
+    (40000, 8, 256, 32, 16, 64),  # 320000 slots: ranges of 10240, a remainder
+    (600, 7, 64, 64, 1, 0),  # 4200 slots, block_m = 1
     (4096, 2, 8, 8, 16, 0),  # Mixtral-like
     (3, 1, 4, 1, 1, 2),  # block_m = 1, one local expert
     (37, 4, 300, 256, 8, 44),  # 256 local experts of 300, offset
@@ -74,21 +78,25 @@ def test_kernel_matches_the_jax_metadata(case, variant):
 
 
 @requires_gpu
-def test_kernel_edge_routings():
-    # Default variant choice (routing_tactic): 4 warps up to 1024 slots, else 32.
+@pytest.mark.parametrize("variant", (None, *ROUTING_SM90_TACTICS), ids=str)
+def test_kernel_edge_routings(variant):
+    # None: the default choice (routing_tactic).
     rng = np.random.default_rng(0)
     # Every token on the same local expert (first choice), the rest elsewhere.
     ids = np.stack([np.full(500, 3), 40 + rng.integers(0, 200, 500)], axis=1).astype(np.int32)
-    _check_same(ids, 32, 16, 0)
+    _check_same(ids, 32, 16, 0, variant)
+    # All slots on one expert, many blocks (the multi-block tactic by default).
+    _check_same(np.full((3000, 4), 7, np.int32), 32, 64, 0, variant)
     # No local slot at all: every tile -1, every slot_row -1.
-    _check_same((100 + rng.integers(0, 50, (64, 4))).astype(np.int32), 32, 16, 0)
+    _check_same((100 + rng.integers(0, 50, (64, 4))).astype(np.int32), 32, 16, 0, variant)
+    _check_same((100 + rng.integers(0, 50, (2000, 4))).astype(np.int32), 32, 16, 0, variant)
     # Negative and huge ids are simply non-local.
-    ids = rng.integers(0, 64, (256, 4)).astype(np.int32)
+    ids = rng.integers(0, 64, (2560, 4)).astype(np.int32)
     ids[::7, 0] = -5
     ids[::11, 1] = np.iinfo(np.int32).max
-    _check_same(ids, 32, 32, 8)
+    _check_same(ids, 32, 32, 8, variant)
     # No tokens: every output empty.
-    _check_same(np.zeros((0, 8), np.int32), 32, 16, 0)
+    _check_same(np.zeros((0, 8), np.int32), 32, 16, 0, variant)
 
 
 @requires_gpu
@@ -144,8 +152,12 @@ def test_tactic_fields_are_validated():
     assert DEFAULT_ROUTING_SM90_TACTIC.warps == 32
     assert routing_tactic(1).warps == 4 and routing_tactic(SMALL_ROUTING_SLOTS).warps == 4
     assert routing_tactic(SMALL_ROUTING_SLOTS + 1).warps == 32
-    with pytest.raises(ValueError, match="threads=256"):
-        RoutingSm90Tactic(threads=256)
+    assert routing_tactic(MULTI_BLOCK_ROUTING_SLOTS).blocks == 1
+    assert routing_tactic(MULTI_BLOCK_ROUTING_SLOTS + 1).blocks == 32
+    with pytest.raises(ValueError, match="threads=512"):
+        RoutingSm90Tactic(threads=512)
+    with pytest.raises(ValueError, match="blocks=2"):
+        RoutingSm90Tactic(blocks=2)
     with pytest.raises(ValueError, match="max_local_experts=512"):
         RoutingSm90Tactic(max_local_experts=512)
 
@@ -220,9 +232,5 @@ def test_fused_moe_uses_the_kernel_up_to_its_expert_limit():
     assert not gpu.uses_routing_kernel(problem(MAX_LOCAL_EXPERTS + 1, num_experts=512))
     # ids past int32
     assert not gpu.uses_routing_kernel(problem(8, 2**31 - 4, num_experts=2**31 + 4))
-    # Many local slots: the one-block kernel is slower than the JAX version.
-    limit = MAX_EXPECTED_LOCAL_SLOTS
-    assert gpu.uses_routing_kernel(problem(128, num_tokens=limit // 8, num_experts=128))
-    assert not gpu.uses_routing_kernel(problem(128, num_tokens=limit // 4, num_experts=128))
-    # The same slot count on an expert-parallel slice stays on the kernel.
-    assert gpu.uses_routing_kernel(problem(32, num_tokens=limit // 4, num_experts=256))
+    # Many local slots too (the multi-block tactic).
+    assert gpu.uses_routing_kernel(problem(128, num_tokens=2**16, num_experts=128))

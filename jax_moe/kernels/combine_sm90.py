@@ -22,16 +22,20 @@ with one 16-byte store; a block of `threads` threads spans `threads * vector`
 columns; the grid is `(num_tokens, ceil(hidden / (threads * vector)))`. Every
 load and store of a warp is contiguous and coalesced.
 
+Latency: a thread first loads its token's first `PREFETCH_SLOTS` entries of
+`slot_row` (from L2, `ld.global.cg`), then issues the y loads of all of them
+into registers, then adds them in slot order: two memory latencies per token
+instead of two per row (the kernel is latency-bound: at about one local row
+per token it moves few bytes per thread). Slots past `PREFETCH_SLOTS` are read
+one after another.
+
 Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): `y` is
 the output of GEMM2, the kernel right before, and `out` may reuse memory an
 earlier kernel still reads, so every thread executes `griddepcontrol.wait`
-before its first read of `y` and its store, then issues `launch_dependents`.
-Before the wait it loads its token's first `PREFETCH_SLOTS` entries of
-`slot_row` into registers (from L2, `ld.global.cg`): they were written by the
-routing kernel, which has completed once this grid runs (every GEMM1 CTA waited
-for it before GEMM2 could start), so after the wait the `y` loads need not wait
-for them. The sum keeps its order. Without `pdl` the kernel reads `slot_row`
-inside its loop.
+after its `slot_row` loads and before its first read of `y` and its store, then
+issues `launch_dependents`. `slot_row` was written by the routing kernel, which
+has completed once this grid runs (every GEMM1 CTA waited for it before GEMM2
+could start), and is read from L2, never from a possibly stale L1 line.
 
 `variants()` and `export_spec()` follow the kernel-module interface of
 `jax_moe.kernels` (ahead-of-time export). Importing this module needs the
@@ -56,7 +60,8 @@ __all__ = ["OP", "PREFETCH_SLOTS", "export_spec", "make_combine", "variants"]
 
 # The FFI op this module implements (target `jax_moe_combine`).
 OP = "combine"
-# slot_row entries per token loaded before griddepcontrol.wait (with PDL).
+# slot_row entries per token loaded first (before griddepcontrol.wait with PDL), and
+# y rows loaded before the first add.
 PREFETCH_SLOTS = 8
 
 
@@ -81,28 +86,34 @@ def make_combine(tactic: CombineSm90Tactic, pdl: bool | None = None):
         token, column_block, _ = cute.arch.block_idx()
         column = column_block * threads + tidx
         num_rows = cute.size(y_tiles, mode=[1, 0])
+        # The token's first PREFETCH_SLOTS rows (-1: none), all loaded before any of
+        # their y values, whose loads are then all in flight before the first add.
+        rows = cute.make_rmem_tensor((PREFETCH_SLOTS,), cutlass.Int32)
+        for j in cutlass.range_constexpr(PREFETCH_SLOTS):
+            rows[j] = -1
+            if j < top_k:
+                # From L2: with PDL this runs before the wait (routing's slot_row is
+                # complete, GEMM2's y is not).
+                row = load_global_cg_i32(slot_row, token * top_k + j)
+                if row < num_rows:
+                    rows[j] = row
         if cutlass.const_expr(use_pdl):
-            rows = cute.make_rmem_tensor((PREFETCH_SLOTS,), cutlass.Int32)
-            # Routing's slot_row is complete; GEMM2's y is not until the wait.
-            for j in cutlass.range_constexpr(PREFETCH_SLOTS):
-                rows[j] = -1
-                if j < top_k:
-                    rows[j] = load_global_cg_i32(slot_row, token * top_k + j)
             cute.arch.griddepcontrol_wait()
             cute.arch.griddepcontrol_launch_dependents()
         if column < cute.size(out_tiles, mode=[1, 1]):
+            # A slot without a row adds +0.0, which leaves the float32 sum unchanged bit
+            # for bit (the sum starts at +0.0 and never becomes -0.0); adding it
+            # unconditionally keeps every load ahead of the first add.
+            values = cute.make_rmem_tensor(((1, vector), PREFETCH_SLOTS), cutlass.BFloat16)
+            values.fill(0.0)
+            for j in cutlass.range_constexpr(PREFETCH_SLOTS):
+                if rows[j] >= 0:
+                    values[(None, j)].store(y_tiles[(None, (rows[j], column))].load())
             acc = cute.make_rmem_tensor(((1, vector),), cutlass.Float32)
             acc.fill(0.0)
-            first = 0
-            if cutlass.const_expr(use_pdl):
-                first = PREFETCH_SLOTS
-                for j in cutlass.range_constexpr(PREFETCH_SLOTS):
-                    early = rows[j]
-                    if early >= 0:
-                        if early < num_rows:
-                            row_values = y_tiles[(None, (early, column))].load()
-                            acc.store(acc.load() + row_values.to(cutlass.Float32))
-            for j in cutlass.range(first, top_k):
+            for j in cutlass.range_constexpr(PREFETCH_SLOTS):
+                acc.store(acc.load() + values[(None, j)].load().to(cutlass.Float32))
+            for j in cutlass.range(PREFETCH_SLOTS, top_k):
                 row = slot_row[token * top_k + j]
                 if row >= 0:
                     if row < num_rows:

@@ -1,9 +1,10 @@
 """Tactics of the routing-metadata kernel (`routing_sm90`), importable without the CuTe DSL.
 
 The kernel builds the routing metadata of `jax_moe.routing_metadata` (the
-contract there: `sorted_slots`, `tile_expert`, `slot_row`) in one launch of
-one thread block, bit for bit the same as the jitted JAX version. It keeps a
-row of per-expert counters per warp in shared memory, so it serves up to
+contract there: `sorted_slots`, `tile_expert`, `slot_row`), bit for bit the
+same as the jitted JAX version: in one launch of one thread block for few
+slots, in three launches over up to 32 blocks for many. It keeps a row of
+per-expert counters per warp in shared memory, so it serves up to
 `MAX_LOCAL_EXPERTS` local experts; more fall back to the JAX version.
 """
 
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ROUTING_SM90_TACTIC",
-    "MAX_EXPECTED_LOCAL_SLOTS",
     "MAX_LOCAL_EXPERTS",
+    "MULTI_BLOCK_ROUTING_SLOTS",
     "ROUTING_SM90_TACTICS",
     "RoutingSm90Tactic",
     "SMALL_ROUTING_SLOTS",
@@ -29,14 +30,9 @@ __all__ = [
 
 #: Local experts the kernel's shared-memory counters cover.
 MAX_LOCAL_EXPERTS = 256
-#: Expected local slots (`num_tokens * top_k * num_local_experts / num_experts`)
-#: beyond which the jitted JAX metadata is faster than the one-block kernel on an
-#: H200: at Qwen3-30B-A3B EP=1 the kernel took 39 us for 16384 local slots (the
-#: layer 27 us faster than with the JAX metadata) and 146 us for 65536 (63 us
-#: slower); the crossover by linear interpolation is near 31000.
-MAX_EXPECTED_LOCAL_SLOTS = 32768
-_THREADS = (128, 1024)
+_THREADS = (128, 256, 1024)
 _UNROLLS = (8,)
+_BLOCKS = (1, 32)
 
 
 @register_tactic_family
@@ -53,12 +49,16 @@ class RoutingSm90Tactic(Tactic):
         them one after another (loads in flight per lane).
       max_local_experts: local experts the shared-memory counters cover (the
         FFI handler reads this field to reject larger slices).
+      blocks: 1 for the one-block kernel; more for three launches (count,
+        segments, place) over up to that many blocks, each walking its own range
+        of slots (`routing_sm90`'s docstring).
     """
 
     family: ClassVar[str] = "routing_sm90"
     threads: int = 1024
     unroll: int = 8
     max_local_experts: int = MAX_LOCAL_EXPERTS
+    blocks: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,6 +68,8 @@ class RoutingSm90Tactic(Tactic):
             )
         if self.unroll not in _UNROLLS:
             raise ValueError(f"RoutingSm90Tactic.unroll={self.unroll}; expected one of {_UNROLLS}")
+        if self.blocks not in _BLOCKS:
+            raise ValueError(f"RoutingSm90Tactic.blocks={self.blocks}; expected one of {_BLOCKS}")
         if self.max_local_experts != MAX_LOCAL_EXPERTS:
             raise ValueError(
                 f"RoutingSm90Tactic.max_local_experts={self.max_local_experts}; expected "
@@ -94,14 +96,22 @@ class RoutingSm90Tactic(Tactic):
 ROUTING_SM90_TACTICS: tuple[RoutingSm90Tactic, ...] = (
     RoutingSm90Tactic(threads=1024),
     RoutingSm90Tactic(threads=128),
+    RoutingSm90Tactic(threads=256, blocks=32),
 )
 
 DEFAULT_ROUTING_SM90_TACTIC = ROUTING_SM90_TACTICS[0]
 #: Up to this many slots `routing_tactic` picks the 4-warp block.
 SMALL_ROUTING_SLOTS = 1024
+#: Past this many slots `routing_tactic` picks the multi-block tactic.
+MULTI_BLOCK_ROUTING_SLOTS = 4096
 
 
 def routing_tactic(num_slots: int) -> RoutingSm90Tactic:
-    """The tactic for `num_slots` slots: 4 warps for few slots (each walks at most
-    8 chunks of 32), else 32."""
-    return ROUTING_SM90_TACTICS[1] if num_slots <= SMALL_ROUTING_SLOTS else ROUTING_SM90_TACTICS[0]
+    """The tactic for `num_slots` slots: one block of 4 warps for few slots (each
+    walks at most 8 chunks of 32), of 32 warps up to `MULTI_BLOCK_ROUTING_SLOTS`,
+    else the multi-block tactic."""
+    if num_slots <= SMALL_ROUTING_SLOTS:
+        return ROUTING_SM90_TACTICS[1]
+    if num_slots <= MULTI_BLOCK_ROUTING_SLOTS:
+        return ROUTING_SM90_TACTICS[0]
+    return ROUTING_SM90_TACTICS[2]

@@ -1,17 +1,16 @@
 """Routing-metadata kernel for Hopper (sm_90a), written in the CuTe DSL.
 
-Builds, in one launch of one thread block, the three arrays of
-`jax_moe.routing_metadata` (see its module docstring for the contract):
-`sorted_slots` (local slots grouped by local expert, ascending slot order inside
-an expert, each expert's segment padded with -1 to a multiple of `block_m`),
-`tile_expert` (the local expert of each row tile, -1 past the used tiles) and
-`slot_row` (the row of each slot, -1 for non-local slots). The result is the
-same, bit for bit, as the jitted JAX version, which takes a dozen small XLA
-kernels (a sort, scatters, cumulative sums) where this takes one.
+Builds the three arrays of `jax_moe.routing_metadata` (see its module docstring
+for the contract): `sorted_slots` (local slots grouped by local expert,
+ascending slot order inside an expert, each expert's segment padded with -1 to a
+multiple of `block_m`), `tile_expert` (the local expert of each row tile, -1
+past the used tiles) and `slot_row` (the row of each slot, -1 for non-local
+slots). The result is the same, bit for bit, as the jitted JAX version, which
+takes a dozen small XLA kernels (a sort, scatters, cumulative sums).
 
-Work split: the `threads / 32` warps own contiguous, equal ranges of slots
-(multiples of 32). Shared memory holds one row of `max_local_experts`
-counters per warp.
+One block (`tactic.blocks == 1`, one launch): the `threads / 32` warps own
+contiguous, equal ranges of slots (multiples of 32). Shared memory holds one row
+of `max_local_experts` counters per warp.
 
 1. Count: each warp walks its range 32 slots at a time; `match.any` groups
    the lanes that hold the same expert, and the lowest lane of each group adds
@@ -27,16 +26,39 @@ counters per warp.
    its warp's next row of its expert plus the number of lower lanes with the
    same expert, and the group's lowest lane advances the counter.
 
-Ranges, chunks and lanes are visited in ascending slot order, so the order
-inside an expert is ascending, as the contract requires; nothing depends on
-timing. `sorted_slots` is filled with -1 first (padding rows stay -1).
+Many blocks (`tactic.blocks > 1`, three launches): the slots are cut into
+`num_blocks <= tactic.blocks` ranges of `per_block` slots (a multiple of
+`warps * 32 * unroll`, at least `max_local_experts`), the last range taking the
+remainder, so one block's walks are as long at 4096 slots as at 65536 (up to
+`tactic.blocks` ranges). The one-block walk grew with the slots (146 us for
+65536 slots on an H200).
+
+1. Count kernel (`num_blocks` blocks): each block counts its range as in step 1
+   and writes its total of each local expert into the first `num_local` entries
+   of its own range of `slot_row` (scratch space: step 3 overwrites the whole
+   range); it also fills `sorted_slots` with -1.
+2. Segments kernel (one block): loads every block's counts into shared memory,
+   computes the segment starts as in step 2, writes `tile_expert`, and replaces
+   each block's count of expert `e` by the block's first row of `e` (the start
+   plus the counts of the lower blocks).
+3. Place kernel (`num_blocks` blocks): each block reads its first rows into
+   shared memory, counts its range again per warp, turns the counts into each
+   warp's first rows, and places its slots as in step 3.
+
+With fewer slots than two ranges (`num_blocks == 1`) the count kernel runs the
+one-block algorithm and the other two return at once.
+
+Ranges, blocks, chunks and lanes are visited in ascending slot order, so the
+order inside an expert is ascending, as the contract requires; nothing depends
+on timing. `sorted_slots` is filled with -1 first (padding rows stay -1).
 
 Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): this
-kernel is the first of the layer. Every thread executes `griddepcontrol.wait`
-before anything else (the previous kernel on the stream may still be writing
-`topk_ids` or reading memory this kernel's outputs reuse), then
-`launch_dependents`, so GEMM1's CTAs can be resident while the metadata is
-built; GEMM1 waits for this kernel before it reads any of it.
+kernel (the first of the three) is the first of the layer. Every thread of
+each kernel executes `griddepcontrol.wait` before anything else (the previous
+kernel on the stream may still be writing `topk_ids` or reading memory this
+kernel's outputs reuse), then `launch_dependents`, so the next kernel's CTAs can
+be resident while the metadata is built; GEMM1 waits for the (last) routing
+kernel before it reads any of it, and that one completes after the others.
 
 `variants()` and `export_spec()` follow the kernel-module interface of
 `jax_moe.kernels`. Importing this module needs the CuTe DSL; the tactics live
@@ -66,124 +88,70 @@ _SCAN_PER_LANE = 8
 
 
 def smem_bytes(tactic: RoutingSm90Tactic) -> int:
-    """Shared memory of the block: the per-warp counters and the segment starts."""
+    """Shared memory of a block of the one-block, count and place kernels: the
+    per-warp counters and the segment starts (the block's bases)."""
     counters = tactic.max_local_experts * tactic.warps * 4
     starts = (tactic.max_local_experts + 1) * 4
     return counters + starts + 64  # + alignment slack of the two allocations
 
 
+def segments_smem_bytes(tactic: RoutingSm90Tactic) -> int:
+    """Shared memory of the segments kernel (multi-block tactics): every block's
+    counts and the segment starts."""
+    counts = tactic.max_local_experts * tactic.blocks * 4
+    starts = (tactic.max_local_experts + 1) * 4
+    return counts + starts + 64
+
+
 def make_routing(tactic: RoutingSm90Tactic, pdl: bool | None = None):
-    """The `@cute.jit` host function of the routing kernel for `tactic`.
+    """The `@cute.jit` host function of the routing kernel(s) for `tactic`.
 
     Signature: `routing(topk_ids, sorted_slots, tile_expert, slot_row, num_local:
     Int32, block_m: Int32, offset: Int32, stream: CUstream)`. `pdl`: programmatic
-    dependent launch (default: `jax_moe.kernels.pdl_enabled()`).
+    dependent launch (default: `jax_moe.kernels.pdl_enabled()`). One launch for a
+    one-block tactic, three (count, segments, place) for a multi-block one.
     """
     use_pdl = pdl_enabled() if pdl is None else bool(pdl)
     threads = tactic.threads
     warps = tactic.warps
     unroll = tactic.unroll
     max_local = tactic.max_local_experts
+    max_blocks = tactic.blocks
+    # Slots the warps of a block walk in one group of `unroll` chunks: the granule of
+    # a multi-block tactic's per-block ranges (at least max_local, see the docstring).
+    group_slots = warps * 32 * unroll
     if max_local != 32 * _SCAN_PER_LANE:
         raise ValueError(f"max_local_experts={max_local}; the prefix sum needs 256")
+    if max_blocks > 1 and group_slots < max_local:
+        raise ValueError(f"{tactic}: a block range of {group_slots} slots < {max_local}")
     search_steps = max_local.bit_length() + 1  # bisection over max_local + 1 entries
 
-    @cute.kernel
-    def routing_kernel(
-        topk_ids: cute.Tensor,  # (num_slots,) int32 global expert ids
-        sorted_slots: cute.Tensor,  # (m_pad,)
-        tile_expert: cute.Tensor,  # (m_pad / block_m,)
-        slot_row: cute.Tensor,  # (num_slots,)
-        num_local: cutlass.Int32,
-        block_m: cutlass.Int32,
-        offset: cutlass.Int32,
-    ):
-        if cutlass.const_expr(use_pdl):
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
-        tid, _, _ = cute.arch.thread_idx()
-        warp = tid // 32
-        lane = tid % 32
-        smem = SmemAllocator()
-        # counters[e, w]: warp w's count of expert e, later its next row of expert e.
-        counters = smem.allocate_tensor(
-            cutlass.Int32, cute.make_layout((max_local, warps), stride=(1, max_local)), 16
-        )
-        # starts[e]: first row of expert e's segment; starts[max_local]: rows used.
-        starts = smem.allocate_tensor(cutlass.Int32, cute.make_layout((max_local + 1,)), 16)
+    def make_walk(place: bool):
+        """Walk of the slots `[first, last)` by the block's warps (count or place)."""
 
-        num_slots = cute.size(topk_ids)
-        m_pad = cute.size(sorted_slots)
-        num_tiles = cute.size(tile_expert)
-        # Each warp's range: a multiple of 32 slots.
-        per_warp = (num_slots + warps * 32 - 1) // (warps * 32) * 32
-        begin = warp * per_warp
-        end = cutlass.min(begin + per_warp, num_slots)
-        num_chunks = per_warp // 32
-        below = cute.arch.lanemask_lt()
-
-        for e in cutlass.range(tid, max_local, threads, unroll=1):
-            for w in cutlass.range_constexpr(warps):
-                counters[e, w] = 0
-        for p in cutlass.range(tid, m_pad, threads, unroll=1):
-            sorted_slots[p] = -1
-        cute.arch.sync_threads()
-
-        # 1. Count and 3. Place walk the same chunks in the same order. Bucket: the
-        # local expert, num_local for a non-local slot, num_local + 1 past the range.
-        buckets = cute.make_rmem_tensor((unroll,), cutlass.Int32)
-        for phase in cutlass.range_constexpr(2):
-            if cutlass.const_expr(phase == 1):
-                # 2. Segments: padded totals, then their exclusive prefix sum.
-                for e in cutlass.range(tid, max_local, threads, unroll=1):
-                    total = cutlass.Int32(0)
-                    if e < num_local:
-                        for w in cutlass.range_constexpr(warps):
-                            total = total + counters[e, w]
-                    starts[e] = (total + block_m - 1) // block_m * block_m
-                cute.arch.sync_threads()
-                if warp == 0:
-                    running = cutlass.Int32(0)
-                    for i in cutlass.range_constexpr(_SCAN_PER_LANE):
-                        running = running + starts[lane * _SCAN_PER_LANE + i]
-                    inclusive = running
-                    for shift in cutlass.range_constexpr(5):
-                        other = cute.arch.shuffle_sync_up(inclusive, 1 << shift)
-                        if lane >= (1 << shift):
-                            inclusive = inclusive + other
-                    start = inclusive - running
-                    cute.arch.sync_warp()  # every lane has read its padded totals
-                    for i in cutlass.range_constexpr(_SCAN_PER_LANE):
-                        padded = starts[lane * _SCAN_PER_LANE + i]
-                        starts[lane * _SCAN_PER_LANE + i] = start
-                        start = start + padded
-                    if lane == 31:
-                        starts[max_local] = start
-                cute.arch.sync_threads()
-                for e in cutlass.range(tid, num_local, threads, unroll=1):
-                    row = starts[e]
-                    for w in cutlass.range_constexpr(warps):
-                        count = counters[e, w]
-                        counters[e, w] = row
-                        row = row + count
-                # tile_expert[t]: the number of experts whose segment ends at or before the
-                # tile's first row (segment ends are starts[e + 1]), -1 when that is num_local.
-                for t in cutlass.range(tid, num_tiles, threads, unroll=1):
-                    first_row = t * block_m
-                    lo = cutlass.Int32(0)
-                    hi = num_local
-                    for _ in cutlass.range_constexpr(search_steps):
-                        if lo < hi:
-                            mid = (lo + hi) // 2
-                            if starts[mid + 1] <= first_row:
-                                lo = mid + 1
-                            else:
-                                hi = mid
-                    owner = cutlass.Int32(-1)
-                    if lo < num_local:
-                        owner = lo
-                    tile_expert[t] = owner
-                cute.arch.sync_threads()
+        @cute.jit
+        def walk(
+            topk_ids: cute.Tensor,
+            sorted_slots: cute.Tensor,
+            slot_row: cute.Tensor,
+            counters: cute.Tensor,
+            first: cutlass.Int32,
+            last: cutlass.Int32,
+            num_local: cutlass.Int32,
+            offset: cutlass.Int32,
+        ):
+            tid, _, _ = cute.arch.thread_idx()
+            warp = tid // 32
+            lane = tid % 32
+            below = cute.arch.lanemask_lt()
+            # Each warp's range: a multiple of 32 slots.
+            per_warp = (last - first + warps * 32 - 1) // (warps * 32) * 32
+            begin = first + warp * per_warp
+            end = cutlass.min(begin + per_warp, last)
+            num_chunks = per_warp // 32
+            # Bucket: the local expert, num_local for a non-local slot, num_local + 1
+            # past the range.
+            buckets = cute.make_rmem_tensor((unroll,), cutlass.Int32)
             for group in cutlass.range(0, num_chunks, unroll, unroll=1):
                 for u in cutlass.range_constexpr(unroll):
                     slot = begin + (group + u) * 32 + lane
@@ -199,7 +167,7 @@ def make_routing(tactic: RoutingSm90Tactic, pdl: bool | None = None):
                     slot = begin + (group + u) * 32 + lane
                     bucket = buckets[u]
                     peers = cute.arch.match_sync(_FULL_MASK, bucket)
-                    if cutlass.const_expr(phase == 1):
+                    if cutlass.const_expr(place):
                         if bucket < num_local:
                             row = counters[bucket, warp] + cute.arch.popc(peers & below)
                             sorted_slots[row] = slot
@@ -211,8 +179,275 @@ def make_routing(tactic: RoutingSm90Tactic, pdl: bool | None = None):
                         if (peers & below) == 0:
                             counters[bucket, warp] = counters[bucket, warp] + cute.arch.popc(peers)
                     cute.arch.sync_warp()
-            if cutlass.const_expr(phase == 0):
-                cute.arch.sync_threads()
+
+        return walk
+
+    count_walk = make_walk(place=False)
+    place_walk = make_walk(place=True)
+
+    @cute.jit
+    def clear_counters(counters: cute.Tensor):
+        tid, _, _ = cute.arch.thread_idx()
+        for e in cutlass.range(tid, max_local, threads, unroll=1):
+            for w in cutlass.range_constexpr(warps):
+                counters[e, w] = 0
+
+    @cute.jit
+    def warp_rows(counters: cute.Tensor, bases: cute.Tensor, num_local: cutlass.Int32):
+        """Replaces each warp's count of expert e by its first row of e: `bases[e]`
+        plus the counts of the lower warps."""
+        tid, _, _ = cute.arch.thread_idx()
+        for e in cutlass.range(tid, num_local, threads, unroll=1):
+            row = bases[e]
+            for w in cutlass.range_constexpr(warps):
+                count = counters[e, w]
+                counters[e, w] = row
+                row = row + count
+
+    @cute.jit
+    def segment_starts(starts: cute.Tensor):
+        """Warp 0 turns the padded totals `starts[0 .. max_local)` into their exclusive
+        prefix sum and writes the rows used to `starts[max_local]` (then a barrier)."""
+        tid, _, _ = cute.arch.thread_idx()
+        warp = tid // 32
+        lane = tid % 32
+        if warp == 0:
+            running = cutlass.Int32(0)
+            for i in cutlass.range_constexpr(_SCAN_PER_LANE):
+                running = running + starts[lane * _SCAN_PER_LANE + i]
+            inclusive = running
+            for shift in cutlass.range_constexpr(5):
+                other = cute.arch.shuffle_sync_up(inclusive, 1 << shift)
+                if lane >= (1 << shift):
+                    inclusive = inclusive + other
+            start = inclusive - running
+            cute.arch.sync_warp()  # every lane has read its padded totals
+            for i in cutlass.range_constexpr(_SCAN_PER_LANE):
+                padded = starts[lane * _SCAN_PER_LANE + i]
+                starts[lane * _SCAN_PER_LANE + i] = start
+                start = start + padded
+            if lane == 31:
+                starts[max_local] = start
+        cute.arch.sync_threads()
+
+    @cute.jit
+    def fill_tiles(
+        starts: cute.Tensor,
+        tile_expert: cute.Tensor,
+        num_local: cutlass.Int32,
+        block_m: cutlass.Int32,
+    ):
+        """tile_expert[t]: the number of experts whose segment ends at or before the
+        tile's first row (segment ends are starts[e + 1]), -1 when that is num_local."""
+        tid, _, _ = cute.arch.thread_idx()
+        for t in cutlass.range(tid, cute.size(tile_expert), threads, unroll=1):
+            first_row = t * block_m
+            lo = cutlass.Int32(0)
+            hi = num_local
+            for _ in cutlass.range_constexpr(search_steps):
+                if lo < hi:
+                    mid = (lo + hi) // 2
+                    if starts[mid + 1] <= first_row:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+            owner = cutlass.Int32(-1)
+            if lo < num_local:
+                owner = lo
+            tile_expert[t] = owner
+
+    @cute.jit
+    def one_block(
+        topk_ids: cute.Tensor,
+        sorted_slots: cute.Tensor,
+        tile_expert: cute.Tensor,
+        slot_row: cute.Tensor,
+        counters: cute.Tensor,
+        starts: cute.Tensor,
+        num_local: cutlass.Int32,
+        block_m: cutlass.Int32,
+        offset: cutlass.Int32,
+    ):
+        """The whole metadata in one thread block (module docstring, steps 1-3)."""
+        tid, _, _ = cute.arch.thread_idx()
+        num_slots = cute.size(topk_ids)
+        clear_counters(counters)
+        for p in cutlass.range(tid, cute.size(sorted_slots), threads, unroll=1):
+            sorted_slots[p] = -1
+        cute.arch.sync_threads()
+        count_walk(topk_ids, sorted_slots, slot_row, counters, 0, num_slots, num_local, offset)
+        cute.arch.sync_threads()
+        # Segments: padded totals, their exclusive prefix sum, each warp's first rows.
+        for e in cutlass.range(tid, max_local, threads, unroll=1):
+            total = cutlass.Int32(0)
+            if e < num_local:
+                for w in cutlass.range_constexpr(warps):
+                    total = total + counters[e, w]
+            starts[e] = (total + block_m - 1) // block_m * block_m
+        cute.arch.sync_threads()
+        segment_starts(starts)
+        warp_rows(counters, starts, num_local)
+        fill_tiles(starts, tile_expert, num_local, block_m)
+        cute.arch.sync_threads()
+        place_walk(topk_ids, sorted_slots, slot_row, counters, 0, num_slots, num_local, offset)
+
+    def allocate(smem):
+        # counters[e, w]: warp w's count of expert e, later its next row of expert e.
+        counters = smem.allocate_tensor(
+            cutlass.Int32, cute.make_layout((max_local, warps), stride=(1, max_local)), 16
+        )
+        # starts[e]: first row of expert e's segment (of the block's share of it in the
+        # place kernel); starts[max_local]: rows used.
+        starts = smem.allocate_tensor(cutlass.Int32, cute.make_layout((max_local + 1,)), 16)
+        return counters, starts
+
+    def dependency_wait():
+        if cutlass.const_expr(use_pdl):
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+
+    @cute.kernel
+    def routing_kernel(
+        topk_ids: cute.Tensor,  # (num_slots,) int32 global expert ids
+        sorted_slots: cute.Tensor,  # (m_pad,)
+        tile_expert: cute.Tensor,  # (m_pad / block_m,)
+        slot_row: cute.Tensor,  # (num_slots,)
+        num_local: cutlass.Int32,
+        block_m: cutlass.Int32,
+        offset: cutlass.Int32,
+    ):
+        dependency_wait()
+        counters, starts = allocate(SmemAllocator())
+        one_block(
+            topk_ids,
+            sorted_slots,
+            tile_expert,
+            slot_row,
+            counters,
+            starts,
+            num_local,
+            block_m,
+            offset,
+        )
+
+    @cute.jit
+    def block_range(per_block: cutlass.Int32, num_blocks: cutlass.Int32, num_slots: cutlass.Int32):
+        """Slots `[first, last)` of this block: `per_block` each, the rest to the last."""
+        bid, _, _ = cute.arch.block_idx()
+        first = bid * per_block
+        last = first + per_block
+        if bid == num_blocks - 1:
+            last = num_slots
+        return first, last
+
+    @cute.kernel
+    def count_kernel(
+        topk_ids: cute.Tensor,
+        sorted_slots: cute.Tensor,
+        tile_expert: cute.Tensor,
+        slot_row: cute.Tensor,
+        num_local: cutlass.Int32,
+        block_m: cutlass.Int32,
+        offset: cutlass.Int32,
+        per_block: cutlass.Int32,
+        num_blocks: cutlass.Int32,
+    ):
+        dependency_wait()
+        counters, starts = allocate(SmemAllocator())
+        if num_blocks == 1:
+            one_block(
+                topk_ids,
+                sorted_slots,
+                tile_expert,
+                slot_row,
+                counters,
+                starts,
+                num_local,
+                block_m,
+                offset,
+            )
+        else:
+            tid, _, _ = cute.arch.thread_idx()
+            bid, _, _ = cute.arch.block_idx()
+            first, last = block_range(per_block, num_blocks, cute.size(topk_ids))
+            clear_counters(counters)
+            m_pad = cute.size(sorted_slots)
+            for p in cutlass.range(bid * threads + tid, m_pad, num_blocks * threads, unroll=1):
+                sorted_slots[p] = -1
+            cute.arch.sync_threads()
+            count_walk(topk_ids, sorted_slots, slot_row, counters, first, last, num_local, offset)
+            cute.arch.sync_threads()
+            # The block's count of each expert, kept in its own range of slot_row.
+            for e in cutlass.range(tid, num_local, threads, unroll=1):
+                total = cutlass.Int32(0)
+                for w in cutlass.range_constexpr(warps):
+                    total = total + counters[e, w]
+                slot_row[first + e] = total
+
+    @cute.kernel
+    def segments_kernel(
+        tile_expert: cute.Tensor,
+        slot_row: cute.Tensor,
+        num_local: cutlass.Int32,
+        block_m: cutlass.Int32,
+        per_block: cutlass.Int32,
+        num_blocks: cutlass.Int32,
+    ):
+        dependency_wait()
+        smem = SmemAllocator()
+        # counts[e, b]: block b's count of expert e.
+        counts = smem.allocate_tensor(
+            cutlass.Int32, cute.make_layout((max_local, max_blocks), stride=(1, max_local)), 16
+        )
+        starts = smem.allocate_tensor(cutlass.Int32, cute.make_layout((max_local + 1,)), 16)
+        if num_blocks > 1:
+            tid, _, _ = cute.arch.thread_idx()
+            for i in cutlass.range(tid, num_blocks * num_local, threads, unroll=1):
+                b = i // num_local
+                e = i - b * num_local
+                counts[e, b] = slot_row[b * per_block + e]
+            cute.arch.sync_threads()
+            for e in cutlass.range(tid, max_local, threads, unroll=1):
+                total = cutlass.Int32(0)
+                if e < num_local:
+                    for b in cutlass.range(num_blocks, unroll=1):
+                        total = total + counts[e, b]
+                starts[e] = (total + block_m - 1) // block_m * block_m
+            cute.arch.sync_threads()
+            segment_starts(starts)
+            # Each block's first row of each expert replaces its count.
+            for e in cutlass.range(tid, num_local, threads, unroll=1):
+                row = starts[e]
+                for b in cutlass.range(num_blocks, unroll=1):
+                    count = counts[e, b]
+                    slot_row[b * per_block + e] = row
+                    row = row + count
+            fill_tiles(starts, tile_expert, num_local, block_m)
+
+    @cute.kernel
+    def place_kernel(
+        topk_ids: cute.Tensor,
+        sorted_slots: cute.Tensor,
+        slot_row: cute.Tensor,
+        num_local: cutlass.Int32,
+        offset: cutlass.Int32,
+        per_block: cutlass.Int32,
+        num_blocks: cutlass.Int32,
+    ):
+        dependency_wait()
+        counters, starts = allocate(SmemAllocator())
+        if num_blocks > 1:
+            tid, _, _ = cute.arch.thread_idx()
+            first, last = block_range(per_block, num_blocks, cute.size(topk_ids))
+            for e in cutlass.range(tid, num_local, threads, unroll=1):
+                starts[e] = slot_row[first + e]  # read before this block overwrites them
+            clear_counters(counters)
+            cute.arch.sync_threads()
+            count_walk(topk_ids, sorted_slots, slot_row, counters, first, last, num_local, offset)
+            cute.arch.sync_threads()
+            warp_rows(counters, starts, num_local)
+            cute.arch.sync_threads()
+            place_walk(topk_ids, sorted_slots, slot_row, counters, first, last, num_local, offset)
 
     @cute.jit
     def routing(
@@ -225,15 +460,57 @@ def make_routing(tactic: RoutingSm90Tactic, pdl: bool | None = None):
         offset: cutlass.Int32,
         stream: cuda.CUstream,
     ):
-        routing_kernel(
-            topk_ids, sorted_slots, tile_expert, slot_row, num_local, block_m, offset
-        ).launch(
-            grid=(1, 1, 1),
-            block=(threads, 1, 1),
-            smem=smem_bytes(tactic),
-            stream=stream,
-            use_pdl=use_pdl,
-        )
+        if cutlass.const_expr(max_blocks == 1):
+            routing_kernel(
+                topk_ids, sorted_slots, tile_expert, slot_row, num_local, block_m, offset
+            ).launch(
+                grid=(1, 1, 1),
+                block=(threads, 1, 1),
+                smem=smem_bytes(tactic),
+                stream=stream,
+                use_pdl=use_pdl,
+            )
+        else:
+            # Ranges of whole groups, at most max_blocks of them; the last block takes
+            # the remainder (so every range holds at least group_slots >= max_local).
+            num_slots = cute.size(topk_ids)
+            per_block = ((num_slots - 1) // (max_blocks * group_slots) + 1) * group_slots
+            num_blocks = cutlass.max(num_slots // per_block, 1)
+            count_kernel(
+                topk_ids,
+                sorted_slots,
+                tile_expert,
+                slot_row,
+                num_local,
+                block_m,
+                offset,
+                per_block,
+                num_blocks,
+            ).launch(
+                grid=(num_blocks, 1, 1),
+                block=(threads, 1, 1),
+                smem=smem_bytes(tactic),
+                stream=stream,
+                use_pdl=use_pdl,
+            )
+            segments_kernel(
+                tile_expert, slot_row, num_local, block_m, per_block, num_blocks
+            ).launch(
+                grid=(1, 1, 1),
+                block=(threads, 1, 1),
+                smem=segments_smem_bytes(tactic),
+                stream=stream,
+                use_pdl=use_pdl,
+            )
+            place_kernel(
+                topk_ids, sorted_slots, slot_row, num_local, offset, per_block, num_blocks
+            ).launch(
+                grid=(num_blocks, 1, 1),
+                block=(threads, 1, 1),
+                smem=smem_bytes(tactic),
+                stream=stream,
+                use_pdl=use_pdl,
+            )
 
     return routing
 
