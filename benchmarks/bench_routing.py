@@ -79,7 +79,7 @@ def main(argv):
     columns = {"jax": lambda ids: routing_metadata(ids, **args)}
     for i, variant in enumerate(ROUTING_SM90_TACTICS):
         columns[f"v{i}"] = lambda ids, v=variant: _ffi.routing_metadata(ids, **args, variant=v)
-    columns["chain"] = lambda ids: (ids,)
+    columns["chain"] = lambda ids: (ids.reshape(-1),)
     print(
         f"{jax.devices()[0].device_kind}; {cfg.name} EP={_EP.value}: {num_local} local experts, "
         f"block_m={_BLOCK_M.value}"
