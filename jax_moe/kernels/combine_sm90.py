@@ -23,7 +23,7 @@ columns; the grid is `(num_tokens, ceil(hidden / (threads * vector)))`. Every
 load and store of a warp is contiguous and coalesced.
 
 Latency: a thread first loads its token's first `PREFETCH_SLOTS` entries of
-`slot_row` (from L2, `ld.global.cg`), then issues the y loads of all of them
+`slot_row`, then issues the y loads of all of them
 into registers, then adds them in slot order: two memory latencies per token
 instead of two per row (the kernel is latency-bound: at about one local row
 per token it moves few bytes per thread). Slots past `PREFETCH_SLOTS` are read
@@ -92,9 +92,13 @@ def make_combine(tactic: CombineSm90Tactic, pdl: bool | None = None):
         for j in cutlass.range_constexpr(PREFETCH_SLOTS):
             rows[j] = -1
             if j < top_k:
-                # From L2: with PDL this runs before the wait (routing's slot_row is
-                # complete, GEMM2's y is not).
-                row = load_global_cg_i32(slot_row, token * top_k + j)
+                row = cutlass.Int32(-1)
+                if cutlass.const_expr(use_pdl):
+                    # From L2, before the wait: routing's slot_row is complete,
+                    # GEMM2's y is not.
+                    row = load_global_cg_i32(slot_row, token * top_k + j)
+                else:
+                    row = slot_row[token * top_k + j]
                 if row < num_rows:
                     rows[j] = row
         if cutlass.const_expr(use_pdl):
