@@ -30,6 +30,7 @@ from typing import Any
 import jax
 
 from jax_moe import _ffi
+from jax_moe.kernels.combine_config import combine_tactic
 from jax_moe.prepare import PreparedMoEWeights, prepare
 from jax_moe.routing_metadata import finer_tile_expert, padded_rows, routing_metadata
 from jax_moe.tuning import ProblemKey, device_identity, lookup_tactic, shipped_table
@@ -231,4 +232,5 @@ def fused_moe_cuda(
         topk_weights.reshape(-1),
         variant=gemm2,
     )
-    return _ffi.combine(rows, meta.slot_row, problem.top_k)
+    combine = combine_tactic(problem.top_k, problem.num_local_experts, problem.num_experts)
+    return _ffi.combine(rows, meta.slot_row, problem.top_k, variant=combine)

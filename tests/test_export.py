@@ -89,10 +89,10 @@ def test_generated_table(exported):
     assert "} jax_moe_combine_y_t;" in header
     assert "typedef int32_t (*jax_moe_combine_launch_fn)(jax_moe_combine_y_t *y, " in header
     source = (exported / _export.TABLE_SOURCE).read_text()
-    for variant_id, name in enumerate(names):
+    for variant_id, (name, tactic) in enumerate(zip(names, COMBINE_SM90_TACTICS, strict=True)):
         entry = (
             f'{{"{name}", jax_moe_combine_{variant_id}_load, jax_moe_combine_{variant_id}_launch, '
-            f"jax_moe_combine_{variant_id}_params, 2}}"
+            f"jax_moe_combine_{variant_id}_params, {len(tactic.params())}}}"
         )
         assert entry in source
 

@@ -416,6 +416,23 @@ def test_tactic_check_rejects_unsupported_problems():
         t2.check(_problem("moe_gemm2", hidden=7232))
 
 
+def test_combine_tactic_batches_tokens_with_several_local_rows():
+    from jax_moe.kernels.combine_config import (
+        COMBINE_SM90_TACTICS,
+        CombineSm90Tactic,
+        combine_tactic,
+    )
+
+    # DeepSeek-V3 EP=8: one local row per token expected; Qwen3-30B-A3B EP=1: eight.
+    assert not combine_tactic(8, 32, 256).batch
+    assert combine_tactic(8, 128, 128).batch
+    assert combine_tactic(8, 64, 256).batch  # EP=4: two
+    assert combine_tactic(8, 32, 256) in COMBINE_SM90_TACTICS
+    assert combine_tactic(8, 128, 128) in COMBINE_SM90_TACTICS
+    with pytest.raises(TypeError):
+        CombineSm90Tactic(threads=128, batch=1)
+
+
 @pytest.mark.parametrize(
     "kwargs, error",
     [

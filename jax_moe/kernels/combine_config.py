@@ -12,7 +12,9 @@ One CUDA thread owns `vector` consecutive columns of one token: it reads
 `vector` bf16 values (`vector * 2` bytes, one 16-byte load) from each of the
 token's rows and writes `vector` bf16 values with one 16-byte store. A block
 of `threads` threads covers `threads * vector` columns of one token; the grid
-is `(num_tokens, ceil(hidden / (threads * vector)))`.
+is `(num_tokens, ceil(hidden / (threads * vector)))`. With `batch` a thread
+loads all of its token's rows (up to 8) before it adds them (more memory
+requests in flight, more registers); without, one row after the other.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from jax_moe.tactic import Tactic, register_tactic_family
 if TYPE_CHECKING:
     from jax_moe.tuning.problem import ProblemKey
 
-__all__ = ["CombineSm90Tactic", "COMBINE_SM90_TACTICS", "DEFAULT_COMBINE_SM90_TACTIC"]
+__all__ = [
+    "BATCH_LOCAL_ROWS",
+    "COMBINE_SM90_TACTICS",
+    "CombineSm90Tactic",
+    "DEFAULT_COMBINE_SM90_TACTIC",
+    "combine_tactic",
+]
 
 _THREADS = (64, 128, 256, 512)
 _VECTORS = (8,)
@@ -40,11 +48,16 @@ class CombineSm90Tactic(Tactic):
       threads: threads per block, one of 64, 128, 256, 512.
       vector: columns per thread; 8 (one 16-byte bf16 load per row, one
         16-byte bf16 store). `hidden` must be a multiple of it.
+      batch: load a token's first 8 rows before adding them (for tokens with
+        several local rows); without it the rows are read one after another at
+        less than half the registers (more resident threads, for about one
+        local row per token).
     """
 
     family: ClassVar[str] = "combine_sm90"
     threads: int
     vector: int = 8
+    batch: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +84,19 @@ class CombineSm90Tactic(Tactic):
 COMBINE_SM90_TACTICS: tuple[CombineSm90Tactic, ...] = (
     CombineSm90Tactic(threads=128),
     CombineSm90Tactic(threads=256),
+    CombineSm90Tactic(threads=128, batch=True),
+    CombineSm90Tactic(threads=256, batch=True),
 )
 
 DEFAULT_COMBINE_SM90_TACTIC = COMBINE_SM90_TACTICS[0]
+#: Expected local rows per token (`top_k * num_local_experts / num_experts`) from
+#: which `combine_tactic` picks the batched tactic.
+BATCH_LOCAL_ROWS = 2.0
+
+
+def combine_tactic(top_k: int, num_local_experts: int, num_experts: int) -> CombineSm90Tactic:
+    """The combine tactic of a layer: batched loads when a token is expected to have
+    `BATCH_LOCAL_ROWS` or more local rows (a uniform routing's share of its `top_k`),
+    one row at a time otherwise."""
+    batch = top_k * num_local_experts >= BATCH_LOCAL_ROWS * num_experts
+    return CombineSm90Tactic(threads=128, batch=batch)

@@ -22,12 +22,12 @@ with one 16-byte store; a block of `threads` threads spans `threads * vector`
 columns; the grid is `(num_tokens, ceil(hidden / (threads * vector)))`. Every
 load and store of a warp is contiguous and coalesced.
 
-Latency: a thread first loads its token's first `PREFETCH_SLOTS` entries of
-`slot_row`, then issues the y loads of all of them
-into registers, then adds them in slot order: two memory latencies per token
-instead of two per row (the kernel is latency-bound: at about one local row
-per token it moves few bytes per thread). Slots past `PREFETCH_SLOTS` are read
-one after another.
+Latency (`batch`): a thread first loads its token's first `PREFETCH_SLOTS`
+entries of `slot_row`, then issues the y loads of all of them into registers,
+then adds them in slot order: two memory latencies per token instead of two
+per row, for about 80 registers per thread instead of 36 (fewer resident
+threads). Without `batch` it reads one slot and its row after the other. Slots
+past `PREFETCH_SLOTS` are read one after another either way.
 
 Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): `y` is
 the output of GEMM2, the kernel right before, and `out` may reuse memory an
@@ -74,6 +74,7 @@ def make_combine(tactic: CombineSm90Tactic, pdl: bool | None = None):
     use_pdl = pdl_enabled() if pdl is None else bool(pdl)
     threads = tactic.threads
     vector = tactic.vector
+    batch = tactic.batch
 
     @cute.kernel
     def combine_kernel(
@@ -86,10 +87,11 @@ def make_combine(tactic: CombineSm90Tactic, pdl: bool | None = None):
         token, column_block, _ = cute.arch.block_idx()
         column = column_block * threads + tidx
         num_rows = cute.size(y_tiles, mode=[1, 0])
-        # The token's first PREFETCH_SLOTS rows (-1: none), all loaded before any of
-        # their y values, whose loads are then all in flight before the first add.
+        # The token's first PREFETCH_SLOTS rows (-1: none): with `batch`, loaded
+        # before any y row; one at a time otherwise, except ahead of the PDL wait.
+        early = PREFETCH_SLOTS if cutlass.const_expr(batch or use_pdl) else 0
         rows = cute.make_rmem_tensor((PREFETCH_SLOTS,), cutlass.Int32)
-        for j in cutlass.range_constexpr(PREFETCH_SLOTS):
+        for j in cutlass.range_constexpr(early):
             rows[j] = -1
             if j < top_k:
                 row = cutlass.Int32(-1)
@@ -105,20 +107,28 @@ def make_combine(tactic: CombineSm90Tactic, pdl: bool | None = None):
             cute.arch.griddepcontrol_wait()
             cute.arch.griddepcontrol_launch_dependents()
         if column < cute.size(out_tiles, mode=[1, 1]):
-            # A slot without a row adds +0.0, which leaves the float32 sum unchanged bit
-            # for bit (the sum starts at +0.0 and never becomes -0.0); adding it
-            # unconditionally keeps every load ahead of the first add.
-            values = cute.make_rmem_tensor(((1, vector), PREFETCH_SLOTS), cutlass.BFloat16)
-            values.fill(0.0)
-            for j in cutlass.range_constexpr(PREFETCH_SLOTS):
-                if rows[j] >= 0:
-                    values[(None, j)].store(y_tiles[(None, (rows[j], column))].load())
             acc = cute.make_rmem_tensor(((1, vector),), cutlass.Float32)
             acc.fill(0.0)
-            for j in cutlass.range_constexpr(PREFETCH_SLOTS):
-                acc.store(acc.load() + values[(None, j)].load().to(cutlass.Float32))
-            for j in cutlass.range(PREFETCH_SLOTS, top_k):
-                row = slot_row[token * top_k + j]
+            if cutlass.const_expr(batch):
+                # Loaded last slot first: the compiler may fuse a load's branch with
+                # the add of the same slot (same condition; uniform over the block,
+                # one token), which then waits for that load before the next one is
+                # issued; with slot 0 loaded last, the others are in flight by then.
+                values = cute.make_rmem_tensor(((1, vector), PREFETCH_SLOTS), cutlass.BFloat16)
+                for i in cutlass.range_constexpr(PREFETCH_SLOTS):
+                    j = PREFETCH_SLOTS - 1 - i
+                    if rows[j] >= 0:
+                        values[(None, j)].store(y_tiles[(None, (rows[j], column))].load())
+                for j in cutlass.range_constexpr(PREFETCH_SLOTS):
+                    if rows[j] >= 0:
+                        acc.store(acc.load() + values[(None, j)].load().to(cutlass.Float32))
+            else:
+                for j in cutlass.range_constexpr(early):
+                    if rows[j] >= 0:
+                        row_values = y_tiles[(None, (rows[j], column))].load()
+                        acc.store(acc.load() + row_values.to(cutlass.Float32))
+            for later in cutlass.range(early, top_k):
+                row = slot_row[token * top_k + later]
                 if row >= 0:
                     if row < num_rows:
                         row_values = y_tiles[(None, (row, column))].load()
