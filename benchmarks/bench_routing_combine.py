@@ -111,7 +111,6 @@ def main(argv):
         print(f"  v{i} = {variant}")
     for i, variant in enumerate(COMBINE_SM90_TACTICS):
         print(f"  c{i} = {variant}")
-    chosen = COMBINE_SM90_TACTICS.index(combine_tactic(cfg.top_k, num_local, cfg.num_experts))
     key = jax.random.key(_SEED.value)
     tables = {op: [] for op in _OPS.value}
     for text in _NUM_TOKENS.value:
@@ -135,7 +134,9 @@ def main(argv):
             for name, out in zip(combine, outs, strict=True):
                 np.testing.assert_array_equal(out, outs[0], err_msg=name)
             times = [_time(build, y, meta.slot_row) for build in combine.values()]
-            tables["combine"].append(_row(num_tokens, slots, times, f"c{chosen}"))
+            chosen = combine_tactic(cfg.top_k, num_local, cfg.num_experts, num_tokens)
+            default = f"c{COMBINE_SM90_TACTICS.index(chosen)}"
+            tables["combine"].append(_row(num_tokens, slots, times, default))
         print(f"N={num_tokens} done", flush=True)
     for op, rows in tables.items():
         print(f"\n{op}\n" + _header(routing if op == "routing" else combine))

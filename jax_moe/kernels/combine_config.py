@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_LOCAL_ROWS",
+    "BATCH_MAX_TOKENS",
     "COMBINE_SM90_TACTICS",
     "CombineSm90Tactic",
     "DEFAULT_COMBINE_SM90_TACTIC",
@@ -90,13 +91,21 @@ COMBINE_SM90_TACTICS: tuple[CombineSm90Tactic, ...] = (
 
 DEFAULT_COMBINE_SM90_TACTIC = COMBINE_SM90_TACTICS[0]
 #: Expected local rows per token (`top_k * num_local_experts / num_experts`) from
-#: which `combine_tactic` picks the batched tactic.
+#: which `combine_tactic` picks the batched tactic ...
 BATCH_LOCAL_ROWS = 2.0
+#: ... for at most this many tokens. On an H200 (bench_routing_combine.py) the
+#: batched tactic took 3.6 / 4.0 us against 4.1 / 4.6 us at Qwen3-30B-A3B N = 1 / 128
+#: (eight local rows per token) but 26.8 / 90.4 against 24.4 / 81.5 us at N = 2048 /
+#: 8192 (its 80 registers leave fewer resident threads), and was never faster at
+#: DeepSeek-V3 EP=8 (one local row per token).
+BATCH_MAX_TOKENS = 128
 
 
-def combine_tactic(top_k: int, num_local_experts: int, num_experts: int) -> CombineSm90Tactic:
-    """The combine tactic of a layer: batched loads when a token is expected to have
-    `BATCH_LOCAL_ROWS` or more local rows (a uniform routing's share of its `top_k`),
-    one row at a time otherwise."""
-    batch = top_k * num_local_experts >= BATCH_LOCAL_ROWS * num_experts
-    return CombineSm90Tactic(threads=128, batch=batch)
+def combine_tactic(
+    top_k: int, num_local_experts: int, num_experts: int, num_tokens: int
+) -> CombineSm90Tactic:
+    """The combine tactic of a layer: batched loads for up to `BATCH_MAX_TOKENS` tokens
+    that are expected to have `BATCH_LOCAL_ROWS` or more local rows each (a uniform
+    routing's share of `top_k`), one row at a time otherwise."""
+    several = top_k * num_local_experts >= BATCH_LOCAL_ROWS * num_experts
+    return CombineSm90Tactic(threads=128, batch=several and num_tokens <= BATCH_MAX_TOKENS)
