@@ -134,7 +134,7 @@ def main(argv):
             for name, out in zip(combine, outs, strict=True):
                 np.testing.assert_array_equal(out, outs[0], err_msg=name)
             times = [_time(build, y, meta.slot_row) for build in combine.values()]
-            chosen = combine_tactic(cfg.top_k, num_local, cfg.num_experts, num_tokens)
+            chosen = combine_tactic(cfg.top_k, num_local, cfg.num_experts)
             default = f"c{COMBINE_SM90_TACTICS.index(chosen)}"
             tables["combine"].append(_row(num_tokens, slots, times, default))
         print(f"N={num_tokens} done", flush=True)

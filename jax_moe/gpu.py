@@ -232,7 +232,5 @@ def fused_moe_cuda(
         topk_weights.reshape(-1),
         variant=gemm2,
     )
-    combine = combine_tactic(
-        problem.top_k, problem.num_local_experts, problem.num_experts, problem.num_tokens
-    )
+    combine = combine_tactic(problem.top_k, problem.num_local_experts, problem.num_experts)
     return _ffi.combine(rows, meta.slot_row, problem.top_k, variant=combine)

@@ -14,7 +14,8 @@ token's rows and writes `vector` bf16 values with one 16-byte store. A block
 of `threads` threads covers `threads * vector` columns of one token; the grid
 is `(num_tokens, ceil(hidden / (threads * vector)))`. With `batch` a thread
 loads all of its token's rows (up to 8) before it adds them (more memory
-requests in flight, more registers); without, one row after the other.
+requests in flight, an add per slot whether it has a row or not); without,
+one row after the other.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_LOCAL_ROWS",
-    "BATCH_MAX_TOKENS",
     "COMBINE_SM90_TACTICS",
     "CombineSm90Tactic",
     "DEFAULT_COMBINE_SM90_TACTIC",
@@ -49,10 +49,10 @@ class CombineSm90Tactic(Tactic):
       threads: threads per block, one of 64, 128, 256, 512.
       vector: columns per thread; 8 (one 16-byte bf16 load per row, one
         16-byte bf16 store). `hidden` must be a multiple of it.
-      batch: load a token's first 8 rows before adding them (for tokens with
-        several local rows); without it the rows are read one after another at
-        less than half the registers (more resident threads, for about one
-        local row per token).
+      batch: load a token's first 8 rows before adding them, adding +0.0 for
+        slots without a row (for tokens with several local rows); without it the
+        rows are read and added one after another (for about one local row per
+        token, where most slots have none).
     """
 
     family: ClassVar[str] = "combine_sm90"
@@ -91,21 +91,13 @@ COMBINE_SM90_TACTICS: tuple[CombineSm90Tactic, ...] = (
 
 DEFAULT_COMBINE_SM90_TACTIC = COMBINE_SM90_TACTICS[0]
 #: Expected local rows per token (`top_k * num_local_experts / num_experts`) from
-#: which `combine_tactic` picks the batched tactic ...
+#: which `combine_tactic` picks the batched tactic.
 BATCH_LOCAL_ROWS = 2.0
-#: ... for at most this many tokens. On an H200 (bench_routing_combine.py) the
-#: batched tactic took 3.6 / 4.0 us against 4.1 / 4.6 us at Qwen3-30B-A3B N = 1 / 128
-#: (eight local rows per token) but 26.8 / 90.4 against 24.4 / 81.5 us at N = 2048 /
-#: 8192 (its 80 registers leave fewer resident threads), and was never faster at
-#: DeepSeek-V3 EP=8 (one local row per token).
-BATCH_MAX_TOKENS = 128
 
 
-def combine_tactic(
-    top_k: int, num_local_experts: int, num_experts: int, num_tokens: int
-) -> CombineSm90Tactic:
-    """The combine tactic of a layer: batched loads for up to `BATCH_MAX_TOKENS` tokens
-    that are expected to have `BATCH_LOCAL_ROWS` or more local rows each (a uniform
-    routing's share of `top_k`), one row at a time otherwise."""
-    several = top_k * num_local_experts >= BATCH_LOCAL_ROWS * num_experts
-    return CombineSm90Tactic(threads=128, batch=several and num_tokens <= BATCH_MAX_TOKENS)
+def combine_tactic(top_k: int, num_local_experts: int, num_experts: int) -> CombineSm90Tactic:
+    """The combine tactic of a layer: batched loads when a token is expected to have
+    `BATCH_LOCAL_ROWS` or more local rows (a uniform routing's share of its `top_k`),
+    one row at a time otherwise (the batched tactic adds `top_k` rows, zeros or not)."""
+    batch = top_k * num_local_experts >= BATCH_LOCAL_ROWS * num_experts
+    return CombineSm90Tactic(threads=128, batch=batch)

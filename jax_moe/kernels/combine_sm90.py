@@ -23,11 +23,12 @@ columns; the grid is `(num_tokens, ceil(hidden / (threads * vector)))`. Every
 load and store of a warp is contiguous and coalesced.
 
 Latency (`batch`): a thread first loads its token's first `PREFETCH_SLOTS`
-entries of `slot_row`, then issues the y loads of all of them into registers,
-then adds them in slot order: two memory latencies per token instead of two
-per row, for about 80 registers per thread instead of 36 (fewer resident
-threads). Without `batch` it reads one slot and its row after the other. Slots
-past `PREFETCH_SLOTS` are read one after another either way.
+entries of `slot_row`, then issues the y loads of all of them (predicated on
+the row), then adds all of them in slot order, +0.0 for a slot without a row:
+two memory latencies per token instead of two per row, at the cost of
+`PREFETCH_SLOTS` adds per token whatever its local rows (for tokens with many
+local rows). Without `batch` it reads one slot and its row after the other.
+Slots past `PREFETCH_SLOTS` are read one after another either way.
 
 Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): `y` is
 the output of GEMM2, the kernel right before, and `out` may reuse memory an
@@ -110,18 +111,17 @@ def make_combine(tactic: CombineSm90Tactic, pdl: bool | None = None):
             acc = cute.make_rmem_tensor(((1, vector),), cutlass.Float32)
             acc.fill(0.0)
             if cutlass.const_expr(batch):
-                # Loaded last slot first: the compiler may fuse a load's branch with
-                # the add of the same slot (same condition; uniform over the block,
-                # one token), which then waits for that load before the next one is
-                # issued; with slot 0 loaded last, the others are in flight by then.
+                # Every slot adds its row or +0.0, which leaves the float32 sum unchanged
+                # bit for bit (it starts at +0.0 and never becomes -0.0). Unconditional
+                # adds keep the loads free of the adds' branches: they are all issued
+                # first (predicated), then added in slot order.
                 values = cute.make_rmem_tensor(((1, vector), PREFETCH_SLOTS), cutlass.BFloat16)
-                for i in cutlass.range_constexpr(PREFETCH_SLOTS):
-                    j = PREFETCH_SLOTS - 1 - i
+                values.fill(0.0)
+                for j in cutlass.range_constexpr(PREFETCH_SLOTS):
                     if rows[j] >= 0:
                         values[(None, j)].store(y_tiles[(None, (rows[j], column))].load())
                 for j in cutlass.range_constexpr(PREFETCH_SLOTS):
-                    if rows[j] >= 0:
-                        acc.store(acc.load() + values[(None, j)].load().to(cutlass.Float32))
+                    acc.store(acc.load() + values[(None, j)].load().to(cutlass.Float32))
             else:
                 for j in cutlass.range_constexpr(early):
                     if rows[j] >= 0:
