@@ -2,12 +2,13 @@
 
 Data path (all on XLA's stream, no host synchronization)::
 
-    jax_moe_routing        routing metadata                      (CuTe DSL kernel; the
-                           jitted JAX jax_moe.routing_metadata for > 256 local experts
-                           or > 32768 expected local slots)
+    jax_moe_routing        routing metadata                      (CuTe DSL kernel: one block,
+                           or three launches over up to 32 blocks past 4096 slots; the
+                           jitted JAX jax_moe.routing_metadata for > 256 local experts)
       -> jax_moe_moe_gemm1   gathered tokens x W13, fused SwiGLU   (CuTe DSL kernel)
       -> jax_moe_moe_gemm2   activations x W2, router weight        (CuTe DSL kernel)
-      -> jax_moe_combine     each token's top_k rows in slot order  (CuTe DSL kernel)
+      -> jax_moe_combine     each token's top_k rows in slot order  (CuTe DSL kernel; its
+                           rows loaded together from two expected local rows per token)
 
 Tactics are chosen at trace time: the problem key is built from the static
 shapes, looked up in the caller's tactic table (or file), and a miss falls
