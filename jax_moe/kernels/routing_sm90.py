@@ -317,18 +317,8 @@ def make_routing(tactic: RoutingSm90Tactic, pdl: bool | None = None):
         offset: cutlass.Int32,
     ):
         dependency_wait()
-        counters, starts = allocate(SmemAllocator())
-        one_block(
-            topk_ids,
-            sorted_slots,
-            tile_expert,
-            slot_row,
-            counters,
-            starts,
-            num_local,
-            block_m,
-            offset,
-        )
+        outputs = (sorted_slots, tile_expert, slot_row)
+        one_block(topk_ids, *outputs, *allocate(SmemAllocator()), num_local, block_m, offset)
 
     @cute.jit
     def block_range(per_block: cutlass.Int32, num_blocks: cutlass.Int32, num_slots: cutlass.Int32):
@@ -355,17 +345,8 @@ def make_routing(tactic: RoutingSm90Tactic, pdl: bool | None = None):
         dependency_wait()
         counters, starts = allocate(SmemAllocator())
         if num_blocks == 1:
-            one_block(
-                topk_ids,
-                sorted_slots,
-                tile_expert,
-                slot_row,
-                counters,
-                starts,
-                num_local,
-                block_m,
-                offset,
-            )
+            outputs = (sorted_slots, tile_expert, slot_row)
+            one_block(topk_ids, *outputs, counters, starts, num_local, block_m, offset)
         else:
             tid, _, _ = cute.arch.thread_idx()
             bid, _, _ = cute.arch.block_idx()
