@@ -130,7 +130,10 @@ def main(argv):
             tables["routing"].append(_row(num_tokens, slots, times, default))
         if "combine" in tables:
             y = jax.random.normal(key, (meta.sorted_slots.shape[0], cfg.hidden), jnp.bfloat16)
-            outs = [np.asarray(jax.jit(build)(y, meta.slot_row)) for build in combine.values()]
+            outs = [
+                np.asarray(jax.jit(build)(y, meta.slot_row)).view(np.uint16)
+                for build in combine.values()
+            ]
             for name, out in zip(combine, outs, strict=True):
                 np.testing.assert_array_equal(out, outs[0], err_msg=name)
             times = [_time(build, y, meta.slot_row) for build in combine.values()]

@@ -1,5 +1,6 @@
 // XLA FFI handlers of the routing-metadata op (target `jax_moe_routing`):
-// jax_moe.routing_metadata's three arrays in one kernel launch.
+// jax_moe.routing_metadata's three arrays in one kernel launch (one-block tactics) or
+// three (multi-block tactics).
 //
 // Operands:
 //   topk_ids      int32 (num_slots,)   global expert id of each slot (token-major)
@@ -79,9 +80,10 @@ ffi::Error CheckRouting(const ffi::AnyBuffer& topk_ids, const ffi::AnyBuffer& so
   if (static_cast<int64_t>(offset) + num_local > std::numeric_limits<int32_t>::max()) {
     return Invalid(kOp, "local_expert_offset + num_local_experts exceeds int32");
   }
-  // The kernel's slot and row arithmetic (ranges rounded up to warps * 32 slots,
-  // strided loops) stays below 2^31 with this margin.
-  constexpr int64_t kMargin = 2048;
+  // The kernels' slot and row arithmetic (ranges rounded up to warps * 32 slots,
+  // loops strided by up to blocks * threads = 32 * 1024) stays below 2^31 with this
+  // margin.
+  constexpr int64_t kMargin = 65536;
   if (m_pad > std::numeric_limits<int32_t>::max() - kMargin) {
     return Invalid(kOp, "m_pad = " + std::to_string(m_pad) + " must be below 2^31 - " +
                             std::to_string(kMargin));

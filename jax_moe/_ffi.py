@@ -457,7 +457,8 @@ def routing_metadata(
     local_expert_offset: int = 0,
     variant: Any = None,
 ) -> Any:
-    """`jax_moe.routing_metadata.routing_metadata` in one CUDA kernel (`routing_sm90`).
+    """`jax_moe.routing_metadata.routing_metadata` in CUDA kernels (`routing_sm90`: one
+    launch, or three past `routing_config.MULTI_BLOCK_ROUTING_SLOTS` slots).
 
     Same arguments and the same `RoutingMetadata`, bit for bit. `variant`: a
     `RoutingSm90Tactic` (default: `routing_config.routing_tactic`). Integer ids wider
@@ -483,8 +484,8 @@ def routing_metadata(
     num_slots = topk_ids.shape[0] * topk_ids.shape[1]
     m_pad = padded_rows(num_slots, num_local, block_m)
     limit = np.iinfo(np.int32).max
-    if m_pad > limit - 2048:  # the kernel's slot and row arithmetic stays in int32
-        raise NotImplementedError(f"m_pad={m_pad}; the routing kernel needs < 2^31 - 2048")
+    if m_pad > limit - 65536:  # the kernels' slot and row arithmetic stays in int32
+        raise NotImplementedError(f"m_pad={m_pad}; the routing kernel needs < 2^31 - 65536")
     ids = ids_as_int32(topk_ids, num_local, offset)
     i32 = jnp.int32
     results = (

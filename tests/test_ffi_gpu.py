@@ -121,12 +121,14 @@ def test_combine_matches_reference(case, variant):
 
 @pytest.mark.gpu
 @requires_ffi_gpu
-def test_combine_out_of_range_rows_count_as_missing():
+@pytest.mark.parametrize("variant", TACTIC_IDS)
+@pytest.mark.parametrize("top_k", [4, 11])  # 11: slots past the first 8 too
+def test_combine_out_of_range_rows_count_as_missing(variant, top_k):
     rng = np.random.default_rng(11)
-    num_tokens, top_k, hidden, m_pad = 40, 4, 256, 96
+    num_tokens, hidden, m_pad = 40, 256, 96
     y = rng.standard_normal((m_pad, hidden), dtype=np.float32).astype(ml_dtypes.bfloat16)
     slot_row = rng.integers(-3, m_pad + 50, num_tokens * top_k).astype(np.int32)
-    got = _ffi.combine(jnp.asarray(y), jnp.asarray(slot_row), top_k)
+    got = _ffi.combine(jnp.asarray(y), jnp.asarray(slot_row), top_k, variant=variant)
     want = _combine_numpy(y, slot_row, top_k)
     np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
 

@@ -599,12 +599,14 @@ def test_exported_table_header_records_the_pdl_switch():
 def _pdl_cases():
     gemm_cp_async = dict(block_m=16, block_w=64, warps_m=4, warps_n=1, stages=3, cp_async=True)
     split = dict(block_m=16, block_w=64, warps_m=4, warps_n=1, stages=2, cp_async=False, split_k=4)
+    from jax_moe.kernels.combine_config import COMBINE_SM90_TACTICS
     from jax_moe.kernels.routing_config import ROUTING_SM90_TACTICS
 
     return [
         ("routing", ROUTING_SM90_TACTICS[0]),
         ("routing", ROUTING_SM90_TACTICS[2]),  # three kernels
-        ("combine", None),
+        ("combine", COMBINE_SM90_TACTICS[0]),
+        ("combine", COMBINE_SM90_TACTICS[2]),  # batched
         ("moe_gemm1", cfg.MoeGemm1Sm90Tactic(**split)),
         ("moe_gemm2", cfg.MoeGemm2Sm90Tactic(**split)),
         ("moe_gemm2", cfg.MoeGemm2Sm90Tactic(**gemm_cp_async)),

@@ -98,6 +98,7 @@ BATCH_LOCAL_ROWS = 2.0
 def combine_tactic(top_k: int, num_local_experts: int, num_experts: int) -> CombineSm90Tactic:
     """The combine tactic of a layer: batched loads when a token is expected to have
     `BATCH_LOCAL_ROWS` or more local rows (a uniform routing's share of its `top_k`),
-    one row at a time otherwise (the batched tactic adds `top_k` rows, zeros or not)."""
+    one row at a time otherwise (the batched tactic adds a value for each of a token's
+    first 8 slots, +0.0 where there is no row)."""
     batch = top_k * num_local_experts >= BATCH_LOCAL_ROWS * num_experts
     return CombineSm90Tactic(threads=128, batch=batch)

@@ -41,8 +41,8 @@ class RoutingSm90Tactic(Tactic):
     """Launch shape of the routing-metadata kernel.
 
     Attributes:
-      threads: threads of the one thread block (128 or 1024: 4 or 32 warps,
-        each owning a contiguous range of slots). Fewer warps have less
+      threads: threads per block (128, 256 or 1024: 4, 8 or 32 warps, each
+        owning a contiguous range of the block's slots). Fewer warps have less
         shared memory to clear and fewer counters per expert to sum, more warps
         walk long slot lists in parallel.
       unroll: 32-slot chunks whose expert ids a warp loads before it processes

@@ -29,9 +29,10 @@ of `max_local_experts` counters per warp.
 Many blocks (`tactic.blocks > 1`, three launches): the slots are cut into
 `num_blocks <= tactic.blocks` ranges of `per_block` slots (a multiple of
 `warps * 32 * unroll`, at least `max_local_experts`), the last range taking the
-remainder, so one block's walks are as long at 4096 slots as at 65536 (up to
-`tactic.blocks` ranges). The one-block walk grew with the slots (146 us for
-65536 slots on an H200).
+remainder (less than two ranges), so up to 65536 slots (32 ranges of 2048) a block
+walks between one and two ranges of 2048 slots, and past that `num_slots / 32`
+rounded up to 2048. The one-block walk grew with the slots (146 us for 65536 slots
+on an H200).
 
 1. Count kernel (`num_blocks` blocks): each block counts its range as in step 1
    and writes its total of each local expert into the first `num_local` entries
