@@ -63,6 +63,11 @@ def main(argv):
     ids[0] = np.arange(cfg.top_k)  # token 0: no local expert
     ids[1:, 0] = offset + 1  # local expert 0 stays empty, expert 1 is busy
     ids = jnp.asarray(ids)
+    # The routing variants' inputs (the slice above and 3000 tokens: several blocks
+    # for the multi-block tactic) and the JAX metadata they must reproduce.
+    routing_args = dict(num_local_experts=num_local, block_m=16, local_expert_offset=offset)
+    many = jax.random.randint(kr, (3000, cfg.top_k), 0, cfg.num_experts, jnp.int32)
+    routings = [(routed, routing_metadata(routed, **routing_args)) for routed in (ids, many)]
     failures = 0
     names = _ffi.kernel_variants()
     filters = [part for part in _FILTER.value.split("|") if part] or [""]
@@ -74,11 +79,8 @@ def main(argv):
             print(f"{op} {name}", flush=True)
             if op == "routing":
                 ok = True
-                many = jax.random.randint(kr, (3000, cfg.top_k), 0, cfg.num_experts, jnp.int32)
-                for routed in (ids, many):
-                    args = dict(num_local_experts=num_local, block_m=16, local_expert_offset=offset)
-                    want = routing_metadata(routed, **args)
-                    got = _ffi.routing_metadata(routed, **args, variant=tactics[name])
+                for routed, want in routings:
+                    got = _ffi.routing_metadata(routed, **routing_args, variant=tactics[name])
                     ok &= all(bool(jnp.all(w == g)) for w, g in zip(want, got, strict=True))
             elif op == "combine":
                 meta = routing_metadata(
