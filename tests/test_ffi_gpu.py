@@ -324,10 +324,31 @@ def _moe_problem(num_tokens: int, top_k: int, hidden: int, inter: int, num_local
     w13_f = np.asarray(nvfp4.dequantize(weights.w13), np.float64)
     w2_f = np.asarray(nvfp4.dequantize(weights.w2), np.float64)
     num_experts = 2 * num_local  # half the slots go to experts of another rank
-    topk_ids = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(num_tokens)])
+    counts = _LOCAL_COUNTS.get((num_tokens, top_k, hidden, inter, num_local))
+    if counts is None:
+        topk_ids = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(num_tokens)])
+    else:
+        topk_ids = _routing_with_counts(rng, num_tokens, top_k, num_experts, counts)
     topk_weights = rng.random((num_tokens, top_k), dtype=np.float32)
     x = rng.standard_normal((num_tokens, hidden), dtype=np.float32).astype(ml_dtypes.bfloat16)
     return prepared, w13_f, w2_f, topk_ids.astype(np.int32), topk_weights, x
+
+
+def _routing_with_counts(rng, num_tokens, top_k, num_experts, counts):
+    """`topk_ids` (distinct experts per token) in which local expert `e` has exactly
+    `counts[e]` slots; the other slots go to experts of another rank."""
+    slots = [[] for _ in range(num_tokens)]
+    for expert, count in enumerate(counts):
+        # The tokens with the fewest slots so far (ties by index) take this expert.
+        order = sorted(range(num_tokens), key=lambda t: len(slots[t]))[:count]
+        assert all(len(slots[t]) < top_k for t in order), "counts do not fit the slots"
+        for t in order:
+            slots[t].append(expert)
+    remote = np.arange(len(counts), num_experts)
+    for t in range(num_tokens):
+        slots[t] += list(rng.permutation(remote)[: top_k - len(slots[t])])
+        rng.shuffle(slots[t])
+    return np.asarray(slots, np.int32)
 
 
 def _silu(v):
@@ -344,12 +365,18 @@ LONG_K_SHAPE = (24, 4, 1152, 576, 4)
 # About 160 routed rows per local expert: full 128-row tiles and a partial second one,
 # for the two-warpgroup tiles (each warpgroup's MMAs read every token row of the tile).
 FULL_TILE_SHAPE = (320, 4, 256, 128, 4)
+# Uneven loads (slots per local expert below), for the `tail_m` variants: the last
+# tile of a segment holds 1 to `block_m` rows, so each MMA width is taken (128-row
+# tiles in steps of 32: 1, 31, 150 -> 32; 40 -> 64; 70 -> 96; 97, 230 -> 128; 128:
+# full tiles only) and one expert gets no slot.
+TAIL_SHAPE = (256, 4, 256, 128, 9)
+_LOCAL_COUNTS = {TAIL_SHAPE: (1, 31, 40, 70, 97, 128, 0, 150, 230)}
 
 
 def _gemm_cases(op: str) -> list:
     """`(variant name, shape)`: every variant on GEMM_SHAPE, the wgmma and bulk-copy ones
     also on ODD_K_SHAPE, the bulk-copy and L2-prefetch ones also on LONG_K_SHAPE, the
-    two-warpgroup ones also on FULL_TILE_SHAPE."""
+    two-warpgroup ones also on FULL_TILE_SHAPE, the `tail_m` ones also on TAIL_SHAPE."""
     names = _gemm_variants(op)
     if not names:
         return [pytest.param("none", GEMM_SHAPE, id="none")]
@@ -360,6 +387,8 @@ def _gemm_cases(op: str) -> list:
     cases += [pytest.param(n, LONG_K_SHAPE, id=f"{n}-long_k") for n in deep]
     two = [n for n in names if _tactic(op, n).warps_m == 8]
     cases += [pytest.param(n, FULL_TILE_SHAPE, id=f"{n}-full_tile") for n in two]
+    tails = [n for n in names if _tactic(op, n).tail_m]
+    cases += [pytest.param(n, TAIL_SHAPE, id=f"{n}-tail") for n in tails]
     return cases
 
 

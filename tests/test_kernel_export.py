@@ -145,7 +145,11 @@ def test_wgmma_variants_are_exported_for_every_regime():
     # searched by default, the mma.sync ones are not.
     assert all(t.register_estimate() <= 140 for t in wgmma)
     for t in (t for t in wgmma if t.warps_m == 4):
-        sync = dataclasses.replace(t, wgmma=False, overlap=False) if t.block_m < 128 else None
+        sync = (
+            dataclasses.replace(t, wgmma=False, overlap=False, tail_m=0)
+            if t.block_m < 128
+            else None
+        )
         assert sync is None or t.register_estimate() < sync.register_estimate()
     assert all(cfg.searched_by_default(t) != t.overlap for t in wgmma)
     assert not any(
@@ -187,22 +191,29 @@ def test_overlap_variants_are_unsplit_wgmma_tiles_outside_the_default_search():
         ]
         assert all(t.wgmma and t.split_k == 1 for t in overlap)
         assert not any(cfg.searched_by_default(t) for t in overlap)
-        # Ids after every earlier variant (only the bulk-copy, prefetch and two-warpgroup
-        # ones follow).
-        earlier = [t for t in variants if not (t.bulk or t.prefetch or t.warps_m == 8)]
+        # Ids after every earlier variant (only the bulk-copy, prefetch, two-warpgroup
+        # and `tail_m` ones follow).
+        earlier = [t for t in variants if not (t.bulk or t.prefetch or t.warps_m == 8 or t.tail_m)]
         assert earlier[-len(overlap) :] == overlap
-        # One more token stage than the plain wgmma tile.
+        # One more token stage than the plain wgmma tile (the ring shares its buffer
+        # with the larger fp32 tile).
         for t in overlap:
-            plain = dataclasses.replace(t, overlap=False)
-            assert t.smem_bytes() - plain.smem_bytes() == 2 * 64 * t.block_m
+            ring = 2 * 64 * (t.stages + 2) * t.block_m
+            assert t.smem_bytes() == max(ring, 4 * (t.block_w + 4) * t.block_m) + 1024 + 768
 
 
 def test_two_warpgroup_variants_share_one_token_tile():
     for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
-        two = [t for t in variants if t.warps_m == 8]
-        assert [(t.block_m, t.block_w, t.stages) for t in two] == [(128, 128, 1), (64, 128, 1)]
-        # The last ids; unsplit wgmma tiles searched by default.
-        assert variants[-len(two) :] == two
+        two = [t for t in variants if t.warps_m == 8 and not t.tail_m]
+        assert [(t.block_m, t.block_w, t.stages) for t in two] == [
+            (128, 128, 1),
+            (64, 128, 1),
+            (128, 128, 2),
+            (128, 128, 3),
+            (64, 128, 2),
+        ]
+        # The last ids but the `tail_m` ones; unsplit wgmma tiles searched by default.
+        assert [t for t in variants if not t.tail_m][-len(two) :] == two
         for t in two:
             assert t.wgmma and t.warps_n == 1 and t.split_k == 1 and not t.overlap
             assert t.num_threads() == 256 and cfg.searched_by_default(t)
@@ -210,9 +221,66 @@ def test_two_warpgroup_variants_share_one_token_tile():
             # rows; the CTA's shared memory is that of a one-warpgroup tile of its size.
             half = dataclasses.replace(t, warps_m=4, block_w=64)
             assert t.register_estimate() == half.register_estimate()
-            assert t.smem_bytes() == dataclasses.replace(t, warps_m=4).smem_bytes()
-        # Two of the 128 x 128 CTAs fit an SM's 228 KB of shared memory.
-        assert 2 * (two[0].smem_bytes() + 1024) <= 228 * 1024
+            assert t.smem_bytes() == cfg.swap_ab_smem_bytes(
+                t.block_w, t.block_m, t.stages, cp_async=False, wgmma=True
+            )
+        # The fp32 tile shares the token ring's buffer: up to 3 stages (a ring of 4 x 16
+        # KB) the 128 x 128 tile needs only the 67.6 KB of its fp32 tile, so two CTAs
+        # (three by shared memory alone) fit an SM's 228 KB.
+        by_stages = {t.stages: t.smem_bytes() for t in two if t.block_m == 128}
+        assert by_stages[1] == by_stages[2] == by_stages[3] == 4 * 132 * 128 + 1024 + 768
+        assert 3 * (by_stages[3] + 1024) <= 228 * 1024
+
+
+def test_tail_variants_are_prefill_tiles_after_the_others():
+    for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
+        tails = [t for t in variants if t.tail_m]
+        assert [(t.block_m, t.block_w, t.stages, t.warps_m, t.tail_m) for t in tails] == [
+            (128, 128, 1, 8, 32),
+            (128, 128, 2, 8, 32),
+            (64, 128, 1, 8, 32),
+            (32, 128, 2, 4, 16),
+        ]
+        assert variants[-len(tails) :] == tails  # the last ids
+        for t in tails:
+            # Each has its plain twin, with the same shared memory and registers.
+            twin = dataclasses.replace(t, tail_m=0)
+            assert twin in variants
+            assert t.smem_bytes() == twin.smem_bytes()
+            assert t.register_estimate() == twin.register_estimate()
+            assert cfg.searched_by_default(t) and not cfg.is_experimental(t)
+    base = dict(block_m=128, block_w=128, warps_m=8, warps_n=1, stages=1, cp_async=False)
+    cfg.MoeGemm1Sm90Tactic(**base, wgmma=True, tail_m=64)
+    for bad in (
+        dict(wgmma=False, warps_m=4, tail_m=32),  # mma.sync
+        dict(wgmma=True, tail_m=128),  # not below block_m
+        dict(wgmma=True, tail_m=48),  # not a divisor
+        dict(wgmma=True, tail_m=16),  # 16 rows: half a token chunk per thread of 256
+    ):
+        with pytest.raises(ValueError, match="tail_m"):
+            cfg.MoeGemm1Sm90Tactic(**(base | bad))
+
+
+@requires_dsl
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_tail_variant_compiles_one_loop_per_width(dsl, op, tmp_path):
+    """A `tail_m` tactic's PTX has the K loop's MMAs at every multiple of `tail_m`
+    (four per unrolled K step each), in as many registers as its plain twin."""
+    cute, modules = dsl
+    module = modules[op]
+    tactic = next(t for t in module.variants() if t.tail_m and t.block_m == 128)
+    twin = dataclasses.replace(tactic, tail_m=0)
+    compiled = {
+        t: _compile_kept(cute, module, t, tmp_path / f"tail{t.tail_m}") for t in (tactic, twin)
+    }
+    ptx = compiled[tactic].__ptx__
+    per_width = 4 * tactic.stages
+    for rows in range(tactic.tail_m, tactic.block_m + 1, tactic.tail_m):
+        shape = f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.bf16.bf16"
+        assert ptx.count(shape) == per_width, (rows, ptx.count(shape))
+    assert compiled[twin].__ptx__.count("wgmma.mma_async") == per_width
+    registers = {t: _cubin_registers(c.__cubin__) for t, c in compiled.items()}
+    assert registers[tactic] <= max(registers[twin], 128), registers
 
 
 @requires_dsl
@@ -244,8 +312,8 @@ def test_bulk_variants_are_experimental_decode_tiles_after_the_others():
         }
         assert {t.split_k for t in bulk} == {1, 2}
         assert all(t.cp_async and not t.wgmma and (t.warps_m, t.warps_n) == (4, 1) for t in bulk)
-        # After every other variant but the prefetch and two-warpgroup ones.
-        earlier = [t for t in variants if not (t.prefetch or t.warps_m == 8)]
+        # After every other variant but the prefetch, two-warpgroup and `tail_m` ones.
+        earlier = [t for t in variants if not (t.prefetch or t.warps_m == 8 or t.tail_m)]
         assert earlier[-len(bulk) :] == bulk
         assert all(cfg.is_experimental(t) and not cfg.searched_by_default(t) for t in bulk)
         for t in bulk:
@@ -268,8 +336,8 @@ def test_bulk_variants_are_experimental_decode_tiles_after_the_others():
 def test_prefetch_variants_are_experimental_mma_sync_decode_tiles_after_the_others():
     for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
         pre = [t for t in variants if t.prefetch]
-        # Only the two-warpgroup tiles follow.
-        assert [t for t in variants if t.warps_m != 8][-len(pre) :] == pre
+        # Only the two-warpgroup and `tail_m` tiles follow.
+        assert [t for t in variants if t.warps_m != 8 and not t.tail_m][-len(pre) :] == pre
         assert {(t.block_w, t.stages, t.prefetch, t.split_k) for t in pre} == {
             (64, 2, 8, 1),
             (64, 2, 8, 2),
@@ -719,8 +787,8 @@ def _cubin_registers(cubin: bytes) -> int:
 @pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
 def test_wgmma_tiles_keep_their_occupancy(dsl, op, tmp_path):
     """The wgmma prefill tiles fit 128 registers per thread (4 CTAs of 128 threads per
-    SM, or 2 of 256 for the two-warpgroup tiles: their measured speed depends on it)
-    and the decode tile 64 (8 CTAs)."""
+    SM, or 2 of 256 for the two-warpgroup tiles: their measured speed depends on it),
+    the two-warpgroup 64 x 128 tiles 80 (3 CTAs) and the decode tile 64 (8 CTAs)."""
     cute, modules = dsl
     module = modules[op]
     limits = {
@@ -729,23 +797,29 @@ def test_wgmma_tiles_keep_their_occupancy(dsl, op, tmp_path):
         (16, 64, 2, 4): 64,
         (128, 128, 1, 8): 128,
         (64, 128, 1, 8): 80,
+        (128, 128, 2, 8): 128,
+        (128, 128, 3, 8): 128,
+        (64, 128, 2, 8): 80,
+        (32, 128, 2, 4): 128,
     }
     tactics = {
-        (t.block_m, t.block_w, t.stages, t.warps_m): t
+        (t.block_m, t.block_w, t.stages, t.warps_m, t.tail_m): t
         for t in module.variants()
         if t.wgmma
         and not t.overlap
         and t.split_k == 1
         and (t.block_m, t.block_w, t.stages, t.warps_m) in limits
     }
-    assert set(tactics) == set(limits)
+    # Every listed tile, and the `tail_m` twins of some.
+    assert {key[:4] for key in tactics} == set(limits)
+    assert any(key[4] for key in tactics)
     for key, tactic in tactics.items():
         fn, fake_args = module.export_spec(tactic)
         dump = tmp_path / "_".join(map(str, key))
         dump.mkdir()
         compiled = cute.compile(fn, *fake_args, options=f"--keep-cubin --dump-dir={dump}")
         registers = _cubin_registers(compiled.__cubin__)
-        assert registers <= limits[key], f"{tactic}: {registers} registers"
+        assert registers <= limits[key[:4]], f"{tactic}: {registers} registers"
 
 
 def test_deep_prefetch_is_a_decode_tactic():

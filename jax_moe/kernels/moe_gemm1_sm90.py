@@ -91,6 +91,7 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
             tactic.overlap,
             tactic.bulk,
             tactic.prefetch,
+            tactic.tail_m,
         )
         self.tactic = tactic
 
@@ -158,6 +159,7 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
                 tidx,
                 smem,
                 tiled_mma,
+                rows=self.tile_rows(sorted_slots, row0),
             )
 
             # Epilogue: SwiGLU on (gate, up) pairs 8 rows apart in each 16-row group.

@@ -94,6 +94,7 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
             tactic.overlap,
             tactic.bulk,
             tactic.prefetch,
+            tactic.tail_m,
         )
         self.tactic = tactic
 
@@ -168,6 +169,7 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
                 smem,
                 tiled_mma,
                 wait_before_tokens=True,  # waits for GEMM1's act after the first weights
+                rows=self.tile_rows(sorted_slots, row0, before_wait=True),
             )
 
             global_scale = w2_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)

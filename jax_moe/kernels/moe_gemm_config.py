@@ -54,6 +54,15 @@ layer with a DeepSeek-V3 EP=8 table tuned over all variants was unchanged (withi
 So the weight stream of the best decode tiles is not short of DRAM requests in flight;
 one pair stays exported as experimental (`_PREFETCH_VARIANTS`).
 
+`tail_m` (rows, 0 = off; wgmma tiles without split-K): the kernel holds one K loop
+per multiple of `tail_m` up to `block_m`, and a row tile runs the narrowest that covers
+its routed rows (its segment's last tile, padded to `block_m`, often holds far fewer):
+`m64n{rows}k16` MMAs, and only those token rows copied. Same registers and shared
+memory as the plain twin; the code is larger. Under a softmax router's uneven loads
+the padding is a large share of the prefill MMAs (DeepSeek-V3 EP=8 in
+`benchmarks/bench_moe.py`: 5265 routed rows in 58 row tiles of 128 at N=8192, 71 %
+used; at N=2048 in tiles of 64, 53 %).
+
 `split_k` (1, 2, 4, 8) splits the K loop over that many CTAs of one output tile, a
 thread block cluster that adds its fp32 tiles in rank order through distributed
 shared memory (deterministic, no workspace). It is a decode tactic: `check` rejects
@@ -99,7 +108,7 @@ warps, 64 x 128 with 2 stages and 64 x 64 with 4: 22 variants); then the 6
 split-K variants of `_SPLIT_K_VARIANTS`, the 3 deep-prefetch decode variants of
 `_DEEP_VARIANTS`, the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS`, the 3 of
 `_OVERLAP_VARIANTS`, the 4 of `_BULK_VARIANTS`, the 2 of `_PREFETCH_VARIANTS` and the
-2 of `_TWO_WARPGROUP_VARIANTS` (each list's ids after the previous ones). The tuner's default
+5 of `_TWO_WARPGROUP_VARIANTS` (each list's ids after the previous ones). The tuner's default
 search leaves out the `2 x 2` grids, the unsplit `mma.sync` tiles of 32 rows or more
 and the experimental variants (`overlap`, `bulk`, `prefetch`: `is_experimental`;
 `searched_by_default`).
@@ -230,18 +239,15 @@ def swap_ab_smem_bytes(
     stage (`36 * block_w` bytes each), and a fixed 768 bytes. The weights never pass
     through shared memory with register prefetch: they are decoded in registers.
     With `wgmma` the token tiles (a cp.async ring of `stages + 1`) are unpadded
-    (swizzled) and aligned to `WGMMA_SMEM_ALIGN` bytes (counted in full as padding);
+    (swizzled) and aligned to `WGMMA_SMEM_ALIGN` bytes (counted in full as padding),
+    and the fp32 tile shares their buffer (written once the K loop is over);
     with `overlap` the ring has `stages + 2` steps. With `bulk` (K steps per weight
     slot) the weight ring has `stages` slots of `bulk` steps, the token ring 3 stages,
     plus one 8-byte mbarrier per slot.
     """
     if wgmma:
-        return (
-            2 * _BLOCK_K * (stages + (2 if overlap else 1)) * block_m
-            + WGMMA_SMEM_ALIGN
-            + 4 * (block_w + 4) * block_m
-            + 6 * 128
-        )
+        ring = 2 * _BLOCK_K * (stages + (2 if overlap else 1)) * block_m
+        return max(ring, 4 * (block_w + 4) * block_m) + WGMMA_SMEM_ALIGN + 6 * 128
     row = _BLOCK_K + 8
     b_stages = BULK_TOKEN_STAGES if bulk else stages if cp_async else 2
     ring = stages * max(1, bulk) if cp_async else 0
@@ -267,9 +273,10 @@ class _SwapAbTactic(Tactic):
     overlap: bool = False
     bulk: int = 0
     prefetch: int = 0
+    tail_m: int = 0
 
     # Tables written before these fields existed have no such params.
-    optional_params: ClassVar[tuple[str, ...]] = ("wgmma", "overlap", "bulk", "prefetch")
+    optional_params: ClassVar[tuple[str, ...]] = ("wgmma", "overlap", "bulk", "prefetch", "tail_m")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -312,6 +319,19 @@ class _SwapAbTactic(Tactic):
             raise ValueError(
                 f"{name}: prefetch={self.prefetch} must exceed stages={self.stages} (the "
                 "register ring already loads that far ahead)"
+            )
+        if self.tail_m and (
+            not self.wgmma
+            or self.split_k != 1
+            or self.overlap
+            or self.tail_m >= self.block_m
+            or self.block_m % self.tail_m
+            or self.tail_m * 8 % self.num_threads()
+        ):
+            raise ValueError(
+                f"{name}.tail_m={self.tail_m}: needs wgmma=1, split_k=1, overlap=0 and a "
+                f"divisor of block_m={self.block_m} below it holding a multiple of "
+                f"{self.num_threads() // 8} rows (whole token chunks per thread)"
             )
         if self.bulk and self.bulk not in BULK_STEPS:
             raise ValueError(
@@ -482,8 +502,18 @@ _PREFETCH_VARIANTS = ((16, 64, 2, 8, (1, 2)),)
 # the weight rows, (block_m, block_w, stages): both read one token tile, so each
 # decoded weight serves `block_m` token rows and each token row copied to shared
 # memory serves 128 weight rows, at the per-thread registers of a one-warpgroup
-# `block_m x 64` tile.
-_TWO_WARPGROUP_VARIANTS = ((128, 128, 1), (64, 128, 1))
+# `block_m x 64` tile. The deeper ones fit two CTAs per SM (three for 64 x 128 with
+# two stages) because the fp32 tile shares the token ring's shared memory.
+_TWO_WARPGROUP_VARIANTS = ((128, 128, 1), (64, 128, 1), (128, 128, 2), (128, 128, 3), (64, 128, 2))
+# Prefill tiles whose last tile of a segment multiplies only the rows it holds, in
+# steps of `tail_m` (`tail_m`), (block_m, block_w, stages, warps_m, tail_m): one K loop
+# per width is compiled into the kernel.
+_TAIL_VARIANTS = (
+    (128, 128, 1, 8, 32),
+    (128, 128, 2, 8, 32),
+    (64, 128, 1, 8, 32),
+    (32, 128, 2, 4, 16),
+)
 # Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
 # and the CTAs per SM it aims to keep resident.
 _PLANNED_SMS = 132
@@ -526,6 +556,10 @@ def _variants(cls):
     specs.extend(
         dict(block_m=bm, block_w=bw, stages=st, wgmma=True, warps_m=8)
         for bm, bw, st in _TWO_WARPGROUP_VARIANTS
+    )
+    specs.extend(
+        dict(block_m=bm, block_w=bw, stages=st, wgmma=True, warps_m=wm, tail_m=tail)
+        for bm, bw, st, wm, tail in _TAIL_VARIANTS
     )
     out = []
     for i, spec in enumerate(specs):

@@ -283,6 +283,12 @@ class SwapAbNvfp4GemmSm90:
         MMAs: one commit group per 16 columns, each slice's A registers rewritten
         once the previous step's MMAs of that slice are done (`wgmma.wait_group 3`),
         and a token ring of `stages + 2` steps (`mma_k_step`).
+      tail_m: with `wgmma` (0: off), rows of the narrowest MMA: a tile whose routed rows
+        fit in `j * tail_m` rows (its segment's last tile) runs the K loop with
+        `m64n(j tail_m)k16` MMAs and copies only those token rows, instead of
+        multiplying `block_m` rows of which the rest are padding. One K loop is
+        compiled per multiple of `tail_m` up to `block_m`; the kernel picks one per
+        tile (`tile_rows`).
 
     Subclasses define a `@cute.kernel` method `kernel(*args, tiled_mma)`, launched by
     `launch_kernel`; it sets up each token chunk's source row (`b_rows`), calls
@@ -304,6 +310,7 @@ class SwapAbNvfp4GemmSm90:
         overlap: bool = False,
         bulk: int = 0,
         prefetch: int = 0,
+        tail_m: int = 0,
     ):
         for name, flag in (("pdl", pdl), ("wgmma", wgmma), ("overlap", overlap)):
             if not isinstance(flag, bool):
@@ -333,6 +340,19 @@ class SwapAbNvfp4GemmSm90:
             )
         if split_k not in (1, 2, 4, 8):
             raise ValueError(f"split_k={split_k}; expected 1, 2, 4 or 8")
+        if tail_m and (
+            not wgmma
+            or split_k != 1
+            or overlap
+            or tail_m >= block_m
+            or block_m % tail_m
+            or tail_m * (BLOCK_K // 8) % (32 * warps_m * warps_n)
+        ):
+            raise ValueError(
+                f"tail_m={tail_m}: needs wgmma without split_k or overlap, and a divisor "
+                f"of block_m={block_m} below it whose token chunks per K step are a "
+                "multiple of the threads"
+            )
         if split_k > 1 and cp_async and not bulk:
             raise ValueError("split_k > 1 needs the register path or the bulk-copy ring")
         if warps_m * warps_n * 32 != NUM_THREADS and not (wgmma and (warps_m, warps_n) == (8, 1)):
@@ -355,6 +375,7 @@ class SwapAbNvfp4GemmSm90:
         self.overlap = overlap
         self.bulk = bulk
         self.prefetch = prefetch
+        self.tail_m = tail_m
         self.split_k = split_k
         self.block_w = block_w
         self.block_m = block_m
@@ -399,6 +420,7 @@ class SwapAbNvfp4GemmSm90:
         """(s_b, s_c, s_raw, s_scale, bars); s_b has a trailing stage mode (`b_stages`),
         s_raw/s_scale are None without the cp.async pipeline (with `bulk`, each stage
         holds `bulk` K steps), `bars` (one mbarrier per stage) None without `bulk`."""
+        c_layout = cute.make_layout((self.block_w, self.block_m), stride=(1, self.block_w + 4))
         if cutlass.const_expr(self.wgmma):
             # K-major, 128-byte swizzle (one 64-wide K step of a token row is 128 bytes).
             atom = warpgroup.make_smem_layout_atom(
@@ -407,9 +429,15 @@ class SwapAbNvfp4GemmSm90:
             layout = cute.tile_to_shape(
                 atom, (self.block_m, BLOCK_K, self.b_stages), order=(0, 1, 2)
             )
-            s_b = smem.allocate_tensor(
-                cutlass.BFloat16, layout.outer, WGMMA_SMEM_ALIGN, swizzle=layout.inner
+            # The fp32 tile is written only after the K loop of `mainloop_wgmma`, when
+            # the token ring is dead: both share one buffer.
+            base = smem.allocate(
+                max(cute.cosize(layout.outer) * 2, cute.cosize(c_layout) * 4), WGMMA_SMEM_ALIGN
             )
+            s_b = cute.make_tensor(
+                cute.recast_ptr(base, layout.inner, dtype=cutlass.BFloat16), layout.outer
+            )
+            s_c = cute.make_tensor(cute.recast_ptr(base, dtype=cutlass.Float32), c_layout)
         else:
             row = BLOCK_K + SMEM_PAD
             s_b = smem.allocate_tensor(
@@ -419,11 +447,7 @@ class SwapAbNvfp4GemmSm90:
                 ),
                 16,
             )
-        s_c = smem.allocate_tensor(
-            cutlass.Float32,
-            cute.make_layout((self.block_w, self.block_m), stride=(1, self.block_w + 4)),
-            16,
-        )
+            s_c = smem.allocate_tensor(cutlass.Float32, c_layout, 16)
         s_raw = None
         s_scale = None
         bars = None
@@ -439,12 +463,13 @@ class SwapAbNvfp4GemmSm90:
             bars = smem.allocate_array(cutlass.Int64, self.stages, byte_alignment=8)
         return s_b, s_c, s_raw, s_scale, bars
 
-    def _tiled_mma(self):
+    def _tiled_mma(self, rows: int = 0):
+        """The tiled MMA; with `wgmma`, over `rows` token rows (default `block_m`)."""
         if cutlass.const_expr(self.wgmma):
             op = warpgroup.MmaF16BF16Op(
                 cutlass.BFloat16,
                 cutlass.Float32,
-                (64, self.block_m, 16),
+                (64, rows or self.block_m, 16),
                 warpgroup.OperandSource.RMEM,
                 cute.nvgpu.OperandMajorMode.K,
                 cute.nvgpu.OperandMajorMode.K,
@@ -907,8 +932,13 @@ class SwapAbNvfp4GemmSm90:
         s_c: cute.Tensor,
         tiled_mma: cute.TiledMma,
         wait_before_tokens: bool = False,
+        rows: int = 0,
     ):
         """The K loop with warpgroup MMAs; leaves the fp32 tile in `s_c` (synchronized).
+
+        `rows` (compile time, with `tail_m`; default `block_m`): only the first `rows`
+        token rows are copied and multiplied (`m64n{rows}k16` MMAs, `tiled_mma` None),
+        and only those columns of `s_c` written.
 
         Weights: the register ring of `mainloop_registers` (`stages` K steps ahead).
         Token rows: cp.async into the swizzled ring `s_b` of `b_stages = stages + 1`
@@ -932,12 +962,21 @@ class SwapAbNvfp4GemmSm90:
         ahead_tokens = ring - (2 if self.overlap else 1)
         r_codes, r_scales, cur_codes, cur_scales = self.weight_ring()
 
-        frags = self._fragments(tiled_mma, tidx, s_b, s_c)
+        if cutlass.const_expr(rows):
+            tiled_mma = self._tiled_mma(rows)
+            frags = self._fragments(
+                tiled_mma,
+                tidx,
+                cute.local_tile(s_b, (rows, BLOCK_K, ring), (0, 0, 0)),
+                cute.local_tile(s_c, (self.block_w, rows), (0, 0)),
+            )
+        else:
+            frags = self._fragments(tiled_mma, tidx, s_b, s_c)
         tiles = self.weight_tiles(m_packed, m_scale, expert)
         band0 = self.first_band(w_row0, tidx)
 
         # Padding chunks (no source row) are zero in every stage, once.
-        for c in cutlass.range_constexpr(self.b_chunks):
+        for c in cutlass.range_constexpr(self.token_chunks(rows)):
             if b_rows[c] < 0:
                 chunk = c * self.num_threads + tidx
                 zero = cute.make_rmem_tensor((8,), cutlass.BFloat16)
@@ -958,7 +997,7 @@ class SwapAbNvfp4GemmSm90:
         for st in cutlass.range_constexpr(ahead_tokens):
             first = cutlass.min(k_begin + st, last)
             self.issue_step_cp_async(
-                m_b, b_rows, tiles, w_row0, first, st, tidx, s_b, None, None, False, True
+                m_b, b_rows, tiles, w_row0, first, st, tidx, s_b, None, None, False, True, rows
             )
             cute.arch.cp_async_commit_group()
 
@@ -988,6 +1027,7 @@ class SwapAbNvfp4GemmSm90:
                         None,
                         False,
                         True,
+                        rows,
                     )
                     cute.arch.cp_async_commit_group()
                     cute.autovec_copy(r_codes[None, None, d], cur_codes)
@@ -1000,8 +1040,30 @@ class SwapAbNvfp4GemmSm90:
 
         warpgroup.wait_group(0)
         cute.arch.cp_async_wait_group(0)
+        # `s_c` shares the token ring: every warp's MMAs and copies must be done first.
+        cute.arch.sync_threads()
         cute.autovec_copy(frags.acc, frags.t_sc)
         cute.arch.sync_threads()
+
+    def tile_rows(self, sorted_slots: cute.Tensor, row0: cutlass.Int32, before_wait: bool = False):
+        """With `tail_m`: the multiple of `tail_m` (at most `block_m`) that holds every
+        routed row of the tile at `row0` (None without `tail_m`). A segment's padding
+        rows (slot -1) are its last ones, so the tile's rows are a prefix: block `j` of
+        `tail_m` rows is used when its first row is. `before_wait`: read with
+        `read_before_wait`."""
+        if not self.tail_m:
+            return None
+        return self._tail_rows(sorted_slots, row0, before_wait)
+
+    @cute.jit
+    def _tail_rows(self, sorted_slots: cute.Tensor, row0: cutlass.Int32, before_wait: bool):
+        rows = cutlass.Int32(self.tail_m)
+        for j in cutlass.range_constexpr(1, self.block_m // self.tail_m):
+            row = row0 + j * self.tail_m
+            slot = self.read_before_wait(sorted_slots, row) if before_wait else sorted_slots[row]
+            if slot >= 0:
+                rows = cutlass.Int32((j + 1) * self.tail_m)
+        return rows
 
     @cute.jit
     def mainloop(
@@ -1016,16 +1078,26 @@ class SwapAbNvfp4GemmSm90:
         smem,
         tiled_mma,
         wait_before_tokens: bool = False,
+        rows=None,
     ):
         """Allocates shared memory, runs the K loop; returns `s_c` holding the fp32 tile.
 
         `wait_before_tokens` (with `pdl`): `dependency_wait` and `launch_dependents` run
         inside, after the first weight loads and before the first read of `m_b`.
+        `rows` (with `tail_m`): `tile_rows` of the tile; only the first `rows` columns
+        of `s_c` are then computed (the others are padding rows).
         """
         s_b, s_c, s_raw, s_scale, bars = self._allocate_smem(smem)
         common = (m_b, b_rows, m_packed, m_scale, expert, w_row0, tidx, s_b, s_c)
         if cutlass.const_expr(self.bulk):
             self.mainloop_bulk(*common, s_raw, s_scale, bars, tiled_mma, wait_before_tokens)
+        elif cutlass.const_expr(self.tail_m > 0):
+            # One K loop per MMA width; the widest also takes any other value of `rows`.
+            for j in cutlass.range_constexpr(1, self.block_m // self.tail_m):
+                if rows == j * self.tail_m:
+                    self.mainloop_wgmma(*common, None, wait_before_tokens, j * self.tail_m)
+            if rows >= self.block_m:
+                self.mainloop_wgmma(*common, tiled_mma, wait_before_tokens)
         elif cutlass.const_expr(self.wgmma):
             self.mainloop_wgmma(*common, tiled_mma, wait_before_tokens)
         elif cutlass.const_expr(not self.cp_async):
@@ -1049,12 +1121,14 @@ class SwapAbNvfp4GemmSm90:
         s_scale,
         weights: bool = True,
         tokens: bool = True,
+        rows: int = 0,
     ):
         """cp.async of one K step's raw weight bytes, scales and token rows into `stage`.
 
         `tiles` is `weight_tiles(...)` of the CTA's expert. The CTA's bands are copied
         block by block: band `i` of the tile at `512 * i` of `s_raw` (`64 * i` of `s_scale`).
-        `weights` / `tokens` select the weight and scale copies and the token-row copies.
+        `weights` / `tokens` select the weight and scale copies and the token-row copies;
+        `rows` (compile time, default all): only token rows below it are copied.
         """
         atom_w = cute.make_copy_atom(
             cute.nvgpu.cpasync.CopyG2SOp(cache_mode=cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
@@ -1082,7 +1156,7 @@ class SwapAbNvfp4GemmSm90:
                 sdst = cute.local_tile(s_scale[None, stage], (4,), (tidx,))
                 cute.copy(atom_s, ssrc, sdst)
         if cutlass.const_expr(tokens):
-            for c in cutlass.range_constexpr(self.b_chunks):
+            for c in cutlass.range_constexpr(self.token_chunks(rows)):
                 chunk = c * self.num_threads + tidx
                 row = chunk // (BLOCK_K // 8)
                 col = chunk % (BLOCK_K // 8)
@@ -1091,6 +1165,11 @@ class SwapAbNvfp4GemmSm90:
                     bsrc = cute.local_tile(row_src, (8,), (k_step * (BLOCK_K // 8) + col,))
                     bdst = cute.local_tile(s_b[row, None, stage], (8,), (col,))
                     cute.copy(atom_b, bsrc, bdst)
+
+    def token_chunks(self, rows: int = 0) -> int:
+        """Chunks per thread of a K step's first `rows` token rows (default `block_m`):
+        chunk `c` of every thread covers rows `c * num_threads / 8 ..` of the tile."""
+        return rows * (BLOCK_K // 8) // self.num_threads if rows else self.b_chunks
 
     @cute.jit
     def load_a_smem(self, stage, tidx, s_raw, s_scale, r_codes, r_scales, sub=0):
