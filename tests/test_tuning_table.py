@@ -343,6 +343,21 @@ def test_metadata_versions_and_validation():
         _metadata(profile_key=(-1,))
 
 
+def test_metadata_names_the_dsl_of_the_extensions_kernels(monkeypatch):
+    """The extension's kernels are what a tuning run times: its DSL_VERSION wins over
+    the installed DSL (a GPU machine may have none); without it, the installed one."""
+    import types
+
+    from jax_moe import _ffi
+
+    monkeypatch.setattr(_ffi, "is_available", lambda: True)
+    monkeypatch.setattr(_ffi, "extension", lambda: types.SimpleNamespace(DSL_VERSION="9.9.9"))
+    assert _metadata().dsl_version == "9.9.9"
+    monkeypatch.setattr(_ffi, "is_available", lambda: False)
+    monkeypatch.setattr("jax_moe.tuning.tactic_table._package_version", lambda *a: "installed-dsl")
+    assert _metadata().dsl_version == "installed-dsl"
+
+
 def test_entry_validation():
     with pytest.raises(ValueError, match="together"):
         TacticEntry(_tactic(), 1.0, _tactic(32))

@@ -90,6 +90,17 @@ def _package_version(distribution: str, module: str | None = None) -> str:
         return str(getattr(loaded, "__version__", "unknown"))
 
 
+def _kernels_dsl_version() -> str:
+    """The CuTe DSL release that compiled the kernels in the CUDA extension (the
+    ones a tuning run times; a GPU machine may have no DSL installed), else the
+    installed DSL's."""
+    from jax_moe import _ffi
+
+    if _ffi.is_available():
+        return str(getattr(_ffi.extension(), "DSL_VERSION", "") or "unknown")
+    return _package_version("nvidia-cutlass-dsl")
+
+
 def _key_data(key: Any) -> tuple[int, ...]:
     import jax
     import numpy as np
@@ -106,7 +117,8 @@ class TableMetadata:
     Attributes:
       device_name: `jax.Device.device_kind` of the GPU, e.g. `NVIDIA H100 80GB HBM3`.
       arch: e.g. `sm_90a`; every problem in the table has this arch.
-      jax_moe_version, dsl_version: library versions used for tuning.
+      jax_moe_version, dsl_version: library versions used for tuning (the DSL's: the
+        release that compiled the extension's kernels).
       created: UTC time of tuning, ISO 8601.
       distribution: the profiling routing, `str(RoutingDistribution)`, or a profile of
         several joined by `+` (`balanced+spread`: the first is the cells' routing,
@@ -169,7 +181,7 @@ class TableMetadata:
             device_name=device_name,
             arch=arch,
             jax_moe_version=_package_version("jax_moe", "jax_moe"),
-            dsl_version=_package_version("nvidia-cutlass-dsl"),
+            dsl_version=_kernels_dsl_version(),
             created=created,
             distribution=(
                 canonical_profile(distribution)
