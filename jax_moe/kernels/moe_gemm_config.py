@@ -108,7 +108,8 @@ warps, 64 x 128 with 2 stages and 64 x 64 with 4: 22 variants); then the 6
 split-K variants of `_SPLIT_K_VARIANTS`, the 3 deep-prefetch decode variants of
 `_DEEP_VARIANTS`, the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS`, the 3 of
 `_OVERLAP_VARIANTS`, the 4 of `_BULK_VARIANTS`, the 2 of `_PREFETCH_VARIANTS` and the
-5 of `_TWO_WARPGROUP_VARIANTS` (each list's ids after the previous ones). The tuner's default
+5 of `_TWO_WARPGROUP_VARIANTS` and the 4 of `_TAIL_VARIANTS` (each list's ids after
+the previous ones). The tuner's default
 search leaves out the `2 x 2` grids, the unsplit `mma.sync` tiles of 32 rows or more
 and the experimental variants (`overlap`, `bulk`, `prefetch`: `is_experimental`;
 `searched_by_default`).
@@ -321,7 +322,8 @@ class _SwapAbTactic(Tactic):
                 "register ring already loads that far ahead)"
             )
         if self.tail_m and (
-            not self.wgmma
+            self.tail_m < 0
+            or not self.wgmma
             or self.split_k != 1
             or self.overlap
             or self.tail_m >= self.block_m
@@ -506,8 +508,8 @@ _PREFETCH_VARIANTS = ((16, 64, 2, 8, (1, 2)),)
 # two stages) because the fp32 tile shares the token ring's shared memory.
 _TWO_WARPGROUP_VARIANTS = ((128, 128, 1), (64, 128, 1), (128, 128, 2), (128, 128, 3), (64, 128, 2))
 # Prefill tiles whose last tile of a segment multiplies only the rows it holds, in
-# steps of `tail_m` (`tail_m`), (block_m, block_w, stages, warps_m, tail_m): one K loop
-# per width is compiled into the kernel.
+# steps of `tail_m` rows, (block_m, block_w, stages, warps_m, tail_m): one K loop per
+# width is compiled into the kernel.
 _TAIL_VARIANTS = (
     (128, 128, 1, 8, 32),
     (128, 128, 2, 8, 32),

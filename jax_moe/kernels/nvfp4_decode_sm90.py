@@ -341,7 +341,8 @@ class SwapAbNvfp4GemmSm90:
         if split_k not in (1, 2, 4, 8):
             raise ValueError(f"split_k={split_k}; expected 1, 2, 4 or 8")
         if tail_m and (
-            not wgmma
+            tail_m < 0
+            or not wgmma
             or split_k != 1
             or overlap
             or tail_m >= block_m
@@ -1092,7 +1093,8 @@ class SwapAbNvfp4GemmSm90:
         if cutlass.const_expr(self.bulk):
             self.mainloop_bulk(*common, s_raw, s_scale, bars, tiled_mma, wait_before_tokens)
         elif cutlass.const_expr(self.tail_m > 0):
-            # One K loop per MMA width; the widest also takes any other value of `rows`.
+            # One K loop per MMA width; `rows` is a multiple of `tail_m` from `tail_m` to
+            # `block_m` (`tile_rows`), so exactly one of them runs.
             for j in cutlass.range_constexpr(1, self.block_m // self.tail_m):
                 if rows == j * self.tail_m:
                     self.mainloop_wgmma(*common, None, wait_before_tokens, j * self.tail_m)
