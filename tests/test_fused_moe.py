@@ -141,14 +141,15 @@ def _pair_table(cfg, num_tokens, num_local, gemm1, gemm2):
     return tuning.TacticTable(meta, entries)
 
 
-def _variant(variants, block_m, warps_m=None, wgmma=False):
-    """The first exported variant with `block_m` (and `warps_m`; unsplit wgmma)."""
+def _variant(variants, block_m, warps_m=None, wgmma=False, tail_m=0):
+    """The first exported variant with `block_m` (and `warps_m`; unsplit wgmma; `tail_m`)."""
     return next(
         t
         for t in variants
         if t.block_m == block_m
         and warps_m in (None, t.warps_m)
         and (not wgmma or (t.wgmma and t.split_k == 1 and not t.overlap))
+        and t.tail_m == tail_m
     )
 
 
@@ -162,6 +163,10 @@ def _variant(variants, block_m, warps_m=None, wgmma=False):
         # The pairs of the shipped H200 table from N=2048 (wgmma GEMM2s).
         ((128, 8, True), (64, 4, True)),
         ((128, 8, True), (64, 8, True)),
+        # With narrow MMAs for a segment's last tile (`tail_m`), as shipped from N=2048.
+        ((128, 8, True, 32), (64, 4, True)),
+        ((128, 8, True, 32), (128, 8, True, 32)),
+        ((64, 8, True, 32), (32, 4, True, 16)),
     ],
 )
 def test_gemms_with_different_row_tiles_match_reference(gemm1, gemm2):
