@@ -78,21 +78,8 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
     """
 
     def __init__(self, tactic: MoeGemm1Sm90Tactic, pdl: bool | None = None):
-        super().__init__(
-            tactic.block_w,
-            tactic.block_m,
-            tactic.warps_m,
-            tactic.warps_n,
-            tactic.stages,
-            tactic.cp_async,
-            tactic.split_k,
-            pdl_enabled() if pdl is None else pdl,
-            tactic.wgmma,
-            tactic.overlap,
-            tactic.bulk,
-            tactic.prefetch,
-            tactic.tail_m,
-        )
+        # The tactic's fields are the main loop's compile-time parameters, by name.
+        super().__init__(**tactic.params(), pdl=pdl_enabled() if pdl is None else pdl)
         self.tactic = tactic
 
     @cute.jit
