@@ -560,7 +560,8 @@ def test_default_tactic_regimes_and_errors():
     assert (middle.block_m, middle.block_w, middle.stages) == (32, 128, 1)
     assert middle.wgmma
     # Expected routed rows per expert m = N * top_k / num_experts: 16-row mma.sync tiles
-    # up to m = 8, 32-row warpgroup-MMA tiles below m = 64, 64-row ones from m = 64.
+    # up to m = 8, 32-row warpgroup-MMA tiles below m = 64; from m = 64 GEMM2 takes the
+    # 64-row one.
     for n, block_m, block_w, stages, wgmma in (
         (256, 16, 64, 2, False),
         (257, 32, 128, 1, True),
@@ -568,15 +569,18 @@ def test_default_tactic_regimes_and_errors():
         (2048, 64, 128, 1, True),
         (4095, 64, 128, 1, True),
     ):
-        tactic = cfg.default_tactic("moe_gemm1", n, 8, 32, 7168, 2048, num_experts=256)
+        tactic = cfg.default_tactic("moe_gemm2", n, 8, 32, 7168, 2048, num_experts=256)
         assert (tactic.block_m, tactic.block_w, tactic.stages) == (block_m, block_w, stages)
-        assert tactic.wgmma == wgmma
-    # From m = 128 GEMM1 takes the two-warpgroup 128 x 128 tile; GEMM2 stays at 64 rows.
-    for n in (4096, 16384):
+        assert tactic.wgmma == wgmma and not tactic.tail_m
+    # GEMM1 from m = 64 and GEMM2 from m = 128: the two-warpgroup 128 x 128 tile with two
+    # stages and narrow MMAs for a segment's last tile.
+    prefill = (128, 128, 8, 2, True, 32)
+    for n in (2048, 4095, 4096, 16384):
         gemm1 = cfg.default_tactic("moe_gemm1", n, 8, 32, 7168, 2048, num_experts=256)
         gemm2 = cfg.default_tactic("moe_gemm2", n, 8, 32, 7168, 2048, num_experts=256)
-        assert (gemm1.block_m, gemm1.block_w, gemm1.warps_m, gemm1.wgmma) == (128, 128, 8, True)
-        assert (gemm2.block_m, gemm2.block_w, gemm2.warps_m, gemm2.wgmma) == (64, 128, 4, True)
+        fields = ("block_m", "block_w", "warps_m", "stages", "wgmma", "tail_m")
+        assert tuple(getattr(gemm1, f) for f in fields) == prefill
+        assert (tuple(getattr(gemm2, f) for f in fields) == prefill) == (n >= 4096)
         assert gemm1 in cfg.gemm1_variants() and gemm2 in cfg.gemm2_variants()
     for n in (1, 3, 64, 128, 1000, 16384):
         pair = [
@@ -584,8 +588,9 @@ def test_default_tactic_regimes_and_errors():
             for op in ("moe_gemm1", "moe_gemm2")
         ]
         assert pair[0] in cfg.gemm1_variants() and pair[1] in cfg.gemm2_variants()
-        # Below 128 expected rows per expert (n < 4096 here) the two share block_m.
-        assert (pair[0].block_m == pair[1].block_m) == (n * 8 / 256 < 128)
+        # They share block_m below 64 and from 128 expected rows per expert (n < 2048
+        # and n >= 4096 here).
+        assert (pair[0].block_m == pair[1].block_m) == (not 64 <= n * 8 / 256 < 128)
     with pytest.raises(ValueError, match="op"):
         cfg.default_tactic("moe_gemm3", 1, 8, 32, 7168, 2048)
 

@@ -74,11 +74,13 @@ Default heuristic (`default_tactic`): with the expected routed rows per expert
 
     m <= 8:        block_m=16, block_w=64,  stages=2  (decode: most CTAs over the weights)
     8 < m < 64:    block_m=32, block_w=128, stages=1, wgmma
-    m >= 64:       block_m=64, block_w=128, stages=1, wgmma
-    m >= 128:      GEMM1: block_m=128, block_w=128, stages=1, wgmma, 8 x 1 warps
+    m >= 64:       GEMM1: block_m=128, block_w=128, stages=2, wgmma, 8 x 1 warps, tail_m=32
+                   GEMM2: block_m=64,  block_w=128, stages=1, wgmma
+    m >= 128:      GEMM2 as GEMM1
 
-all with `4 x 1` warps but the last, the same for both GEMMs below m = 128 (the two may
-differ: the routing metadata is built for the larger `block_m`, see `jax_moe.gpu`).
+all with `4 x 1` warps but the two-warpgroup tile, the same for both GEMMs below m = 64
+(the two may differ: the routing metadata is built for the larger `block_m`, see
+`jax_moe.gpu`).
 For `block_m=16` the split grows through 1, 2, 4, 8 until the expected CTA
 count (expected active local experts x weight-row tiles x split) reaches 4 per SM of
 132 SMs, or until a larger split would leave fewer than 4 K steps per split. The
@@ -95,7 +97,13 @@ best pair or within 1 % of it in all 9 such cells, where the former `mma.sync` r
 m = 128 follows the same two presets' tunes with those tiles (H200, balanced plan):
 the fastest GEMM1 at m >= 128 for Qwen3-30B-A3B (1.08-1.10x over the best
 one-warpgroup tile) and at m = 64 and m >= 256 for DeepSeek-V3 EP=8 (1.03-1.07x),
-1.08x the best at m = 128 there. The
+1.08x the best at m = 128 there. The 2-stage `tail_m=32` form of that tile, GEMM1 from
+m = 64 and GEMM2 from m = 128, follows the tunes of the build that added it (H200,
+DeepSeek-V3 EP=8 and EP=16, Qwen3-30B-A3B; in-sample): it is the tuned GEMM1 at m = 64
+in all three and at every larger m but one, and the tuned GEMM2 from m = 128 for
+DeepSeek-V3 (Qwen3 picks the 64-row tile at m = 128, 6 % faster under the spread plan,
+and the 3-stage plain tile past it); the former rule was 1.04-1.37x the tuned pair
+there. The
 `4 x 1` grid follows the tuner on an H100 (DeepSeek-V3 EP=8, N = 1024 .. 16384: every
 tuned pair used `4 x 1`; the former `2 x 2` default was 18-48 % slower there). Shipped
 tables (:mod:`jax_moe.tuning`) override the heuristic.
@@ -659,12 +667,13 @@ def default_tactic(
         raise ValueError(f"op={op!r}; expected 'moe_gemm1' or 'moe_gemm2'")
     wgmma = False
     warps_m, warps_n = 4, 1
+    tail_m = 0
     if rows <= 8:
         block_m, block_w, stages = 16, 64, 2
     elif rows < 64:
         block_m, block_w, stages, wgmma = 32, 128, 1, True
-    elif rows >= 128 and op == "moe_gemm1":
-        block_m, block_w, stages, wgmma, warps_m = 128, 128, 1, True, 8
+    elif rows >= 128 or op == "moe_gemm1":
+        block_m, block_w, stages, wgmma, warps_m, tail_m = 128, 128, 2, True, 8, 32
     else:
         block_m, block_w, stages, wgmma = 64, 128, 1, True
     split_k = 1
@@ -687,6 +696,7 @@ def default_tactic(
         cp_async=False,
         split_k=split_k,
         wgmma=wgmma,
+        tail_m=tail_m,
     )
 
 
