@@ -102,8 +102,9 @@ m = 64 and GEMM2 from m = 128, follows the tunes of the build that added it (H20
 DeepSeek-V3 EP=8 and EP=16, Qwen3-30B-A3B; in-sample): it is the tuned GEMM1 at m = 64
 in all three and at every larger m but one, and the tuned GEMM2 from m = 128 for
 DeepSeek-V3 (Qwen3 picks the 64-row tile at m = 128, 6 % faster under the spread plan,
-and the 3-stage plain tile past it); the former rule was 1.04-1.37x the tuned pair
-there. The
+and the 3-stage plain tile past it); the former rule's pair took 1.04-1.37x the tuned
+pair's time there for DeepSeek-V3 and 0.93-1.08x for Qwen3 (balanced plan; Qwen3's
+tuned pair wins under the uneven plans). The
 `4 x 1` grid follows the tuner on an H100 (DeepSeek-V3 EP=8, N = 1024 .. 16384: every
 tuned pair used `4 x 1`; the former `2 x 2` default was 18-48 % slower there). Shipped
 tables (:mod:`jax_moe.tuning`) override the heuristic.
