@@ -375,7 +375,8 @@ _LOCAL_COUNTS = {TAIL_SHAPE: (1, 31, 40, 70, 97, 128, 0, 150, 230)}
 
 def _gemm_cases(op: str) -> list:
     """`(variant name, shape)`: every variant on GEMM_SHAPE, the wgmma and bulk-copy ones
-    also on ODD_K_SHAPE, the bulk-copy and L2-prefetch ones also on LONG_K_SHAPE, the
+    also on ODD_K_SHAPE, the bulk-copy, L2-prefetch and `mbarriers` ones (whose barrier
+    phases then wrap several times) also on LONG_K_SHAPE, the
     two-warpgroup ones also on FULL_TILE_SHAPE, the `tail_m` ones also on TAIL_SHAPE."""
     names = _gemm_variants(op)
     if not names:
@@ -383,7 +384,11 @@ def _gemm_cases(op: str) -> list:
     cases = [pytest.param(n, GEMM_SHAPE, id=n) for n in names]
     rings = [n for n in names if _tactic(op, n).wgmma or _tactic(op, n).bulk]
     cases += [pytest.param(n, ODD_K_SHAPE, id=f"{n}-odd_k") for n in rings]
-    deep = [n for n in names if _tactic(op, n).bulk or _tactic(op, n).prefetch]
+    deep = [
+        n
+        for n in names
+        if _tactic(op, n).bulk or _tactic(op, n).prefetch or _tactic(op, n).mbarriers
+    ]
     cases += [pytest.param(n, LONG_K_SHAPE, id=f"{n}-long_k") for n in deep]
     two = [n for n in names if _tactic(op, n).warps_m == 8]
     cases += [pytest.param(n, FULL_TILE_SHAPE, id=f"{n}-full_tile") for n in two]

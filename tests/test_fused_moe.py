@@ -141,8 +141,9 @@ def _pair_table(cfg, num_tokens, num_local, gemm1, gemm2):
     return tuning.TacticTable(meta, entries)
 
 
-def _variant(variants, block_m, warps_m=None, wgmma=False, tail_m=0):
-    """The first exported variant with `block_m` (and `warps_m`; unsplit wgmma; `tail_m`)."""
+def _variant(variants, block_m, warps_m=None, wgmma=False, tail_m=0, mbarriers=False):
+    """The first exported variant with `block_m` (and `warps_m`; unsplit wgmma; `tail_m`;
+    `mbarriers`)."""
     return next(
         t
         for t in variants
@@ -150,6 +151,7 @@ def _variant(variants, block_m, warps_m=None, wgmma=False, tail_m=0):
         and warps_m in (None, t.warps_m)
         and (not wgmma or (t.wgmma and t.split_k == 1 and not t.overlap))
         and t.tail_m == tail_m
+        and t.mbarriers == mbarriers
     )
 
 
@@ -167,6 +169,9 @@ def _variant(variants, block_m, warps_m=None, wgmma=False, tail_m=0):
         ((128, 8, True, 32), (64, 4, True)),
         ((128, 8, True, 32), (128, 8, True, 32)),
         ((64, 8, True, 32), (32, 4, True, 16)),
+        # The token ring guarded by mbarriers (experimental).
+        ((128, 8, True, 32, True), (64, 4, True)),
+        ((128, 8, True, 32, True), (128, 8, True, 32, True)),
     ],
 )
 def test_gemms_with_different_row_tiles_match_reference(gemm1, gemm2):

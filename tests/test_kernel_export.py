@@ -146,12 +146,12 @@ def test_wgmma_variants_are_exported_for_every_regime():
     assert all(t.register_estimate() <= 140 for t in wgmma)
     for t in (t for t in wgmma if t.warps_m == 4):
         sync = (
-            dataclasses.replace(t, wgmma=False, overlap=False, tail_m=0)
+            dataclasses.replace(t, wgmma=False, overlap=False, tail_m=0, mbarriers=False)
             if t.block_m < 128
             else None
         )
         assert sync is None or t.register_estimate() < sync.register_estimate()
-    assert all(cfg.searched_by_default(t) != t.overlap for t in wgmma)
+    assert all(cfg.searched_by_default(t) != cfg.is_experimental(t) for t in wgmma)
     assert not any(
         cfg.searched_by_default(t) for t in cfg.gemm1_variants() if t.block_m == 128 and not t.wgmma
     )
@@ -241,14 +241,15 @@ def test_two_warpgroup_variants_share_one_token_tile():
 
 def test_tail_variants_are_prefill_tiles_after_the_others():
     for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
-        tails = [t for t in variants if t.tail_m]
+        tails = [t for t in variants if t.tail_m and not t.mbarriers]
         assert [(t.block_m, t.block_w, t.stages, t.warps_m, t.tail_m) for t in tails] == [
             (128, 128, 1, 8, 32),
             (128, 128, 2, 8, 32),
             (64, 128, 1, 8, 32),
             (32, 128, 2, 4, 16),
         ]
-        assert variants[-len(tails) :] == tails  # the last ids
+        # The last ids but the `mbarriers` ones.
+        assert [t for t in variants if not t.mbarriers][-len(tails) :] == tails
         for t in tails:
             # Each has its plain twin, with the same shared memory and registers.
             twin = dataclasses.replace(t, tail_m=0)
@@ -289,6 +290,63 @@ def test_tail_variant_compiles_one_loop_per_width(dsl, op, tmp_path):
     assert compiled[twin].__ptx__.count("wgmma.mma_async") == per_width
     registers = {t: _cubin_registers(c.__cubin__) for t, c in compiled.items()}
     assert registers[tactic] <= max(registers[twin], 128), registers
+
+
+def test_mbarrier_variant_is_an_experimental_tail_tile_with_a_deeper_ring():
+    for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
+        guarded = [t for t in variants if t.mbarriers]
+        assert [(t.block_m, t.block_w, t.stages, t.warps_m, t.tail_m) for t in guarded] == [
+            (128, 128, 2, 8, 32)
+        ]
+        assert variants[-len(guarded) :] == guarded  # the last ids
+        for t in guarded:
+            assert dataclasses.replace(t, mbarriers=False) in variants  # its twin
+            assert cfg.is_experimental(t) and not cfg.searched_by_default(t)
+            # One more 16 KB token stage than the twin (`block_m` rows of a 64-wide K
+            # step) and two mbarriers per stage; the 128 x 128 tile's ring of 4 stages
+            # still fits in the buffer of its fp32 tile.
+            ring = 2 * 64 * (t.stages + 2) * t.block_m
+            fp32 = 4 * (t.block_w + 4) * t.block_m
+            bars = 16 * (t.stages + 2)
+            assert t.smem_bytes() == max(ring, fp32) + 1024 + bars + 768
+            assert (
+                t.register_estimate() == dataclasses.replace(t, mbarriers=False).register_estimate()
+            )
+    base = dict(block_m=64, block_w=128, warps_m=4, warps_n=1, stages=1, cp_async=False)
+    cfg.MoeGemm1Sm90Tactic(**base, wgmma=True, mbarriers=True)  # without tail_m too
+    for bad in (
+        dict(wgmma=False, mbarriers=True),  # mma.sync
+        dict(wgmma=True, split_k=2, block_m=16, mbarriers=True),
+        dict(wgmma=True, overlap=True, mbarriers=True),
+    ):
+        with pytest.raises(ValueError, match="mbarriers"):
+            cfg.MoeGemm1Sm90Tactic(**(base | bad))
+
+
+@requires_dsl
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_mbarrier_variant_has_no_cta_barrier_in_its_k_loop(dsl, op, tmp_path):
+    """An `mbarriers` tactic's K loops wait on mbarriers (a full and an empty wait per
+    unrolled K step) instead of a CTA barrier: three `bar.sync` per K loop (after the
+    barriers' initialization, before and after the fp32 tile), where the twin has one
+    more per unrolled K step. Registers no more than the twin's."""
+    cute, modules = dsl
+    module = modules[op]
+    tactic = next(t for t in module.variants() if t.mbarriers and t.block_m == 128)
+    twin = dataclasses.replace(tactic, mbarriers=False)
+    compiled = {
+        t: _compile_kept(cute, module, t, tmp_path / f"mbar{int(t.mbarriers)}")
+        for t in (tactic, twin)
+    }
+    loops = tactic.block_m // tactic.tail_m
+    ptx = compiled[tactic].__ptx__
+    assert ptx.count("bar.sync") == 3 * loops
+    assert compiled[twin].__ptx__.count("bar.sync") == (2 + tactic.stages) * loops
+    assert ptx.count("mbarrier.try_wait.parity") == 2 * tactic.stages * loops
+    # One arrival per thread when its copies land: each prologue fill and each step.
+    assert ptx.count("cp.async.mbarrier.arrive.noinc") == 2 * tactic.stages * loops
+    registers = {t: _cubin_registers(c.__cubin__) for t, c in compiled.items()}
+    assert registers[tactic] <= registers[twin], registers
 
 
 @requires_dsl

@@ -63,6 +63,23 @@ the padding is a large share of the prefill MMAs (DeepSeek-V3 EP=8 in
 `benchmarks/bench_moe.py`: 5265 routed rows in 58 row tiles of 128 at N=8192, 71 %
 used; at N=2048 in tiles of 64, 53 %).
 
+`mbarriers` (with `wgmma`, unsplit, no `overlap`): the token ring's stages are guarded
+by two mbarriers each, "full" (every thread's cp.async copies of the stage have landed)
+and "empty" (every warp's MMAs reading it are done), instead of one CTA barrier per K
+step; the ring is one stage deeper, so the stage refilled at a step was read two steps
+back. The two warpgroups of an `8 x 1` tile then wait only for the token rows they
+read and run up to a K step apart (with one barrier, a warpgroup waiting for its
+weights held the other one too). Same registers; one more 16 KB token stage, which
+the `128 x 128` tile's fp32 buffer already covers. Measured on an H200 (tunes of
+DeepSeek-V3 EP=8 and Qwen3-30B-A3B, N = 1-16384, the twins of the four `tail_m` tiles,
+334 cell-op-routing timings): median 1.08x the twin's time (0.89-1.29x); the
+two-warpgroup `128 x 128` 2-stage tile 1.00-1.14x from N=1024 on, 0.96-0.98x only at
+N <= 512, where neither is the tuned choice. The one-warpgroup tiles, whose four
+warps the barrier never held apart, lost 5-10 %: the mbarrier protocol (an arrival
+per thread as its copies land, two waits per step) costs more than the barrier it
+replaces, and the decoupling does not win it back. One variant stays exported,
+experimental (`_MBARRIER_VARIANTS`, `is_experimental`).
+
 `split_k` (1, 2, 4, 8) splits the K loop over that many CTAs of one output tile, a
 thread block cluster that adds its fp32 tiles in rank order through distributed
 shared memory (deterministic, no workspace). It is a decode tactic: `check` rejects
@@ -117,10 +134,10 @@ warps, 64 x 128 with 2 stages and 64 x 64 with 4: 22 variants); then the 6
 split-K variants of `_SPLIT_K_VARIANTS`, the 3 deep-prefetch decode variants of
 `_DEEP_VARIANTS`, the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS`, the 3 of
 `_OVERLAP_VARIANTS`, the 4 of `_BULK_VARIANTS`, the 2 of `_PREFETCH_VARIANTS` and the
-5 of `_TWO_WARPGROUP_VARIANTS` and the 4 of `_TAIL_VARIANTS` (each list's ids after
-the previous ones). The tuner's default
+5 of `_TWO_WARPGROUP_VARIANTS`, the 4 of `_TAIL_VARIANTS` and the one of
+`_MBARRIER_VARIANTS` (each list's ids after the previous ones). The tuner's default
 search leaves out the `2 x 2` grids, the unsplit `mma.sync` tiles of 32 rows or more
-and the experimental variants (`overlap`, `bulk`, `prefetch`: `is_experimental`;
+and the experimental variants (`overlap`, `bulk`, `prefetch`, `mbarriers`: `is_experimental`;
 `searched_by_default`).
 
 `wgmma`: the MMAs run as warpgroup MMAs (`wgmma.mma_async`, A = the decoded weights in
@@ -240,6 +257,7 @@ def swap_ab_smem_bytes(
     wgmma: bool = False,
     overlap: bool = False,
     bulk: int = 0,
+    mbarriers: bool = False,
 ) -> int:
     """Dynamic shared memory of one CTA of the swap-AB GEMMs (their `_allocate_smem`).
 
@@ -251,13 +269,16 @@ def swap_ab_smem_bytes(
     With `wgmma` the token tiles (a cp.async ring of `stages + 1`) are unpadded
     (swizzled) and aligned to `WGMMA_SMEM_ALIGN` bytes (counted in full as padding),
     and the fp32 tile shares their buffer (written once the K loop is over);
-    with `overlap` the ring has `stages + 2` steps. With `bulk` (K steps per weight
+    with `overlap` the ring has `stages + 2` steps, with `mbarriers` also `stages + 2`
+    and two 8-byte mbarriers per step. With `bulk` (K steps per weight
     slot) the weight ring has `stages` slots of `bulk` steps, the token ring 3 stages,
     plus one 8-byte mbarrier per slot.
     """
     if wgmma:
-        ring = 2 * _BLOCK_K * (stages + (2 if overlap else 1)) * block_m
-        return max(ring, 4 * (block_w + 4) * block_m) + WGMMA_SMEM_ALIGN + 6 * 128
+        b_stages = stages + (2 if overlap or mbarriers else 1)
+        ring = 2 * _BLOCK_K * b_stages * block_m
+        bars = 16 * b_stages if mbarriers else 0
+        return max(ring, 4 * (block_w + 4) * block_m) + WGMMA_SMEM_ALIGN + bars + 6 * 128
     row = _BLOCK_K + 8
     b_stages = BULK_TOKEN_STAGES if bulk else stages if cp_async else 2
     ring = stages * max(1, bulk) if cp_async else 0
@@ -284,9 +305,17 @@ class _SwapAbTactic(Tactic):
     bulk: int = 0
     prefetch: int = 0
     tail_m: int = 0
+    mbarriers: bool = False
 
     # Tables written before these fields existed have no such params.
-    optional_params: ClassVar[tuple[str, ...]] = ("wgmma", "overlap", "bulk", "prefetch", "tail_m")
+    optional_params: ClassVar[tuple[str, ...]] = (
+        "wgmma",
+        "overlap",
+        "bulk",
+        "prefetch",
+        "tail_m",
+        "mbarriers",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -343,6 +372,11 @@ class _SwapAbTactic(Tactic):
                 f"{name}.tail_m={self.tail_m}: needs wgmma=1, split_k=1, overlap=0 and a "
                 f"divisor of block_m={self.block_m} below it holding a multiple of "
                 f"{self.num_threads() // 8} rows (whole token chunks per thread)"
+            )
+        if self.mbarriers and (not self.wgmma or self.split_k != 1 or self.overlap):
+            raise ValueError(
+                f"{name}: mbarriers=1 needs wgmma=1, split_k=1 and overlap=0; got "
+                f"wgmma={int(self.wgmma)}, split_k={self.split_k}, overlap={int(self.overlap)}"
             )
         if self.bulk and self.bulk not in BULK_STEPS:
             raise ValueError(
@@ -424,6 +458,7 @@ class _SwapAbTactic(Tactic):
             self.wgmma,
             self.overlap,
             self.bulk,
+            self.mbarriers,
         )
 
 
@@ -525,6 +560,12 @@ _TAIL_VARIANTS = (
     (64, 128, 1, 8, 32),
     (32, 128, 2, 4, 16),
 )
+# `_TAIL_VARIANTS` with `mbarriers`: the token ring's stages are guarded by per-stage
+# mbarriers (copies landed / every warp's MMAs done) instead of one CTA barrier per K
+# step, so the two warpgroups of a tile wait only for the data they read and run up
+# to a K step apart. Measured slower than their twins on an H200 (module docstring),
+# so experimental; the two-warpgroup prefill tile stays for profiling.
+_MBARRIER_VARIANTS = ((128, 128, 2, 8, 32),)
 # Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
 # and the CTAs per SM it aims to keep resident.
 _PLANNED_SMS = 132
@@ -572,6 +613,10 @@ def _variants(cls):
         dict(block_m=bm, block_w=bw, stages=st, wgmma=True, warps_m=wm, tail_m=tail)
         for bm, bw, st, wm, tail in _TAIL_VARIANTS
     )
+    specs.extend(
+        dict(block_m=bm, block_w=bw, stages=st, wgmma=True, warps_m=wm, tail_m=tail, mbarriers=True)
+        for bm, bw, st, wm, tail in _MBARRIER_VARIANTS
+    )
     out = []
     for i, spec in enumerate(specs):
         try:
@@ -585,17 +630,17 @@ def _variants(cls):
 def is_experimental(tactic: _SwapAbTactic) -> bool:
     """Whether `tactic` is an experimental variant (the `overlap` ones, correct but
     slower than their plain twins on an H200, the `bulk` ones, slower than the register
-    ring there, and the `prefetch` ones, slower than their twins in most cells; module
-    docstring): the tuner and its evaluation time it only when asked
-    (`--all_variants`)."""
-    return tactic.overlap or tactic.bulk > 0 or tactic.prefetch > 0
+    ring there, the `prefetch` ones, slower than their twins in most cells, and the
+    `mbarriers` one, slower than its twin from N=1024 on; module docstring): the tuner
+    and its evaluation time it only when asked (`--all_variants`)."""
+    return tactic.overlap or tactic.bulk > 0 or tactic.prefetch > 0 or tactic.mbarriers
 
 
 def searched_by_default(tactic: _SwapAbTactic) -> bool:
     """Whether the tuner times `tactic` in its default search (all exported variants
     stay usable, and `python -m jax_moe.tune --all_variants` times them all).
 
-    Searched: every wgmma variant but the experimental `overlap` ones, and
+    Searched: every wgmma variant but the experimental ones (`overlap`, `mbarriers`), and
     the `mma.sync` ones with 16-row tiles or a K
     split (the decode tactics, where `mma.sync` is still the faster family). Left out:
     the `2 x 2` warp grids and the unsplit `mma.sync` tiles of 32 rows or more. In the

@@ -289,6 +289,13 @@ class SwapAbNvfp4GemmSm90:
         multiplying `block_m` rows of which the rest are padding. One K loop is
         compiled per multiple of `tail_m` up to `block_m`; the kernel picks one per
         tile (`tile_rows`).
+      mbarriers: with `wgmma` (unsplit, no `overlap`), guard the token ring's stages
+        with two mbarriers each instead of one CTA barrier per K step: "full" (every
+        thread's copies of the stage have landed: `cp.async.mbarrier.arrive.noinc`)
+        and "empty" (every warp's MMAs reading it are done). The ring is one stage
+        deeper (`stages + 2`), so the stage refilled at a K step was read two steps
+        back and a warpgroup waits only for the copies it reads and for the other
+        one to have left the step before last (`mainloop_wgmma`).
 
     Subclasses define a `@cute.kernel` method `kernel(*args, tiled_mma)`, launched by
     `launch_kernel`; it sets up each token chunk's source row (`b_rows`), calls
@@ -311,8 +318,14 @@ class SwapAbNvfp4GemmSm90:
         bulk: int = 0,
         prefetch: int = 0,
         tail_m: int = 0,
+        mbarriers: bool = False,
     ):
-        for name, flag in (("pdl", pdl), ("wgmma", wgmma), ("overlap", overlap)):
+        for name, flag in (
+            ("pdl", pdl),
+            ("wgmma", wgmma),
+            ("overlap", overlap),
+            ("mbarriers", mbarriers),
+        ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}={flag!r}; expected a bool")
         if isinstance(bulk, bool) or bulk not in (0, *BULK_STEPS):
@@ -354,6 +367,11 @@ class SwapAbNvfp4GemmSm90:
                 f"of block_m={block_m} below it whose token chunks per K step are a "
                 "multiple of the threads"
             )
+        if mbarriers and (not wgmma or split_k != 1 or overlap):
+            raise ValueError(
+                f"mbarriers needs wgmma without split_k or overlap; got wgmma={wgmma}, "
+                f"split_k={split_k}, overlap={overlap}"
+            )
         if split_k > 1 and cp_async and not bulk:
             raise ValueError("split_k > 1 needs the register path or the bulk-copy ring")
         if warps_m * warps_n * 32 != NUM_THREADS and not (wgmma and (warps_m, warps_n) == (8, 1)):
@@ -377,6 +395,7 @@ class SwapAbNvfp4GemmSm90:
         self.bulk = bulk
         self.prefetch = prefetch
         self.tail_m = tail_m
+        self.mbarriers = mbarriers
         self.split_k = split_k
         self.block_w = block_w
         self.block_m = block_m
@@ -395,8 +414,9 @@ class SwapAbNvfp4GemmSm90:
             self.b_stages = BULK_TOKEN_STAGES
         if wgmma:
             # Token rows: a cp.async ring one step deeper than the weights' lookahead
-            # (two with `overlap`: the previous step's MMAs may still read its stage).
-            self.b_stages = stages + (2 if overlap else 1)
+            # (two with `overlap`: the previous step's MMAs may still read its stage;
+            # two with `mbarriers`: the other warpgroup may still read it).
+            self.b_stages = stages + (2 if overlap or mbarriers else 1)
         # Token work units: 16-byte chunks (8 bf16) of a token row's 64-wide K step.
         self.b_chunks = max(1, block_m * (BLOCK_K // 8) // self.num_threads)
         if block_m * (BLOCK_K // 8) % self.num_threads:
@@ -415,12 +435,15 @@ class SwapAbNvfp4GemmSm90:
             self.wgmma,
             self.overlap,
             self.bulk,
+            self.mbarriers,
         )
 
     def _allocate_smem(self, smem):
         """(s_b, s_c, s_raw, s_scale, bars); s_b has a trailing stage mode (`b_stages`),
         s_raw/s_scale are None without the cp.async pipeline (with `bulk`, each stage
-        holds `bulk` K steps), `bars` (one mbarrier per stage) None without `bulk`."""
+        holds `bulk` K steps), `bars` None without `bulk` or `mbarriers` (one mbarrier
+        per weight slot with `bulk`; with `mbarriers`, the token ring's "full"
+        mbarriers, one per stage, then its "empty" ones)."""
         c_layout = cute.make_layout((self.block_w, self.block_m), stride=(1, self.block_w + 4))
         if cutlass.const_expr(self.wgmma):
             # K-major, 128-byte swizzle (one 64-wide K step of a token row is 128 bytes).
@@ -462,6 +485,8 @@ class SwapAbNvfp4GemmSm90:
             )
         if self.bulk:
             bars = smem.allocate_array(cutlass.Int64, self.stages, byte_alignment=8)
+        if self.mbarriers:
+            bars = smem.allocate_array(cutlass.Int64, 2 * self.b_stages, byte_alignment=8)
         return s_b, s_c, s_raw, s_scale, bars
 
     def _tiled_mma(self, rows: int = 0):
@@ -934,6 +959,7 @@ class SwapAbNvfp4GemmSm90:
         tiled_mma: cute.TiledMma,
         wait_before_tokens: bool = False,
         rows: int = 0,
+        bars=None,
     ):
         """The K loop with warpgroup MMAs; leaves the fp32 tile in `s_c` (synchronized).
 
@@ -955,12 +981,28 @@ class SwapAbNvfp4GemmSm90:
         not wait for the previous step's MMAs: `mma_k_step` waits per 16 columns, and
         the stage refilled is the one read two steps back, whose MMAs are done. Split-K
         and `wait_before_tokens` behave as in `mainloop_registers`.
+
+        With `mbarriers` (`bars`: the ring's "full" mbarriers, then its "empty" ones)
+        no CTA barrier runs per K step. Step `i` (counted from `k_begin`) reads stage
+        `i % ring`, whose fill is that stage's `i // ring`-th: each thread issues its
+        copies of a fill and then `cp.async.mbarrier.arrive.noinc` on the stage's full
+        barrier (one arrival per thread, made when its copies have landed), and a
+        thread waits for the fill's phase before the MMAs. Once a warp's MMAs of step
+        `i - 1` are done (at step `i`), its lane 0 arrives on that stage's empty
+        barrier (one arrival per warp); before refilling a stage with step `j` a
+        thread waits for the phase of step `j - ring`'s reads. With `ring = stages +
+        2` and copies `stages` steps ahead, step `i` refills the stage of step
+        `i - 2`: the warpgroups run up to one step apart. Every step issues one fill
+        (past the range it copies the last step again), so the phases stay in order;
+        after the loop every copy is waited for before `s_c` overwrites the ring.
         """
         k_begin, k_end = self.k_range(m_packed)
         last = k_end - 1
         depth = self.stages
         ring = self.b_stages
-        ahead_tokens = ring - (2 if self.overlap else 1)
+        # Token copies run `stages` steps ahead (one fewer than the ring holds; two
+        # fewer with `overlap` or `mbarriers`, whose refilled stage was read two back).
+        ahead_tokens = ring - (2 if self.overlap or self.mbarriers else 1)
         r_codes, r_scales, cur_codes, cur_scales = self.weight_ring()
 
         if cutlass.const_expr(rows):
@@ -975,6 +1017,8 @@ class SwapAbNvfp4GemmSm90:
             frags = self._fragments(tiled_mma, tidx, s_b, s_c)
         tiles = self.weight_tiles(m_packed, m_scale, expert)
         band0 = self.first_band(w_row0, tidx)
+        mbar = self.mbarriers
+        empty = bars + ring if mbar else None
 
         # Padding chunks (no source row) are zero in every stage, once.
         for c in cutlass.range_constexpr(self.token_chunks(rows)):
@@ -987,6 +1031,15 @@ class SwapAbNvfp4GemmSm90:
                         s_b[chunk // (BLOCK_K // 8), None, st], (8,), (chunk % (BLOCK_K // 8),)
                     )
                     cute.autovec_copy(zero, dst)
+        if cutlass.const_expr(mbar):
+            if tidx == 0:
+                for st in cutlass.range_constexpr(ring):
+                    cute.arch.mbarrier_init(bars + st, self.num_threads)
+                    cute.arch.mbarrier_init(empty + st, self.num_threads // 32)
+            cute.arch.mbarrier_init_fence()
+            # The zeroed chunks (generic-proxy writes) before the first MMA reads them.
+            cute.arch.fence_proxy("async.shared", space="cta")
+            cute.arch.sync_threads()
         for d in cutlass.range_constexpr(depth):
             first = cutlass.min(k_begin + d, last)
             self.load_a_step(
@@ -1001,26 +1054,35 @@ class SwapAbNvfp4GemmSm90:
                 m_b, b_rows, tiles, w_row0, first, st, tidx, s_b, None, None, False, True, rows
             )
             cute.arch.cp_async_commit_group()
+            if cutlass.const_expr(mbar):
+                cute.arch.cp_async_mbarrier_arrive_noinc(bars + st)
 
         for k_group in cutlass.range(k_begin, k_end, depth, unroll=1):
             for d in cutlass.range_constexpr(depth):
                 k_step = k_group + d
                 if k_step < k_end:
                     i = k_step - k_begin
-                    if cutlass.const_expr(not self.overlap):
+                    if cutlass.const_expr(mbar):
+                        fill = i + ahead_tokens  # the step whose copies this one issues
                         warpgroup.wait_group(0)
-                    cute.arch.cp_async_wait_group(ahead_tokens - 1)
-                    # cp.async writes are generic-proxy writes; the MMAs read through
-                    # the async proxy.
-                    cute.arch.fence_proxy("async.shared", space="cta")
-                    cute.arch.sync_threads()
-                    ahead = cutlass.min(k_step + ahead_tokens, last)
+                        if i > 0 and tidx % 32 == 0:
+                            cute.arch.mbarrier_arrive(empty + (i - 1) % ring)
+                        if fill >= ring:
+                            cute.arch.mbarrier_wait(empty + fill % ring, (fill // ring + 1) % 2)
+                    else:
+                        if cutlass.const_expr(not self.overlap):
+                            warpgroup.wait_group(0)
+                        cute.arch.cp_async_wait_group(ahead_tokens - 1)
+                        # cp.async writes are generic-proxy writes; the MMAs read through
+                        # the async proxy.
+                        cute.arch.fence_proxy("async.shared", space="cta")
+                        cute.arch.sync_threads()
                     self.issue_step_cp_async(
                         m_b,
                         b_rows,
                         tiles,
                         w_row0,
-                        ahead,
+                        cutlass.min(k_step + ahead_tokens, last),
                         (i + ahead_tokens) % ring,
                         tidx,
                         s_b,
@@ -1031,6 +1093,10 @@ class SwapAbNvfp4GemmSm90:
                         rows,
                     )
                     cute.arch.cp_async_commit_group()
+                    if cutlass.const_expr(mbar):
+                        cute.arch.cp_async_mbarrier_arrive_noinc(bars + fill % ring)
+                        cute.arch.mbarrier_wait(bars + i % ring, (i // ring) % 2)
+                        cute.arch.fence_proxy("async.shared", space="cta")
                     cute.autovec_copy(r_codes[None, None, d], cur_codes)
                     cute.autovec_copy(r_scales[None, None, d], cur_scales)
                     ahead = cutlass.min(k_step + depth, last)
@@ -1097,11 +1163,11 @@ class SwapAbNvfp4GemmSm90:
             # `block_m` (`tile_rows`), so exactly one of them runs.
             for j in cutlass.range_constexpr(1, self.block_m // self.tail_m):
                 if rows == j * self.tail_m:
-                    self.mainloop_wgmma(*common, None, wait_before_tokens, j * self.tail_m)
+                    self.mainloop_wgmma(*common, None, wait_before_tokens, j * self.tail_m, bars)
             if rows >= self.block_m:
-                self.mainloop_wgmma(*common, tiled_mma, wait_before_tokens)
+                self.mainloop_wgmma(*common, tiled_mma, wait_before_tokens, 0, bars)
         elif cutlass.const_expr(self.wgmma):
-            self.mainloop_wgmma(*common, tiled_mma, wait_before_tokens)
+            self.mainloop_wgmma(*common, tiled_mma, wait_before_tokens, 0, bars)
         elif cutlass.const_expr(not self.cp_async):
             self.mainloop_registers(*common, tiled_mma, wait_before_tokens)
         else:
