@@ -72,12 +72,15 @@ read and run up to a K step apart (with one barrier, a warpgroup waiting for its
 weights held the other one too). Same registers; one more 16 KB token stage, which
 the `128 x 128` tile's fp32 buffer already covers. Measured on an H200 (tunes of
 DeepSeek-V3 EP=8 and Qwen3-30B-A3B, N = 1-16384, the twins of the four `tail_m` tiles,
-334 cell-op-routing timings): median 1.08x the twin's time (0.89-1.29x); the
-two-warpgroup `128 x 128` 2-stage tile 1.00-1.14x from N=1024 on, 0.96-0.98x only at
-N <= 512, where neither is the tuned choice. The one-warpgroup tiles, whose four
-warps the barrier never held apart, lost 5-10 %: the mbarrier protocol (an arrival
-per thread as its copies land, two waits per step) costs more than the barrier it
-replaces, and the decoupling does not win it back. One variant stays exported,
+334 cell-op-routing timings): median 1.08x the twin's time (0.89-1.29x). The
+two-warpgroup `128 x 128` 2-stage tile, the tuned prefill tile: from N=1024 on median
+1.07x (GEMM1) and 1.02x (GEMM2), 0.96-1.14x; at N <= 512, where neither is the tuned
+choice, median 0.98x. The one-stage two-warpgroup tiles lost 5-18 % (medians) and
+the one-warpgroup `32 x 128` tile, whose four warps the barrier never held apart,
+5-11 %. Under Nsight Compute (DeepSeek-V3 EP=8, N=8192) the mbarrier GEMM1 waits at
+a barrier less but more on long-scoreboard (its mbarrier waits), fixed-latency
+dependencies and the MMAs, and issues more instructions: the warpgroups wait for
+the token rows and each other's MMAs either way. One variant stays exported,
 experimental (`_MBARRIER_VARIANTS`, `is_experimental`).
 
 `split_k` (1, 2, 4, 8) splits the K loop over that many CTAs of one output tile, a
