@@ -47,7 +47,7 @@ def _check(cfg, weights, x, ids, wts, num_local, offset):
         ("tiny", 1, 1, 0),
         ("tiny", 37, 1, 0),
         ("tiny", 64, 4, 2),
-        ("tiny", 128, 1, 0),  # 32 expected rows per expert: 32-row wgmma tiles by default
+        ("tiny", 128, 1, 0),  # 32 rows per expert: 64-row two-warpgroup GEMM1, 32-row GEMM2
         ("tiny", 300, 1, 0),  # 75: 128-row two-warpgroup tail_m GEMM1, 64-row GEMM2
         ("qwen3_30b_a3b", 5, 16, 3),  # 8 local experts of 128
         ("mixtral_8x7b", 3, 8, 5),  # 1 local expert of 8

@@ -615,28 +615,31 @@ def test_default_tactic_regimes_and_errors():
     decode = cfg.default_tactic("moe_gemm1", 1, 8, 32, 7168, 2048, num_experts=256)
     assert (decode.block_m, decode.block_w, decode.stages) == (16, 64, 2)
     middle = cfg.default_tactic("moe_gemm2", 64, 2, 8, 4096, 14336)
-    assert (middle.block_m, middle.block_w, middle.stages) == (32, 128, 1)
+    assert (middle.block_m, middle.block_w, middle.stages) == (32, 128, 2)
     assert middle.wgmma
     # Expected routed rows per expert m = N * top_k / num_experts: 16-row mma.sync tiles
-    # up to m = 8, 32-row warpgroup-MMA tiles below m = 64; from m = 64 GEMM2 takes the
-    # 64-row one.
-    for n, block_m, block_w, stages, wgmma in (
-        (256, 16, 64, 2, False),
-        (257, 32, 128, 1, True),
-        (2047, 32, 128, 1, True),
-        (2048, 64, 128, 1, True),
-        (4095, 64, 128, 1, True),
+    # up to m = 8, 2-stage 32-row warpgroup-MMA tiles below m = 64 (GEMM1's with
+    # tail_m=16 below m = 32, then the two-warpgroup 64-row tile with tail_m=32); from
+    # m = 64 GEMM2 takes the 64-row one.
+    fields = ("block_m", "block_w", "warps_m", "stages", "wgmma", "tail_m")
+    for n, gemm1, gemm2 in (
+        (256, (16, 64, 4, 2, False, 0), (16, 64, 4, 2, False, 0)),
+        (257, (32, 128, 4, 2, True, 16), (32, 128, 4, 2, True, 0)),
+        (1023, (32, 128, 4, 2, True, 16), (32, 128, 4, 2, True, 0)),
+        (1024, (64, 128, 8, 1, True, 32), (32, 128, 4, 2, True, 0)),
+        (2047, (64, 128, 8, 1, True, 32), (32, 128, 4, 2, True, 0)),
+        (2048, (128, 128, 8, 2, True, 32), (64, 128, 4, 1, True, 0)),
+        (4095, (128, 128, 8, 2, True, 32), (64, 128, 4, 1, True, 0)),
     ):
-        tactic = cfg.default_tactic("moe_gemm2", n, 8, 32, 7168, 2048, num_experts=256)
-        assert (tactic.block_m, tactic.block_w, tactic.stages) == (block_m, block_w, stages)
-        assert tactic.wgmma == wgmma and not tactic.tail_m
+        for op, want in (("moe_gemm1", gemm1), ("moe_gemm2", gemm2)):
+            tactic = cfg.default_tactic(op, n, 8, 32, 7168, 2048, num_experts=256)
+            assert tuple(getattr(tactic, f) for f in fields) == want, (n, op)
     # GEMM1 from m = 64 and GEMM2 from m = 128: the two-warpgroup 128 x 128 tile with two
     # stages and narrow MMAs for a segment's last tile.
     prefill = (128, 128, 8, 2, True, 32)
     for n in (2048, 4095, 4096, 16384):
         gemm1 = cfg.default_tactic("moe_gemm1", n, 8, 32, 7168, 2048, num_experts=256)
         gemm2 = cfg.default_tactic("moe_gemm2", n, 8, 32, 7168, 2048, num_experts=256)
-        fields = ("block_m", "block_w", "warps_m", "stages", "wgmma", "tail_m")
         assert tuple(getattr(gemm1, f) for f in fields) == prefill
         assert (tuple(getattr(gemm2, f) for f in fields) == prefill) == (n >= 4096)
         assert gemm1 in cfg.gemm1_variants() and gemm2 in cfg.gemm2_variants()
@@ -646,9 +649,9 @@ def test_default_tactic_regimes_and_errors():
             for op in ("moe_gemm1", "moe_gemm2")
         ]
         assert pair[0] in cfg.gemm1_variants() and pair[1] in cfg.gemm2_variants()
-        # They share block_m below 64 and from 128 expected rows per expert (n < 2048
+        # They share block_m below 32 and from 128 expected rows per expert (n < 1024
         # and n >= 4096 here).
-        assert (pair[0].block_m == pair[1].block_m) == (not 64 <= n * 8 / 256 < 128)
+        assert (pair[0].block_m == pair[1].block_m) == (not 32 <= n * 8 / 256 < 128)
     with pytest.raises(ValueError, match="op"):
         cfg.default_tactic("moe_gemm3", 1, 8, 32, 7168, 2048)
 

@@ -93,14 +93,16 @@ Default heuristic (`default_tactic`): with the expected routed rows per expert
 `m = num_tokens * top_k / num_experts`,
 
     m <= 8:        block_m=16, block_w=64,  stages=2  (decode: most CTAs over the weights)
-    8 < m < 64:    block_m=32, block_w=128, stages=1, wgmma
+    8 < m < 32:    block_m=32, block_w=128, stages=2, wgmma (GEMM1 with tail_m=16)
+    32 <= m < 64:  GEMM1: block_m=64,  block_w=128, stages=1, wgmma, 8 x 1 warps, tail_m=32
+                   GEMM2: block_m=32,  block_w=128, stages=2, wgmma
     m >= 64:       GEMM1: block_m=128, block_w=128, stages=2, wgmma, 8 x 1 warps, tail_m=32
                    GEMM2: block_m=64,  block_w=128, stages=1, wgmma
     m >= 128:      GEMM2 as GEMM1
 
-all with `4 x 1` warps but the two-warpgroup tile, the same for both GEMMs below m = 64
-(the two may differ: the routing metadata is built for the larger `block_m`, see
-`jax_moe.gpu`).
+all with `4 x 1` warps but the two-warpgroup tiles, the same `block_m` for both GEMMs
+up to m = 32 and from m = 128 (the two may differ: the routing metadata is built for
+the larger `block_m`, see `jax_moe.gpu`).
 For `block_m=16` the split grows through 1, 2, 4, 8 until the expected CTA
 count (expected active local experts x weight-row tiles x split) reaches 4 per SM of
 132 SMs, or until a larger split would leave fewer than 4 K steps per split. The
@@ -124,7 +126,18 @@ in all three and at every larger m but one, and the tuned GEMM2 from m = 128 for
 DeepSeek-V3 (Qwen3 picks the 64-row tile at m = 128, 6 % faster under the spread plan,
 and the 3-stage plain tile past it); the former rule's pair took 1.04-1.37x the tuned
 pair's time there for DeepSeek-V3 and 0.93-1.08x for Qwen3 (balanced plan; Qwen3's
-tuned pair wins under the uneven plans). The
+tuned pair wins under the uneven plans). From m = 16 to 64 the tables of four H200
+presets (DeepSeek-V3 EP=1, 8 and 16, Qwen3-30B-A3B; the tunes of that build) agree: at
+m = 16 all four take the 2-stage 32-row wgmma pair, GEMM1 with `tail_m=16`; at m = 32
+three take the two-warpgroup 64-row `tail_m=32` GEMM1 and two a 2-stage 32-row GEMM2,
+so the rule follows them (the single-stage 32-row pair it had for 8 < m < 64 is
+older, from the `mma.sync` build's evaluations). On that build's saved timings (the
+tunes of DeepSeek-V3 EP=8 and EP=1 and Qwen3, and an EP=1 evaluation under the
+`softmax` routing; in-sample; the cells where both rules' pairs were timed) the
+heuristic's mean regret fell from 5.3 / 4.4 / 5.5 /
+4.7 % to 4.2 / 3.8 / 4.8 / 3.6 % and its largest from 40.6 % (DeepSeek-V3 EP=8
+N=1024) to 22.2 %; under `softmax` at DeepSeek-V3 EP=1 N = 512 / 1024 from 7.8 / 15.0 %
+to 1.9 / 3.5 % (not measured again on a GPU as a default). The
 `4 x 1` grid follows the tuner on an H100 (DeepSeek-V3 EP=8, N = 1024 .. 16384: every
 tuned pair used `4 x 1`; the former `2 x 2` default was 18-48 % slower there). Shipped
 tables (:mod:`jax_moe.tuning`) override the heuristic.
@@ -719,8 +732,11 @@ def default_tactic(
     tail_m = 0
     if rows <= 8:
         block_m, block_w, stages = 16, 64, 2
+    elif rows < 32 or (rows < 64 and op == "moe_gemm2"):
+        block_m, block_w, stages, wgmma = 32, 128, 2, True
+        tail_m = 16 if op == "moe_gemm1" else 0
     elif rows < 64:
-        block_m, block_w, stages, wgmma = 32, 128, 1, True
+        block_m, block_w, stages, wgmma, warps_m, tail_m = 64, 128, 1, True, 8, 32
     elif rows >= 128 or op == "moe_gemm1":
         block_m, block_w, stages, wgmma, warps_m, tail_m = 128, 128, 2, True, 8, 32
     else:
