@@ -120,7 +120,8 @@ _MERGE = flags.DEFINE_bool(
 _EVALUATE = flags.DEFINE_string(
     "evaluate",
     None,
-    "Evaluate this tactic file (regret, reproducibility) instead of tuning.",
+    "Evaluate this tactic file (regret, reproducibility) instead of tuning; with --model "
+    "or --ep, only the table's cells of those shapes or expert-parallel sizes.",
     flag_values=FLAGS,
 )
 _EVALUATE_ROUTINGS = flags.DEFINE_list(
@@ -272,6 +273,8 @@ class TuneConfig:
       evaluate_repeat: the evaluation also tunes the cells again (reproducibility).
       evaluate_also: more tactic files compared on the evaluation's timings.
       evaluate_seed: seed of the regret passes' key (None: the table's key).
+      evaluate_eps: the expert-parallel sizes whose cells are evaluated (empty: all; the
+        evaluated shapes are `models`, empty: all).
       timings_out: JSON file that receives every timing of the run (`timing_rows`).
       resume: read `timings_out` first (if it exists) and reuse the cells it holds.
       analyze: a `timings_out` file to analyze instead of tuning (no GPU needed).
@@ -298,6 +301,7 @@ class TuneConfig:
     evaluate_repeat: bool = True
     evaluate_also: tuple[str, ...] = ()
     evaluate_seed: int | None = None
+    evaluate_eps: tuple[int, ...] = ()
     timings_out: str | None = None
     resume: bool = False
     analyze: str | None = None
@@ -421,6 +425,7 @@ def config_from_flags() -> TuneConfig:
             evaluate_repeat=_EVALUATE_REPEAT.value,
             evaluate_also=tuple(p.strip() for p in _EVALUATE_ALSO.value if p.strip()),
             evaluate_seed=_EVALUATE_SEED.value,
+            evaluate_eps=eps if FLAGS["ep"].present else (),
             timings_out=_TIMINGS_OUT.value,
             resume=_RESUME.value,
             analyze=_ANALYZE.value,
@@ -767,6 +772,8 @@ def _evaluate(config: TuneConfig, profiler: Profiler, stream: TextIO) -> TuneOut
         search=config.search,
         others=others,
         key_data=None if config.evaluate_seed is None else key_data_of_seed(config.evaluate_seed),
+        models=config.models,
+        eps=config.evaluate_eps,
     )
     if config.evaluate_seed is not None:
         stream.write(f"regret routings and inputs drawn with seed {config.evaluate_seed}\n")

@@ -889,6 +889,20 @@ def test_evaluate_reports_regret_and_reproducibility(tmp_path):
     assert f"  {worst.cell}: tuned {worst.tuned[0]}" in output and "; best " in output
 
 
+def test_evaluate_only_the_cells_of_the_given_ep_and_model(tmp_path):
+    _cli(tmp_path, "--ep=1,2", "--max_tokens=4")
+    path = str(tmp_path / "tactics.json")
+    evaluated, _, _ = _cli(tmp_path, f"--evaluate={path}", "--ep=2", "--noevaluate_repeat")
+    cells = {(r.cell.model.name, r.cell.ep, r.cell.num_tokens) for r in evaluated.report.regrets}
+    assert cells == {("tiny", 2, n) for n in (1, 2, 4)}
+    with pytest.raises(ValueError, match=r"no cell of tiny at EP 4; it holds .*\(tiny, 2\)"):
+        _cli(tmp_path, f"--evaluate={path}", "--ep=4", "--noevaluate_repeat")
+    stream = io.StringIO()
+    argv = ["jax_moe.tune", f"--evaluate={path}", "--model=mixtral_8x7b", "--noevaluate_repeat"]
+    with pytest.raises(ValueError, match="no cell of mixtral_8x7b at EP any"):
+        tune.run_cli(argv, profiler=CostModelProfiler(), stream=stream)
+
+
 def test_busiest_rank_routing_profiles_the_most_loaded_slice():
     model = models.get_preset("deepseek_v3")
     ep, local = 8, model.num_experts // 8

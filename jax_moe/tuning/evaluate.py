@@ -100,6 +100,9 @@ class EvaluationConfig:
       key_data: the `jax.random` key data of the regret passes' inputs and routings;
         None (default): the table's profile key. Another key evaluates the table on a
         sample it was not tuned on (the repeated tuning always uses the table's key).
+      models: evaluate only the cells of these layer shapes (empty: every shape the
+        table holds); a model matches by shape, not by name.
+      eps: evaluate only the cells of these expert-parallel sizes (empty: all).
     """
 
     routings: tuple[str, ...] = REALISTIC_ROUTINGS
@@ -107,6 +110,8 @@ class EvaluationConfig:
     search: SearchConfig = SearchConfig()
     others: tuple[tuple[str, TacticTable], ...] = ()
     key_data: tuple[int, ...] | None = None
+    models: tuple[models.MoEConfig, ...] = ()
+    eps: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +197,31 @@ def _model_of(problem: ProblemKey) -> models.MoEConfig:
     )
 
 
+def _shape(model: models.MoEConfig) -> tuple[int, int, int, int]:
+    return (model.num_experts, model.top_k, model.hidden, model.intermediate)
+
+
+def _selected(cells: list, config: EvaluationConfig) -> list:
+    """The `table_cells` entries of `config.models` and `config.eps` (empty: all);
+    ValueError if a selection leaves none."""
+    shapes = {_shape(m) for m in config.models}
+    chosen = [
+        item
+        for item in cells
+        if (not shapes or _shape(item[0].model) in shapes)
+        and (not config.eps or item[0].ep in config.eps)
+    ]
+    if cells and not chosen:
+        held = sorted({(cell.model.name, cell.ep) for cell, _ in cells})
+        wanted = [m.name for m in config.models] or ["any model"]
+        raise ValueError(
+            f"the table has no cell of {', '.join(wanted)} at EP "
+            f"{', '.join(map(str, config.eps)) or 'any'}; it holds (model, EP) "
+            f"{', '.join(f'({name}, {ep})' for name, ep in held)}"
+        )
+    return chosen
+
+
 def table_cells(
     table: TacticTable, *, routing: str | None = None
 ) -> list[tuple[TuneCell, tuple[Tactic, Tactic]]]:
@@ -273,7 +303,7 @@ def evaluate_table(
     `saved` are not measured again (`tune_cells`).
     """
     config = config or EvaluationConfig()
-    tuned_cells = table_cells(table)
+    tuned_cells = _selected(table_cells(table), config)
     regrets, measured = [], []
     # Regret needs every exported variant timed fully under one routing: no screening,
     # no secondary routing, no default-search subset here (only the repeated tuning
