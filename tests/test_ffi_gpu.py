@@ -375,8 +375,10 @@ _LOCAL_COUNTS = {TAIL_SHAPE: (1, 31, 40, 70, 97, 128, 0, 150, 230)}
 
 def _gemm_cases(op: str) -> list:
     """`(variant name, shape)`: every variant on GEMM_SHAPE, the wgmma and bulk-copy ones
-    also on ODD_K_SHAPE, the bulk-copy, L2-prefetch and `mbarriers` ones (whose barrier
-    phases then wrap several times) also on LONG_K_SHAPE, the
+    also on ODD_K_SHAPE, the bulk-copy, L2-prefetch and `mbarriers` ones also on
+    LONG_K_SHAPE (18 / 9 K steps: the `mbarriers` tile's phases wrap several times in
+    the loop its 32-row tails take; its wider loops run on FULL_TILE_SHAPE and
+    TAIL_SHAPE, whose loops are no longer than its ring), the
     two-warpgroup ones also on FULL_TILE_SHAPE, the `tail_m` ones also on TAIL_SHAPE."""
     names = _gemm_variants(op)
     if not names:

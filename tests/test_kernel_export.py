@@ -643,7 +643,7 @@ def test_default_tactic_regimes_and_errors():
         assert tuple(getattr(gemm1, f) for f in fields) == prefill
         assert (tuple(getattr(gemm2, f) for f in fields) == prefill) == (n >= 4096)
         assert gemm1 in cfg.gemm1_variants() and gemm2 in cfg.gemm2_variants()
-    for n in (1, 3, 64, 128, 1000, 16384):
+    for n in (1, 3, 64, 128, 1000, 1024, 2047, 2048, 4095, 16384):
         pair = [
             cfg.default_tactic(op, n, 8, 32, 7168, 2048, num_experts=256)
             for op in ("moe_gemm1", "moe_gemm2")

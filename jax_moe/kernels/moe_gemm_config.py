@@ -101,7 +101,7 @@ Default heuristic (`default_tactic`): with the expected routed rows per expert
     m >= 128:      GEMM2 as GEMM1
 
 all with `4 x 1` warps but the two-warpgroup tiles, the same `block_m` for both GEMMs
-up to m = 32 and from m = 128 (the two may differ: the routing metadata is built for
+below m = 32 and from m = 128 (the two may differ: the routing metadata is built for
 the larger `block_m`, see `jax_moe.gpu`).
 For `block_m=16` the split grows through 1, 2, 4, 8 until the expected CTA
 count (expected active local experts x weight-row tiles x split) reaches 4 per SM of

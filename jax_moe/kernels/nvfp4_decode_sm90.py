@@ -969,7 +969,7 @@ class SwapAbNvfp4GemmSm90:
 
         Weights: the register ring of `mainloop_registers` (`stages` K steps ahead).
         Token rows: cp.async into the swizzled ring `s_b` of `b_stages = stages + 1`
-        steps (`stages + 2` with `overlap`), `stages` steps ahead; chunks with
+        steps (`stages + 2` with `overlap` or `mbarriers`), `stages` steps ahead; chunks with
         `b_rows[c] < 0` are zero in every
         stage and never copied. Per K step: wait for the previous step's MMAs (they
         read the A registers about to be rewritten and the token stage about to be
