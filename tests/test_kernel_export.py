@@ -623,7 +623,7 @@ def test_default_tactic_regimes_and_errors():
     # m = 64 GEMM2 takes the 64-row one.
     fields = ("block_m", "block_w", "warps_m", "stages", "wgmma", "tail_m")
     for n, gemm1, gemm2 in (
-        (256, (16, 64, 4, 2, False, 0), (16, 64, 4, 2, False, 0)),
+        (256, (16, 128, 4, 2, False, 0), (16, 128, 4, 2, False, 0)),
         (257, (32, 128, 4, 2, True, 16), (32, 128, 4, 2, True, 0)),
         (1023, (32, 128, 4, 2, True, 16), (32, 128, 4, 2, True, 0)),
         (1024, (64, 128, 8, 1, True, 32), (32, 128, 4, 2, True, 0)),
@@ -683,9 +683,17 @@ def test_split_k_is_a_decode_tactic():
         for n in (1, 2, 4, 8, 16, 64)
     ]
     assert splits[0] == 8 and splits == sorted(splits, reverse=True) and splits[-1] == 1
-    # Few K steps: a split keeps at least four of them.
+    # Few K steps: a split keeps at least eight of them (GEMM2's 32 steps: split 4).
     small = cfg.default_tactic("moe_gemm2", 1, 8, 32, 7168, 128, num_experts=256)
     assert small.split_k == 1
+    assert cfg.default_tactic("moe_gemm2", 1, 8, 32, 7168, 2048, num_experts=256).split_k == 4
+    # Split decode tiles stay 64 rows wide; unsplit ones take 128 weight rows once
+    # those still make 4 CTAs per SM (DeepSeek-V3 EP=8: from N=32 for GEMM1).
+    for n in (1, 2, 4, 8, 16, 32, 64, 256):
+        tactic = cfg.default_tactic("moe_gemm1", n, 8, 32, 7168, 2048, num_experts=256)
+        assert tactic.block_m == 16 and tactic.block_w == (
+            64 if tactic.split_k > 1 or n < 32 else 128
+        )
     for n in (1, 2, 4, 8):
         for op in ("moe_gemm1", "moe_gemm2"):
             tactic = cfg.default_tactic(op, n, 8, 32, 7168, 2048, num_experts=256)

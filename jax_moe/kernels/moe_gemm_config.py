@@ -92,7 +92,8 @@ exceed `block_m`, where the grid is full without it.
 Default heuristic (`default_tactic`): with the expected routed rows per expert
 `m = num_tokens * top_k / num_experts`,
 
-    m <= 8:        block_m=16, block_w=64,  stages=2  (decode: most CTAs over the weights)
+    m <= 8:        block_m=16, block_w=64,  stages=2, split-K (decode: most CTAs over
+                   the weights); unsplit, block_w=128 where that fills the GPU
     8 < m < 32:    block_m=32, block_w=128, stages=2, wgmma (GEMM1 with tail_m=16)
     32 <= m < 64:  GEMM1: block_m=64,  block_w=128, stages=1, wgmma, 8 x 1 warps, tail_m=32
                    GEMM2: block_m=32,  block_w=128, stages=2, wgmma
@@ -104,10 +105,18 @@ all with `4 x 1` warps but the two-warpgroup tiles, the same `block_m` for both 
 below m = 32 and from m = 128 (the two may differ: the routing metadata is built for
 the larger `block_m`, see `jax_moe.gpu`).
 For `block_m=16` the split grows through 1, 2, 4, 8 until the expected CTA
-count (expected active local experts x weight-row tiles x split) reaches 4 per SM of
-132 SMs, or until a larger split would leave fewer than 4 K steps per split. The
-switch from 16- to 32-row tiles above m = 8 and the single stage of the 32-row tile
-follow the best pairs under realistic routings on an H200 (DeepSeek-V3 EP=1 and EP=8,
+count (expected active local experts x 64-row weight tiles x split) reaches 4 per SM of
+132 SMs, or until a larger split would leave fewer than 8 K steps per split; unsplit,
+the tile takes 128 weight rows (`block_w=128`) where those still make 4 CTAs per SM.
+On the saved timings of the `tail_m` build's H200 tunes (DeepSeek-V3 EP=8 and EP=1,
+Qwen3-30B-A3B) and an EP=1 `softmax` evaluation, the 2-stage `16 x 128` tile was the
+fastest unsplit decode GEMM in most cells (2-7 % ahead of `16 x 64`), and split 8 of
+DeepSeek-V3's 32-step GEMM2 lost 20-32 % to split 2-4 at N=1; with both changes the
+rule's mean regret over the m <= 8 cells fell from 5.9 / 4.4 / 4.4 / 4.7 % to 3.9 / 2.1 /
+0.7 / 1.2 % (in-sample; its largest, DeepSeek-V3 EP=8 N=16 under the spread plan,
+rose from 22.2 to 25.6 %: a typical rank there activates fewer experts than the
+uniform estimate, and split 4 wins). The switch from 16- to 32-row tiles above m = 8
+follows the best pairs under realistic routings on an H200 (DeepSeek-V3 EP=1 and EP=8,
 Qwen3-30B-A3B EP=1; four evaluations of the `mma.sync` build, 120 cell-routings, every
 variant timed; an in-sample fit). The warpgroup MMA above m = 8 and the 64-row tile
 from m = 64 follow the balanced-plan tunes of the wgmma build on an H200 (DeepSeek-V3
@@ -586,8 +595,10 @@ _MBARRIER_VARIANTS = ((128, 128, 2, 8, 32),)
 # and the CTAs per SM it aims to keep resident.
 _PLANNED_SMS = 132
 _PLANNED_CTAS_PER_SM = 4
-# Fewest 64-wide K steps one split keeps (the register ring needs a few to overlap).
-_MIN_K_STEPS_PER_SPLIT = 4
+# Fewest 64-wide K steps one split keeps: with fewer, a split's prologue, cluster
+# barriers and epilogue outweigh its share of the loop (DeepSeek-V3 EP=8 GEMM2, 32 K
+# steps, at N=1 on an H200: split 8 took 1.2-1.3x the time of split 2 or 4).
+_MIN_K_STEPS_PER_SPLIT = 8
 
 
 def _variants(cls):
@@ -747,11 +758,11 @@ def default_tactic(
             weight_rows, k_steps = 2 * intermediate, hidden // _BLOCK_K
         else:
             weight_rows, k_steps = hidden, intermediate // _BLOCK_K
-        split_k = _default_split_k(
-            _expected_active_experts(num_tokens, top_k, num_local_experts, num_experts)
-            * max(1, weight_rows // block_w),
-            k_steps,
-        )
+        active = _expected_active_experts(num_tokens, top_k, num_local_experts, num_experts)
+        split_k = _default_split_k(active * max(1, weight_rows // block_w), k_steps)
+        # Unsplit, the 128-row weight tile where it still fills the planned CTAs.
+        if split_k == 1 and active * weight_rows / 128 >= _PLANNED_SMS * _PLANNED_CTAS_PER_SM:
+            block_w = 128
     return cls(
         block_m=block_m,
         block_w=block_w,
