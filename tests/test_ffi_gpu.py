@@ -365,6 +365,10 @@ LONG_K_SHAPE = (24, 4, 1152, 576, 4)
 # About 160 routed rows per local expert: full 128-row tiles and a partial second one,
 # for the two-warpgroup tiles (each warpgroup's MMAs read every token row of the tile).
 FULL_TILE_SHAPE = (320, 4, 256, 128, 4)
+# The same loads with long K loops (GEMM1: 18 K steps, GEMM2: 9), for the `mbarriers`
+# tile: its full-tile (128-wide) loop runs past its ring, so each stage's mbarriers go
+# through several phases there too.
+FULL_TILE_LONG_K_SHAPE = (320, 4, 1152, 576, 4)
 # Uneven loads (slots per local expert below), for the `tail_m` variants: the last
 # tile of a segment holds 1 to `block_m` rows, so each MMA width is taken (128-row
 # tiles in steps of 32: 1, 31, 150 -> 32; 40 -> 64; 70 -> 96; 97, 230 -> 128; 128:
@@ -377,8 +381,7 @@ def _gemm_cases(op: str) -> list:
     """`(variant name, shape)`: every variant on GEMM_SHAPE, the wgmma and bulk-copy ones
     also on ODD_K_SHAPE, the bulk-copy, L2-prefetch and `mbarriers` ones also on
     LONG_K_SHAPE (18 / 9 K steps: the `mbarriers` tile's phases wrap several times in
-    the loop its 32-row tails take; its wider loops run on FULL_TILE_SHAPE and
-    TAIL_SHAPE, whose loops are no longer than its ring), the
+    the loop its 32-row tails take; its full tiles on FULL_TILE_LONG_K_SHAPE), the
     two-warpgroup ones also on FULL_TILE_SHAPE, the `tail_m` ones also on TAIL_SHAPE."""
     names = _gemm_variants(op)
     if not names:
@@ -394,6 +397,8 @@ def _gemm_cases(op: str) -> list:
     cases += [pytest.param(n, LONG_K_SHAPE, id=f"{n}-long_k") for n in deep]
     two = [n for n in names if _tactic(op, n).warps_m == 8]
     cases += [pytest.param(n, FULL_TILE_SHAPE, id=f"{n}-full_tile") for n in two]
+    guarded = [n for n in names if _tactic(op, n).mbarriers]
+    cases += [pytest.param(n, FULL_TILE_LONG_K_SHAPE, id=f"{n}-full_tile_long_k") for n in guarded]
     tails = [n for n in names if _tactic(op, n).tail_m]
     cases += [pytest.param(n, TAIL_SHAPE, id=f"{n}-tail") for n in tails]
     return cases
