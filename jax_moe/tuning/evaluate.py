@@ -183,10 +183,14 @@ class EvaluationReport:
         return [r for r in self.regrets if r.regret is None]
 
 
+def _shape(model: models.MoEConfig) -> tuple[int, int, int, int]:
+    return (model.num_experts, model.top_k, model.hidden, model.intermediate)
+
+
 def _model_of(problem: ProblemKey) -> models.MoEConfig:
     shape = (problem.num_experts, problem.top_k, problem.hidden, problem.intermediate)
     for preset in models.PRESETS.values():
-        if (preset.num_experts, preset.top_k, preset.hidden, preset.intermediate) == shape:
+        if _shape(preset) == shape:
             return preset
     return models.MoEConfig(
         name=f"E{problem.num_experts}k{problem.top_k}H{problem.hidden}I{problem.intermediate}",
@@ -195,10 +199,6 @@ def _model_of(problem: ProblemKey) -> models.MoEConfig:
         hidden=problem.hidden,
         intermediate=problem.intermediate,
     )
-
-
-def _shape(model: models.MoEConfig) -> tuple[int, int, int, int]:
-    return (model.num_experts, model.top_k, model.hidden, model.intermediate)
 
 
 def _selected(cells: list, config: EvaluationConfig) -> list:
