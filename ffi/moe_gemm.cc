@@ -10,9 +10,10 @@
 //     w13_packed    uint8    (experts, 2 * inter, hidden / 2)   prepared order, 16-byte aligned
 //     w13_scale     uint8    (experts, 2 * inter, hidden / 16)  prepared scale bytes, 16-byte aligned
 //     w13_global    float32  (experts,)
-//   Result:
+//   Results:
 //     act           bfloat16 (m_pad, inter)                     inter % 64 == 0, 16-byte aligned
-//   Attributes: top_k int32 (>= 1), variant int32.
+//     workspace     int32    (words,)                           stream-K variants: see below
+//   Attributes: top_k int32 (>= 1), num_ctas int32, variant int32.
 //
 // jax_moe_moe_gemm2: y[r] = topk_weights[s] * (act[r] W2^T) * gs
 //   Operands:
@@ -23,9 +24,17 @@
 //     w2_scale      uint8    (experts, hidden, inter / 16)      prepared scale bytes, 16-byte aligned
 //     w2_global     float32  (experts,)
 //     topk_weights  float32  (num_tokens * top_k,)
-//   Result:
+//   Results:
 //     y             bfloat16 (m_pad, hidden)                    hidden % 128 == 0, 16-byte aligned
-//   Attributes: variant int32.
+//     workspace     int32    (words,)                           stream-K variants: see below
+//   Attributes: num_ctas int32, variant int32.
+//
+// Stream-K variants (tactic field stream_k > 0) launch `num_ctas` CTAs (>= 1) and
+// need m_pad / block_m <= kStreamKMaxTiles and a 16-byte aligned workspace of at
+// least round_up(m_pad / block_m * weight_rows / block_w, 4) + 2 * num_ctas *
+// block_m * block_w words (jax_moe.kernels.moe_gemm_config.stream_k_workspace_words):
+// the arrival counters, which the handler clears before the launch, then the
+// partial tiles. Other variants ignore the workspace and num_ctas.
 //
 // Values inside sorted_slots / tile_expert are trusted (they come from
 // jax_moe.routing_metadata); everything about shapes, dtypes and alignment is
@@ -127,6 +136,54 @@ ffi::Error CheckRouting(std::string_view op, const Variant& kernel,
   return ffi::Error::Success();
 }
 
+// Row tiles a stream-K CTA can list (STREAM_K_MAX_TILES in
+// jax_moe/kernels/moe_gemm_config.py).
+constexpr int64_t kStreamKMaxTiles = 1024;
+
+// Checks the workspace of a GEMM call and, for a stream-K variant, its size and
+// num_ctas, then clears the arrival counters on `stream` (a no-op otherwise).
+template <typename Variant>
+ffi::Error PrepareWorkspace(std::string_view op, const Variant& kernel,
+                            ffi::AnyBuffer& workspace, int64_t row_tiles,
+                            int64_t weight_rows, int32_t num_ctas,
+                            cudaStream_t stream) {
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckBuffer(op, "workspace", workspace, ffi::DataType::S32, 1));
+  const int64_t stream_k = VariantParam(kernel, "stream_k").value_or(0);
+  if (stream_k == 0) return ffi::Error::Success();
+  if (num_ctas < 1) {
+    return Invalid(op, "num_ctas = " + std::to_string(num_ctas) + "; stream-K variant " +
+                           kernel.name + " needs >= 1");
+  }
+  if (row_tiles > kStreamKMaxTiles) {
+    return Invalid(op, "stream-K variant " + std::string(kernel.name) + " takes at most " +
+                           std::to_string(kStreamKMaxTiles) + " row tiles; got " +
+                           std::to_string(row_tiles) +
+                           " (a decode tactic: use another one for this many routed rows)");
+  }
+  const int64_t block_m = VariantParam(kernel, "block_m").value_or(0);
+  const int64_t block_w = VariantParam(kernel, "block_w").value_or(0);
+  if (block_m <= 0 || block_w <= 0) {
+    return ffi::Error::Internal(std::string(op) + ": variant " + kernel.name +
+                                " has no block_m or block_w parameter");
+  }
+  const int64_t counters = (row_tiles * (weight_rows / block_w) + 3) / 4 * 4;
+  const int64_t words = counters + 2 * int64_t{num_ctas} * block_m * block_w;
+  if (static_cast<int64_t>(workspace.element_count()) < words) {
+    return Invalid(op, "workspace has " + std::to_string(workspace.element_count()) +
+                           " words; stream-K variant " + kernel.name + " needs " +
+                           std::to_string(words) + " for num_ctas = " +
+                           std::to_string(num_ctas));
+  }
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(op, "workspace", workspace));
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckAligned(op, "workspace", workspace.untyped_data(), kVectorAlignment));
+  return CudaStatus(op, "clearing the stream-K counters",
+                    cudaMemsetAsync(workspace.untyped_data(), 0,
+                                    static_cast<size_t>(counters) * sizeof(int32_t),
+                                    stream));
+}
+
 ffi::Error CheckMultiple(std::string_view op, std::string_view what,
                          int64_t value, int64_t multiple) {
   if (value % multiple != 0) {
@@ -149,8 +206,9 @@ ffi::Error MoeGemm1Execute(cudaStream_t stream, ffi::AnyBuffer hidden,
                            ffi::AnyBuffer tile_expert,
                            ffi::AnyBuffer w13_packed, ffi::AnyBuffer w13_scale,
                            ffi::AnyBuffer w13_global,
-                           ffi::Result<ffi::AnyBuffer> act, int32_t top_k,
-                           int32_t variant) {
+                           ffi::Result<ffi::AnyBuffer> act,
+                           ffi::Result<ffi::AnyBuffer> workspace, int32_t top_k,
+                           int32_t num_ctas, int32_t variant) {
   JAX_MOE_RETURN_IF_ERROR(
       CheckVariant(kGemm1, variant, JAX_MOE_MOE_GEMM1_NUM_VARIANTS));
   const jax_moe_moe_gemm1_variant_t& kernel = jax_moe_moe_gemm1_variants[variant];
@@ -185,6 +243,9 @@ ffi::Error MoeGemm1Execute(cudaStream_t stream, ffi::AnyBuffer hidden,
   JAX_MOE_RETURN_IF_ERROR(
       CheckAligned(kGemm1, "act", act->untyped_data(), kVectorAlignment));
   JAX_MOE_RETURN_IF_ERROR(LoadVariant(kGemm1, kernel));
+  JAX_MOE_RETURN_IF_ERROR(PrepareWorkspace(kGemm1, kernel, *workspace,
+                                           tile_expert.dimensions()[0], 2 * inter,
+                                           num_ctas, stream));
 
   jax_moe_moe_gemm1_hidden_t hidden_arg{};
   jax_moe_moe_gemm1_sorted_slots_t sorted_slots_arg{};
@@ -193,6 +254,7 @@ ffi::Error MoeGemm1Execute(cudaStream_t stream, ffi::AnyBuffer hidden,
   jax_moe_moe_gemm1_w13_scale_t scale_arg{};
   jax_moe_moe_gemm1_w13_global_t global_arg{};
   jax_moe_moe_gemm1_act_t act_arg{};
+  jax_moe_moe_gemm1_workspace_t workspace_arg{};
   FillDescriptor<2>(hidden_arg, hidden);
   FillDescriptor<1>(sorted_slots_arg, sorted_slots);
   FillDescriptor<1>(tile_expert_arg, tile_expert);
@@ -200,9 +262,11 @@ ffi::Error MoeGemm1Execute(cudaStream_t stream, ffi::AnyBuffer hidden,
   FillDescriptor<3>(scale_arg, w13_scale);
   FillDescriptor<1>(global_arg, w13_global);
   FillDescriptor<2>(act_arg, *act);
+  FillDescriptor<1>(workspace_arg, *workspace);
   const int32_t status =
       kernel.launch(&hidden_arg, &sorted_slots_arg, &tile_expert_arg, &packed_arg,
-                    &scale_arg, &global_arg, &act_arg, top_k, stream);
+                    &scale_arg, &global_arg, &act_arg, top_k, &workspace_arg,
+                    num_ctas, stream);
   return CheckLaunch(kGemm1, kernel.name, status);
 }
 #endif  // JAX_MOE_HAS_MOE_GEMM1
@@ -220,7 +284,9 @@ ffi::Error MoeGemm2Execute(cudaStream_t stream, ffi::AnyBuffer act,
                            ffi::AnyBuffer tile_expert, ffi::AnyBuffer w2_packed,
                            ffi::AnyBuffer w2_scale, ffi::AnyBuffer w2_global,
                            ffi::AnyBuffer topk_weights,
-                           ffi::Result<ffi::AnyBuffer> y, int32_t variant) {
+                           ffi::Result<ffi::AnyBuffer> y,
+                           ffi::Result<ffi::AnyBuffer> workspace, int32_t num_ctas,
+                           int32_t variant) {
   JAX_MOE_RETURN_IF_ERROR(
       CheckVariant(kGemm2, variant, JAX_MOE_MOE_GEMM2_NUM_VARIANTS));
   const jax_moe_moe_gemm2_variant_t& kernel = jax_moe_moe_gemm2_variants[variant];
@@ -251,6 +317,9 @@ ffi::Error MoeGemm2Execute(cudaStream_t stream, ffi::AnyBuffer act,
   JAX_MOE_RETURN_IF_ERROR(
       CheckAligned(kGemm2, "y", y->untyped_data(), kVectorAlignment));
   JAX_MOE_RETURN_IF_ERROR(LoadVariant(kGemm2, kernel));
+  JAX_MOE_RETURN_IF_ERROR(PrepareWorkspace(kGemm2, kernel, *workspace,
+                                           tile_expert.dimensions()[0], h, num_ctas,
+                                           stream));
 
   jax_moe_moe_gemm2_act_t act_arg{};
   jax_moe_moe_gemm2_sorted_slots_t sorted_slots_arg{};
@@ -260,6 +329,7 @@ ffi::Error MoeGemm2Execute(cudaStream_t stream, ffi::AnyBuffer act,
   jax_moe_moe_gemm2_w2_global_t global_arg{};
   jax_moe_moe_gemm2_topk_weights_t weights_arg{};
   jax_moe_moe_gemm2_y_t y_arg{};
+  jax_moe_moe_gemm2_workspace_t workspace_arg{};
   FillDescriptor<2>(act_arg, act);
   FillDescriptor<1>(sorted_slots_arg, sorted_slots);
   FillDescriptor<1>(tile_expert_arg, tile_expert);
@@ -268,9 +338,11 @@ ffi::Error MoeGemm2Execute(cudaStream_t stream, ffi::AnyBuffer act,
   FillDescriptor<1>(global_arg, w2_global);
   FillDescriptor<1>(weights_arg, topk_weights);
   FillDescriptor<2>(y_arg, *y);
+  FillDescriptor<1>(workspace_arg, *workspace);
   const int32_t status =
       kernel.launch(&act_arg, &sorted_slots_arg, &tile_expert_arg, &packed_arg,
-                    &scale_arg, &global_arg, &weights_arg, &y_arg, stream);
+                    &scale_arg, &global_arg, &weights_arg, &y_arg, &workspace_arg,
+                    num_ctas, stream);
   return CheckLaunch(kGemm2, kernel.name, status);
 }
 #endif  // JAX_MOE_HAS_MOE_GEMM2
@@ -294,7 +366,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()  // w13_scale: uint8 (experts, 2 * inter, hidden / 16)
         .Arg<xla::ffi::AnyBuffer>()  // w13_global: float32 (experts,)
         .Ret<xla::ffi::AnyBuffer>()  // act: bfloat16 (m_pad, inter)
+        .Ret<xla::ffi::AnyBuffer>()  // workspace: int32 (words,), stream-K variants
         .Attr<int32_t>("top_k")      // experts per token
+        .Attr<int32_t>("num_ctas")   // stream-K grid size (ignored by other variants)
         .Attr<int32_t>("variant"),   // index into jax_moe_moe_gemm1_variants
     {xla::ffi::Traits::kCmdBufferCompatible});
 #endif
@@ -316,6 +390,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()  // w2_global: float32 (experts,)
         .Arg<xla::ffi::AnyBuffer>()  // topk_weights: float32 (num_tokens * top_k,)
         .Ret<xla::ffi::AnyBuffer>()  // y: bfloat16 (m_pad, hidden)
+        .Ret<xla::ffi::AnyBuffer>()  // workspace: int32 (words,), stream-K variants
+        .Attr<int32_t>("num_ctas")   // stream-K grid size (ignored by other variants)
         .Attr<int32_t>("variant"),   // index into jax_moe_moe_gemm2_variants
     {xla::ffi::Traits::kCmdBufferCompatible});
 #endif

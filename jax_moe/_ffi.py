@@ -300,6 +300,45 @@ def _check_routing(sorted_slots: jax.Array, tile_expert: jax.Array, variant: Any
     return m_pad
 
 
+#: SMs assumed for a stream-K grid when JAX sees no GPU (H100 and H200 SXM).
+_DEFAULT_SMS = 132
+#: float32 words of the workspace of a GEMM variant without stream-K (never read).
+_IDLE_WORKSPACE_WORDS = 4
+
+
+@functools.cache
+def _num_sms() -> int:
+    """Streaming multiprocessors of the first GPU JAX sees (`_DEFAULT_SMS` without one)."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return _DEFAULT_SMS
+    count = getattr(devices[0], "core_count", None) if devices else None
+    return int(count) if isinstance(count, int) and count > 0 else _DEFAULT_SMS
+
+
+@functools.cache
+def _gemm_tactics(op: str) -> dict[str, Any]:
+    from jax_moe.kernels.moe_gemm_config import gemm1_variants, gemm2_variants
+
+    return {str(t): t for t in (gemm1_variants() if op == "moe_gemm1" else gemm2_variants())}
+
+
+def _workspace(op: str, variant: Any, num_row_tiles: int, weight_rows: int) -> tuple:
+    """`(workspace result, num_ctas)` of a GEMM call: the stream-K grid's CTAs
+    (`stream_k` per SM) and its workspace (`stream_k_workspace_words`), or a
+    `_IDLE_WORKSPACE_WORDS` placeholder and 0 for the other variants."""
+    from jax_moe.kernels.moe_gemm_config import stream_k_workspace_words
+
+    tactic = _gemm_tactics(op).get(str(variant))
+    per_sm = getattr(tactic, "stream_k", 0)
+    num_ctas = per_sm * _num_sms()
+    words = _IDLE_WORKSPACE_WORDS
+    if per_sm:
+        words = stream_k_workspace_words(tactic, num_row_tiles, weight_rows, num_ctas)
+    return jax.ShapeDtypeStruct((words,), jnp.int32), num_ctas
+
+
 def _check_multiple(name: str, value: int, multiple: int) -> None:
     if value % multiple:
         raise NotImplementedError(f"{name}={value}; the kernel needs a multiple of {multiple}")
@@ -334,7 +373,10 @@ def moe_gemm1(
       variant: a `MoeGemm1Sm90Tactic` (or its name) compiled into the extension.
 
     Returns:
-      act: `(m_pad, intermediate)` bfloat16.
+      act: `(m_pad, intermediate)` bfloat16. A stream-K variant (`stream_k > 0`) also
+      gets a workspace of `stream_k_workspace_words` int32 words (a second result of
+      the custom call, dropped here) and a grid of `stream_k` CTAs per SM of the first
+      GPU (132 SMs assumed without one).
     """
     top_k = _check_int("top_k", top_k, 1)
     _check_array("hidden", hidden, jnp.bfloat16, (None, None))
@@ -349,13 +391,16 @@ def moe_gemm1(
     m_pad = _check_routing(sorted_slots, tile_expert, variant)
     _check_multiple("hidden", h, 64)
     _check_multiple("intermediate", inter, 64)
-    return _call(
+    workspace, num_ctas = _workspace("moe_gemm1", variant, tile_expert.shape[0], rows)
+    act, _ = _call(
         "moe_gemm1",
         variant,
-        jax.ShapeDtypeStruct((m_pad, inter), jnp.bfloat16),
+        (jax.ShapeDtypeStruct((m_pad, inter), jnp.bfloat16), workspace),
         (hidden, sorted_slots, tile_expert, w13_packed, w13_scale, w13_global),
         top_k=np.int32(top_k),
+        num_ctas=np.int32(num_ctas),
     )
+    return act
 
 
 def moe_gemm2(
@@ -386,7 +431,7 @@ def moe_gemm2(
       variant: a `MoeGemm2Sm90Tactic` (or its name) compiled into the extension.
 
     Returns:
-      y: `(m_pad, hidden)` bfloat16.
+      y: `(m_pad, hidden)` bfloat16. Stream-K variants: as in `moe_gemm1`.
     """
     _check_array("act", act, jnp.bfloat16, (None, None))
     inter = act.shape[1]
@@ -400,12 +445,15 @@ def moe_gemm2(
         raise ValueError(f"act has {act.shape[0]} rows; expected m_pad={m_pad}")
     _check_multiple("intermediate", inter, 64)
     _check_multiple("hidden", h, 128)
-    return _call(
+    workspace, num_ctas = _workspace("moe_gemm2", variant, tile_expert.shape[0], h)
+    y, _ = _call(
         "moe_gemm2",
         variant,
-        jax.ShapeDtypeStruct((m_pad, h), jnp.bfloat16),
+        (jax.ShapeDtypeStruct((m_pad, h), jnp.bfloat16), workspace),
         (act, sorted_slots, tile_expert, w2_packed, w2_scale, w2_global, topk_weights),
+        num_ctas=np.int32(num_ctas),
     )
+    return y
 
 
 def _check_slot(slot: int) -> int:

@@ -9,6 +9,7 @@ Run with `-s` to see the timing table of `test_combine_timing`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 
 from jax_moe import _ffi
 from jax_moe.kernels.combine_config import COMBINE_SM90_TACTICS
-from jax_moe.routing_metadata import routing_metadata
+from jax_moe.routing_metadata import finer_tile_expert, routing_metadata
 
 
 @functools.cache
@@ -382,7 +383,10 @@ def _gemm_cases(op: str) -> list:
     also on ODD_K_SHAPE, the bulk-copy, L2-prefetch and `mbarriers` ones also on
     LONG_K_SHAPE (18 / 9 K steps: the `mbarriers` tile's phases wrap several times in
     the loop its 32-row tails take; its full tiles on FULL_TILE_LONG_K_SHAPE), the
-    two-warpgroup ones also on FULL_TILE_SHAPE, the `tail_m` ones also on TAIL_SHAPE."""
+    two-warpgroup ones also on FULL_TILE_SHAPE, the `tail_m` ones also on TAIL_SHAPE.
+    The stream-K ones also run on LONG_K_SHAPE and TAIL_SHAPE: on these small
+    problems there are fewer work units than CTAs, so every tile is split between CTAs
+    (one K step each) and summed by the last to arrive."""
     names = _gemm_variants(op)
     if not names:
         return [pytest.param("none", GEMM_SHAPE, id="none")]
@@ -392,14 +396,17 @@ def _gemm_cases(op: str) -> list:
     deep = [
         n
         for n in names
-        if _tactic(op, n).bulk or _tactic(op, n).prefetch or _tactic(op, n).mbarriers
+        if _tactic(op, n).bulk
+        or _tactic(op, n).prefetch
+        or _tactic(op, n).mbarriers
+        or _tactic(op, n).stream_k
     ]
     cases += [pytest.param(n, LONG_K_SHAPE, id=f"{n}-long_k") for n in deep]
     two = [n for n in names if _tactic(op, n).warps_m == 8]
     cases += [pytest.param(n, FULL_TILE_SHAPE, id=f"{n}-full_tile") for n in two]
     guarded = [n for n in names if _tactic(op, n).mbarriers]
     cases += [pytest.param(n, FULL_TILE_LONG_K_SHAPE, id=f"{n}-full_tile_long_k") for n in guarded]
-    tails = [n for n in names if _tactic(op, n).tail_m]
+    tails = [n for n in names if _tactic(op, n).tail_m or _tactic(op, n).stream_k]
     cases += [pytest.param(n, TAIL_SHAPE, id=f"{n}-tail") for n in tails]
     return cases
 
@@ -478,6 +485,98 @@ def test_moe_gemm2_matches_reference(name, shape):
     assert np.all(np.abs(got - want) <= 2.0**-8 * np.abs(want) + 1e-5 * scale), (
         np.max(np.abs(got - want)) / scale
     )
+
+
+def _stream_k_names(op: str) -> list[str]:
+    return [n for n in _gemm_variants(op) if _tactic(op, n).stream_k] or ["none"]
+
+
+def _gemm_call(op, tactic, shape, coarse_block_m=None):
+    """`(fn, args, sorted_slots, tile_expert)` of one GEMM on `_moe_problem(*shape)`; with
+    `coarse_block_m`, the routing is built for that row tile and the tactic's
+    `tile_expert` derived by `finer_tile_expert` (tiles of padding in between get -1)."""
+    num_tokens, top_k, hidden, inter, num_local = shape
+    prepared, _, _, topk_ids, topk_weights, x = _moe_problem(*shape)
+    meta = routing_metadata(
+        jnp.asarray(topk_ids),
+        num_local_experts=num_local,
+        block_m=coarse_block_m or tactic.block_m,
+    )
+    tile_expert = meta.tile_expert
+    if coarse_block_m:
+        tile_expert = finer_tile_expert(meta.sorted_slots, meta.tile_expert, tactic.block_m)
+    if op == "moe_gemm1":
+        fn = jax.jit(functools.partial(_ffi.moe_gemm1, top_k=top_k, variant=tactic))
+        weights = (prepared.w13_packed, prepared.w13_scale, prepared.w13_global)
+        args = (jnp.asarray(x), meta.sorted_slots, tile_expert, *weights)
+    else:
+        fn = jax.jit(functools.partial(_ffi.moe_gemm2, variant=tactic))
+        m_pad = meta.sorted_slots.shape[0]
+        act = np.random.default_rng(3).standard_normal((m_pad, inter), dtype=np.float32)
+        weights = (prepared.w2_packed, prepared.w2_scale, prepared.w2_global)
+        args = (
+            jnp.asarray(act.astype(ml_dtypes.bfloat16)),
+            meta.sorted_slots,
+            tile_expert,
+            *weights,
+            jnp.asarray(topk_weights.reshape(-1)),
+        )
+    return fn, args, np.asarray(meta.sorted_slots), np.asarray(tile_expert)
+
+
+@pytest.mark.gpu
+@requires_ffi_gpu
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_stream_k_is_bitwise_deterministic_and_matches_its_unsplit_twin(op):
+    """The stream-K sums of split tiles are added in a fixed order: the same call gives
+    the same bits, and the values match the unsplit register tile within the rounding
+    of a different fp32 summation order."""
+    names = [n for n in _stream_k_names(op) if n != "none"]
+    if not names:
+        pytest.skip("no stream-K variant in this build")
+    shape = LONG_K_SHAPE
+    for name in names:
+        tactic = _tactic(op, name)
+        twin = dataclasses.replace(tactic, stream_k=0)
+        fn, args, slots, _ = _gemm_call(op, tactic, shape)
+        first = np.asarray(fn(*args))
+        again = np.asarray(fn(*args))
+        rows = np.flatnonzero(slots >= 0)
+        assert np.array_equal(first[rows].view(np.uint16), again[rows].view(np.uint16)), name
+        twin_fn, twin_args, _, _ = _gemm_call(op, twin, shape)
+        want = np.asarray(twin_fn(*twin_args)).astype(np.float32)[rows]
+        got = first.astype(np.float32)[rows]
+        scale = np.max(np.abs(want))
+        assert np.max(np.abs(got - want)) <= 2.0**-7 * scale, (name, np.max(np.abs(got - want)))
+
+
+@pytest.mark.gpu
+@requires_ffi_gpu
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_stream_k_skips_tiles_of_padding_and_runs_without_tiles(op):
+    """Routing built for 64-row tiles: the 16-row `tile_expert` has -1 tiles between
+    active ones, which the stream-K list must skip (compared with the unsplit twin on
+    the same metadata), and a call without an active tile runs and returns."""
+    names = [n for n in _stream_k_names(op) if n != "none"]
+    if not names:
+        pytest.skip("no stream-K variant in this build")
+    for name in names:
+        tactic = _tactic(op, name)
+        fn, args, slots, tiles = _gemm_call(op, tactic, GEMM_SHAPE, coarse_block_m=64)
+        active = np.flatnonzero(tiles >= 0)
+        assert np.any(np.diff(active) > 1), "expected tiles of padding between active tiles"
+        twin = dataclasses.replace(tactic, stream_k=0)
+        twin_fn, _, _, _ = _gemm_call(op, twin, GEMM_SHAPE, coarse_block_m=64)
+        rows = np.flatnonzero(slots >= 0)
+        got = np.asarray(fn(*args)).astype(np.float32)[rows]
+        want = np.asarray(twin_fn(*args)).astype(np.float32)[rows]
+        scale = np.max(np.abs(want))
+        assert np.all(np.isfinite(got)), name
+        assert np.max(np.abs(got - want)) <= 2.0**-7 * scale, name
+        idle = list(args)
+        idle[1] = jnp.full_like(args[1], -1)
+        idle[2] = jnp.full_like(args[2], -1)
+        assert np.asarray(fn(*idle)).shape[0] == slots.shape[0]
 
 
 @pytest.mark.gpu

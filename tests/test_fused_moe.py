@@ -141,9 +141,9 @@ def _pair_table(cfg, num_tokens, num_local, gemm1, gemm2):
     return tuning.TacticTable(meta, entries)
 
 
-def _variant(variants, block_m, warps_m=None, wgmma=False, tail_m=0, mbarriers=False):
+def _variant(variants, block_m, warps_m=None, wgmma=False, tail_m=0, mbarriers=False, stream_k=0):
     """The first exported variant with `block_m` (and `warps_m`; unsplit wgmma; `tail_m`;
-    `mbarriers`)."""
+    `mbarriers`; `stream_k`)."""
     return next(
         t
         for t in variants
@@ -152,6 +152,7 @@ def _variant(variants, block_m, warps_m=None, wgmma=False, tail_m=0, mbarriers=F
         and (not wgmma or (t.wgmma and t.split_k == 1 and not t.overlap))
         and t.tail_m == tail_m
         and t.mbarriers == mbarriers
+        and t.stream_k == stream_k
     )
 
 
@@ -186,6 +187,33 @@ def test_gemms_with_different_row_tiles_match_reference(gemm1, gemm2):
     got = jax.jit(lambda *a: jax_moe.fused_moe(*a, tactics=table))(x, weights, ids, wts)
     want = reference.fused_moe(x, weights, ids, wts)
     assert_close(got, want, jnp.bfloat16)
+
+
+@requires_gpu
+@pytest.mark.parametrize(
+    "gemm1, gemm2",
+    [
+        ((16, None, False, 0, False, 4), (16, None, False, 0, False, 5)),
+        ((16, None, False, 0, False, 8), (16, None, False, 0, False, 3)),
+        # Routing built for 64-row tiles: the stream-K GEMM's list skips padding tiles.
+        ((16, None, False, 0, False, 4), (64, 4, True)),
+        ((64, 4, True), (16, None, False, 0, False, 6)),
+    ],
+)
+@pytest.mark.parametrize("num_tokens", [1, 40])
+def test_stream_k_gemms_match_reference(gemm1, gemm2, num_tokens):
+    from jax_moe.kernels import moe_gemm_config
+
+    cfg, weights, x, ids, wts, num_local, offset = _layer("tiny", num_tokens)
+    gemm1 = _variant(moe_gemm_config.gemm1_variants(), *gemm1)
+    gemm2 = _variant(moe_gemm_config.gemm2_variants(), *gemm2)
+    table = _pair_table(cfg, num_tokens, num_local, gemm1, gemm2)
+    fn = jax.jit(lambda *a: jax_moe.fused_moe(*a, tactics=table))
+    got = fn(x, weights, ids, wts)
+    want = reference.fused_moe(x, weights, ids, wts)
+    assert_close(got, want, jnp.bfloat16)
+    again = fn(x, weights, ids, wts)
+    assert np.array_equal(np.asarray(got).view(np.uint16), np.asarray(again).view(np.uint16))
 
 
 def test_float32_hidden_states_close_to_reference():

@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,9 +192,13 @@ def test_overlap_variants_are_unsplit_wgmma_tiles_outside_the_default_search():
         ]
         assert all(t.wgmma and t.split_k == 1 for t in overlap)
         assert not any(cfg.searched_by_default(t) for t in overlap)
-        # Ids after every earlier variant (only the bulk-copy, prefetch, two-warpgroup
-        # and `tail_m` ones follow).
-        earlier = [t for t in variants if not (t.bulk or t.prefetch or t.warps_m == 8 or t.tail_m)]
+        # Ids after every earlier variant (only the bulk-copy, prefetch, two-warpgroup,
+        # `tail_m` and stream-K ones follow).
+        earlier = [
+            t
+            for t in variants
+            if not (t.bulk or t.prefetch or t.warps_m == 8 or t.tail_m or t.stream_k)
+        ]
         assert earlier[-len(overlap) :] == overlap
         # One more token stage than the plain wgmma tile (the ring shares its buffer
         # with the larger fp32 tile).
@@ -212,8 +217,9 @@ def test_two_warpgroup_variants_share_one_token_tile():
             (128, 128, 3),
             (64, 128, 2),
         ]
-        # The last ids but the `tail_m` ones; unsplit wgmma tiles searched by default.
-        assert [t for t in variants if not t.tail_m][-len(two) :] == two
+        # The last ids but the `tail_m` and stream-K ones; unsplit wgmma tiles searched by
+        # default.
+        assert [t for t in variants if not (t.tail_m or t.stream_k)][-len(two) :] == two
         for t in two:
             assert t.wgmma and t.warps_n == 1 and t.split_k == 1 and not t.overlap
             assert t.num_threads() == 256 and cfg.searched_by_default(t)
@@ -248,8 +254,9 @@ def test_tail_variants_are_prefill_tiles_after_the_others():
             (64, 128, 1, 8, 32),
             (32, 128, 2, 4, 16),
         ]
-        # The last ids but the `mbarriers` ones.
-        assert [t for t in variants if not t.mbarriers][-len(tails) :] == tails
+        # The last ids but the `mbarriers` and stream-K ones.
+        plain = [t for t in variants if not t.mbarriers and not t.stream_k]
+        assert plain[-len(tails) :] == tails
         for t in tails:
             # Each has its plain twin, with the same shared memory and registers.
             twin = dataclasses.replace(t, tail_m=0)
@@ -298,7 +305,8 @@ def test_mbarrier_variant_is_an_experimental_tail_tile_with_a_deeper_ring():
         assert [(t.block_m, t.block_w, t.stages, t.warps_m, t.tail_m) for t in guarded] == [
             (128, 128, 2, 8, 32)
         ]
-        assert variants[-len(guarded) :] == guarded  # the last ids
+        # The last ids but the stream-K ones.
+        assert [t for t in variants if not t.stream_k][-len(guarded) :] == guarded
         for t in guarded:
             assert dataclasses.replace(t, mbarriers=False) in variants  # its twin
             assert cfg.is_experimental(t) and not cfg.searched_by_default(t)
@@ -321,6 +329,53 @@ def test_mbarrier_variant_is_an_experimental_tail_tile_with_a_deeper_ring():
     ):
         with pytest.raises(ValueError, match="mbarriers"):
             cfg.MoeGemm1Sm90Tactic(**(base | bad))
+
+
+def test_stream_k_variants_are_decode_register_tiles_after_the_others():
+    for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
+        streamed = [t for t in variants if t.stream_k]
+        assert [(t.block_w, t.stages, t.stream_k) for t in streamed] == [
+            (64, 2, 6),
+            (64, 2, 8),
+            (128, 2, 4),
+            (128, 2, 5),
+            (128, 2, 6),
+            (128, 4, 3),
+            (128, 4, 4),
+        ]
+        assert variants[-len(streamed) :] == streamed  # the last ids
+        for t in streamed:
+            twin = dataclasses.replace(t, stream_k=0)
+            assert twin in variants
+            assert (t.block_m, t.warps_m, t.wgmma, t.cp_async, t.split_k) == (16, 4, 0, 0, 1)
+            assert cfg.is_experimental(t) and not cfg.searched_by_default(t)
+            assert t.register_estimate() == twin.register_estimate()
+            # The active-tile list and one word per warp.
+            assert t.smem_bytes() == twin.smem_bytes() + 4 * (cfg.STREAM_K_MAX_TILES + 8)
+            # A decode tactic: one row tile per expert at most.
+            problem = _problem("moe_gemm1", token_bucket=512)  # 16 rows per expert
+            t.check(problem)
+            with pytest.raises(ValueError, match="stream_k.*decode tactic"):
+                t.check(_problem("moe_gemm1", token_bucket=1024))
+    base = dict(block_m=16, block_w=128, warps_m=4, warps_n=1, stages=2, cp_async=False)
+    cfg.MoeGemm1Sm90Tactic(**base, stream_k=6)
+    for bad in (
+        dict(stream_k=7),  # not a listed CTAs-per-SM count
+        dict(stream_k=2, wgmma=True),
+        dict(stream_k=2, split_k=2),
+        dict(stream_k=2, block_m=32),
+        dict(stream_k=2, prefetch=4),
+    ):
+        with pytest.raises(ValueError, match="stream_k"):
+            cfg.MoeGemm1Sm90Tactic(**(base | bad))
+
+
+def test_stream_k_workspace_words():
+    tactic = next(t for t in cfg.gemm1_variants() if t.stream_k == 4 and t.block_w == 128)
+    # 10 row tiles x 4096 / 128 weight tiles = 320 counters, then 2 partial tiles per CTA.
+    assert cfg.stream_k_workspace_words(tactic, 10, 4096, 264) == 320 + 2 * 264 * 16 * 128
+    assert cfg.stream_k_workspace_words(tactic, 3, 384, 1) == 12 + 2 * 16 * 128  # 9 -> 12
+    assert cfg.stream_k_workspace_words(dataclasses.replace(tactic, stream_k=0), 3, 384, 1) == 0
 
 
 @requires_dsl
@@ -378,8 +433,11 @@ def test_bulk_variants_are_experimental_decode_tiles_after_the_others():
         }
         assert {t.split_k for t in bulk} == {1, 2}
         assert all(t.cp_async and not t.wgmma and (t.warps_m, t.warps_n) == (4, 1) for t in bulk)
-        # After every other variant but the prefetch, two-warpgroup and `tail_m` ones.
-        earlier = [t for t in variants if not (t.prefetch or t.warps_m == 8 or t.tail_m)]
+        # After every other variant but the prefetch, two-warpgroup, `tail_m` and
+        # stream-K ones.
+        earlier = [
+            t for t in variants if not (t.prefetch or t.warps_m == 8 or t.tail_m or t.stream_k)
+        ]
         assert earlier[-len(bulk) :] == bulk
         assert all(cfg.is_experimental(t) and not cfg.searched_by_default(t) for t in bulk)
         for t in bulk:
@@ -402,8 +460,9 @@ def test_bulk_variants_are_experimental_decode_tiles_after_the_others():
 def test_prefetch_variants_are_experimental_mma_sync_decode_tiles_after_the_others():
     for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
         pre = [t for t in variants if t.prefetch]
-        # Only the two-warpgroup and `tail_m` tiles follow.
-        assert [t for t in variants if t.warps_m != 8 and not t.tail_m][-len(pre) :] == pre
+        # Only the two-warpgroup, `tail_m` and stream-K tiles follow.
+        earlier = [t for t in variants if t.warps_m != 8 and not (t.tail_m or t.stream_k)]
+        assert earlier[-len(pre) :] == pre
         assert {(t.block_w, t.stages, t.prefetch, t.split_k) for t in pre} == {
             (64, 2, 8, 1),
             (64, 2, 8, 2),
@@ -662,7 +721,7 @@ def test_split_k_is_a_decode_tactic():
     # The ids of the unsplit register-ring variants (stages <= 4) come first, then the
     # split-K ones, then the deep-prefetch decode ones, then the wgmma ones (so earlier
     # ids never move); the bulk-copy and prefetch ones come last (their own tests).
-    variants = [t for t in cfg.gemm1_variants() if not (t.bulk or t.prefetch)]
+    variants = [t for t in cfg.gemm1_variants() if not (t.bulk or t.prefetch or t.stream_k)]
     first_split = next(i for i, t in enumerate(variants) if t.split_k > 1)
     first_deep = next(i for i, t in enumerate(variants) if t.stages > 4)
     first_wgmma = next(i for i, t in enumerate(variants) if t.wgmma)
@@ -915,3 +974,8 @@ def test_deep_prefetch_is_a_decode_tactic():
         cfg.MoeGemm1Sm90Tactic(
             block_m=16, block_w=128, warps_m=4, warps_n=1, stages=8, cp_async=False
         )
+
+
+def test_stream_k_tile_limit_matches_the_ffi_handler():
+    source = (Path(__file__).resolve().parents[1] / "ffi" / "moe_gemm.cc").read_text()
+    assert f"kStreamKMaxTiles = {cfg.STREAM_K_MAX_TILES};" in source

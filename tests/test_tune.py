@@ -170,7 +170,7 @@ def test_default_search_leaves_out_2x2_grids_and_mma_sync_prefill_tiles(tmp_path
         assert left_out and not set(left_out) & set(valid)
         # Those a problem rejects anyway (decode tactics here) say why instead.
         invalid = {t for t, why in rejected if "--all_variants" not in why}
-        assert all(t.split_k > 1 or t.stages > 4 or t.bulk for t in invalid)
+        assert all(t.split_k > 1 or t.stages > 4 or t.bulk or t.stream_k for t in invalid)
         assert {t for t, why in rejected if "--all_variants" in why} == set(left_out) - invalid
         assert all(searched_by_default(t) for t in valid)
     # The CLI times the subset by default and every variant with --all_variants.

@@ -23,6 +23,9 @@ Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
   w13_global    f32   (num_local_experts,)
   act           bf16  (m_pad, intermediate), output
   top_k         int32 scalar
+  workspace     int32 (words,), stream-K only: arrival counters (zero at launch),
+                then partial tiles (`stream_k_workspace_words`)
+  num_ctas      int32 scalar, stream-K only: the grid's CTAs
   stream        CUstream
 
 Prepared row order (see :mod:`jax_moe.prepare`): within each expert, prepared row
@@ -38,6 +41,9 @@ top_k (not checked by the kernel).
 Grid: ``(2 * intermediate / block_w, m_pad / block_m, split_k)``, 128 threads (256 for
 the two-warpgroup tiles); with
 ``split_k > 1`` the CTAs of one tile form a cluster and split the K loop.
+With ``stream_k``, ``(num_ctas, 1, 1)``: each CTA runs its share of all tiles' K
+steps (`SwapAbNvfp4GemmSm90.stream_k_run`); every CTA waits for the previous kernel
+first.
 
 Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): the
 routing kernel right before writes `tile_expert` and `sorted_slots`, so every
@@ -93,13 +99,27 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
         w13_global: cute.Tensor,
         act: cute.Tensor,
         top_k: cutlass.Int32,
+        workspace: cute.Tensor,
+        num_ctas: cutlass.Int32,
         stream: cuda.CUstream,
     ):
         self.launch_kernel(
-            (hidden, sorted_slots, tile_expert, w13_packed, w13_scale, w13_global, act, top_k),
+            (
+                hidden,
+                sorted_slots,
+                tile_expert,
+                w13_packed,
+                w13_scale,
+                w13_global,
+                act,
+                top_k,
+                workspace,
+                num_ctas,
+            ),
             w13_packed,
             tile_expert,
             stream,
+            num_ctas,
         )
 
     @cute.kernel
@@ -113,6 +133,8 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
         w13_global: cute.Tensor,
         act: cute.Tensor,
         top_k: cutlass.Int32,
+        workspace: cute.Tensor,
+        num_ctas: cutlass.Int32,
         tiled_mma: cute.TiledMma,
     ):
         tidx, _, _ = cute.arch.thread_idx()
@@ -120,57 +142,87 @@ class MoeGemm1Sm90(SwapAbNvfp4GemmSm90):
         # Routing (the previous kernel) wrote tile_expert and sorted_slots.
         self.dependency_wait()
         self.launch_dependents()
-        expert = tile_expert[bid_t]
-        if expert >= 0:
-            smem = SmemAllocator()
-
-            row0 = bid_t * self.block_m
-            b_rows = cute.make_rmem_tensor((self.b_chunks,), cutlass.Int32)
-            for c in cutlass.range_constexpr(self.b_chunks):
-                local_row = (c * self.num_threads + tidx) // 8
-                slot = sorted_slots[row0 + local_row]
-                token = slot // top_k
-                if slot < 0:
-                    # -1: a zero row (register ring and wgmma); the cp.async ring of
-                    # `cp_async` copies any real row instead.
-                    token = cutlass.Int32(0 if self.cp_async else -1)
-                b_rows[c] = token
-
-            s_c = self.mainloop(
+        if cutlass.const_expr(self.stream_k > 0):
+            self.stream_k_run(
                 hidden,
-                b_rows,
                 w13_packed,
                 w13_scale,
-                expert,
-                bid_w * self.block_w,
+                sorted_slots,
+                tile_expert,
+                workspace,
+                num_ctas,
                 tidx,
-                smem,
                 tiled_mma,
-                rows=self.tile_rows(sorted_slots, row0),
+                (act, w13_global, top_k),
             )
+        else:
+            expert = tile_expert[bid_t]
+            if expert >= 0:
+                smem = SmemAllocator()
 
-            # Epilogue: SwiGLU on (gate, up) pairs 8 rows apart in each 16-row group.
-            global_scale = w13_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
-            half = self.block_w // 2
-            if cutlass.const_expr(self.split_k == 1):
-                self.swiglu_vector_epilogue(s_c, sorted_slots, act, row0, bid_w, tidx, global_scale)
-            else:
-                col0 = bid_w * half
-                # With split-K the cluster's CTAs take turns over the output elements.
-                views = self.split_views(s_c)
-                rank = self.split_rank()
-                for it in cutlass.range_constexpr(self.block_m * half // self.num_threads):
-                    if it % self.split_k == rank:
-                        idx = it * self.num_threads + tidx
-                        jj = idx % half
-                        tok = idx // half
-                        if sorted_slots[row0 + tok] >= 0:
-                            q_gate = (jj // 8) * 16 + jj % 8
-                            gate = self.split_value(views, q_gate, tok) * global_scale
-                            up = self.split_value(views, q_gate + 8, tok) * global_scale
-                            value = gate / (cutlass.Float32(1.0) + cute.math.exp(-gate)) * up
-                            act[row0 + tok, col0 + jj] = value.to(cutlass.BFloat16)
-            self.split_done()
+                row0 = bid_t * self.block_m
+                b_rows = self.tile_b_rows(sorted_slots, row0, tidx, (act, w13_global, top_k))
+
+                s_c = self.mainloop(
+                    hidden,
+                    b_rows,
+                    w13_packed,
+                    w13_scale,
+                    expert,
+                    bid_w * self.block_w,
+                    tidx,
+                    smem,
+                    tiled_mma,
+                    rows=self.tile_rows(sorted_slots, row0),
+                )
+
+                # Epilogue: SwiGLU on (gate, up) pairs 8 rows apart in each 16-row group.
+                global_scale = w13_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
+                half = self.block_w // 2
+                if cutlass.const_expr(self.split_k == 1):
+                    self.swiglu_vector_epilogue(
+                        s_c, sorted_slots, act, row0, bid_w, tidx, global_scale
+                    )
+                else:
+                    col0 = bid_w * half
+                    # With split-K the cluster's CTAs take turns over the output elements.
+                    views = self.split_views(s_c)
+                    rank = self.split_rank()
+                    for it in cutlass.range_constexpr(self.block_m * half // self.num_threads):
+                        if it % self.split_k == rank:
+                            idx = it * self.num_threads + tidx
+                            jj = idx % half
+                            tok = idx // half
+                            if sorted_slots[row0 + tok] >= 0:
+                                q_gate = (jj // 8) * 16 + jj % 8
+                                gate = self.split_value(views, q_gate, tok) * global_scale
+                                up = self.split_value(views, q_gate + 8, tok) * global_scale
+                                value = gate / (cutlass.Float32(1.0) + cute.math.exp(-gate)) * up
+                                act[row0 + tok, col0 + jj] = value.to(cutlass.BFloat16)
+                self.split_done()
+
+    @cute.jit
+    def tile_b_rows(self, sorted_slots: cute.Tensor, row0, tidx, out: tuple) -> cute.Tensor:
+        """Each token chunk's source row in `hidden` for the row tile at `row0`: the
+        token of its slot, or -1 for a padding row (a zero row on the register ring and
+        wgmma; the cp.async ring of `cp_async` copies row 0 instead)."""
+        _, _, top_k = out
+        b_rows = cute.make_rmem_tensor((self.b_chunks,), cutlass.Int32)
+        for c in cutlass.range_constexpr(self.b_chunks):
+            local_row = (c * self.num_threads + tidx) // 8
+            slot = sorted_slots[row0 + local_row]
+            token = slot // top_k
+            if slot < 0:
+                token = cutlass.Int32(0 if self.cp_async else -1)
+            b_rows[c] = token
+        return b_rows
+
+    @cute.jit
+    def tile_epilogue(self, s_c, sorted_slots, row0, w_tile, expert, tidx, out: tuple):
+        """Stream-K: the unsplit epilogue of one (row tile, weight tile) pair."""
+        act, w13_global, _ = out
+        global_scale = w13_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
+        self.swiglu_vector_epilogue(s_c, sorted_slots, act, row0, w_tile, tidx, global_scale)
 
     @cute.jit
     def swiglu_vector_epilogue(
@@ -244,6 +296,8 @@ def export_spec(tactic: MoeGemm1Sm90Tactic):
         make_fake_compact_tensor(
             cutlass.BFloat16, (m_pad, inter), stride_order=(1, 0), assumed_align=16
         ),
+        cutlass.Int32(1),
+        make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(),), assumed_align=16),
         cutlass.Int32(1),
         cuda.CUstream(0),
     )

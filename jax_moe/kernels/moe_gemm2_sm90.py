@@ -21,6 +21,9 @@ Kernel arguments (in order; shapes are dynamic, tile shapes compile-time):
   w2_global     f32   (num_local_experts,)
   topk_weights  f32   (num_tokens * top_k,)
   y             bf16  (m_pad, hidden), output
+  workspace     int32 (words,), stream-K only: arrival counters (zero at launch),
+                then partial tiles (`stream_k_workspace_words`)
+  num_ctas      int32 scalar, stream-K only: the grid's CTAs
   stream        CUstream
 
 W2 keeps the logical row order; its code words are in the prepared layout (see
@@ -35,6 +38,9 @@ contribution, rounded once; the combine adds a token's rows in float32.
 Grid: ``(hidden / block_w, m_pad / block_m, split_k)``, 128 threads (256 for the
 two-warpgroup tiles); with ``split_k > 1``
 the CTAs of one tile form a cluster and split the K loop.
+With ``stream_k``, ``(num_ctas, 1, 1)``: each CTA runs its share of all tiles' K
+steps (`SwapAbNvfp4GemmSm90.stream_k_run`); every CTA waits for the previous kernel
+first.
 
 Programmatic dependent launch (with `pdl`, see :mod:`jax_moe.kernels`): this
 kernel starts only once every GEMM1 CTA has waited for the routing kernel and
@@ -96,13 +102,27 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
         w2_global: cute.Tensor,
         topk_weights: cute.Tensor,
         y: cute.Tensor,
+        workspace: cute.Tensor,
+        num_ctas: cutlass.Int32,
         stream: cuda.CUstream,
     ):
         self.launch_kernel(
-            (act, sorted_slots, tile_expert, w2_packed, w2_scale, w2_global, topk_weights, y),
+            (
+                act,
+                sorted_slots,
+                tile_expert,
+                w2_packed,
+                w2_scale,
+                w2_global,
+                topk_weights,
+                y,
+                workspace,
+                num_ctas,
+            ),
             w2_packed,
             tile_expert,
             stream,
+            num_ctas,
         )
 
     @cute.kernel
@@ -116,97 +136,128 @@ class MoeGemm2Sm90(SwapAbNvfp4GemmSm90):
         w2_global: cute.Tensor,
         topk_weights: cute.Tensor,
         y: cute.Tensor,
+        workspace: cute.Tensor,
+        num_ctas: cutlass.Int32,
         tiled_mma: cute.TiledMma,
     ):
         tidx, _, _ = cute.arch.thread_idx()
         bid_w, bid_t, _ = cute.arch.block_idx()
-        # Written by routing, two kernels back: complete once this grid runs.
-        expert = self.read_before_wait(tile_expert, bid_t)
-        if cutlass.const_expr(self.pdl):
-            if expert < 0:
-                if bid_t + bid_w == 0:
-                    # Keeps the grid from completing before GEMM1 when no tile is active.
-                    self.dependency_wait()
-        if expert >= 0:
-            smem = SmemAllocator()
-
-            row0 = bid_t * self.block_m
-            b_rows = cute.make_rmem_tensor((self.b_chunks,), cutlass.Int32)
-            for c in cutlass.range_constexpr(self.b_chunks):
-                row = row0 + (c * self.num_threads + tidx) // 8
-                if cutlass.const_expr(not self.wgmma and not self.cp_async):
-                    # Register path: padding rows (slot -1, not written by GEMM1) are zero
-                    # rows, never loaded. The wgmma and cp.async paths copy them: a
-                    # padding row feeds only its own output row, which is not written,
-                    # and deciding per chunk which rows to skip keeps those loads and
-                    # predicates live through the wgmma K loop (64 x 128 tile: 128 ->
-                    # 157 registers, 3 instead of 4 CTAs per SM).
-                    if self.read_before_wait(sorted_slots, row) < 0:
-                        row = cutlass.Int32(-1)
-                b_rows[c] = row
-
-            s_c = self.mainloop(
+        out = (topk_weights, y, w2_global)
+        if cutlass.const_expr(self.stream_k > 0):
+            # Every CTA reads the whole tile list and GEMM1's act: wait first.
+            self.dependency_wait()
+            self.launch_dependents()
+            self.stream_k_run(
                 act,
-                b_rows,
                 w2_packed,
                 w2_scale,
-                expert,
-                bid_w * self.block_w,
+                sorted_slots,
+                tile_expert,
+                workspace,
+                num_ctas,
                 tidx,
-                smem,
                 tiled_mma,
-                wait_before_tokens=True,  # waits for GEMM1's act after the first weights
-                rows=self.tile_rows(sorted_slots, row0, before_wait=True),
+                out,
             )
+        else:
+            # Written by routing, two kernels back: complete once this grid runs.
+            expert = self.read_before_wait(tile_expert, bid_t)
+            if cutlass.const_expr(self.pdl):
+                if expert < 0:
+                    if bid_t + bid_w == 0:
+                        # Keeps the grid from completing before GEMM1 when no tile is active.
+                        self.dependency_wait()
+            if expert >= 0:
+                smem = SmemAllocator()
 
-            global_scale = w2_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
-            if cutlass.const_expr(self.split_k == 1):
-                # Eight consecutive columns of one row per thread and pass: two 16-byte
-                # shared-memory reads (`s_c` is column-contiguous) and one 16-byte store;
-                # padding rows (slot -1) are not written.
-                vec = EPILOGUE_VECTOR
-                per_row = self.block_w // vec
-                for it in cutlass.range_constexpr(
-                    (self.block_m * per_row + self.num_threads - 1) // self.num_threads
-                ):
-                    idx = it * self.num_threads + tidx
-                    tok = idx // per_row
-                    if tok < self.block_m:
-                        slot = sorted_slots[row0 + tok]
-                        if slot >= 0:
-                            weight = topk_weights[slot] * global_scale
-                            values = cute.make_rmem_tensor((vec,), cutlass.Float32)
-                            cute.autovec_copy(
-                                cute.local_tile(s_c[None, tok], (vec,), (idx % per_row,)),
-                                values,
-                            )
-                            out = cute.make_rmem_tensor((vec,), cutlass.BFloat16)
-                            for e in cutlass.range_constexpr(vec):
-                                out[e] = (values[e] * weight).to(cutlass.BFloat16)
-                            cute.autovec_copy(
-                                out,
-                                cute.local_tile(
-                                    y[row0 + tok, None],
-                                    (vec,),
-                                    (bid_w * per_row + idx % per_row,),
-                                ),
-                            )
-            else:
-                # With split-K the cluster's CTAs take turns over the output elements.
-                views = self.split_views(s_c)
-                rank = self.split_rank()
-                col0 = bid_w * self.block_w
-                for it in cutlass.range_constexpr(self.block_m * self.block_w // self.num_threads):
-                    if it % self.split_k == rank:
-                        idx = it * self.num_threads + tidx
-                        q = idx % self.block_w
-                        tok = idx // self.block_w
-                        slot = sorted_slots[row0 + tok]
-                        if slot >= 0:
-                            weight = topk_weights[slot] * global_scale
-                            value = self.split_value(views, q, tok) * weight
-                            y[row0 + tok, col0 + q] = value.to(cutlass.BFloat16)
-            self.split_done()
+                row0 = bid_t * self.block_m
+                b_rows = self.tile_b_rows(sorted_slots, row0, tidx, out)
+                s_c = self.mainloop(
+                    act,
+                    b_rows,
+                    w2_packed,
+                    w2_scale,
+                    expert,
+                    bid_w * self.block_w,
+                    tidx,
+                    smem,
+                    tiled_mma,
+                    wait_before_tokens=True,  # waits for GEMM1's act after the first weights
+                    rows=self.tile_rows(sorted_slots, row0, before_wait=True),
+                )
+
+                if cutlass.const_expr(self.split_k == 1):
+                    self.tile_epilogue(s_c, sorted_slots, row0, bid_w, expert, tidx, out)
+                else:
+                    # With split-K the cluster's CTAs take turns over the output elements.
+                    global_scale = w2_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
+                    views = self.split_views(s_c)
+                    rank = self.split_rank()
+                    col0 = bid_w * self.block_w
+                    for it in cutlass.range_constexpr(
+                        self.block_m * self.block_w // self.num_threads
+                    ):
+                        if it % self.split_k == rank:
+                            idx = it * self.num_threads + tidx
+                            q = idx % self.block_w
+                            tok = idx // self.block_w
+                            slot = sorted_slots[row0 + tok]
+                            if slot >= 0:
+                                weight = topk_weights[slot] * global_scale
+                                value = self.split_value(views, q, tok) * weight
+                                y[row0 + tok, col0 + q] = value.to(cutlass.BFloat16)
+                self.split_done()
+
+    @cute.jit
+    def tile_b_rows(self, sorted_slots: cute.Tensor, row0, tidx, out: tuple) -> cute.Tensor:
+        """Each token chunk's source row in `act` for the row tile at `row0`."""
+        b_rows = cute.make_rmem_tensor((self.b_chunks,), cutlass.Int32)
+        for c in cutlass.range_constexpr(self.b_chunks):
+            row = row0 + (c * self.num_threads + tidx) // 8
+            if cutlass.const_expr(not self.wgmma and not self.cp_async):
+                # Register path: padding rows (slot -1, not written by GEMM1) are zero
+                # rows, never loaded. The wgmma and cp.async paths copy them: a
+                # padding row feeds only its own output row, which is not written,
+                # and deciding per chunk which rows to skip keeps those loads and
+                # predicates live through the wgmma K loop (64 x 128 tile: 128 ->
+                # 157 registers, 3 instead of 4 CTAs per SM).
+                if self.read_before_wait(sorted_slots, row) < 0:
+                    row = cutlass.Int32(-1)
+            b_rows[c] = row
+        return b_rows
+
+    @cute.jit
+    def tile_epilogue(self, s_c, sorted_slots, row0, w_tile, expert, tidx, out: tuple):
+        """Writes one (row tile, weight tile) pair from its unsplit fp32 tile: eight
+        consecutive columns of one row per thread and pass (two 16-byte shared-memory
+        reads, `s_c` being column-contiguous, and one 16-byte store); padding rows
+        (slot -1) are not written."""
+        topk_weights, y, w2_global = out
+        global_scale = w2_global[expert] * cutlass.Float32(2.0**DECODE_EXPONENT_SHIFT)
+        vec = EPILOGUE_VECTOR
+        per_row = self.block_w // vec
+        for it in cutlass.range_constexpr(
+            (self.block_m * per_row + self.num_threads - 1) // self.num_threads
+        ):
+            idx = it * self.num_threads + tidx
+            tok = idx // per_row
+            if tok < self.block_m:
+                slot = sorted_slots[row0 + tok]
+                if slot >= 0:
+                    weight = topk_weights[slot] * global_scale
+                    values = cute.make_rmem_tensor((vec,), cutlass.Float32)
+                    cute.autovec_copy(
+                        cute.local_tile(s_c[None, tok], (vec,), (idx % per_row,)), values
+                    )
+                    result = cute.make_rmem_tensor((vec,), cutlass.BFloat16)
+                    for e in cutlass.range_constexpr(vec):
+                        result[e] = (values[e] * weight).to(cutlass.BFloat16)
+                    cute.autovec_copy(
+                        result,
+                        cute.local_tile(
+                            y[row0 + tok, None], (vec,), (w_tile * per_row + idx % per_row,)
+                        ),
+                    )
 
 
 def variants() -> list[MoeGemm2Sm90Tactic]:
@@ -238,6 +289,8 @@ def export_spec(tactic: MoeGemm2Sm90Tactic):
         make_fake_compact_tensor(
             cutlass.BFloat16, (m_pad, hidden), stride_order=(1, 0), assumed_align=16
         ),
+        make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(),), assumed_align=16),
+        cutlass.Int32(1),
         cuda.CUstream(0),
     )
     return MoeGemm2Sm90(tactic), fake_args

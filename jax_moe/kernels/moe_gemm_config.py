@@ -83,6 +83,18 @@ dependencies and the MMAs, and issues more instructions: the warpgroups wait for
 the token rows and each other's MMAs either way. One variant stays exported,
 experimental (`_MBARRIER_VARIANTS`, `is_experimental`).
 
+`stream_k` (CTAs per SM, 0: off) runs a 16-row `mma.sync` register tile on a grid of
+`stream_k` CTAs per SM, each taking an equal, contiguous share of the K steps of every
+(active row tile, weight tile) pair; a pair split between CTAs is summed, in the order
+of its K ranges, by the last of them to finish (an arrival counter per pair and two
+partial tiles per CTA in a workspace the FFI handler allocates and whose counters it
+clears). It is a decode tactic like `split_k`. Measured on an H200 (DeepSeek-V3 EP=8,
+N = 1..256, every routing plan): correct and bitwise deterministic, but 1.09-1.3x the
+time of the best unsplit or split tile of each cell, so the share of each SM's weight
+bytes was not what held decode back; it keeps fewer CTAs per SM than the plain tiles
+(its loop state costs registers, capped by `min_blocks_per_mp`, with some spills).
+Experimental (`_STREAM_K_VARIANTS`, `is_experimental`).
+
 `split_k` (1, 2, 4, 8) splits the K loop over that many CTAs of one output tile, a
 thread block cluster that adds its fp32 tiles in rank order through distributed
 shared memory (deterministic, no workspace). It is a decode tactic: `check` rejects
@@ -159,11 +171,11 @@ warps, 64 x 128 with 2 stages and 64 x 64 with 4: 22 variants); then the 6
 split-K variants of `_SPLIT_K_VARIANTS`, the 3 deep-prefetch decode variants of
 `_DEEP_VARIANTS`, the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS`, the 3 of
 `_OVERLAP_VARIANTS`, the 4 of `_BULK_VARIANTS`, the 2 of `_PREFETCH_VARIANTS` and the
-5 of `_TWO_WARPGROUP_VARIANTS`, the 4 of `_TAIL_VARIANTS` and the one of
-`_MBARRIER_VARIANTS` (each list's ids after the previous ones). The tuner's default
-search leaves out the `2 x 2` grids, the unsplit `mma.sync` tiles of 32 rows or more
-and the experimental variants (`overlap`, `bulk`, `prefetch`, `mbarriers`: `is_experimental`;
-`searched_by_default`).
+5 of `_TWO_WARPGROUP_VARIANTS`, the 4 of `_TAIL_VARIANTS`, the one of
+`_MBARRIER_VARIANTS` and the 7 of `_STREAM_K_VARIANTS` (each list's ids after the
+previous ones). The tuner's default search leaves out the `2 x 2` grids, the unsplit
+`mma.sync` tiles of 32 rows or more and the experimental variants (`overlap`, `bulk`,
+`prefetch`, `mbarriers`, `stream_k`: `is_experimental`; `searched_by_default`).
 
 `wgmma`: the MMAs run as warpgroup MMAs (`wgmma.mma_async`, A = the decoded weights in
 registers, B = the token rows in shared memory, copied there by cp.async) instead of
@@ -214,6 +226,9 @@ __all__ = [
     "gemm1_variants",
     "gemm2_variants",
     "searched_by_default",
+    "STREAM_K_CTAS_PER_SM",
+    "STREAM_K_MAX_TILES",
+    "stream_k_workspace_words",
     "swap_ab_smem_bytes",
 ]
 
@@ -232,6 +247,11 @@ BULK_STEPS = (1, 2, 4)
 PREFETCH_STEPS = (4, 8, 16)
 #: Token-row stages of the bulk-copy main loop (token rows 2 K steps ahead).
 BULK_TOKEN_STAGES = 3
+#: CTAs per SM of a stream-K grid (`stream_k`): the kernel launches `stream_k * SMs` CTAs.
+STREAM_K_CTAS_PER_SM = (2, 3, 4, 5, 6, 8)
+#: Row tiles (`m_pad / block_m`) a stream-K GEMM takes at most: each CTA lists the active
+#: ones in shared memory (the FFI handler rejects more, ffi/moe_gemm.cc).
+STREAM_K_MAX_TILES = 1024
 # Prefetch + accumulator registers per thread (`register_estimate`) above which the
 # kernel spills or runs at one CTA per SM (ptxas, weights decoded in registers: 64 x 128
 # with 2 x 2 warps and 2 stages, estimate 144, spills in GEMM2; 32 x 128 with 4 stages,
@@ -249,6 +269,20 @@ _SPLIT_K = (1, 2, 4, 8)
 _SPLIT_K_MAX_ROW_TILES = 1
 
 
+def stream_k_workspace_words(tactic, num_row_tiles: int, weight_rows: int, num_ctas: int) -> int:
+    """float32 words of a stream-K GEMM's workspace (0 without `stream_k`).
+
+    One arrival counter per (row tile, weight tile) pair, rounded up to 4 words, then two
+    fp32 partial tiles (`block_m x block_w`) per CTA: a CTA's range of work units ends
+    at most two tiles partly (its first and its last). The counters must be zero when
+    the kernel starts (the FFI handler clears them).
+    """
+    if not tactic.stream_k:
+        return 0
+    counters = num_row_tiles * (weight_rows // tactic.block_w)
+    return -(-counters // 4) * 4 + 2 * num_ctas * tactic.block_m * tactic.block_w
+
+
 def _check_common(tactic, problem) -> None:
     if problem.arch not in _ARCHS:
         raise NotImplementedError(
@@ -258,11 +292,13 @@ def _check_common(tactic, problem) -> None:
         raise NotImplementedError(
             f"{tactic}: activation dtype {problem.activation_dtype!r}; only bfloat16 is supported"
         )
-    if tactic.split_k > 1 or tactic.stages > _DEEP_STAGES or tactic.bulk:
+    if tactic.split_k > 1 or tactic.stages > _DEEP_STAGES or tactic.bulk or tactic.stream_k:
         rows = _expected_rows_per_expert(problem.token_bucket, problem.top_k, problem.num_experts)
         if rows > _SPLIT_K_MAX_ROW_TILES * tactic.block_m:
             if tactic.split_k > 1:
                 what = f"split_k={tactic.split_k}"
+            elif tactic.stream_k:
+                what = f"stream_k={tactic.stream_k}"
             elif tactic.bulk:
                 what = f"bulk={tactic.bulk}"
             else:
@@ -283,6 +319,7 @@ def swap_ab_smem_bytes(
     overlap: bool = False,
     bulk: int = 0,
     mbarriers: bool = False,
+    stream_k: int = 0,
 ) -> int:
     """Dynamic shared memory of one CTA of the swap-AB GEMMs (their `_allocate_smem`).
 
@@ -297,7 +334,8 @@ def swap_ab_smem_bytes(
     with `overlap` the ring has `stages + 2` steps, with `mbarriers` also `stages + 2`
     and two 8-byte mbarriers per step. With `bulk` (K steps per weight
     slot) the weight ring has `stages` slots of `bulk` steps, the token ring 3 stages,
-    plus one 8-byte mbarrier per slot.
+    plus one 8-byte mbarrier per slot. With `stream_k`, the list of active row tiles
+    (`STREAM_K_MAX_TILES` int32) and one int32 per warp besides.
     """
     if wgmma:
         b_stages = stages + (2 if overlap or mbarriers else 1)
@@ -312,6 +350,7 @@ def swap_ab_smem_bytes(
         + 4 * (block_w + 4) * block_m
         + 36 * block_w * ring
         + (8 * stages if bulk else 0)
+        + (4 * (STREAM_K_MAX_TILES + 8) if stream_k else 0)
         + 6 * 128
     )
 
@@ -331,6 +370,7 @@ class _SwapAbTactic(Tactic):
     prefetch: int = 0
     tail_m: int = 0
     mbarriers: bool = False
+    stream_k: int = 0
 
     # Tables written before these fields existed have no such params.
     optional_params: ClassVar[tuple[str, ...]] = (
@@ -340,6 +380,7 @@ class _SwapAbTactic(Tactic):
         "prefetch",
         "tail_m",
         "mbarriers",
+        "stream_k",
     )
 
     def __post_init__(self) -> None:
@@ -406,6 +447,20 @@ class _SwapAbTactic(Tactic):
         if self.bulk and self.bulk not in BULK_STEPS:
             raise ValueError(
                 f"{name}.bulk={self.bulk}; expected 0 (off) or K steps per copy in {BULK_STEPS}"
+            )
+        if self.stream_k and (
+            self.stream_k not in STREAM_K_CTAS_PER_SM
+            or self.block_m != 16
+            or (self.warps_m, self.warps_n) != (4, 1)
+            or self.wgmma
+            or self.cp_async
+            or self.split_k != 1
+            or self.prefetch
+        ):
+            raise ValueError(
+                f"{name}.stream_k={self.stream_k}: expected 0 (off) or CTAs per SM in "
+                f"{STREAM_K_CTAS_PER_SM}, on the mma.sync register path with 16-row tiles and "
+                f"4 x 1 warps, without split_k or prefetch"
             )
         if self.bulk and (not self.cp_async or (self.warps_m, self.warps_n) != (4, 1)):
             raise ValueError(
@@ -484,6 +539,7 @@ class _SwapAbTactic(Tactic):
             self.overlap,
             self.bulk,
             self.mbarriers,
+            self.stream_k,
         )
 
 
@@ -591,6 +647,15 @@ _TAIL_VARIANTS = (
 # to a K step apart. Measured slower than their twins on an H200 (module docstring),
 # so experimental; the two-warpgroup prefill tile stays for profiling.
 _MBARRIER_VARIANTS = ((128, 128, 2, 8, 32),)
+# Stream-K decode tiles of the `mma.sync` register path, (block_m, block_w, stages,
+# CTAs per SM values): a grid of `stream_k` CTAs per SM, each taking an equal share of
+# all (active row tile, weight tile, K step) work units, so every SM streams the same
+# number of weight bytes whatever the number of active experts; tiles split between
+# CTAs are summed in a fixed order by the last CTA to finish its part (module docstring
+# of `nvfp4_decode_sm90`). Each is compiled for `stream_k` CTAs per SM (ptxas caps the
+# registers). Correct, but 1.09-1.3x slower than the best tile of every DeepSeek-V3
+# EP=8 decode cell on an H200 (docs/PERFORMANCE.md), so experimental.
+_STREAM_K_VARIANTS = ((16, 64, 2, (6, 8)), (16, 128, 2, (4, 5, 6)), (16, 128, 4, (3, 4)))
 # Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
 # and the CTAs per SM it aims to keep resident.
 _PLANNED_SMS = 132
@@ -644,6 +709,8 @@ def _variants(cls):
         dict(block_m=bm, block_w=bw, stages=st, wgmma=True, warps_m=wm, tail_m=tail, mbarriers=True)
         for bm, bw, st, wm, tail in _MBARRIER_VARIANTS
     )
+    for bm, bw, st, per_sm in _STREAM_K_VARIANTS:
+        specs.extend(dict(block_m=bm, block_w=bw, stages=st, stream_k=k) for k in per_sm)
     out = []
     for i, spec in enumerate(specs):
         try:
@@ -657,10 +724,17 @@ def _variants(cls):
 def is_experimental(tactic: _SwapAbTactic) -> bool:
     """Whether `tactic` is an experimental variant (the `overlap` ones, correct but
     slower than their plain twins on an H200, the `bulk` ones, slower than the register
-    ring there, the `prefetch` ones, slower than their twins in most cells, and the
-    `mbarriers` one, slower than its twin from N=1024 on; module docstring): the tuner
-    and its evaluation time it only when asked (`--all_variants`)."""
-    return tactic.overlap or tactic.bulk > 0 or tactic.prefetch > 0 or tactic.mbarriers
+    ring there, the `prefetch` ones, slower than their twins in most cells, the
+    `mbarriers` one, slower than its twin from N=1024 on, and the stream-K ones, slower
+    than the best unsplit or split tile in every decode cell; module docstring): the
+    tuner and its evaluation time it only when asked (`--all_variants`)."""
+    return (
+        tactic.overlap
+        or tactic.bulk > 0
+        or tactic.prefetch > 0
+        or tactic.mbarriers
+        or tactic.stream_k > 0
+    )
 
 
 def searched_by_default(tactic: _SwapAbTactic) -> bool:

@@ -60,11 +60,13 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import warpgroup
 from cutlass.cute.runtime import make_fake_compact_tensor
 from cutlass.cutlass_dsl import dsl_user_op
+from cutlass.memory import SmemAllocator
 
 from jax_moe.kernels.moe_gemm_config import (
     BULK_STEPS,
     BULK_TOKEN_STAGES,
     PREFETCH_STEPS,
+    STREAM_K_MAX_TILES,
     WGMMA_SMEM_ALIGN,
     swap_ab_smem_bytes,
 )
@@ -296,6 +298,17 @@ class SwapAbNvfp4GemmSm90:
         deeper (`stages + 2`), so the stage refilled at a K step was read two steps
         back and a warpgroup waits only for the copies it reads and for the other
         one to have left the step before last (`mainloop_wgmma`).
+      stream_k: CTAs per SM of a stream-K grid (0: off; `mma.sync` register path,
+        16-row tiles, no split). The grid is `num_ctas` CTAs (a kernel argument, the
+        FFI passes `stream_k` times the SMs); the work units are the K steps of every
+        (active row tile, weight tile) pair, row tile major, and CTA `c` runs the
+        contiguous `c`-th of `num_ctas` equal shares (`stream_k_share`), so each SM
+        streams the same weight bytes however many experts are active. A tile whose
+        K loop one CTA runs whole is written at once; a tile split between CTAs is
+        written by the last of them to arrive (an arrival counter per tile in the
+        workspace), which adds the partial fp32 tiles from the workspace in the order
+        of their K ranges: the sum does not depend on timing. No CTA waits for
+        another, so the result does not depend on how many CTAs are resident.
 
     Subclasses define a `@cute.kernel` method `kernel(*args, tiled_mma)`, launched by
     `launch_kernel`; it sets up each token chunk's source row (`b_rows`), calls
@@ -319,6 +332,7 @@ class SwapAbNvfp4GemmSm90:
         prefetch: int = 0,
         tail_m: int = 0,
         mbarriers: bool = False,
+        stream_k: int = 0,
     ):
         for name, flag in (
             ("pdl", pdl),
@@ -374,6 +388,19 @@ class SwapAbNvfp4GemmSm90:
             )
         if split_k > 1 and cp_async and not bulk:
             raise ValueError("split_k > 1 needs the register path or the bulk-copy ring")
+        if stream_k and (
+            stream_k < 0
+            or block_m != 16
+            or (warps_m, warps_n) != (4, 1)
+            or wgmma
+            or cp_async
+            or split_k != 1
+            or prefetch
+        ):
+            raise ValueError(
+                f"stream_k={stream_k}: needs the mma.sync register path with 16-row tiles, "
+                "4 x 1 warps, no split_k and no prefetch"
+            )
         if warps_m * warps_n * 32 != NUM_THREADS and not (wgmma and (warps_m, warps_n) == (8, 1)):
             raise ValueError(
                 f"warps_m * warps_n = {warps_m * warps_n}; expected 4 (or 8 x 1 with wgmma)"
@@ -396,6 +423,7 @@ class SwapAbNvfp4GemmSm90:
         self.prefetch = prefetch
         self.tail_m = tail_m
         self.mbarriers = mbarriers
+        self.stream_k = stream_k
         self.split_k = split_k
         self.block_w = block_w
         self.block_m = block_m
@@ -436,6 +464,7 @@ class SwapAbNvfp4GemmSm90:
             self.overlap,
             self.bulk,
             self.mbarriers,
+            self.stream_k,
         )
 
     def _allocate_smem(self, smem):
@@ -638,12 +667,14 @@ class SwapAbNvfp4GemmSm90:
         w_packed: cute.Tensor,
         tile_expert: cute.Tensor,
         stream: cuda.CUstream,
+        num_ctas: cutlass.Int32,
     ) -> None:
         """Launches `self.kernel(*kernel_args, tiled_mma)` on `stream`.
 
         Grid: `(w_packed.shape[1] / block_w, len(tile_expert), split_k)` CTAs of
         `num_threads` threads with `smem_bytes()` of dynamic shared memory; with
-        `split_k > 1`, clusters of `(1, 1, split_k)`. With `pdl`, the launch allows
+        `split_k > 1`, clusters of `(1, 1, split_k)`; with `stream_k`, `(num_ctas, 1, 1)`
+        (`num_ctas` is ignored otherwise). With `pdl`, the launch allows
         programmatic stream serialization (the kernel may start before the previous
         one on the stream has finished; it must call `dependency_wait`).
         """
@@ -658,6 +689,17 @@ class SwapAbNvfp4GemmSm90:
                 smem=self.smem_bytes(),
                 stream=stream,
                 use_pdl=self.pdl,
+            )
+        elif cutlass.const_expr(self.stream_k > 0):
+            # `stream_k` CTAs must fit on an SM at once: ptxas caps the registers.
+            self.kernel(*kernel_args, tiled_mma).launch(
+                grid=(num_ctas, 1, 1),
+                block=(self.num_threads, 1, 1),
+                smem=self.smem_bytes(),
+                stream=stream,
+                use_pdl=self.pdl,
+                min_blocks_per_mp=self.stream_k,
+                preferred_smem_carveout=100,
             )
         else:
             self.kernel(*kernel_args, tiled_mma).launch(
@@ -732,6 +774,212 @@ class SwapAbNvfp4GemmSm90:
         if cutlass.const_expr(self.split_k > 1):
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
+
+    # ------------------------------------------------------------------ stream-K
+    def stream_k_smem(self, smem) -> tuple:
+        """`(s_list, s_warp)`: the list of active row tiles (`STREAM_K_MAX_TILES` int32)
+        and one int32 per warp."""
+        s_list = smem.allocate_tensor(cutlass.Int32, cute.make_layout((STREAM_K_MAX_TILES,)), 16)
+        s_warp = smem.allocate_tensor(cutlass.Int32, cute.make_layout((8,)), 16)
+        return s_list, s_warp
+
+    @cute.jit
+    def stream_k_tiles(
+        self, tile_expert: cute.Tensor, s_list: cute.Tensor, s_warp: cute.Tensor, tidx
+    ) -> cutlass.Int32:
+        """Lists the row tiles `t` with `tile_expert[t] >= 0` in ascending order in
+        `s_list` and returns their number (in every thread; synchronized)."""
+        n = tile_expert.shape[0]
+        lane = tidx % 32
+        warp = tidx // 32
+        count = cutlass.Int32(0)
+        for base in cutlass.range(0, n, self.num_threads, unroll=1):
+            i = base + tidx
+            expert = cutlass.Int32(-1)
+            if i < n:
+                expert = tile_expert[i]
+            mask = cute.arch.vote_ballot_sync(expert >= 0)
+            if lane == 0:
+                s_warp[warp] = cute.arch.popc(mask)
+            cute.arch.sync_threads()
+            before = count
+            total = count
+            for w in cutlass.range_constexpr(self.num_threads // 32):
+                in_warp = s_warp[w]
+                if w < warp:
+                    before = before + in_warp
+                total = total + in_warp
+            if expert >= 0:
+                below = mask & ((cutlass.Int32(1) << lane) - cutlass.Int32(1))
+                position = before + cute.arch.popc(below)
+                if position < STREAM_K_MAX_TILES:
+                    s_list[position] = i
+            count = total
+            cute.arch.sync_threads()
+        return count
+
+    def stream_k_share(self, cta, units, ctas) -> tuple:
+        """`(begin, end)`: the work units of CTA `cta` when `units` are cut into `ctas`
+        contiguous shares whose sizes differ by at most one (the larger ones first)."""
+        base = units // ctas
+        rem = units - base * ctas
+        begin = cta * base + cutlass.min(cta, rem)
+        end = (cta + 1) * base + cutlass.min(cta + 1, rem)
+        return begin, end
+
+    @cute.jit
+    def stream_k_owner(self, unit, units, ctas) -> cutlass.Int32:
+        """The CTA whose share (`stream_k_share`, `units >= ctas`) holds work unit `unit`."""
+        base = units // ctas
+        rem = units - base * ctas
+        owner = unit // (base + 1)
+        if unit >= rem * (base + 1):
+            owner = rem + (unit - rem * (base + 1)) // base
+        return owner
+
+    @cute.jit
+    def stream_k_store(self, s_c: cute.Tensor, partials: cute.Tensor, slot, tidx):
+        """Writes the fp32 tile in `s_c` to partial tile `slot` of the workspace
+        (element `q + j * block_w` for `s_c[q, j]`; consecutive threads, consecutive q)."""
+        words = self.block_m * self.block_w
+        for it in cutlass.range_constexpr(words // self.num_threads):
+            i = it * self.num_threads + tidx
+            partials[slot * words + i] = s_c[i % self.block_w, i // self.block_w]
+
+    @cute.jit
+    def stream_k_arrive(
+        self, workspace: cute.Tensor, pair, segments, tidx, s_warp: cute.Tensor
+    ) -> cutlass.Boolean:
+        """Counts this CTA's part of tile `pair` as done (after its partial tile is
+        written) and returns whether it was the last of the tile's `segments` parts.
+
+        One thread adds to the tile's counter with acquire-release semantics at GPU
+        scope, after a CTA barrier that orders every thread's partial stores before it:
+        the last CTA then sees every other CTA's partial tile.
+        """
+        cute.arch.sync_threads()
+        if tidx == 0:
+            counter = workspace.iterator + pair
+            s_warp[0] = cute.arch.atomic_add(
+                counter.llvm_ptr, cutlass.Int32(1), sem="acq_rel", scope="gpu"
+            )
+        cute.arch.sync_threads()
+        arrived = s_warp[0]
+        cute.arch.sync_threads()
+        return arrived == segments - 1
+
+    @cute.jit
+    def stream_k_sum(
+        self,
+        s_c: cute.Tensor,
+        partials: cute.Tensor,
+        pair,
+        k_steps,
+        units,
+        ctas,
+        tidx,
+    ):
+        """Writes to `s_c` the sum of tile `pair`'s partial tiles, added in the order of
+        the CTAs that wrote them (the order of their K ranges). CTA `c`'s part is its
+        partial slot `2 c` if the tile is the first it touches, else `2 c + 1`. Loads
+        go to L2 (`ld.global.cg`): other SMs wrote the partial tiles."""
+        words = self.block_m * self.block_w
+        per_thread = words // self.num_threads
+        first = self.stream_k_owner(pair * k_steps, units, ctas)
+        last = self.stream_k_owner(pair * k_steps + k_steps - 1, units, ctas)
+        sums = cute.make_rmem_tensor((per_thread,), cutlass.Float32)
+        for c in cutlass.range(first, last + 1, unroll=1):
+            begin, _ = self.stream_k_share(c, units, ctas)
+            slot = 2 * c + cutlass.min(pair - begin // k_steps, 1)
+            for it in cutlass.range_constexpr(per_thread):
+                i = it * self.num_threads + tidx
+                address = partials.iterator + (slot * words + i)
+                value = cute.arch.load(address.llvm_ptr, cutlass.Float32, cop="cg")
+                if c == first:
+                    sums[it] = value
+                else:
+                    sums[it] = sums[it] + value
+        for it in cutlass.range_constexpr(per_thread):
+            i = it * self.num_threads + tidx
+            s_c[i % self.block_w, i // self.block_w] = sums[it]
+        cute.arch.sync_threads()
+
+    @cute.jit
+    def stream_k_run(
+        self,
+        m_b: cute.Tensor,
+        m_packed: cute.Tensor,
+        m_scale: cute.Tensor,
+        sorted_slots: cute.Tensor,
+        tile_expert: cute.Tensor,
+        workspace: cute.Tensor,
+        num_ctas: cutlass.Int32,
+        tidx,
+        tiled_mma: cute.TiledMma,
+        out: tuple,
+    ):
+        """The stream-K kernel body (class docstring): this CTA's share of the work
+        units, one K range of one (row tile, weight tile) pair at a time.
+
+        Subclasses define `tile_b_rows(sorted_slots, row0, tidx, out)` (the token chunks'
+        source rows of a row tile) and `tile_epilogue(s_c, sorted_slots, row0, w_tile,
+        expert, tidx, out)`. `workspace` (int32) holds one arrival counter per pair,
+        zero at launch, then the partial tiles (`stream_k_workspace_words`).
+        """
+        cta, _, _ = cute.arch.block_idx()
+        smem = SmemAllocator()
+        s_b, s_c, _, _, _ = self._allocate_smem(smem)
+        s_list, s_warp = self.stream_k_smem(smem)
+        active = self.stream_k_tiles(tile_expert, s_list, s_warp, tidx)
+        w_tiles = m_packed.shape[1] // self.block_w
+        k_steps = m_packed.shape[2] // (BLOCK_K // 2)
+        units = active * w_tiles * k_steps
+        ctas = cutlass.min(num_ctas, units)
+        counters = (tile_expert.shape[0] * w_tiles + 3) // 4 * 4
+        partials = cute.make_tensor(
+            cute.recast_ptr(workspace.iterator + counters, dtype=cutlass.Float32),
+            cute.make_layout((2 * ctas * self.block_m * self.block_w,)),
+        )
+        if cta < ctas:
+            begin, end = self.stream_k_share(cta, units, ctas)
+            first_pair = begin // k_steps
+            unit = begin
+            while unit < end:
+                pair = unit // k_steps
+                k_begin = unit - pair * k_steps
+                k_end = cutlass.min(k_steps, k_begin + (end - unit))
+                row_tile = s_list[pair // w_tiles]
+                w_tile = pair - (pair // w_tiles) * w_tiles
+                expert = tile_expert[row_tile]
+                row0 = row_tile * self.block_m
+                b_rows = self.tile_b_rows(sorted_slots, row0, tidx, out)
+                self.mainloop_registers(
+                    m_b,
+                    b_rows,
+                    m_packed,
+                    m_scale,
+                    expert,
+                    w_tile * self.block_w,
+                    tidx,
+                    s_b,
+                    s_c,
+                    tiled_mma,
+                    False,
+                    (k_begin, k_end),
+                )
+                if k_end - k_begin == k_steps:
+                    self.tile_epilogue(s_c, sorted_slots, row0, w_tile, expert, tidx, out)
+                else:
+                    slot = 2 * cta + cutlass.min(pair - first_pair, 1)
+                    self.stream_k_store(s_c, partials, slot, tidx)
+                    first = self.stream_k_owner(pair * k_steps, units, ctas)
+                    last = self.stream_k_owner(pair * k_steps + k_steps - 1, units, ctas)
+                    if self.stream_k_arrive(workspace, pair, last - first + 1, tidx, s_warp):
+                        self.stream_k_sum(s_c, partials, pair, k_steps, units, ctas, tidx)
+                        self.tile_epilogue(s_c, sorted_slots, row0, w_tile, expert, tidx, out)
+                # The next pair's main loop rewrites `s_c` and the token tile.
+                cute.arch.sync_threads()
+                unit = unit + (k_end - k_begin)
 
     # ------------------------------------------------------------------ main loop
     def weight_tiles(self, m_packed: cute.Tensor, m_scale: cute.Tensor, expert: cutlass.Int32):
@@ -874,15 +1122,20 @@ class SwapAbNvfp4GemmSm90:
         s_c: cute.Tensor,
         tiled_mma: cute.TiledMma,
         wait_before_tokens: bool = False,
+        k_bounds: Any = None,
     ):
         """Runs the K loop and leaves the fp32 tile in `s_c` (synchronized).
 
         With split-K, this CTA covers K steps `[k_begin, k_end)` of its rank; a rank
-        past the end accumulates nothing (its tile is zero). With `wait_before_tokens`
+        past the end accumulates nothing (its tile is zero). `k_bounds` (stream-K): the
+        non-empty `(k_begin, k_end)` to run instead. With `wait_before_tokens`
         (and `pdl`), the first `stages` K steps of weights are loaded, then the CTA
         waits for the previous kernel and triggers its dependents, then loads tokens.
         """
-        k_begin, k_end = self.k_range(m_packed)
+        if cutlass.const_expr(k_bounds is None):
+            k_begin, k_end = self.k_range(m_packed)
+        else:
+            k_begin, k_end = k_bounds
         # Loads ahead of the last K step of this CTA's range re-read that step (an L1/L2
         # hit) instead of streaming the next split's weights a second time.
         last = k_end - 1
