@@ -324,18 +324,23 @@ def _gemm_tactics(op: str) -> dict[str, Any]:
     return {str(t): t for t in (gemm1_variants() if op == "moe_gemm1" else gemm2_variants())}
 
 
-def _workspace(op: str, variant: Any, num_row_tiles: int, weight_rows: int) -> tuple:
+def _workspace(
+    op: str, variant: Any, num_row_tiles: int, weight_rows: int, num_ctas: int | None
+) -> tuple:
     """`(workspace result, num_ctas)` of a GEMM call: the stream-K grid's CTAs
-    (`stream_k` per SM) and its workspace (`stream_k_workspace_words`), or a
-    `_IDLE_WORKSPACE_WORDS` placeholder and 0 for the other variants."""
+    (`num_ctas`, default `stream_k` per SM) and its workspace
+    (`stream_k_workspace_words`), or a `_IDLE_WORKSPACE_WORDS` placeholder and 0 for
+    the other variants (which ignore `num_ctas`)."""
     from jax_moe.kernels.moe_gemm_config import stream_k_workspace_words
 
     tactic = _gemm_tactics(op).get(str(variant))
     per_sm = getattr(tactic, "stream_k", 0)
-    num_ctas = per_sm * _num_sms()
-    words = _IDLE_WORKSPACE_WORDS
-    if per_sm:
-        words = stream_k_workspace_words(tactic, num_row_tiles, weight_rows, num_ctas)
+    if not per_sm:
+        return jax.ShapeDtypeStruct((_IDLE_WORKSPACE_WORDS,), jnp.int32), 0
+    if num_ctas is None:
+        num_ctas = per_sm * _num_sms()
+    num_ctas = _check_int("num_ctas", num_ctas, 1)
+    words = stream_k_workspace_words(tactic, num_row_tiles, weight_rows, num_ctas)
     return jax.ShapeDtypeStruct((words,), jnp.int32), num_ctas
 
 
@@ -354,6 +359,7 @@ def moe_gemm1(
     top_k: int,
     *,
     variant: Any,
+    num_ctas: int | None = None,
 ) -> jax.Array:
     """GEMM1 with fused SwiGLU on routed rows (CUDA kernel `moe_gemm1_sm90`).
 
@@ -371,6 +377,8 @@ def moe_gemm1(
       w13_global: `(experts,)` float32.
       top_k: experts per token.
       variant: a `MoeGemm1Sm90Tactic` (or its name) compiled into the extension.
+      num_ctas: with a stream-K variant, the grid's CTAs (>= 1; default `stream_k`
+        per SM of the first GPU); ignored by the other variants.
 
     Returns:
       act: `(m_pad, intermediate)` bfloat16. A stream-K variant (`stream_k > 0`) also
@@ -391,7 +399,7 @@ def moe_gemm1(
     m_pad = _check_routing(sorted_slots, tile_expert, variant)
     _check_multiple("hidden", h, 64)
     _check_multiple("intermediate", inter, 64)
-    workspace, num_ctas = _workspace("moe_gemm1", variant, tile_expert.shape[0], rows)
+    workspace, num_ctas = _workspace("moe_gemm1", variant, tile_expert.shape[0], rows, num_ctas)
     act, _ = _call(
         "moe_gemm1",
         variant,
@@ -413,6 +421,7 @@ def moe_gemm2(
     topk_weights: jax.Array,
     *,
     variant: Any,
+    num_ctas: int | None = None,
 ) -> jax.Array:
     """GEMM2 with the router weight on routed rows (CUDA kernel `moe_gemm2_sm90`).
 
@@ -429,6 +438,7 @@ def moe_gemm2(
       w2_global: `(experts,)` float32.
       topk_weights: `(num_tokens * top_k,)` float32 router weight of each slot.
       variant: a `MoeGemm2Sm90Tactic` (or its name) compiled into the extension.
+      num_ctas: as in `moe_gemm1`.
 
     Returns:
       y: `(m_pad, hidden)` bfloat16. Stream-K variants: as in `moe_gemm1`.
@@ -445,7 +455,7 @@ def moe_gemm2(
         raise ValueError(f"act has {act.shape[0]} rows; expected m_pad={m_pad}")
     _check_multiple("intermediate", inter, 64)
     _check_multiple("hidden", h, 128)
-    workspace, num_ctas = _workspace("moe_gemm2", variant, tile_expert.shape[0], h)
+    workspace, num_ctas = _workspace("moe_gemm2", variant, tile_expert.shape[0], h, num_ctas)
     y, _ = _call(
         "moe_gemm2",
         variant,

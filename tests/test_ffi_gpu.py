@@ -258,6 +258,24 @@ def test_wrapper_validates_arguments():
         _ffi.combine(y, slot_row, 2, out=jnp.zeros((4, 64), jnp.float32))
 
 
+def test_stream_k_calls_size_their_grid_and_workspace():
+    from jax_moe.kernels import moe_gemm_config as cfg
+
+    tactic = next(t for t in cfg.gemm1_variants() if t.stream_k == 4 and t.block_w == 128)
+    workspace, num_ctas = _ffi._workspace("moe_gemm1", tactic, 10, 4096, None)
+    assert num_ctas == 4 * _ffi._num_sms()
+    assert workspace.shape == (cfg.stream_k_workspace_words(tactic, 10, 4096, num_ctas),)
+    assert workspace.dtype == jnp.int32
+    workspace, num_ctas = _ffi._workspace("moe_gemm1", str(tactic), 10, 4096, 3)
+    assert num_ctas == 3 and workspace.shape == (320 + 2 * 3 * 16 * 128,)
+    with pytest.raises(ValueError, match="num_ctas"):
+        _ffi._workspace("moe_gemm1", tactic, 10, 4096, 0)
+    # Other variants: a 4-word placeholder, no grid size.
+    twin = dataclasses.replace(tactic, stream_k=0)
+    workspace, num_ctas = _ffi._workspace("moe_gemm1", twin, 10, 4096, 7)
+    assert (workspace.shape, num_ctas) == ((4,), 0)
+
+
 def test_gemm_wrappers_reject_e4m3_scales():
     # The kernels read prepared scale bytes; raw e4m3 scales would decode wrongly.
     e, h, i = 2, 128, 64
@@ -385,8 +403,9 @@ def _gemm_cases(op: str) -> list:
     the loop its 32-row tails take; its full tiles on FULL_TILE_LONG_K_SHAPE), the
     two-warpgroup ones also on FULL_TILE_SHAPE, the `tail_m` ones also on TAIL_SHAPE.
     The stream-K ones also run on LONG_K_SHAPE and TAIL_SHAPE: on these small
-    problems there are fewer work units than CTAs, so every tile is split between CTAs
-    (one K step each) and summed by the last to arrive."""
+    problems each of the default grid's CTAs runs 1-3 work units, so every tile is split
+    between CTAs and summed by the last to arrive (whole tiles: the small-grid test).
+    """
     names = _gemm_variants(op)
     if not names:
         return [pytest.param("none", GEMM_SHAPE, id="none")]
@@ -491,7 +510,7 @@ def _stream_k_names(op: str) -> list[str]:
     return [n for n in _gemm_variants(op) if _tactic(op, n).stream_k] or ["none"]
 
 
-def _gemm_call(op, tactic, shape, coarse_block_m=None):
+def _gemm_call(op, tactic, shape, coarse_block_m=None, num_ctas=None):
     """`(fn, args, sorted_slots, tile_expert)` of one GEMM on `_moe_problem(*shape)`; with
     `coarse_block_m`, the routing is built for that row tile and the tactic's
     `tile_expert` derived by `finer_tile_expert` (tiles of padding in between get -1)."""
@@ -506,11 +525,13 @@ def _gemm_call(op, tactic, shape, coarse_block_m=None):
     if coarse_block_m:
         tile_expert = finer_tile_expert(meta.sorted_slots, meta.tile_expert, tactic.block_m)
     if op == "moe_gemm1":
-        fn = jax.jit(functools.partial(_ffi.moe_gemm1, top_k=top_k, variant=tactic))
+        fn = jax.jit(
+            functools.partial(_ffi.moe_gemm1, top_k=top_k, variant=tactic, num_ctas=num_ctas)
+        )
         weights = (prepared.w13_packed, prepared.w13_scale, prepared.w13_global)
         args = (jnp.asarray(x), meta.sorted_slots, tile_expert, *weights)
     else:
-        fn = jax.jit(functools.partial(_ffi.moe_gemm2, variant=tactic))
+        fn = jax.jit(functools.partial(_ffi.moe_gemm2, variant=tactic, num_ctas=num_ctas))
         m_pad = meta.sorted_slots.shape[0]
         act = np.random.default_rng(3).standard_normal((m_pad, inter), dtype=np.float32)
         weights = (prepared.w2_packed, prepared.w2_scale, prepared.w2_global)
@@ -548,6 +569,34 @@ def test_stream_k_is_bitwise_deterministic_and_matches_its_unsplit_twin(op):
         got = first.astype(np.float32)[rows]
         scale = np.max(np.abs(want))
         assert np.max(np.abs(got - want)) <= 2.0**-7 * scale, (name, np.max(np.abs(got - want)))
+
+
+@pytest.mark.gpu
+@requires_ffi_gpu
+@pytest.mark.parametrize("op", ["moe_gemm1", "moe_gemm2"])
+def test_stream_k_small_grids_write_whole_tiles_and_split_ones(op):
+    """With few CTAs each runs many work units: whole (row tile, weight tile) pairs
+    written by the CTA that ran them, several pairs per CTA, and split pairs only at
+    the ends of its share (one CTA: every pair whole). Every grid size gives the twin's
+    values, and the same grid size the same bits."""
+    names = [n for n in _stream_k_names(op) if n != "none"]
+    if not names:
+        pytest.skip("no stream-K variant in this build")
+    for name in names:
+        tactic = _tactic(op, name)
+        twin_fn, args, slots, _ = _gemm_call(
+            op, dataclasses.replace(tactic, stream_k=0), LONG_K_SHAPE
+        )
+        rows = np.flatnonzero(slots >= 0)
+        want = np.asarray(twin_fn(*args)).astype(np.float32)[rows]
+        scale = np.max(np.abs(want))
+        for num_ctas in (1, 3, 7, 40):
+            fn, _, _, _ = _gemm_call(op, tactic, LONG_K_SHAPE, num_ctas=num_ctas)
+            got = np.asarray(fn(*args))[rows]
+            again = np.asarray(fn(*args))[rows]
+            assert np.array_equal(got.view(np.uint16), again.view(np.uint16)), (name, num_ctas)
+            error = np.max(np.abs(got.astype(np.float32) - want))
+            assert error <= 2.0**-7 * scale, (name, num_ctas, error / scale)
 
 
 @pytest.mark.gpu

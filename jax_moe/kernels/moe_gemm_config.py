@@ -84,16 +84,19 @@ the token rows and each other's MMAs either way. One variant stays exported,
 experimental (`_MBARRIER_VARIANTS`, `is_experimental`).
 
 `stream_k` (CTAs per SM, 0: off) runs a 16-row `mma.sync` register tile on a grid of
-`stream_k` CTAs per SM, each taking an equal, contiguous share of the K steps of every
-(active row tile, weight tile) pair; a pair split between CTAs is summed, in the order
-of its K ranges, by the last of them to finish (an arrival counter per pair and two
-partial tiles per CTA in a workspace the FFI handler allocates and whose counters it
-clears). It is a decode tactic like `split_k`. Measured on an H200 (DeepSeek-V3 EP=8,
-N = 1..256, every routing plan): correct and bitwise deterministic, but 1.09-1.3x the
-time of the best unsplit or split tile of each cell, so the share of each SM's weight
-bytes was not what held decode back; it keeps fewer CTAs per SM than the plain tiles
-(its loop state costs registers, capped by `min_blocks_per_mp`, with some spills).
-Experimental (`_STREAM_K_VARIANTS`, `is_experimental`).
+`stream_k` CTAs per SM. The K steps of all (active row tile, weight tile) pairs, laid
+end to end, are cut into one equal, contiguous share per CTA; a pair split between
+CTAs is summed, in the order of its K ranges, by the last of them to finish (an
+arrival counter per pair and two partial tiles per CTA in a workspace that the GEMM
+call returns besides its output and whose counters the FFI handler clears with a
+memset before the launch). It is a decode tactic like `split_k`. On an H200 it matches
+the reference and repeats bitwise (FFI tests on small shapes and grids of 1 to 1056
+CTAs, `fused_moe` pairs), but in the tuner's DeepSeek-V3 EP=8 decode cells (N = 1..256,
+every routing plan) it took 1.09-1.3x the time of each cell's best unsplit or split
+tile: equal weight bytes per SM did not make decode faster. It keeps fewer CTAs per SM
+than the plain tiles (its loop state costs registers, capped by `min_blocks_per_mp`,
+with some spills) and adds the memset. Experimental (`_STREAM_K_VARIANTS`,
+`is_experimental`).
 
 `split_k` (1, 2, 4, 8) splits the K loop over that many CTAs of one output tile, a
 thread block cluster that adds its fp32 tiles in rank order through distributed
