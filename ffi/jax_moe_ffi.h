@@ -41,10 +41,12 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeCombineCheck);  // CPU, checks only
 #if defined(JAX_MOE_HAS_MOE_GEMM1)
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm1Instantiate);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm1Execute);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm1Check);  // CPU, checks only
 #endif
 #if defined(JAX_MOE_HAS_MOE_GEMM2)
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm2Instantiate);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm2Execute);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeMoeGemm2Check);  // CPU, checks only
 #endif
 #if defined(JAX_MOE_HAS_ROUTING)
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMoeRoutingInstantiate);

@@ -141,12 +141,14 @@ ffi::Error CheckRouting(std::string_view op, const Variant& kernel,
 constexpr int64_t kStreamKMaxTiles = 1024;
 
 // Checks the workspace of a GEMM call and, for a stream-K variant, its size and
-// num_ctas, then clears the arrival counters on `stream` (a no-op otherwise).
+// num_ctas; `*counter_words` is set to the arrival counters the handler must clear
+// before the launch (0 for the other variants).
 template <typename Variant>
-ffi::Error PrepareWorkspace(std::string_view op, const Variant& kernel,
-                            ffi::AnyBuffer& workspace, int64_t row_tiles,
-                            int64_t weight_rows, int32_t num_ctas,
-                            cudaStream_t stream) {
+ffi::Error CheckWorkspace(std::string_view op, const Variant& kernel,
+                          const ffi::AnyBuffer& workspace, int64_t row_tiles,
+                          int64_t weight_rows, int32_t num_ctas,
+                          int64_t* counter_words) {
+  *counter_words = 0;
   JAX_MOE_RETURN_IF_ERROR(
       CheckBuffer(op, "workspace", workspace, ffi::DataType::S32, 1));
   const int64_t stream_k = VariantParam(kernel, "stream_k").value_or(0);
@@ -178,9 +180,17 @@ ffi::Error PrepareWorkspace(std::string_view op, const Variant& kernel,
   JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(op, "workspace", workspace));
   JAX_MOE_RETURN_IF_ERROR(
       CheckAligned(op, "workspace", workspace.untyped_data(), kVectorAlignment));
+  *counter_words = counters;
+  return ffi::Error::Success();
+}
+
+// Clears a stream-K launch's arrival counters on `stream` (nothing for 0 words).
+ffi::Error ClearCounters(std::string_view op, ffi::AnyBuffer& workspace,
+                         int64_t counter_words, cudaStream_t stream) {
+  if (counter_words == 0) return ffi::Error::Success();
   return CudaStatus(op, "clearing the stream-K counters",
                     cudaMemsetAsync(workspace.untyped_data(), 0,
-                                    static_cast<size_t>(counters) * sizeof(int32_t),
+                                    static_cast<size_t>(counter_words) * sizeof(int32_t),
                                     stream));
 }
 
@@ -201,6 +211,58 @@ ffi::Error MoeGemm1Instantiate(ffi::Dictionary attrs) {
                             JAX_MOE_MOE_GEMM1_NUM_VARIANTS);
 }
 
+// Every check of the GEMM1 execute handler; `*empty` is set when there is nothing
+// to launch, `*counter_words` to the stream-K counters to clear.
+ffi::Error CheckGemm1(const ffi::AnyBuffer& hidden, const ffi::AnyBuffer& sorted_slots,
+                      const ffi::AnyBuffer& tile_expert, const ffi::AnyBuffer& w13_packed,
+                      const ffi::AnyBuffer& w13_scale, const ffi::AnyBuffer& w13_global,
+                      const ffi::AnyBuffer& act, const ffi::AnyBuffer& workspace,
+                      int32_t top_k, int32_t num_ctas, int32_t variant,
+                      int64_t* counter_words, bool* empty) {
+  *empty = true;
+  *counter_words = 0;
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckVariant(kGemm1, variant, JAX_MOE_MOE_GEMM1_NUM_VARIANTS));
+  const jax_moe_moe_gemm1_variant_t& kernel = jax_moe_moe_gemm1_variants[variant];
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckBuffer(kGemm1, "hidden", hidden, ffi::DataType::BF16, 2));
+  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm1, "act", act, ffi::DataType::BF16, 2));
+  JAX_MOE_RETURN_IF_ERROR(CheckRouting(kGemm1, kernel, sorted_slots, tile_expert));
+  if (top_k < 1) {
+    return Invalid(kGemm1, "top_k = " + std::to_string(top_k) + "; expected >= 1");
+  }
+  const int64_t h = hidden.dimensions()[1];
+  const int64_t m_pad = sorted_slots.dimensions()[0];
+  const int64_t inter = act.dimensions()[1];
+  if (act.dimensions()[0] != m_pad) {
+    return Invalid(kGemm1, "act has shape " + Dims(act) + "; expected m_pad = " +
+                               std::to_string(m_pad) + " rows");
+  }
+  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm1, "hidden", h, 64));
+  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm1, "intermediate", inter, 64));
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckWeights(kGemm1, "w13", w13_packed, w13_scale, w13_global, 2 * inter, h));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm1, "hidden", hidden));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm1, "act", act));
+  if (hidden.dimensions()[0] * top_k > std::numeric_limits<int32_t>::max()) {
+    return Invalid(kGemm1, "num_tokens * top_k must be < 2^31");
+  }
+  if (m_pad == 0 || inter == 0) {
+    return CheckBuffer(kGemm1, "workspace", workspace, ffi::DataType::S32, 1);
+  }
+  if (hidden.dimensions()[0] > 0 && h > 0) {
+    JAX_MOE_RETURN_IF_ERROR(
+        CheckAligned(kGemm1, "hidden", hidden.untyped_data(), kVectorAlignment));
+  }
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckAligned(kGemm1, "act", act.untyped_data(), kVectorAlignment));
+  JAX_MOE_RETURN_IF_ERROR(CheckWorkspace(kGemm1, kernel, workspace,
+                                         tile_expert.dimensions()[0], 2 * inter,
+                                         num_ctas, counter_words));
+  *empty = false;
+  return ffi::Error::Success();
+}
+
 ffi::Error MoeGemm1Execute(cudaStream_t stream, ffi::AnyBuffer hidden,
                            ffi::AnyBuffer sorted_slots,
                            ffi::AnyBuffer tile_expert,
@@ -209,43 +271,15 @@ ffi::Error MoeGemm1Execute(cudaStream_t stream, ffi::AnyBuffer hidden,
                            ffi::Result<ffi::AnyBuffer> act,
                            ffi::Result<ffi::AnyBuffer> workspace, int32_t top_k,
                            int32_t num_ctas, int32_t variant) {
-  JAX_MOE_RETURN_IF_ERROR(
-      CheckVariant(kGemm1, variant, JAX_MOE_MOE_GEMM1_NUM_VARIANTS));
+  bool empty = true;
+  int64_t counter_words = 0;
+  JAX_MOE_RETURN_IF_ERROR(CheckGemm1(hidden, sorted_slots, tile_expert, w13_packed,
+                                     w13_scale, w13_global, *act, *workspace, top_k,
+                                     num_ctas, variant, &counter_words, &empty));
+  if (empty) return ffi::Error::Success();
   const jax_moe_moe_gemm1_variant_t& kernel = jax_moe_moe_gemm1_variants[variant];
-  JAX_MOE_RETURN_IF_ERROR(
-      CheckBuffer(kGemm1, "hidden", hidden, ffi::DataType::BF16, 2));
-  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm1, "act", *act, ffi::DataType::BF16, 2));
-  JAX_MOE_RETURN_IF_ERROR(CheckRouting(kGemm1, kernel, sorted_slots, tile_expert));
-  if (top_k < 1) {
-    return Invalid(kGemm1, "top_k = " + std::to_string(top_k) + "; expected >= 1");
-  }
-  const int64_t h = hidden.dimensions()[1];
-  const int64_t m_pad = sorted_slots.dimensions()[0];
-  const int64_t inter = act->dimensions()[1];
-  if (act->dimensions()[0] != m_pad) {
-    return Invalid(kGemm1, "act has shape " + Dims(*act) + "; expected m_pad = " +
-                               std::to_string(m_pad) + " rows");
-  }
-  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm1, "hidden", h, 64));
-  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm1, "intermediate", inter, 64));
-  JAX_MOE_RETURN_IF_ERROR(
-      CheckWeights(kGemm1, "w13", w13_packed, w13_scale, w13_global, 2 * inter, h));
-  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm1, "hidden", hidden));
-  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm1, "act", *act));
-  if (hidden.dimensions()[0] * top_k > std::numeric_limits<int32_t>::max()) {
-    return Invalid(kGemm1, "num_tokens * top_k must be < 2^31");
-  }
-  if (m_pad == 0 || inter == 0) return ffi::Error::Success();
-  if (hidden.dimensions()[0] > 0 && h > 0) {
-    JAX_MOE_RETURN_IF_ERROR(
-        CheckAligned(kGemm1, "hidden", hidden.untyped_data(), kVectorAlignment));
-  }
-  JAX_MOE_RETURN_IF_ERROR(
-      CheckAligned(kGemm1, "act", act->untyped_data(), kVectorAlignment));
   JAX_MOE_RETURN_IF_ERROR(LoadVariant(kGemm1, kernel));
-  JAX_MOE_RETURN_IF_ERROR(PrepareWorkspace(kGemm1, kernel, *workspace,
-                                           tile_expert.dimensions()[0], 2 * inter,
-                                           num_ctas, stream));
+  JAX_MOE_RETURN_IF_ERROR(ClearCounters(kGemm1, *workspace, counter_words, stream));
 
   jax_moe_moe_gemm1_hidden_t hidden_arg{};
   jax_moe_moe_gemm1_sorted_slots_t sorted_slots_arg{};
@@ -269,6 +303,20 @@ ffi::Error MoeGemm1Execute(cudaStream_t stream, ffi::AnyBuffer hidden,
                     num_ctas, stream);
   return CheckLaunch(kGemm1, kernel.name, status);
 }
+
+// CPU target with the GEMM1 execute handler's checks and no launch (the results are
+// left unwritten), so the argument checks can be tested without a GPU.
+ffi::Error MoeGemm1Check(ffi::AnyBuffer hidden, ffi::AnyBuffer sorted_slots,
+                         ffi::AnyBuffer tile_expert, ffi::AnyBuffer w13_packed,
+                         ffi::AnyBuffer w13_scale, ffi::AnyBuffer w13_global,
+                         ffi::Result<ffi::AnyBuffer> act,
+                         ffi::Result<ffi::AnyBuffer> workspace, int32_t top_k,
+                         int32_t num_ctas, int32_t variant) {
+  bool empty = true;
+  int64_t counter_words = 0;
+  return CheckGemm1(hidden, sorted_slots, tile_expert, w13_packed, w13_scale, w13_global,
+                    *act, *workspace, top_k, num_ctas, variant, &counter_words, &empty);
+}
 #endif  // JAX_MOE_HAS_MOE_GEMM1
 
 #if defined(JAX_MOE_HAS_MOE_GEMM2)
@@ -279,6 +327,53 @@ ffi::Error MoeGemm2Instantiate(ffi::Dictionary attrs) {
                             JAX_MOE_MOE_GEMM2_NUM_VARIANTS);
 }
 
+// Every check of the GEMM2 execute handler; `*empty` is set when there is nothing
+// to launch, `*counter_words` to the stream-K counters to clear.
+ffi::Error CheckGemm2(const ffi::AnyBuffer& act, const ffi::AnyBuffer& sorted_slots,
+                      const ffi::AnyBuffer& tile_expert, const ffi::AnyBuffer& w2_packed,
+                      const ffi::AnyBuffer& w2_scale, const ffi::AnyBuffer& w2_global,
+                      const ffi::AnyBuffer& topk_weights, const ffi::AnyBuffer& y,
+                      const ffi::AnyBuffer& workspace, int32_t num_ctas, int32_t variant,
+                      int64_t* counter_words, bool* empty) {
+  *empty = true;
+  *counter_words = 0;
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckVariant(kGemm2, variant, JAX_MOE_MOE_GEMM2_NUM_VARIANTS));
+  const jax_moe_moe_gemm2_variant_t& kernel = jax_moe_moe_gemm2_variants[variant];
+  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm2, "act", act, ffi::DataType::BF16, 2));
+  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm2, "y", y, ffi::DataType::BF16, 2));
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckBuffer(kGemm2, "topk_weights", topk_weights, ffi::DataType::F32, 1));
+  JAX_MOE_RETURN_IF_ERROR(CheckRouting(kGemm2, kernel, sorted_slots, tile_expert));
+  const int64_t m_pad = sorted_slots.dimensions()[0];
+  const int64_t inter = act.dimensions()[1];
+  const int64_t h = y.dimensions()[1];
+  if (act.dimensions()[0] != m_pad || y.dimensions()[0] != m_pad) {
+    return Invalid(kGemm2, "act has shape " + Dims(act) + " and y " + Dims(y) +
+                               "; both need m_pad = " + std::to_string(m_pad) + " rows");
+  }
+  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm2, "intermediate", inter, 64));
+  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm2, "hidden", h, 128));
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckWeights(kGemm2, "w2", w2_packed, w2_scale, w2_global, h, inter));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm2, "act", act));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm2, "y", y));
+  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm2, "topk_weights", topk_weights));
+  if (m_pad == 0 || h == 0) {
+    return CheckBuffer(kGemm2, "workspace", workspace, ffi::DataType::S32, 1);
+  }
+  if (inter > 0) {
+    JAX_MOE_RETURN_IF_ERROR(
+        CheckAligned(kGemm2, "act", act.untyped_data(), kVectorAlignment));
+  }
+  JAX_MOE_RETURN_IF_ERROR(CheckAligned(kGemm2, "y", y.untyped_data(), kVectorAlignment));
+  JAX_MOE_RETURN_IF_ERROR(CheckWorkspace(kGemm2, kernel, workspace,
+                                         tile_expert.dimensions()[0], h, num_ctas,
+                                         counter_words));
+  *empty = false;
+  return ffi::Error::Success();
+}
+
 ffi::Error MoeGemm2Execute(cudaStream_t stream, ffi::AnyBuffer act,
                            ffi::AnyBuffer sorted_slots,
                            ffi::AnyBuffer tile_expert, ffi::AnyBuffer w2_packed,
@@ -287,39 +382,15 @@ ffi::Error MoeGemm2Execute(cudaStream_t stream, ffi::AnyBuffer act,
                            ffi::Result<ffi::AnyBuffer> y,
                            ffi::Result<ffi::AnyBuffer> workspace, int32_t num_ctas,
                            int32_t variant) {
-  JAX_MOE_RETURN_IF_ERROR(
-      CheckVariant(kGemm2, variant, JAX_MOE_MOE_GEMM2_NUM_VARIANTS));
+  bool empty = true;
+  int64_t counter_words = 0;
+  JAX_MOE_RETURN_IF_ERROR(CheckGemm2(act, sorted_slots, tile_expert, w2_packed, w2_scale,
+                                     w2_global, topk_weights, *y, *workspace, num_ctas,
+                                     variant, &counter_words, &empty));
+  if (empty) return ffi::Error::Success();
   const jax_moe_moe_gemm2_variant_t& kernel = jax_moe_moe_gemm2_variants[variant];
-  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm2, "act", act, ffi::DataType::BF16, 2));
-  JAX_MOE_RETURN_IF_ERROR(CheckBuffer(kGemm2, "y", *y, ffi::DataType::BF16, 2));
-  JAX_MOE_RETURN_IF_ERROR(
-      CheckBuffer(kGemm2, "topk_weights", topk_weights, ffi::DataType::F32, 1));
-  JAX_MOE_RETURN_IF_ERROR(CheckRouting(kGemm2, kernel, sorted_slots, tile_expert));
-  const int64_t m_pad = sorted_slots.dimensions()[0];
-  const int64_t inter = act.dimensions()[1];
-  const int64_t h = y->dimensions()[1];
-  if (act.dimensions()[0] != m_pad || y->dimensions()[0] != m_pad) {
-    return Invalid(kGemm2, "act has shape " + Dims(act) + " and y " + Dims(*y) +
-                               "; both need m_pad = " + std::to_string(m_pad) + " rows");
-  }
-  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm2, "intermediate", inter, 64));
-  JAX_MOE_RETURN_IF_ERROR(CheckMultiple(kGemm2, "hidden", h, 128));
-  JAX_MOE_RETURN_IF_ERROR(
-      CheckWeights(kGemm2, "w2", w2_packed, w2_scale, w2_global, h, inter));
-  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm2, "act", act));
-  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm2, "y", *y));
-  JAX_MOE_RETURN_IF_ERROR(CheckDimsInt32(kGemm2, "topk_weights", topk_weights));
-  if (m_pad == 0 || h == 0) return ffi::Error::Success();
-  if (inter > 0) {
-    JAX_MOE_RETURN_IF_ERROR(
-        CheckAligned(kGemm2, "act", act.untyped_data(), kVectorAlignment));
-  }
-  JAX_MOE_RETURN_IF_ERROR(
-      CheckAligned(kGemm2, "y", y->untyped_data(), kVectorAlignment));
   JAX_MOE_RETURN_IF_ERROR(LoadVariant(kGemm2, kernel));
-  JAX_MOE_RETURN_IF_ERROR(PrepareWorkspace(kGemm2, kernel, *workspace,
-                                           tile_expert.dimensions()[0], h, num_ctas,
-                                           stream));
+  JAX_MOE_RETURN_IF_ERROR(ClearCounters(kGemm2, *workspace, counter_words, stream));
 
   jax_moe_moe_gemm2_act_t act_arg{};
   jax_moe_moe_gemm2_sorted_slots_t sorted_slots_arg{};
@@ -344,6 +415,20 @@ ffi::Error MoeGemm2Execute(cudaStream_t stream, ffi::AnyBuffer act,
                     &scale_arg, &global_arg, &weights_arg, &y_arg, &workspace_arg,
                     num_ctas, stream);
   return CheckLaunch(kGemm2, kernel.name, status);
+}
+
+// CPU target with the GEMM2 execute handler's checks and no launch.
+ffi::Error MoeGemm2Check(ffi::AnyBuffer act, ffi::AnyBuffer sorted_slots,
+                         ffi::AnyBuffer tile_expert, ffi::AnyBuffer w2_packed,
+                         ffi::AnyBuffer w2_scale, ffi::AnyBuffer w2_global,
+                         ffi::AnyBuffer topk_weights, ffi::Result<ffi::AnyBuffer> y,
+                         ffi::Result<ffi::AnyBuffer> workspace, int32_t num_ctas,
+                         int32_t variant) {
+  bool empty = true;
+  int64_t counter_words = 0;
+  return CheckGemm2(act, sorted_slots, tile_expert, w2_packed, w2_scale, w2_global,
+                    topk_weights, *y, *workspace, num_ctas, variant, &counter_words,
+                    &empty);
 }
 #endif  // JAX_MOE_HAS_MOE_GEMM2
 
@@ -373,6 +458,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     {xla::ffi::Traits::kCmdBufferCompatible});
 #endif
 
+#if defined(JAX_MOE_HAS_MOE_GEMM1)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxMoeMoeGemm1Check, jax_moe::MoeGemm1Check,
+    xla::ffi::Ffi::Bind()
+        .Arg<xla::ffi::AnyBuffer>()  // hidden
+        .Arg<xla::ffi::AnyBuffer>()  // sorted_slots
+        .Arg<xla::ffi::AnyBuffer>()  // tile_expert
+        .Arg<xla::ffi::AnyBuffer>()  // w13_packed
+        .Arg<xla::ffi::AnyBuffer>()  // w13_scale
+        .Arg<xla::ffi::AnyBuffer>()  // w13_global
+        .Ret<xla::ffi::AnyBuffer>()  // act, unwritten
+        .Ret<xla::ffi::AnyBuffer>()  // workspace, unwritten
+        .Attr<int32_t>("top_k")
+        .Attr<int32_t>("num_ctas")
+        .Attr<int32_t>("variant"));
+#endif
+
 #if defined(JAX_MOE_HAS_MOE_GEMM2)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMoeMoeGemm2Instantiate,
                               jax_moe::MoeGemm2Instantiate,
@@ -394,6 +496,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int32_t>("num_ctas")   // stream-K grid size (ignored by other variants)
         .Attr<int32_t>("variant"),   // index into jax_moe_moe_gemm2_variants
     {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxMoeMoeGemm2Check, jax_moe::MoeGemm2Check,
+    xla::ffi::Ffi::Bind()
+        .Arg<xla::ffi::AnyBuffer>()  // act
+        .Arg<xla::ffi::AnyBuffer>()  // sorted_slots
+        .Arg<xla::ffi::AnyBuffer>()  // tile_expert
+        .Arg<xla::ffi::AnyBuffer>()  // w2_packed
+        .Arg<xla::ffi::AnyBuffer>()  // w2_scale
+        .Arg<xla::ffi::AnyBuffer>()  // w2_global
+        .Arg<xla::ffi::AnyBuffer>()  // topk_weights
+        .Ret<xla::ffi::AnyBuffer>()  // y, unwritten
+        .Ret<xla::ffi::AnyBuffer>()  // workspace, unwritten
+        .Attr<int32_t>("num_ctas")
+        .Attr<int32_t>("variant"));
 #endif
 
 #endif  // JAX_MOE_HAS_MOE_GEMM1 || JAX_MOE_HAS_MOE_GEMM2

@@ -71,6 +71,12 @@ NB_MODULE(_jax_moe_ffi, m) {
 #if defined(JAX_MOE_HAS_ROUTING)
         targets["jax_moe_routing_check"] = EncapsulateHandler(JaxMoeRoutingCheck);
 #endif
+#if defined(JAX_MOE_HAS_MOE_GEMM1)
+        targets["jax_moe_moe_gemm1_check"] = EncapsulateHandler(JaxMoeMoeGemm1Check);
+#endif
+#if defined(JAX_MOE_HAS_MOE_GEMM2)
+        targets["jax_moe_moe_gemm2_check"] = EncapsulateHandler(JaxMoeMoeGemm2Check);
+#endif
         return targets;
       },
       "CPU targets that run an op's argument checks without launching: "

@@ -706,6 +706,57 @@ def test_handler_rejects_wrongly_typed_attribute_on_cpu():
         jax.block_until_ready(fn(y, slot_row))
 
 
+def _gemm1_check(workspace_words, num_ctas, variant, row_tiles=4, workspace_dtype=jnp.int32):
+    """Runs the GEMM1 handler's checks on the CPU (hidden 64, intermediate 64, 2 experts,
+    16-row tiles); returns the error message, or None when the call is accepted."""
+    cpu = jax.devices("cpu")[0]
+    m_pad = 16 * row_tiles
+    args = [
+        jnp.ones((4, 64), jnp.bfloat16),
+        jnp.full((m_pad,), -1, jnp.int32),
+        jnp.full((row_tiles,), -1, jnp.int32),
+        jnp.zeros((2, 128, 32), jnp.uint8),
+        jnp.zeros((2, 128, 4), jnp.uint8),
+        jnp.ones((2,), jnp.float32),
+    ]
+    results = (
+        jax.ShapeDtypeStruct((m_pad, 64), jnp.bfloat16),
+        jax.ShapeDtypeStruct((workspace_words,), workspace_dtype),
+    )
+    call = jax.ffi.ffi_call("jax_moe_moe_gemm1_check", results)
+    attrs = dict(top_k=np.int32(2), num_ctas=np.int32(num_ctas), variant=np.int32(variant))
+    try:
+        jax.block_until_ready(jax.jit(lambda *a: call(*a, **attrs))(*jax.device_put(args, cpu)))
+    except Exception as error:  # the runtime's error type differs between jax versions
+        return str(error)
+    return None
+
+
+@pytest.mark.skipif(not _ffi.is_available(), reason="the jax_moe CUDA extension is not built")
+def test_gemm_handler_checks_the_stream_k_workspace_on_cpu():
+    from jax_moe.kernels import moe_gemm_config as cfg
+
+    _ffi.register_cpu_checks()
+    names = _ffi.kernel_variants()["moe_gemm1"]
+    streamed = [n for n in names if _tactic("moe_gemm1", n).stream_k]
+    if not streamed:
+        pytest.skip("no stream-K variant in this build")
+    tactic = _tactic("moe_gemm1", streamed[0])
+    variant = names.index(streamed[0])
+    plain = names.index(str(dataclasses.replace(tactic, stream_k=0)))
+    # 4 row tiles x 128 / block_w weight tiles of counters, then 2 partial tiles per CTA.
+    need = cfg.stream_k_workspace_words(tactic, 4, 128, 3)
+    assert _gemm1_check(need, 3, variant) is None
+    assert "workspace has" in _gemm1_check(need - 1, 3, variant)
+    assert "num_ctas = 0" in _gemm1_check(need, 0, variant)
+    assert "int32" in _gemm1_check(need, 3, variant, workspace_dtype=jnp.float32)
+    too_many = cfg.STREAM_K_MAX_TILES + 1
+    assert "at most 1024 row tiles" in _gemm1_check(need + 4 * too_many, 3, variant, too_many)
+    # Other variants ignore the size of the workspace and num_ctas, not its type.
+    assert _gemm1_check(4, 0, plain) is None
+    assert "int32" in _gemm1_check(4, 0, plain, workspace_dtype=jnp.float32)
+
+
 @pytest.mark.gpu
 @requires_ffi_gpu
 @pytest.mark.parametrize("name", list(BAD_CALLS))
