@@ -302,7 +302,7 @@ def _check_routing(sorted_slots: jax.Array, tile_expert: jax.Array, variant: Any
 
 #: SMs assumed for a stream-K grid when JAX sees no GPU (H100 and H200 SXM).
 _DEFAULT_SMS = 132
-#: float32 words of the workspace of a GEMM variant without stream-K (never read).
+#: 32-bit words of the workspace of a GEMM variant without stream-K (never read).
 _IDLE_WORKSPACE_WORDS = 4
 
 

@@ -315,17 +315,10 @@ def _gemm_variants(op: str) -> list[str]:
 
 
 def _tactic(op: str, name: str):
-    from jax_moe.kernels import moe_gemm_config
-
-    family = (
-        moe_gemm_config.gemm1_variants()
-        if op == "moe_gemm1"
-        else (moe_gemm_config.gemm2_variants())
-    )
-    for tactic in family:
-        if str(tactic) == name:
-            return tactic
-    raise LookupError(name)
+    tactic = _ffi._gemm_tactics(op).get(name)
+    if tactic is None:
+        raise LookupError(name)
+    return tactic
 
 
 @functools.cache

@@ -273,7 +273,8 @@ _SPLIT_K_MAX_ROW_TILES = 1
 
 
 def stream_k_workspace_words(tactic, num_row_tiles: int, weight_rows: int, num_ctas: int) -> int:
-    """float32 words of a stream-K GEMM's workspace (0 without `stream_k`).
+    """32-bit words (int32 counters, then float32 partials) of a stream-K GEMM's
+    workspace (0 without `stream_k`).
 
     One arrival counter per (row tile, weight tile) pair, rounded up to 4 words, then two
     fp32 partial tiles (`block_m x block_w`) per CTA: a CTA's range of work units ends
