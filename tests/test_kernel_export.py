@@ -197,7 +197,9 @@ def test_overlap_variants_are_unsplit_wgmma_tiles_outside_the_default_search():
         earlier = [
             t
             for t in variants
-            if not (t.bulk or t.prefetch or t.warps_m == 8 or t.tail_m or t.stream_k)
+            if not (
+                t.bulk or t.prefetch or t.warps_m == 8 or t.tail_m or t.stream_k or t.token_steps
+            )
         ]
         assert earlier[-len(overlap) :] == overlap
         # One more token stage than the plain wgmma tile (the ring shares its buffer
@@ -219,7 +221,9 @@ def test_two_warpgroup_variants_share_one_token_tile():
         ]
         # The last ids but the `tail_m` and stream-K ones; unsplit wgmma tiles searched by
         # default.
-        assert [t for t in variants if not (t.tail_m or t.stream_k)][-len(two) :] == two
+        assert [t for t in variants if not (t.tail_m or t.stream_k or t.token_steps)][
+            -len(two) :
+        ] == two
         for t in two:
             assert t.wgmma and t.warps_n == 1 and t.split_k == 1 and not t.overlap
             assert t.num_threads() == 256 and cfg.searched_by_default(t)
@@ -255,7 +259,7 @@ def test_tail_variants_are_prefill_tiles_after_the_others():
             (32, 128, 2, 4, 16),
         ]
         # The last ids but the `mbarriers` and stream-K ones.
-        plain = [t for t in variants if not t.mbarriers and not t.stream_k]
+        plain = [t for t in variants if not (t.mbarriers or t.stream_k or t.token_steps)]
         assert plain[-len(tails) :] == tails
         for t in tails:
             # Each has its plain twin, with the same shared memory and registers.
@@ -305,8 +309,10 @@ def test_mbarrier_variant_is_an_experimental_tail_tile_with_a_deeper_ring():
         assert [(t.block_m, t.block_w, t.stages, t.warps_m, t.tail_m) for t in guarded] == [
             (128, 128, 2, 8, 32)
         ]
-        # The last ids but the stream-K ones.
-        assert [t for t in variants if not t.stream_k][-len(guarded) :] == guarded
+        # The last ids but the stream-K and `token_steps` ones.
+        assert [t for t in variants if not (t.stream_k or t.token_steps)][
+            -len(guarded) :
+        ] == guarded
         for t in guarded:
             assert dataclasses.replace(t, mbarriers=False) in variants  # its twin
             assert cfg.is_experimental(t) and not cfg.searched_by_default(t)
@@ -343,7 +349,8 @@ def test_stream_k_variants_are_decode_register_tiles_after_the_others():
             (128, 4, 3),
             (128, 4, 4),
         ]
-        assert variants[-len(streamed) :] == streamed  # the last ids
+        # The last ids but the `token_steps` ones.
+        assert [t for t in variants if not t.token_steps][-len(streamed) :] == streamed
         for t in streamed:
             twin = dataclasses.replace(t, stream_k=0)
             assert twin in variants
@@ -368,6 +375,53 @@ def test_stream_k_variants_are_decode_register_tiles_after_the_others():
     ):
         with pytest.raises(ValueError, match="stream_k"):
             cfg.MoeGemm1Sm90Tactic(**(base | bad))
+
+
+def test_token_ring_variants_are_experimental_decode_tiles_after_the_others():
+    for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
+        ringed = [t for t in variants if t.token_steps]
+        assert [(t.block_w, t.stages, t.token_steps, t.split_k) for t in ringed] == [
+            (64, 2, 2, 1),
+            (64, 2, 4, 8),
+            (128, 4, 4, 2),
+        ]
+        assert variants[-len(ringed) :] == ringed  # the last ids
+        for t in ringed:
+            twin = dataclasses.replace(t, token_steps=0)
+            assert twin in variants
+            assert (t.block_m, t.warps_m, t.wgmma, t.cp_async) == (16, 4, 0, 0)
+            assert cfg.is_experimental(t) and not cfg.searched_by_default(t)
+            # No token chunks in registers; two groups of padded token stages, which the
+            # fp32 tile shares.
+            assert t.register_estimate() == twin.register_estimate() - 4 * t.stages
+            ring = 2 * (64 + 8) * 2 * t.token_steps * t.block_m
+            assert t.smem_bytes() == max(ring, 4 * (t.block_w + 4) * t.block_m) + 768
+    base = dict(block_m=16, block_w=64, warps_m=4, warps_n=1, stages=2, cp_async=False)
+    cfg.MoeGemm1Sm90Tactic(**base, token_steps=2)
+    for bad in (
+        dict(token_steps=3),  # not a listed group size
+        dict(token_steps=2, stages=4),  # not a multiple of the weight ring
+        dict(token_steps=4, wgmma=True),
+        dict(token_steps=4, cp_async=True, stages=3),
+        dict(token_steps=4, prefetch=4),
+        dict(token_steps=2, stream_k=6),
+    ):
+        with pytest.raises(ValueError, match="token_steps"):
+            cfg.MoeGemm1Sm90Tactic(**(base | bad))
+
+
+@requires_dsl
+def test_token_ring_variant_copies_tokens_with_one_barrier_per_group(dsl, tmp_path):
+    """The `token_steps` tile copies token rows by cp.async in commit groups (no register
+    staging), where its twin loads them into registers and stores them to shared memory."""
+    cute, modules = dsl
+    module = modules["moe_gemm2"]
+    tactic = next(t for t in module.variants() if t.token_steps == 2)
+    twin = dataclasses.replace(tactic, token_steps=0)
+    ptx = _compile_kept(cute, module, tactic, tmp_path / "ringed").__ptx__
+    twin_ptx = _compile_kept(cute, module, twin, tmp_path / "twin").__ptx__
+    assert "cp.async.cg.shared.global" in ptx and "cp.async" not in twin_ptx
+    assert "cp.async.commit_group" in ptx and "cp.async.wait_group" in ptx
 
 
 def test_stream_k_workspace_words():
@@ -436,7 +490,9 @@ def test_bulk_variants_are_experimental_decode_tiles_after_the_others():
         # After every other variant but the prefetch, two-warpgroup, `tail_m` and
         # stream-K ones.
         earlier = [
-            t for t in variants if not (t.prefetch or t.warps_m == 8 or t.tail_m or t.stream_k)
+            t
+            for t in variants
+            if not (t.prefetch or t.warps_m == 8 or t.tail_m or t.stream_k or t.token_steps)
         ]
         assert earlier[-len(bulk) :] == bulk
         assert all(cfg.is_experimental(t) and not cfg.searched_by_default(t) for t in bulk)
@@ -461,7 +517,9 @@ def test_prefetch_variants_are_experimental_mma_sync_decode_tiles_after_the_othe
     for variants in (cfg.gemm1_variants(), cfg.gemm2_variants()):
         pre = [t for t in variants if t.prefetch]
         # Only the two-warpgroup, `tail_m` and stream-K tiles follow.
-        earlier = [t for t in variants if t.warps_m != 8 and not (t.tail_m or t.stream_k)]
+        earlier = [
+            t for t in variants if t.warps_m != 8 and not (t.tail_m or t.stream_k or t.token_steps)
+        ]
         assert earlier[-len(pre) :] == pre
         assert {(t.block_w, t.stages, t.prefetch, t.split_k) for t in pre} == {
             (64, 2, 8, 1),
@@ -721,7 +779,9 @@ def test_split_k_is_a_decode_tactic():
     # The ids of the unsplit register-ring variants (stages <= 4) come first, then the
     # split-K ones, then the deep-prefetch decode ones, then the wgmma ones (so earlier
     # ids never move); the bulk-copy and prefetch ones come last (their own tests).
-    variants = [t for t in cfg.gemm1_variants() if not (t.bulk or t.prefetch or t.stream_k)]
+    variants = [
+        t for t in cfg.gemm1_variants() if not (t.bulk or t.prefetch or t.stream_k or t.token_steps)
+    ]
     first_split = next(i for i, t in enumerate(variants) if t.split_k > 1)
     first_deep = next(i for i, t in enumerate(variants) if t.stages > 4)
     first_wgmma = next(i for i, t in enumerate(variants) if t.wgmma)

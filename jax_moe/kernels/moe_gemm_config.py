@@ -98,6 +98,20 @@ than the plain tiles (its loop state costs registers, capped by `min_blocks_per_
 with some spills) and adds the memset. Experimental (`_STREAM_K_VARIANTS`,
 `is_experimental`).
 
+`token_steps` (0: off, or 2 or 4; the `mma.sync` register path) copies the token
+rows into shared memory by cp.async, `token_steps` K steps at a time into one half
+of a two-half ring, with one CTA barrier per `token_steps` steps instead of one per
+step; the copies of the next group are issued right after that barrier, and padding
+rows are zeroed once and never copied. The token rows then take no registers (the
+plain register path holds them in its ring and stores them to shared memory every
+step), and the fp32 tile shares the ring's memory. Yet ptxas gives most of these
+tiles more registers than their twins (`16 x 64` with 2 stages: 60-68 with 4 steps
+per group, 48-58 with 2, against 56-64; `16 x 128` with 2 stages: 108-112 against
+88-92). On an H200 (tunes of DeepSeek-V3 EP=8 and Qwen3-30B-A3B, N <= 256) eight such
+tiles took 0.84-1.22x the time of their twins, mostly 1.02-1.10x, and the best of them
+was within 0.97-1.11x of each cell's best tile: the per-step barrier is not what
+limits the decode tiles. Experimental (`_TOKEN_RING_VARIANTS`, `is_experimental`).
+
 `split_k` (1, 2, 4, 8) splits the K loop over that many CTAs of one output tile, a
 thread block cluster that adds its fp32 tiles in rank order through distributed
 shared memory (deterministic, no workspace). It is a decode tactic: `check` rejects
@@ -175,10 +189,11 @@ split-K variants of `_SPLIT_K_VARIANTS`, the 3 deep-prefetch decode variants of
 `_DEEP_VARIANTS`, the 13 warpgroup-MMA variants of `_WGMMA_VARIANTS`, the 3 of
 `_OVERLAP_VARIANTS`, the 4 of `_BULK_VARIANTS`, the 2 of `_PREFETCH_VARIANTS` and the
 5 of `_TWO_WARPGROUP_VARIANTS`, the 4 of `_TAIL_VARIANTS`, the one of
-`_MBARRIER_VARIANTS` and the 7 of `_STREAM_K_VARIANTS` (each list's ids after the
-previous ones). The tuner's default search leaves out the `2 x 2` grids, the unsplit
-`mma.sync` tiles of 32 rows or more and the experimental variants (`overlap`, `bulk`,
-`prefetch`, `mbarriers`, `stream_k`: `is_experimental`; `searched_by_default`).
+`_MBARRIER_VARIANTS`, the 7 of `_STREAM_K_VARIANTS` and the 3 of
+`_TOKEN_RING_VARIANTS` (each list's ids after the previous ones). The tuner's default
+search leaves out the `2 x 2` grids, the unsplit `mma.sync` tiles of 32 rows or more
+and the experimental variants (`overlap`, `bulk`, `prefetch`, `mbarriers`, `stream_k`,
+`token_steps`: `is_experimental`; `searched_by_default`).
 
 `wgmma`: the MMAs run as warpgroup MMAs (`wgmma.mma_async`, A = the decoded weights in
 registers, B = the token rows in shared memory, copied there by cp.async) instead of
@@ -231,6 +246,7 @@ __all__ = [
     "searched_by_default",
     "STREAM_K_CTAS_PER_SM",
     "STREAM_K_MAX_TILES",
+    "TOKEN_STEPS",
     "stream_k_workspace_words",
     "swap_ab_smem_bytes",
 ]
@@ -255,6 +271,9 @@ STREAM_K_CTAS_PER_SM = (2, 3, 4, 5, 6, 8)
 #: Row tiles (`m_pad / block_m`) a stream-K GEMM takes at most: each CTA lists the active
 #: ones in shared memory (the FFI handler rejects more, ffi/moe_gemm.cc).
 STREAM_K_MAX_TILES = 1024
+#: K steps of token rows per cp.async group and CTA barrier of the register path
+#: (`token_steps`): the ring holds two groups.
+TOKEN_STEPS = (2, 4)
 # Prefetch + accumulator registers per thread (`register_estimate`) above which the
 # kernel spills or runs at one CTA per SM (ptxas, weights decoded in registers: 64 x 128
 # with 2 x 2 warps and 2 stages, estimate 144, spills in GEMM2; 32 x 128 with 4 stages,
@@ -324,6 +343,7 @@ def swap_ab_smem_bytes(
     bulk: int = 0,
     mbarriers: bool = False,
     stream_k: int = 0,
+    token_steps: int = 0,
 ) -> int:
     """Dynamic shared memory of one CTA of the swap-AB GEMMs (their `_allocate_smem`).
 
@@ -339,7 +359,8 @@ def swap_ab_smem_bytes(
     and two 8-byte mbarriers per step. With `bulk` (K steps per weight
     slot) the weight ring has `stages` slots of `bulk` steps, the token ring 3 stages,
     plus one 8-byte mbarrier per slot. With `stream_k`, the list of active row tiles
-    (`STREAM_K_MAX_TILES` int32) and one int32 per warp besides.
+    (`STREAM_K_MAX_TILES` int32) and one int32 per warp besides. With `token_steps`
+    the padded token ring has `2 * token_steps` stages and the fp32 tile shares it.
     """
     if wgmma:
         b_stages = stages + (2 if overlap or mbarriers else 1)
@@ -347,6 +368,8 @@ def swap_ab_smem_bytes(
         bars = 16 * b_stages if mbarriers else 0
         return max(ring, 4 * (block_w + 4) * block_m) + WGMMA_SMEM_ALIGN + bars + 6 * 128
     row = _BLOCK_K + 8
+    if token_steps:
+        return max(2 * row * 2 * token_steps * block_m, 4 * (block_w + 4) * block_m) + 6 * 128
     b_stages = BULK_TOKEN_STAGES if bulk else stages if cp_async else 2
     ring = stages * max(1, bulk) if cp_async else 0
     return (
@@ -375,6 +398,7 @@ class _SwapAbTactic(Tactic):
     tail_m: int = 0
     mbarriers: bool = False
     stream_k: int = 0
+    token_steps: int = 0
 
     # Tables written before these fields existed have no such params.
     optional_params: ClassVar[tuple[str, ...]] = (
@@ -385,6 +409,7 @@ class _SwapAbTactic(Tactic):
         "tail_m",
         "mbarriers",
         "stream_k",
+        "token_steps",
     )
 
     def __post_init__(self) -> None:
@@ -466,6 +491,20 @@ class _SwapAbTactic(Tactic):
                 f"{STREAM_K_CTAS_PER_SM}, on the mma.sync register path with 16-row tiles and "
                 f"4 x 1 warps, without split_k or prefetch"
             )
+        if self.token_steps and (
+            self.token_steps not in TOKEN_STEPS
+            or (self.warps_m, self.warps_n) != (4, 1)
+            or self.wgmma
+            or self.cp_async
+            or self.stream_k
+            or self.prefetch
+            or self.token_steps % self.stages
+        ):
+            raise ValueError(
+                f"{name}.token_steps={self.token_steps}: expected 0 (off) or one of "
+                f"{TOKEN_STEPS}, a multiple of stages={self.stages}, on the mma.sync register "
+                "path with 4 x 1 warps, without stream_k or prefetch"
+            )
         if self.bulk and (not self.cp_async or (self.warps_m, self.warps_n) != (4, 1)):
             raise ValueError(
                 f"{name}: bulk={self.bulk} needs the shared-memory ring (cp_async=1) and 4 x 1 "
@@ -524,7 +563,7 @@ class _SwapAbTactic(Tactic):
         """
         mma_m = self.block_w // (16 * self.warps_m)
         threads = self.num_threads()
-        b_chunks = 0 if self.wgmma else max(1, self.block_m * 8 // threads)
+        b_chunks = 0 if self.wgmma or self.token_steps else max(1, self.block_m * 8 // threads)
         ring = 0 if self.cp_async else self.stages * (6 * mma_m + 4 * b_chunks)
         return ring + self.block_m * self.block_w // threads
 
@@ -544,6 +583,7 @@ class _SwapAbTactic(Tactic):
             self.bulk,
             self.mbarriers,
             self.stream_k,
+            self.token_steps,
         )
 
 
@@ -660,6 +700,16 @@ _MBARRIER_VARIANTS = ((128, 128, 2, 8, 32),)
 # registers). Correct, but 1.09-1.3x slower than the best tile of every DeepSeek-V3
 # EP=8 decode cell on an H200 (docs/PERFORMANCE.md), so experimental.
 _STREAM_K_VARIANTS = ((16, 64, 2, (6, 8)), (16, 128, 2, (4, 5, 6)), (16, 128, 4, (3, 4)))
+# Decode tiles of the `mma.sync` register path whose token rows go to shared memory by
+# cp.async `token_steps` K steps at a time, one CTA barrier per group instead of one
+# per step, (block_m, block_w, stages, token_steps, split_k values). Within a few
+# percent of their twins on an H200, so experimental (module docstring); these three
+# were the fastest of eight against their twins.
+_TOKEN_RING_VARIANTS = (
+    (16, 64, 2, 2, (1,)),
+    (16, 64, 2, 4, (8,)),
+    (16, 128, 4, 4, (2,)),
+)
 # Streaming multiprocessors the default split-K rule plans for (H100 and H200 SXM),
 # and the CTAs per SM it aims to keep resident.
 _PLANNED_SMS = 132
@@ -715,6 +765,10 @@ def _variants(cls):
     )
     for bm, bw, st, per_sm in _STREAM_K_VARIANTS:
         specs.extend(dict(block_m=bm, block_w=bw, stages=st, stream_k=k) for k in per_sm)
+    for bm, bw, st, steps, splits in _TOKEN_RING_VARIANTS:
+        specs.extend(
+            dict(block_m=bm, block_w=bw, stages=st, split_k=k, token_steps=steps) for k in splits
+        )
     out = []
     for i, spec in enumerate(specs):
         try:
@@ -729,8 +783,9 @@ def is_experimental(tactic: _SwapAbTactic) -> bool:
     """Whether `tactic` is an experimental variant (the `overlap` ones, correct but
     slower than their plain twins on an H200, the `bulk` ones, slower than the register
     ring there, the `prefetch` ones, slower than their twins in most cells, the
-    `mbarriers` one, slower than its twin from N=1024 on, and the stream-K ones, slower
-    than the best unsplit or split tile in every decode cell; module docstring): the
+    `mbarriers` one, slower than its twin from N=1024 on, the stream-K ones, slower
+    than the best unsplit or split tile in every decode cell, and the `token_steps`
+    ones, within a few percent of their twins; module docstring): the
     tuner and its evaluation time it only when asked (`--all_variants`)."""
     return (
         tactic.overlap
@@ -738,6 +793,7 @@ def is_experimental(tactic: _SwapAbTactic) -> bool:
         or tactic.prefetch > 0
         or tactic.mbarriers
         or tactic.stream_k > 0
+        or tactic.token_steps > 0
     )
 
 

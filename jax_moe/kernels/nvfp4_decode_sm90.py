@@ -67,6 +67,7 @@ from jax_moe.kernels.moe_gemm_config import (
     BULK_TOKEN_STAGES,
     PREFETCH_STEPS,
     STREAM_K_MAX_TILES,
+    TOKEN_STEPS,
     WGMMA_SMEM_ALIGN,
     swap_ab_smem_bytes,
 )
@@ -333,6 +334,7 @@ class SwapAbNvfp4GemmSm90:
         tail_m: int = 0,
         mbarriers: bool = False,
         stream_k: int = 0,
+        token_steps: int = 0,
     ):
         for name, flag in (
             ("pdl", pdl),
@@ -401,6 +403,19 @@ class SwapAbNvfp4GemmSm90:
                 f"stream_k={stream_k}: needs the mma.sync register path with 16-row tiles, "
                 "4 x 1 warps, no split_k and no prefetch"
             )
+        if token_steps and (
+            token_steps not in TOKEN_STEPS
+            or wgmma
+            or cp_async
+            or stream_k
+            or prefetch
+            or (warps_m, warps_n) != (4, 1)
+            or token_steps % stages
+        ):
+            raise ValueError(
+                f"token_steps={token_steps}: needs the mma.sync register path with 4 x 1 warps, "
+                f"no stream_k or prefetch, one of {TOKEN_STEPS} and a multiple of stages"
+            )
         if warps_m * warps_n * 32 != NUM_THREADS and not (wgmma and (warps_m, warps_n) == (8, 1)):
             raise ValueError(
                 f"warps_m * warps_n = {warps_m * warps_n}; expected 4 (or 8 x 1 with wgmma)"
@@ -424,6 +439,7 @@ class SwapAbNvfp4GemmSm90:
         self.tail_m = tail_m
         self.mbarriers = mbarriers
         self.stream_k = stream_k
+        self.token_steps = token_steps
         self.split_k = split_k
         self.block_w = block_w
         self.block_m = block_m
@@ -440,6 +456,9 @@ class SwapAbNvfp4GemmSm90:
         self.b_stages = stages if cp_async else 2
         if bulk:
             self.b_stages = BULK_TOKEN_STAGES
+        if token_steps:
+            # Two groups of `token_steps` K steps: one being read, one being filled.
+            self.b_stages = 2 * token_steps
         if wgmma:
             # Token rows: a cp.async ring one step deeper than the weights' lookahead
             # (two with `overlap`: the previous step's MMAs may still read its stage;
@@ -465,6 +484,7 @@ class SwapAbNvfp4GemmSm90:
             self.bulk,
             self.mbarriers,
             self.stream_k,
+            self.token_steps,
         )
 
     def _allocate_smem(self, smem):
@@ -490,6 +510,16 @@ class SwapAbNvfp4GemmSm90:
             s_b = cute.make_tensor(
                 cute.recast_ptr(base, layout.inner, dtype=cutlass.BFloat16), layout.outer
             )
+            s_c = cute.make_tensor(cute.recast_ptr(base, dtype=cutlass.Float32), c_layout)
+        elif cutlass.const_expr(self.token_steps > 0):
+            # The fp32 tile is written only after the K loop (`mainloop_token_ring`), when
+            # the token ring is dead: both share one buffer.
+            row = BLOCK_K + SMEM_PAD
+            layout = cute.make_layout(
+                (self.block_m, BLOCK_K, self.b_stages), stride=(row, 1, row * self.block_m)
+            )
+            base = smem.allocate(max(cute.cosize(layout) * 2, cute.cosize(c_layout) * 4), 16)
+            s_b = cute.make_tensor(cute.recast_ptr(base, dtype=cutlass.BFloat16), layout)
             s_c = cute.make_tensor(cute.recast_ptr(base, dtype=cutlass.Float32), c_layout)
         else:
             row = BLOCK_K + SMEM_PAD
@@ -1198,6 +1228,113 @@ class SwapAbNvfp4GemmSm90:
         cute.arch.sync_threads()
 
     @cute.jit
+    def mainloop_token_ring(
+        self,
+        m_b: cute.Tensor,
+        b_rows: cute.Tensor,
+        m_packed: cute.Tensor,
+        m_scale: cute.Tensor,
+        expert: cutlass.Int32,
+        w_row0: cutlass.Int32,
+        tidx: cutlass.Int32,
+        s_b: cute.Tensor,
+        s_c: cute.Tensor,
+        tiled_mma: cute.TiledMma,
+        wait_before_tokens: bool = False,
+    ):
+        """`mainloop_registers` with the token rows copied by cp.async, `token_steps` K
+        steps per group, and one CTA barrier per group; leaves the fp32 tile in `s_c`
+        (synchronized), which shares its memory with `s_b`.
+
+        `s_b` holds two groups: group `n` of this CTA's range (counted from `k_begin`)
+        goes to stages `(n % 2) * token_steps ..`. At the start of group `n` every
+        thread waits for its copies of the group, then one barrier: every thread's
+        copies have landed, and every warp is done with group `n - 1`, whose stages
+        then take the copies of group `n + 1`. Chunks of padding rows (`b_rows[c] < 0`)
+        are zeroed in every stage once and never copied. The weights stream through
+        the register ring of `stages` K steps as in `mainloop_registers`
+        (`token_steps` is a multiple of `stages`, so a step's ring slot is a
+        compile-time index within its group).
+        """
+        k_begin, k_end = self.k_range(m_packed)
+        last = k_end - 1
+        depth = self.stages
+        group = self.token_steps
+        r_codes, r_scales, cur_codes, cur_scales = self.weight_ring()
+        frags = self._fragments(tiled_mma, tidx, s_b, s_c)
+        tiles = self.weight_tiles(m_packed, m_scale, expert)
+        band0 = self.first_band(w_row0, tidx)
+
+        zero = cute.make_rmem_tensor((8,), cutlass.BFloat16)
+        zero.fill(0.0)
+        for c in cutlass.range_constexpr(self.b_chunks):
+            if b_rows[c] < 0:
+                chunk = c * self.num_threads + tidx
+                row = chunk // (BLOCK_K // 8)
+                col = chunk % (BLOCK_K // 8)
+                for st in cutlass.range_constexpr(self.b_stages):
+                    cute.autovec_copy(zero, cute.local_tile(s_b[row, None, st], (8,), (col,)))
+        for d in cutlass.range_constexpr(depth):
+            first = cutlass.min(k_begin + d, last)
+            self.load_a_step(
+                tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
+            )
+        if cutlass.const_expr(self.pdl and wait_before_tokens):
+            self.dependency_wait()
+            self.launch_dependents()
+        for d in cutlass.range_constexpr(group):
+            step = cutlass.min(k_begin + d, last)
+            self.issue_step_cp_async(
+                m_b, b_rows, tiles, w_row0, step, d, tidx, s_b, None, None, False, True
+            )
+        cute.arch.cp_async_commit_group()
+
+        for k_group in cutlass.range(k_begin, k_end, group, unroll=1):
+            half = ((k_group - k_begin) // group) % 2
+            cute.arch.cp_async_wait_group(0)
+            cute.arch.sync_threads()
+            if k_group + group < k_end:
+                for d in cutlass.range_constexpr(group):
+                    step = cutlass.min(k_group + group + d, last)
+                    self.issue_step_cp_async(
+                        m_b,
+                        b_rows,
+                        tiles,
+                        w_row0,
+                        step,
+                        (1 - half) * group + d,
+                        tidx,
+                        s_b,
+                        None,
+                        None,
+                        False,
+                        True,
+                    )
+            cute.arch.cp_async_commit_group()
+            for d in cutlass.range_constexpr(group):
+                k_step = k_group + d
+                if k_step < k_end:
+                    slot = d % depth
+                    cute.autovec_copy(r_codes[None, None, slot], cur_codes)
+                    cute.autovec_copy(r_scales[None, None, slot], cur_scales)
+                    ahead = cutlass.min(k_step + depth, last)
+                    self.load_a_step(
+                        tiles,
+                        band0,
+                        ahead,
+                        tidx,
+                        r_codes[None, None, slot],
+                        r_scales[None, None, slot],
+                    )
+                    self.mma_k_step(tiled_mma, frags, cur_codes, cur_scales, half * group + d)
+
+        # Nothing may still write or read the ring: `s_c` shares its memory.
+        cute.arch.cp_async_wait_group(0)
+        cute.arch.sync_threads()
+        cute.autovec_copy(frags.acc, frags.t_sc)
+        cute.arch.sync_threads()
+
+    @cute.jit
     def mainloop_wgmma(
         self,
         m_b: cute.Tensor,
@@ -1421,6 +1558,8 @@ class SwapAbNvfp4GemmSm90:
                 self.mainloop_wgmma(*common, tiled_mma, wait_before_tokens, 0, bars)
         elif cutlass.const_expr(self.wgmma):
             self.mainloop_wgmma(*common, tiled_mma, wait_before_tokens, 0, bars)
+        elif cutlass.const_expr(self.token_steps > 0):
+            self.mainloop_token_ring(*common, tiled_mma, wait_before_tokens)
         elif cutlass.const_expr(not self.cp_async):
             self.mainloop_registers(*common, tiled_mma, wait_before_tokens)
         else:
