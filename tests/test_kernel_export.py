@@ -424,6 +424,45 @@ def test_token_ring_variant_copies_tokens_with_one_barrier_per_group(dsl, tmp_pa
     assert "cp.async.commit_group" in ptx and "cp.async.wait_group" in ptx
 
 
+@requires_dsl
+def test_decode_terms_use_plain_shifts_where_the_mask_allows():
+    """`shift_for_mask` replaces a rotation by one plain shift only where the mask keeps
+    the same bits: checked on random words for every term of the decode, and on
+    synthetic masks for each kind."""
+    from jax_moe.kernels.nvfp4_decode_sm90 import shift_for_mask
+    from jax_moe.prepare import DECODE_TERMS
+
+    def rotate(word, r):
+        return ((word << r) | (word >> (32 - r) % 32)) & 0xFFFFFFFF
+
+    def apply(word, kind, amount):
+        return {
+            "none": word,
+            "left": (word << amount) & 0xFFFFFFFF,
+            "right": word >> amount,
+            "rotate": rotate(word, amount),
+        }[kind]
+
+    words = [int(w) for w in np.random.default_rng(0).integers(0, 2**32, 2000, dtype=np.uint64)]
+    terms = [term for pair in DECODE_TERMS for term in pair]
+    terms += [(8, 0xFFFFFF00), (8, 0x000000FF), (8, 0x00000F0F), (0, 0xFFFFFFFF)]
+    kinds = {}
+    for rotation, mask in terms:
+        kind, amount = shift_for_mask(rotation, mask)
+        kinds[(rotation, mask)] = kind
+        for word in words:
+            assert apply(word, kind, amount) & mask == rotate(word, rotation) & mask
+    # The decode keeps one funnel shift per code word (pair 2's rotation by 10).
+    assert [kinds[t] for pair in DECODE_TERMS for t in pair] == [
+        "none",
+        "left",
+        "rotate",
+        "left",
+        "right",
+    ]
+    assert [kinds[t] for t in terms[-4:]] == ["left", "right", "rotate", "none"]
+
+
 def test_stream_k_workspace_words():
     tactic = next(t for t in cfg.gemm1_variants() if t.stream_k == 4 and t.block_w == 128)
     # 10 row tiles x 4096 / 128 weight tiles = 320 counters, then 2 partial tiles per CTA.

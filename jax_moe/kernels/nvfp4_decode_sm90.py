@@ -212,16 +212,46 @@ def scale_bf16x2(spread, u32=cutlass.Uint32):
     return spread * u32(16) + u32(SCALE_BF16_BIAS * 0x10001)
 
 
+def shift_for_mask(rotation: int, mask: int) -> tuple[str, int]:
+    """How `decode_word_pair` computes `rotate_left(word, rotation) & mask`: `("none",
+    0)`, a plain `("left", rotation)` or `("right", 32 - rotation)` shift when `mask`
+    keeps bits of only that part of the rotation (bits `rotation..31` come from the left
+    shift, bits `0..rotation-1` from the right one), else `("rotate", rotation)`. The
+    bits under `mask` are the same; a plain shift leaves ptxas free to issue it on the
+    FMA pipe (`IMAD.SHL`) instead of the busier ALU pipe, which the funnel shift of
+    `rotate_left` always takes."""
+    if rotation % 32 == 0:
+        return "none", 0
+    low = (1 << rotation) - 1
+    if not mask & low:
+        return "left", rotation
+    if not mask & ~low & 0xFFFFFFFF:
+        return "right", 32 - rotation
+    return "rotate", rotation
+
+
+def _rotate_for_mask(word: cutlass.Uint32, rotation: int, mask: int) -> cutlass.Uint32:
+    kind, amount = shift_for_mask(rotation, mask)
+    if kind == "none":
+        return word
+    if kind == "left":
+        return word << cutlass.Uint32(amount)
+    if kind == "right":
+        return word >> cutlass.Uint32(amount)
+    return rotate_left(word, amount)
+
+
 def decode_word_pair(word: cutlass.Uint32, pair: int) -> cutlass.Uint32:
     """bf16x2 `value * 2**-126` of elements (2*pair, 2*pair+1) of a prepared code word.
 
     The OR of `rotate_left(word, r) & mask` over `jax_moe.prepare.DECODE_TERMS[pair]`
-    (layout version 3): magnitude bits land in bf16 bits 8..6 of each half (exponent
-    low bits and top mantissa bit) and signs in bit 15, which is the e2m1 value times
-    2**-126 for every code, subnormal codes included.
+    (layout version 3; each rotation as `shift_for_mask` says): magnitude bits land in
+    bf16 bits 8..6 of each half (exponent low bits and top mantissa bit) and signs in
+    bit 15, which is the e2m1 value times 2**-126 for every code, subnormal codes
+    included.
     """
     terms = [
-        (rotate_left(word, rotation) if rotation else word) & cutlass.Uint32(mask)
+        _rotate_for_mask(word, rotation, mask) & cutlass.Uint32(mask)
         for rotation, mask in DECODE_TERMS[pair]
     ]
     result = terms[0]
