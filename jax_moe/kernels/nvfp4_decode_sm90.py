@@ -1169,6 +1169,28 @@ class SwapAbNvfp4GemmSm90:
         )
 
     @cute.jit
+    def fill_weight_ring(self, tiles: tuple, band0, tidx, ring: tuple, k_begin, last):
+        """Loads K steps `k_begin .. k_begin + stages - 1` (clamped to `last`) into the
+        slots of `ring` (`weight_ring`)."""
+        r_codes, r_scales = ring[0], ring[1]
+        for d in cutlass.range_constexpr(self.stages):
+            first = cutlass.min(k_begin + d, last)
+            self.load_a_step(
+                tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
+            )
+
+    @cute.jit
+    def refill_weight_slot(self, tiles: tuple, band0, tidx, ring: tuple, slot: int, ahead):
+        """Copies slot `slot` of `ring` (`weight_ring`) to the step being decoded, then
+        loads K step `ahead` into the slot."""
+        r_codes, r_scales, cur_codes, cur_scales = ring
+        cute.autovec_copy(r_codes[None, None, slot], cur_codes)
+        cute.autovec_copy(r_scales[None, None, slot], cur_scales)
+        self.load_a_step(
+            tiles, band0, ahead, tidx, r_codes[None, None, slot], r_scales[None, None, slot]
+        )
+
+    @cute.jit
     def mainloop_registers(
         self,
         m_b: cute.Tensor,
@@ -1200,7 +1222,8 @@ class SwapAbNvfp4GemmSm90:
         # hit) instead of streaming the next split's weights a second time.
         last = k_end - 1
         depth = self.stages
-        r_codes, r_scales, cur_codes, cur_scales = self.weight_ring()
+        ring = self.weight_ring()
+        r_codes, r_scales, cur_codes, cur_scales = ring
         r_b = cute.make_rmem_tensor((8, self.b_chunks, depth), cutlass.BFloat16)
 
         frags = self._fragments(tiled_mma, tidx, s_b, s_c)
@@ -1218,11 +1241,7 @@ class SwapAbNvfp4GemmSm90:
         # tile alternates between two shared-memory stages, so one barrier per step
         # suffices: a stage is rewritten only after every warp passed the next barrier.
         if cutlass.const_expr(self.pdl and wait_before_tokens):
-            for d in cutlass.range_constexpr(depth):
-                first = cutlass.min(k_begin + d, last)
-                self.load_a_step(
-                    tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
-                )
+            self.fill_weight_ring(tiles, band0, tidx, ring, k_begin, last)
             self.dependency_wait()
             self.launch_dependents()
             for d in cutlass.range_constexpr(depth):
@@ -1242,12 +1261,8 @@ class SwapAbNvfp4GemmSm90:
                     stage = (k_step - k_begin) % 2
                     self.store_b_step(tidx, r_b[None, None, d], s_b[None, None, stage])
                     cute.arch.sync_threads()
-                    cute.autovec_copy(r_codes[None, None, d], cur_codes)
-                    cute.autovec_copy(r_scales[None, None, d], cur_scales)
                     ahead = cutlass.min(k_step + depth, last)
-                    self.load_a_step(
-                        tiles, band0, ahead, tidx, r_codes[None, None, d], r_scales[None, None, d]
-                    )
+                    self.refill_weight_slot(tiles, band0, tidx, ring, d, ahead)
                     self.load_b_step(m_b, b_rows, ahead, tidx, r_b[None, None, d])
                     if cutlass.const_expr(self.prefetch > 0):
                         far = cutlass.min(k_step + self.prefetch, last)
@@ -1290,7 +1305,8 @@ class SwapAbNvfp4GemmSm90:
         last = k_end - 1
         depth = self.stages
         group = self.token_steps
-        r_codes, r_scales, cur_codes, cur_scales = self.weight_ring()
+        ring = self.weight_ring()
+        cur_codes, cur_scales = ring[2], ring[3]
         frags = self._fragments(tiled_mma, tidx, s_b, s_c)
         tiles = self.weight_tiles(m_packed, m_scale, expert)
         band0 = self.first_band(w_row0, tidx)
@@ -1304,11 +1320,7 @@ class SwapAbNvfp4GemmSm90:
                 col = chunk % (BLOCK_K // 8)
                 for st in cutlass.range_constexpr(self.b_stages):
                     cute.autovec_copy(zero, cute.local_tile(s_b[row, None, st], (8,), (col,)))
-        for d in cutlass.range_constexpr(depth):
-            first = cutlass.min(k_begin + d, last)
-            self.load_a_step(
-                tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
-            )
+        self.fill_weight_ring(tiles, band0, tidx, ring, k_begin, last)
         if cutlass.const_expr(self.pdl and wait_before_tokens):
             self.dependency_wait()
             self.launch_dependents()
@@ -1344,18 +1356,8 @@ class SwapAbNvfp4GemmSm90:
             for d in cutlass.range_constexpr(group):
                 k_step = k_group + d
                 if k_step < k_end:
-                    slot = d % depth
-                    cute.autovec_copy(r_codes[None, None, slot], cur_codes)
-                    cute.autovec_copy(r_scales[None, None, slot], cur_scales)
                     ahead = cutlass.min(k_step + depth, last)
-                    self.load_a_step(
-                        tiles,
-                        band0,
-                        ahead,
-                        tidx,
-                        r_codes[None, None, slot],
-                        r_scales[None, None, slot],
-                    )
+                    self.refill_weight_slot(tiles, band0, tidx, ring, d % depth, ahead)
                     self.mma_k_step(tiled_mma, frags, cur_codes, cur_scales, half * group + d)
 
         # Nothing may still write or read the ring: `s_c` shares its memory.
@@ -1423,7 +1425,8 @@ class SwapAbNvfp4GemmSm90:
         # Token copies run `stages` steps ahead (one fewer than the ring holds; two
         # fewer with `overlap` or `mbarriers`, whose refilled stage was read two back).
         ahead_tokens = ring - (2 if self.overlap or self.mbarriers else 1)
-        r_codes, r_scales, cur_codes, cur_scales = self.weight_ring()
+        ring_w = self.weight_ring()
+        cur_codes, cur_scales = ring_w[2], ring_w[3]
 
         if cutlass.const_expr(rows):
             tiled_mma = self._tiled_mma(rows)
@@ -1460,11 +1463,7 @@ class SwapAbNvfp4GemmSm90:
             # The zeroed chunks (generic-proxy writes) before the first MMA reads them.
             cute.arch.fence_proxy("async.shared", space="cta")
             cute.arch.sync_threads()
-        for d in cutlass.range_constexpr(depth):
-            first = cutlass.min(k_begin + d, last)
-            self.load_a_step(
-                tiles, band0, first, tidx, r_codes[None, None, d], r_scales[None, None, d]
-            )
+        self.fill_weight_ring(tiles, band0, tidx, ring_w, k_begin, last)
         if cutlass.const_expr(self.pdl and wait_before_tokens):
             self.dependency_wait()
             self.launch_dependents()
@@ -1517,12 +1516,8 @@ class SwapAbNvfp4GemmSm90:
                         cute.arch.cp_async_mbarrier_arrive_noinc(bars + fill % ring)
                         cute.arch.mbarrier_wait(bars + i % ring, (i // ring) % 2)
                         cute.arch.fence_proxy("async.shared", space="cta")
-                    cute.autovec_copy(r_codes[None, None, d], cur_codes)
-                    cute.autovec_copy(r_scales[None, None, d], cur_scales)
                     ahead = cutlass.min(k_step + depth, last)
-                    self.load_a_step(
-                        tiles, band0, ahead, tidx, r_codes[None, None, d], r_scales[None, None, d]
-                    )
+                    self.refill_weight_slot(tiles, band0, tidx, ring_w, d, ahead)
                     self.mma_k_step(tiled_mma, frags, cur_codes, cur_scales, i % ring)
 
         warpgroup.wait_group(0)
