@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import time
 from pathlib import Path
 
@@ -413,7 +414,9 @@ def test_token_ring_variants_are_experimental_decode_tiles_after_the_others():
 @requires_dsl
 def test_token_ring_variant_copies_tokens_with_one_barrier_per_group(dsl, tmp_path):
     """The `token_steps` tile copies token rows by cp.async in commit groups (no register
-    staging), where its twin loads them into registers and stores them to shared memory."""
+    staging), where its twin loads them into registers and stores them to shared memory;
+    its K loop has one CTA barrier per group (with 2 stages and 2 steps per group, one
+    in the loop body, against the twin's two: one per step)."""
     cute, modules = dsl
     module = modules["moe_gemm2"]
     tactic = next(t for t in module.variants() if t.token_steps == 2)
@@ -422,6 +425,11 @@ def test_token_ring_variant_copies_tokens_with_one_barrier_per_group(dsl, tmp_pa
     twin_ptx = _compile_kept(cute, module, twin, tmp_path / "twin").__ptx__
     assert "cp.async.cg.shared.global" in ptx and "cp.async" not in twin_ptx
     assert "cp.async.commit_group" in ptx and "cp.async.wait_group" in ptx
+    # Token ring: the loop's barrier, then one before and one after the fp32 tile is
+    # written over the ring. Twin: two in the loop (unrolled by its 2 stages), one after.
+    assert ptx.count("bar.sync") == 3 and twin_ptx.count("bar.sync") == 3
+    loop = ptx[ptx.index("cp.async.wait_group") :]
+    assert loop.count("bar.sync") == 3  # the loop's barrier follows its wait
 
 
 @requires_dsl
@@ -461,6 +469,41 @@ def test_decode_terms_use_plain_shifts_where_the_mask_allows():
         "right",
     ]
     assert [kinds[t] for t in terms[-4:]] == ["left", "right", "rotate", "none"]
+
+
+@requires_dsl
+def test_decode_ptx_shifts_each_code_word_as_planned(dsl, tmp_path):
+    """In the compiled decode every term of DECODE_TERMS is the shift `shift_for_mask`
+    plans (left by 4 and 6, right by 2, one funnel shift by 10) followed by the AND with
+    its mask, once per code word; none of the plain-shift terms is a funnel shift."""
+    from jax_moe.kernels.nvfp4_decode_sm90 import shift_for_mask
+    from jax_moe.prepare import DECODE_TERMS
+
+    cute, modules = dsl
+    module = modules["moe_gemm1"]
+    tactic = next(
+        t
+        for t in module.variants()
+        if (t.block_m, t.block_w, t.stages, t.split_k) == (16, 64, 1, 1)
+        and not (t.wgmma or t.cp_async or t.token_steps or t.stream_k or t.prefetch)
+        and t.warps_m == 4
+    )
+    ptx = _compile_kept(cute, module, tactic, tmp_path / "decode").__ptx__
+    words = 4  # code words of one lane in a K step of a 16 x 64 tile (the loop's one step)
+    gap = r"\s*(?://[^\n]*\s*)*"  # whitespace and inline-asm comments
+    for rotation, mask in (t for pair in DECODE_TERMS for t in pair):
+        kind, amount = shift_for_mask(rotation, mask)
+        if kind == "none":
+            continue
+        shift = {
+            "left": rf"shl\.b32\s+(%r\d+), %r\d+, {amount};",
+            "right": rf"shr\.u32\s+(%r\d+), %r\d+, {amount};",
+            "rotate": rf"shf\.l\.wrap\.b32\s+(%r\d+), %r\d+, %r\d+, {amount};",
+        }[kind]
+        signed = mask - (1 << 32) if mask >= 1 << 31 else mask
+        found = re.findall(shift + gap + rf"and\.b32\s+%r\d+, \1, {signed};", ptx)
+        assert len(found) == words, (rotation, kind, len(found))
+    assert len(re.findall(r"shf\.l\.wrap\.b32", ptx)) == words  # only the rotation by 10
 
 
 def test_stream_k_workspace_words():

@@ -220,7 +220,8 @@ def shift_for_mask(rotation: int, mask: int) -> tuple[str, int]:
     bits under `mask` are the same; a plain shift leaves ptxas free to issue it on the
     FMA pipe (`IMAD.SHL`) instead of the busier ALU pipe, which the funnel shift of
     `rotate_left` always takes."""
-    if rotation % 32 == 0:
+    rotation %= 32
+    if rotation == 0:
         return "none", 0
     low = (1 << rotation) - 1
     if not mask & low:
