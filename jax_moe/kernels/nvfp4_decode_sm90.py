@@ -341,6 +341,9 @@ class SwapAbNvfp4GemmSm90:
         workspace), which adds the partial fp32 tiles from the workspace in the order
         of their K ranges: the sum does not depend on timing. No CTA waits for
         another, so the result does not depend on how many CTAs are resident.
+      token_steps: K steps of token rows per cp.async group and CTA barrier (0: off;
+        `mma.sync` register path, 4 x 1 warps, a multiple of `stages`):
+        `mainloop_token_ring`.
 
     Subclasses define a `@cute.kernel` method `kernel(*args, tiled_mma)`, launched by
     `launch_kernel`; it sets up each token chunk's source row (`b_rows`), calls
