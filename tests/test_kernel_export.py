@@ -475,7 +475,8 @@ def test_decode_terms_use_plain_shifts_where_the_mask_allows():
 def test_decode_ptx_shifts_each_code_word_as_planned(dsl, tmp_path):
     """In the compiled decode every term of DECODE_TERMS is the shift `shift_for_mask`
     plans (left by 4 and 6, right by 2, one funnel shift by 10) followed by the AND with
-    its mask, once per code word; none of the plain-shift terms is a funnel shift."""
+    its mask, once per code word; none of the plain-shift terms is a funnel shift. The
+    scales of a word's two rows are converted together and multiplied half by half."""
     from jax_moe.kernels.nvfp4_decode_sm90 import shift_for_mask
     from jax_moe.prepare import DECODE_TERMS
 
@@ -504,6 +505,14 @@ def test_decode_ptx_shifts_each_code_word_as_planned(dsl, tmp_path):
         found = re.findall(shift + gap + rf"and\.b32\s+%r\d+, \1, {signed};", ptx)
         assert len(found) == words, (rotation, kind, len(found))
     assert len(re.findall(r"shf\.l\.wrap\.b32", ptx)) == words  # only the rotation by 10
+    # One byte permute per code word takes the scale bytes of its two rows (bytes 0, 1
+    # of the scale word for even words, 2, 3 for odd ones); each of the word's four
+    # products takes one half of the converted pair: rows g, g + 8, g, g + 8.
+    selectors = re.findall(r"prmt\.b32\s+%r\d+, %r\d+, 0, (\d+);", ptx)
+    assert sorted(int(s) for s in selectors) == [0x4140, 0x4140, 0x4342, 0x4342]
+    halves = re.findall(r"mov\.b32 s, \{(\w+), \1\}; mul\.rn\.bf16x2", ptx)
+    assert halves == ["lo", "hi", "lo", "hi"] * words
+    assert ptx.count("mul.rn.bf16x2") == 4 * words
 
 
 def test_stream_k_workspace_words():
@@ -913,14 +922,16 @@ def test_scale_conversion_is_exact_for_every_e4m3_byte():
 
     bits = np.arange(256, dtype=np.uint8)
     e4m3 = np.abs(bits.view(ml_dtypes.float8_e4m3fn).astype(np.float64))
-    nonzero = ~np.isnan(e4m3) & (e4m3 != 0)
-    # The kernel's input: the prepared byte in bits 0..7 and 16..23 (spread_byte).
-    encoded = SCALE_ENCODING[bits].astype(np.uint32)
-    out = scale_bf16x2(encoded | (encoded << np.uint32(16)), np.uint32)
+    # The kernel's input: two prepared bytes, in bits 0..7 and 16..23 (spread_bytes),
+    # here every byte against every other one so that a carry between the halves shows.
+    low, high = (a.reshape(-1) for a in np.meshgrid(bits, bits, indexing="ij"))
+    encoded = [SCALE_ENCODING[b].astype(np.uint32) for b in (low, high)]
+    out = scale_bf16x2(encoded[0] | (encoded[1] << np.uint32(16)), np.uint32)
     halves = np.stack([out & np.uint32(0xFFFF), out >> np.uint32(16)], -1)
     got = halves.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
-    np.testing.assert_array_equal(got[:, 0], got[:, 1])
-    np.testing.assert_array_equal(got[nonzero, 0], e4m3[nonzero] * 2.0**117)
+    for half, b in enumerate((low, high)):
+        nonzero = ~np.isnan(e4m3[b]) & (e4m3[b] != 0)
+        np.testing.assert_array_equal(got[nonzero, half], e4m3[b][nonzero] * 2.0**117)
 
 
 def test_pdl_switch_parses_the_environment(monkeypatch):

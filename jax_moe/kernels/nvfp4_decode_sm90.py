@@ -13,7 +13,7 @@ once. Only the source of the token rows (``B``) and the epilogue differ between
 the two GEMMs; this module holds everything else:
 
 * exact NVFP4 -> bf16 decode (:func:`decode_word_pair`, :func:`scale_bf16x2`,
-  :func:`mul_bf16x2`),
+  :func:`mul_bf16x2_half`),
 * the CTA main loop (:class:`SwapAbNvfp4GemmSm90`), 128 threads (4 warps; 8 in the
   two-warpgroup wgmma tiles) running
   ``mma.sync.m16n8k16`` bf16 MMAs with fp32 accumulators. The weights never touch
@@ -82,7 +82,7 @@ __all__ = [
     "decode_word_pair",
     "fake_routed_weight_args",
     "load_global_cg_i32",
-    "mul_bf16x2",
+    "mul_bf16x2_half",
     "scale_bf16x2",
 ]
 
@@ -111,9 +111,21 @@ def _asm_u32(asm: str, *operands, loc=None, ip=None) -> cutlass.Uint32:
 
 
 @dsl_user_op
-def mul_bf16x2(a: cutlass.Uint32, b: cutlass.Uint32, *, loc=None, ip=None) -> cutlass.Uint32:
-    """Packed bf16x2 product `a * b` (round to nearest even; subnormal inputs honoured)."""
-    return _asm_u32("mul.rn.bf16x2 $0, $1, $2;", a, b, loc=loc, ip=ip)
+def mul_bf16x2_half(
+    a: cutlass.Uint32, b: cutlass.Uint32, half: int, *, loc=None, ip=None
+) -> cutlass.Uint32:
+    """Packed bf16x2 product `a * (b_h, b_h)` of `a` and half `half` of `b` (0: bits
+    0..15), round to nearest even, subnormal inputs honoured. ptxas folds the
+    broadcast into the multiply's operand selector (`HMUL2 ..., R.H0_H0`)."""
+    pack = "{lo, lo}" if int(half) == 0 else "{hi, hi}"
+    return _asm_u32(
+        "{ .reg .b16 lo, hi; .reg .b32 s; mov.b32 {lo, hi}, $2; "
+        f"mov.b32 s, {pack}; mul.rn.bf16x2 $0, $1, s; }}",
+        a,
+        b,
+        loc=loc,
+        ip=ip,
+    )
 
 
 @dsl_user_op
@@ -123,9 +135,10 @@ def rotate_left(x: cutlass.Uint32, amount: int, *, loc=None, ip=None) -> cutlass
 
 
 @dsl_user_op
-def spread_byte(x: cutlass.Uint32, byte: int, *, loc=None, ip=None) -> cutlass.Uint32:
-    """Byte `byte` of `x` in bits 0..7 and 16..23, zeros elsewhere (one `prmt.b32`)."""
-    selector = 0x4040 | (int(byte) << 8) | int(byte)
+def spread_bytes(x: cutlass.Uint32, low: int, high: int, *, loc=None, ip=None) -> cutlass.Uint32:
+    """Byte `low` of `x` in bits 0..7 and byte `high` in bits 16..23, zeros elsewhere
+    (one `prmt.b32`)."""
+    selector = 0x4040 | (int(high) << 8) | int(low)
     return _asm_u32(f"prmt.b32 $0, $1, 0, {selector};", x, loc=loc, ip=ip)
 
 
@@ -200,14 +213,16 @@ def load_global_cg_i32(tensor: cute.Tensor, index) -> cutlass.Int32:
 
 
 def scale_bf16x2(spread, u32=cutlass.Uint32):
-    """bf16x2 `(scale, scale) * 2**117` of a prepared scale byte spread to both halves.
+    """bf16x2 `(scale_0, scale_1) * 2**117` of two prepared scale bytes.
 
-    `spread` holds the byte in bits 0..7 and 16..23 (`spread_byte`); a prepared byte
-    `E << 3 | M` (:mod:`jax_moe.prepare`) shifted to bits 4..11 is the bf16 exponent
-    `E` and mantissa `M`, so adding `234 << 7` gives `2**(E + 107) * (1 + M/8)`, which is
-    the scale times `2**117` (byte 0, the zero scale, gives a finite value; its codes
-    are zero). `u32` makes the constants (`cutlass.Uint32` in kernels, `numpy.uint32`
-    in tests).
+    `spread` holds one byte in bits 0..7 and the other in bits 16..23
+    (`spread_bytes`); a prepared byte `E << 3 | M` (:mod:`jax_moe.prepare`) shifted to
+    bits 4..11 is the bf16 exponent `E` and mantissa `M`, so adding `234 << 7` gives
+    `2**(E + 107) * (1 + M/8)`, which is the scale times `2**117` (byte 0, the zero
+    scale, gives a finite value; its codes are zero). `decode_a` converts the scales
+    of a fragment's two rows at once and multiplies each code pair by one half
+    (`mul_bf16x2_half`). `u32` makes the constants (`cutlass.Uint32` in kernels,
+    `numpy.uint32` in tests).
     """
     return spread * u32(16) + u32(SCALE_BF16_BIAS * 0x10001)
 
@@ -645,15 +660,17 @@ class SwapAbNvfp4GemmSm90:
         `r_codes` `(16, mma_m)` and `r_scales` `(8, mma_m)` hold this lane's bytes of
         each 16-row tile (`load_a_step`): code word `kb` is the fragment's four bf16x2
         registers (rows g, g+8, g, g+8), scale bytes `2kb` and `2kb+1` the scales of
-        rows g and g+8. Each element is `e2m1 * e4m3 * 2**-DECODE_EXPONENT_SHIFT`, exact.
+        rows g and g+8, converted together (one `spread_bytes` and one `scale_bf16x2`
+        per code word) and applied half by half (`mul_bf16x2_half`). Each element is
+        `e2m1 * e4m3 * 2**-DECODE_EXPONENT_SHIFT`, exact.
         """
         for mi in cutlass.range_constexpr(self.mma_m):
             word = cute.recast_tensor(r_codes[None, mi], cutlass.Uint32)[kb]
             scale_word = cute.recast_tensor(r_scales[None, mi], cutlass.Uint32)[kb // 2]
-            row_scales = [scale_bf16x2(spread_byte(scale_word, 2 * (kb % 2) + h)) for h in range(2)]
+            row_scales = scale_bf16x2(spread_bytes(scale_word, 2 * (kb % 2), 2 * (kb % 2) + 1))
             dst = cute.recast_tensor(t_ra[None, mi, kb], cutlass.Uint32)
             for p in cutlass.range_constexpr(4):
-                dst[p] = mul_bf16x2(decode_word_pair(word, p), row_scales[p % 2])
+                dst[p] = mul_bf16x2_half(decode_word_pair(word, p), row_scales, p % 2)
 
     @cute.jit
     def wgmma_slice(self, tiled_mma: cute.TiledMma, frags: _Fragments, kb: int, stage: Any):
