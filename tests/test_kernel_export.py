@@ -301,8 +301,7 @@ def test_tail_variant_compiles_one_loop_per_width(dsl, op, tmp_path):
         assert ptx.count(shape) == per_width, (rows, ptx.count(shape))
     assert compiled[twin].__ptx__.count("wgmma.mma_async") == per_width
     registers = {t: _cubin_registers(c.__cubin__) for t, c in compiled.items()}
-    per_sm = {t: 65536 // (-(-r // 8) * 8 * 256) for t, r in registers.items()}
-    assert per_sm[tactic] >= per_sm[twin] and per_sm[twin] >= 2, registers
+    assert registers[tactic] <= max(registers[twin], 128), registers
 
 
 def test_mbarrier_variant_is_an_experimental_tail_tile_with_a_deeper_ring():
